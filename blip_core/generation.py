@@ -1,0 +1,178 @@
+"""Framework-neutral generation settings: argument resolution and validation, prompt preparation.
+
+Every backend's ``generate`` calls ``resolve_generation(...)`` once and then runs its own compiled
+or eager loop on the returned ``GenerationSettings``; the rules for defaults, ``max_length`` versus
+``max_new_tokens`` and input checks therefore live here once.
+
+Length conventions follow transformers 4.57: ``max_length`` and ``min_length`` count the whole
+decoder sequence including the prompt, ``max_new_tokens`` and ``min_new_tokens`` only the new
+tokens; when neither maximum is given the total length defaults to 20.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+DEFAULT_MAX_LENGTH = 20
+
+_KNOWN = {
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "do_sample", "temperature",
+    "top_k", "top_p", "repetition_penalty", "length_penalty", "early_stopping", "num_return_sequences",
+    "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "seed", "generator", "prng_key",
+    "use_cache",
+}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Resolved options for one ``generate`` call (prompt length already taken into account)."""
+
+    prompt_length: int                 # decoder tokens given before generation starts
+    max_new_tokens: int                # decode steps at most
+    min_new_tokens: int                # eos is forbidden before this many new tokens
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    num_return_sequences: int = 1
+    eos_token_id: tuple = field(default_factory=tuple)   # any of these ends a sequence
+    pad_token_id: Optional[int] = None
+    seed: Optional[int] = None
+
+    @property
+    def max_length(self) -> int:
+        """Total decoder length the output is padded to (prompt + new tokens)."""
+        return self.prompt_length + self.max_new_tokens
+
+    @property
+    def mode(self) -> str:
+        if self.do_sample:
+            return "beam_sample" if self.num_beams > 1 else "sample"
+        return "beam" if self.num_beams > 1 else "greedy"
+
+
+def _as_eos_tuple(eos) -> tuple:
+    if eos is None:
+        return ()
+    if isinstance(eos, (int, np.integer)):
+        return (int(eos),)
+    return tuple(int(e) for e in eos)
+
+
+def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, **kwargs) -> GenerationSettings:
+    """Turn ``generate`` keyword arguments into ``GenerationSettings``.
+
+    ``defaults`` holds the model's own values (eos, pad, ...) used where the caller gives none.
+    Unknown options and inconsistent values raise ``ValueError`` before any compute happens.
+    """
+    unknown = sorted(set(kwargs) - _KNOWN)
+    if unknown:
+        raise ValueError(f"generate() got unknown option(s): {', '.join(unknown)}")
+    opts = dict(defaults or {})
+    opts.update({k: v for k, v in kwargs.items() if v is not None})
+
+    if opts.get("max_new_tokens") is not None:
+        max_new = int(opts["max_new_tokens"])
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+    else:
+        max_length = int(opts.get("max_length", DEFAULT_MAX_LENGTH))
+        max_new = max_length - prompt_length
+        if max_new < 1:
+            raise ValueError(f"max_length={max_length} leaves no room to generate after a prompt of "
+                             f"{prompt_length} tokens; pass max_new_tokens instead")
+    if opts.get("min_new_tokens") is not None:
+        min_new = int(opts["min_new_tokens"])
+    else:
+        min_new = max(0, int(opts.get("min_length", 0)) - prompt_length)
+    if min_new < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {min_new}")
+
+    num_beams = int(opts.get("num_beams", 1))
+    do_sample = bool(opts.get("do_sample", False))
+    nrs = int(opts.get("num_return_sequences", 1))
+    temperature = float(opts.get("temperature", 1.0))
+    top_k = int(opts.get("top_k", 50))
+    top_p = float(opts.get("top_p", 1.0))
+    rep = float(opts.get("repetition_penalty", 1.0))
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if nrs < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {nrs}")
+    if not do_sample and nrs > num_beams:
+        raise ValueError(f"num_return_sequences ({nrs}) must be <= num_beams ({num_beams}) without sampling")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if rep <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {rep}")
+    early = opts.get("early_stopping", False)
+    if early not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")
+
+    return GenerationSettings(
+        prompt_length=int(prompt_length), max_new_tokens=max_new, min_new_tokens=min_new, num_beams=num_beams,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rep,
+        length_penalty=float(opts.get("length_penalty", 1.0)), early_stopping=early, num_return_sequences=nrs,
+        eos_token_id=_as_eos_tuple(opts.get("eos_token_id")), pad_token_id=opts.get("pad_token_id"),
+        seed=opts.get("seed"),
+    )
+
+
+def blip_caption_prompt(input_ids: Optional[np.ndarray], attention_mask: Optional[np.ndarray], batch_size: int,
+                        bos_token_id: int, eos_token_id: int):
+    """Decoder prompt of BLIP captioning, as transformers builds it.
+
+    No prompt: ``[bos]`` per image. With a tokenized prompt (``[CLS] ... [SEP]``): position 0 is
+    replaced by bos and the trailing token dropped, the mask likewise. Returns int64 arrays
+    ``(ids, mask)``; ``mask`` is None when none was given.
+    """
+    if input_ids is None:
+        ids = np.tile(np.array([[bos_token_id, eos_token_id]], dtype=np.int64), (batch_size, 1))
+    else:
+        ids = np.array(input_ids, dtype=np.int64, copy=True)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] < 2:
+            raise ValueError(f"input_ids must have shape (batch, length >= 2), got {ids.shape}")
+        if ids.shape[0] != batch_size:
+            raise ValueError(f"input_ids has batch {ids.shape[0]} but pixel_values has batch {batch_size}")
+    ids[:, 0] = bos_token_id
+    mask = None
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        mask = mask[:, :-1]
+    return ids[:, :-1], mask
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a clear error for ids outside the vocabulary (instead of an index error deep inside)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+        raise ValueError(f"{name} contains token id {bad}, outside the vocabulary of size {vocab_size}")
+
+
+def check_pixel_values(shape: Sequence[int], image_size: int, patch_size: int, interpolate_pos_encoding: bool) -> None:
+    """Validate an NCHW ``pixel_values`` shape against the vision config."""
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"pixel_values must be NCHW with 3 channels, got shape {tuple(shape)}")
+    h, w = int(shape[2]), int(shape[3])
+    if interpolate_pos_encoding:
+        if h % patch_size or w % patch_size or h < patch_size or w < patch_size:
+            raise ValueError(f"pixel_values {h}x{w} is not a positive multiple of patch_size {patch_size}")
+    elif (h, w) != (image_size, image_size):
+        raise ValueError(f"pixel_values are {h}x{w} but the model expects {image_size}x{image_size}; "
+                         "resize the image or pass interpolate_pos_encoding=True")

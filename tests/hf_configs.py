@@ -1,0 +1,37 @@
+"""Tiny transformers configs used across tests (the reference side builds its models from these)."""
+
+
+def blip_dicts(vision=None, text=None):
+    vc = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    tc = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=40)
+    vc.update(vision or {})
+    tc.update(text or {})
+    return vc, tc
+
+
+def blip_config(vision=None, text=None, **kw):
+    import transformers
+    vc, tc = blip_dicts(vision, text)
+    kw.setdefault("projection_dim", 16)
+    kw.setdefault("image_text_hidden_size", 24)
+    return transformers.BlipConfig(vision_config=vc, text_config=tc, **kw)
+
+
+OPT_TEXT = dict(model_type="opt", vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
+                max_position_embeddings=40)
+T5_TEXT = dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+
+
+def blip2_config(text=None, qformer=None, vision=None, **kw):
+    import transformers
+    vc = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    qc = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+              cross_attention_frequency=2, max_position_embeddings=40)
+    vc.update(vision or {})
+    qc.update(qformer or {})
+    kw.setdefault("num_query_tokens", 4)
+    return transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=dict(text or OPT_TEXT), **kw)

@@ -1,0 +1,109 @@
+"""Weight tables agree with transformers' PyTorch state dicts, and every layout transform inverts."""
+import numpy as np
+import pytest
+import transformers
+
+from blip_core.configs import config_from_dict
+from blip_core.weights import ARCHITECTURES, BACKENDS, TRANSFORMS, weight_table
+from hf_configs import OPT_TEXT, T5_TEXT, blip2_config, blip_config
+
+BLIP_CLASSES = ["BlipModel", "BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering"]
+BLIP2_CLASSES = ["Blip2Model", "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval",
+                 "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"]
+
+
+def _cases():
+    blips = {
+        "tiny": blip_config(),
+        "wide": blip_config(vision=dict(hidden_size=48, num_attention_heads=6, num_hidden_layers=3, image_size=48,
+                                        patch_size=16),
+                            text=dict(hidden_size=24, num_attention_heads=2, num_hidden_layers=1, vocab_size=57)),
+    }
+    for key, cfg in blips.items():
+        for cls in BLIP_CLASSES:
+            yield f"{cls}-{key}", cls, cfg
+        yield f"BlipVisionModel-{key}", "BlipVisionModel", cfg.vision_config
+        yield f"BlipTextModel-{key}", "BlipTextModel", cfg.text_config
+    texts = {
+        "opt": OPT_TEXT,
+        "opt_proj": dict(OPT_TEXT, word_embed_proj_dim=16),
+        "t5_untied": T5_TEXT,
+        "t5_tied_relu": dict(T5_TEXT, feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=3),
+    }
+    qformers = {"q2": {}, "q1_text": dict(use_qformer_text_input=True, cross_attention_frequency=1, num_hidden_layers=2)}
+    for tkey, text in texts.items():
+        for qkey, q in qformers.items():
+            cfg = blip2_config(text=text, qformer=q, vision=dict(qkv_bias=(qkey == "q2")))
+            for cls in BLIP2_CLASSES:
+                yield f"{cls}-{tkey}-{qkey}", cls, cfg
+            yield f"Blip2VisionModel-{tkey}-{qkey}", "Blip2VisionModel", cfg.vision_config
+            yield f"Blip2QFormerModel-{tkey}-{qkey}", "Blip2QFormerModel", cfg.qformer_config
+
+
+CASES = list(_cases())
+
+
+def test_every_architecture_is_covered():
+    assert {c[1] for c in CASES} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name, cls, hf_cfg", CASES, ids=[c[0] for c in CASES])
+def test_names_shapes_order_and_ties_match_transformers(name, cls, hf_cfg):
+    model = getattr(transformers, cls)(hf_cfg)
+    sd = model.state_dict()
+    table = weight_table(cls, config_from_dict(hf_cfg.to_dict()))
+    assert list(table) == list(sd)
+    assert {k: s.shape for k, s in table.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    # Every declared tie really shares storage in transformers, and every shared storage is declared.
+    for k, spec in table.items():
+        if spec.tied_to is not None:
+            assert sd[k].data_ptr() == sd[spec.tied_to].data_ptr(), k
+    groups = {}
+    for k, v in sd.items():
+        groups.setdefault(v.data_ptr(), []).append(k)
+    for keys in groups.values():
+        owners = [k for k in keys if table[k].tied_to is None]
+        assert len(owners) == 1, keys
+
+
+@pytest.mark.parametrize("name, cls, hf_cfg", CASES[:6] + CASES[-8:], ids=[c[0] for c in CASES[:6] + CASES[-8:]])
+def test_every_row_round_trips_in_every_backend(name, cls, hf_cfg):
+    table = weight_table(cls, config_from_dict(hf_cfg.to_dict()))
+    rng = np.random.default_rng(0)
+    for backend in BACKENDS:
+        paths = set()
+        for spec in table.values():
+            a = rng.standard_normal(spec.shape).astype(np.float32)
+            b = spec.to_backend(backend, a)
+            assert b.shape == spec.backend_shape(backend)
+            np.testing.assert_array_equal(spec.from_backend(backend, b), a)
+            path = spec.backend_path(backend)
+            assert path not in paths, (backend, path)
+            paths.add(path)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transforms_invert(name):
+    t = TRANSFORMS[name]
+    a = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5) if name == "conv2d" else \
+        np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(t.inverse(t.forward(a)), a)
+
+
+def test_backend_paths_follow_the_documented_rules():
+    cfg = config_from_dict(blip_config().to_dict())
+    table = weight_table("BlipForConditionalGeneration", cfg)
+    spec = table["vision_model.encoder.layers.1.self_attn.qkv.weight"]
+    assert spec.backend_path("torch") == "vision_model.encoder.layers.1.self_attn.qkv.weight"
+    assert spec.backend_path("jax") == ("vision_model", "encoder", "layers_1", "self_attn", "qkv", "kernel")
+    assert spec.backend_path("tf") == "vision_model/encoder/layers_1/self_attn/qkv/kernel"
+    ln = table["vision_model.post_layernorm.bias"]
+    assert ln.backend_path("tf").endswith("post_layernorm/beta") and ln.backend_path("jax")[-1] == "bias"
+    emb = table["text_decoder.bert.embeddings.word_embeddings.weight"]
+    assert emb.backend_path("jax")[-1] == "embedding" and emb.backend_path("tf").endswith("embeddings")
+    assert table["text_decoder.cls.predictions.decoder.weight"].tied_to == emb.name
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        weight_table("BlipForEverything", None)
