@@ -5,7 +5,7 @@ def blip_dicts(vision=None, text=None):
     vc = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8)
     tc = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=40)
+              max_position_embeddings=40, bos_token_id=96, sep_token_id=97, pad_token_id=0)
     vc.update(vision or {})
     tc.update(text or {})
     return vc, tc

@@ -1,0 +1,20 @@
+"""Access to the committed fixtures (tests/fixtures/models). A missing fixture fails, never skips."""
+import os
+
+import numpy as np
+
+MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "models")
+CLASSES = ["BlipVisionModel", "BlipTextModel", "BlipModel", "BlipForConditionalGeneration", "BlipForImageTextRetrieval",
+           "BlipForQuestionAnswering", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
+           "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
+           "Blip2VisionModelWithProjection"]
+
+
+def fixture(name: str):
+    """``(directory, inputs, reference)`` of one class's fixture."""
+    d = os.path.join(MODELS, name)
+    for f in ("config.json", "model.safetensors", "inputs.npz", "reference.npz"):
+        if not os.path.exists(os.path.join(d, f)):
+            raise FileNotFoundError(f"fixture file {d}/{f} is missing: run python tests/fixtures/make_fixtures.py")
+    with np.load(os.path.join(d, "inputs.npz")) as a, np.load(os.path.join(d, "reference.npz")) as b:
+        return d, dict(a), dict(b)
