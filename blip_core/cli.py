@@ -1,0 +1,254 @@
+"""The ``blip`` command line: inspect, run, convert and compare checkpoints in any backend.
+
+Frameworks are imported only inside the subcommand that needs them, so ``blip info`` and
+``blip --version`` work with the core alone. Errors a user can cause (bad paths, unreadable images,
+unknown architectures) print one line on stderr and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import __version__
+
+
+class CliError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _progress(i: int, n: int, label: str) -> None:
+    if n > 1 and sys.stderr.isatty():
+        width = 30
+        done = int(width * i / n)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:40]:<40}")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CliError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _load(model_path: str, backend: str, dtype=None):
+    import blip_core
+    if not os.path.isdir(model_path):
+        raise CliError(f"{model_path}: not a model directory")
+    try:
+        kwargs = {"dtype": dtype} if dtype else {}
+        model = blip_core.load(model_path, backend=backend, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise CliError(f"backend {backend!r} is not installed ({exc}); install the '{backend}' extra") from None
+    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
+        raise CliError(f"{model_path}: {exc}") from None
+    return model
+
+
+def _processor(model_path: str, model):
+    from .processing import Blip2Processor, BlipProcessor
+    from .configs import Blip2Config
+    is_blip2 = isinstance(getattr(model, "config", None), Blip2Config)
+    cls = Blip2Processor if is_blip2 else BlipProcessor
+    try:
+        return cls.from_pretrained(model_path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise CliError(f"{model_path}: cannot load the tokenizer/image processor ({exc})") from None
+
+
+def _ids(x):
+    from .numerics import to_numpy
+    return to_numpy(x).tolist()
+
+
+# -- subcommands -------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from .checkpoint import checkpoint_info
+    from .configs import load_config
+    from .weights import ARCHITECTURES, weight_table
+    path = args.path
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file or directory")
+    try:
+        cfg = load_config(path)
+        info = checkpoint_info(path, allow_pickle_bin=args.allow_pickle_bin)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(f"{path}: {exc}") from None
+    arch = (cfg.architectures or ["?"])[0]
+    report = {"architecture": arch, "model_type": cfg.model_type, "format": info.get("format"),
+              "parameters": info.get("total_parameters"), "bytes": info.get("total_bytes"),
+              "dtypes": {k: v.get("parameters") for k, v in (info.get("dtypes") or {}).items()},
+              "shards": info.get("num_shards"), "files": [f["name"] for f in info.get("files", [])]}
+    if arch in ARCHITECTURES:
+        table = weight_table(arch, cfg)
+        report["table_parameters"] = int(sum(
+            (1 if not s.shape else __import__("math").prod(s.shape)) for s in table.values() if s.tied_to is None))
+        report["tied"] = [k for k, s in table.items() if s.tied_to is not None]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            print(f"{k:18s} {v}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    model = _load(args.model, args.backend, args.dtype)
+    processor = _processor(args.model, model)
+    failures = 0
+    n = len(args.images)
+    for i, path in enumerate(args.images, 1):
+        _progress(i - 1, n, os.path.basename(path))
+        try:
+            image = _open_image(path)
+            enc = processor(images=image, text=args.prompt, return_tensors="np")
+            kwargs = {k: enc[k] for k in ("input_ids", "attention_mask") if args.prompt and k in enc}
+            t0 = time.perf_counter()
+            out = model.generate(pixel_values=enc["pixel_values"], num_beams=args.num_beams,
+                                 max_new_tokens=args.max_new_tokens, **kwargs)
+            seconds = time.perf_counter() - t0
+            ids = _ids(out)[0]
+            text = processor.decode(ids, skip_special_tokens=True).strip()
+        except CliError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"image": path, "caption": text, "ids": ids, "backend": args.backend,
+                              "seconds": round(seconds, 4)}), flush=True)
+        else:
+            print(f"{path}\t{text}", flush=True)
+    _progress(n, n, "done")
+    if failures:
+        print(f"error: {failures} of {n} image(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_vqa(args) -> int:
+    model = _load(args.model, args.backend, args.dtype)
+    processor = _processor(args.model, model)
+    image = _open_image(args.image)
+    enc = processor(images=image, text=args.question, return_tensors="np")
+    out = model.generate(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"],
+                         attention_mask=enc["attention_mask"], num_beams=args.num_beams,
+                         max_new_tokens=args.max_new_tokens)
+    answer = processor.decode(_ids(out)[0], skip_special_tokens=True).strip()
+    if args.json:
+        print(json.dumps({"image": args.image, "question": args.question, "answer": answer}))
+    else:
+        print(answer)
+    return 0
+
+
+def cmd_match(args) -> int:
+    import numpy as np
+    from .numerics import to_numpy
+    model = _load(args.model, args.backend, args.dtype)
+    processor = _processor(args.model, model)
+    image = _open_image(args.image)
+    enc = processor(images=[image] * len(args.texts), text=list(args.texts), padding=True, return_tensors="np")
+    inputs = {k: enc[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    itm = to_numpy(model(**inputs, use_itm_head=True).itm_score).astype(np.float64)
+    itm = np.exp(itm - itm.max(-1, keepdims=True))
+    itm = itm / itm.sum(-1, keepdims=True)
+    itc = to_numpy(model(**inputs, use_itm_head=False).itm_score)
+    rows = [{"text": t, "itm_probability": float(itm[i, 1]), "itc_score": float(itc[i, i])}
+            for i, t in enumerate(args.texts)]
+    if args.json:
+        for r in rows:
+            print(json.dumps(dict(image=args.image, **r)))
+    else:
+        print(f"{'ITM p(match)':>12}  {'ITC cosine':>10}  text")
+        for r in rows:
+            print(f"{r['itm_probability']:12.4f}  {r['itc_score']:10.4f}  {r['text']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(backends=args.backends.split(","), out=args.out)
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _model_args(p, beams=True):
+    p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer files)")
+    p.add_argument("--backend", default="torch", choices=["torch", "tf", "jax"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    if beams:
+        p.add_argument("--num-beams", type=int, default=1)
+        p.add_argument("--max-new-tokens", type=int, default=20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip", description="BLIP and BLIP-2 in PyTorch, TensorFlow and JAX")
+    parser.add_argument("--version", action="version", version=f"blip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="architecture, parameter count, dtypes and shards of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-pickle-bin", action="store_true", help="also inspect pytorch_model.bin files")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", default=None, help="text the caption starts with")
+    _model_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("vqa", help="answer a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    _model_args(p)
+    p.set_defaults(func=cmd_vqa)
+
+    p = sub.add_parser("match", help="image-text matching probabilities and ITC scores")
+    p.add_argument("image")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    _model_args(p, beams=False)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("demo", help="build a small random captioner, caption the bundled image in every backend")
+    p.add_argument("--backends", default="torch,jax,tf")
+    p.add_argument("--out", default=None, help="keep the demo model in this directory")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from converters.cli import add_convert_parser, add_parity_parser
+    except ImportError:
+        pass
+    else:
+        add_convert_parser(sub)
+        add_parity_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
