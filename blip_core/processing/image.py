@@ -1,0 +1,345 @@
+"""BLIP / BLIP-2 image preprocessing, bit-identical to transformers 4.57's slow `BlipImageProcessor`.
+
+Pipeline per image (the order and dtypes are what make it bit-exact):
+
+1. PIL images are converted to RGB (`do_convert_rgb`); arrays are left as they are.
+2. The image becomes a numpy array; its channel axis is inferred once, from the first image
+   (channels-first wins when both ends have 1 or 3 entries, as in transformers).
+3. Resize with PIL on uint8 data (float data in [0, 1] is scaled to [0, 255] and truncated to
+   uint8 first, then scaled back by 1/255 after resizing).
+4. Rescale: multiply in float64, then cast to float32.
+5. Normalise in the array's own float dtype (float32 after a rescale).
+6. Output channels-first; `return_tensors` stacks the batch to NCHW.
+
+It also holds `BatchFeature`, the dict every processor returns, and the lazy framework conversion
+shared by the tokenizers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from typing import Any, Optional
+
+import numpy as np
+import PIL.Image
+
+__all__ = ["BatchFeature", "BlipImageProcessor", "to_framework"]
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_TENSOR_TYPES = (None, "np", "pt", "tf", "jax")
+_CHANNELS_FIRST, _CHANNELS_LAST = "channels_first", "channels_last"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _is_ragged(value) -> bool:
+    """True when a batch (list of sequences or arrays) has items of different shapes."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    shapes = {np.shape(v) if isinstance(v, np.ndarray) else (len(v) if isinstance(v, (list, tuple)) else ())
+              for v in value}
+    return len(shapes) > 1
+
+
+def to_framework(value, tensor_type: Optional[str]):
+    """Convert a list (of lists / arrays) to the requested framework's array type.
+
+    The framework is imported here, never at module level. Integer lists keep the framework's
+    own default dtype (int64 for numpy/torch, int32 for TensorFlow/JAX), as transformers does.
+    """
+    if tensor_type is None:
+        return value
+    if tensor_type not in _TENSOR_TYPES:
+        raise ValueError(f"return_tensors must be one of {_TENSOR_TYPES[1:]} or None, got {tensor_type!r}")
+    if _is_ragged(value):
+        raise ValueError("Unable to create tensor: the batch items have different lengths or shapes; "
+                         "use padding=True (text) or resize the images to one size")
+    empty = isinstance(value, (list, tuple)) and (len(value) == 0 or
+                                                  (isinstance(value[0], (list, tuple)) and len(value[0]) == 0))
+    stacked = isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray)
+    if tensor_type == "np":
+        if isinstance(value, np.ndarray):
+            return value
+        return np.asarray(value, dtype=np.int64 if empty else None)
+    if tensor_type == "pt":
+        import torch
+
+        if stacked:
+            value = np.array(value)
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+        return torch.tensor(value, dtype=torch.int64 if empty else None)
+    if tensor_type == "tf":
+        import tensorflow as tf
+
+        return tf.constant(value, dtype=tf.int32 if empty else None)
+    import jax.numpy as jnp
+
+    return jnp.array(value, dtype=jnp.int32 if empty else None)
+
+
+class BatchFeature(dict):
+    """The dict returned by processors and tokenizers; keys are also readable as attributes."""
+
+    def __init__(self, data: Optional[dict] = None, tensor_type: Optional[str] = None):
+        super().__init__(data or {})
+        self.convert_to_tensors(tensor_type)
+
+    def __getattr__(self, item: str):
+        try:
+            return self[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+    def convert_to_tensors(self, tensor_type: Optional[str] = None) -> "BatchFeature":
+        if tensor_type is None:
+            return self
+        for key, value in list(self.items()):
+            if isinstance(value, (list, tuple, np.ndarray)):
+                self[key] = to_framework(value, tensor_type)
+        return self
+
+
+# --------------------------------------------------------------------------- image helpers
+
+
+def _size_dict(size, default_to_square: bool) -> dict:
+    """transformers' `get_size_dict`: int -> square (or shortest edge), (h, w) -> dict."""
+    if isinstance(size, dict):
+        out = dict(size)
+    elif isinstance(size, int) and not isinstance(size, bool):
+        out = {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        out = {"height": size[0], "width": size[1]}
+    else:
+        raise ValueError(f"size must be a dict {{'height': h, 'width': w}}, an int or (h, w); got {size!r}")
+    if set(out) != {"height", "width"}:
+        raise ValueError(f"size must have exactly the keys 'height' and 'width'; got {sorted(out)}")
+    return out
+
+
+def _to_array(image) -> np.ndarray:
+    """One image (PIL, numpy, or any array-like framework tensor) -> numpy array."""
+    if isinstance(image, PIL.Image.Image):
+        return np.array(image)
+    if isinstance(image, np.ndarray):
+        return image
+    if hasattr(image, "__array__") and not isinstance(image, (list, tuple, str)):
+        return np.asarray(image)
+    raise ValueError(f"Invalid image type {type(image).__name__}: expected a PIL.Image.Image, a numpy array "
+                     "or a framework tensor")
+
+
+def _is_image(x) -> bool:
+    return isinstance(x, (PIL.Image.Image, np.ndarray)) or (
+        hasattr(x, "__array__") and hasattr(x, "ndim") and not isinstance(x, (list, tuple, str)))
+
+
+def _flatten_images(images) -> list:
+    """Single image / 4-D batch / list / nested list -> flat list of single images."""
+    flat: list = []
+
+    def collect(x) -> None:
+        if isinstance(x, (list, tuple)):
+            for item in x:
+                collect(item)
+        elif not _is_image(x):
+            raise ValueError(f"Invalid image type {type(x).__name__}: expected a PIL.Image.Image, a numpy "
+                             "array, a framework tensor or a list of them")
+        elif isinstance(x, PIL.Image.Image) or x.ndim == 3:
+            flat.append(x)
+        elif x.ndim == 4:
+            flat.extend(list(x))
+        else:
+            raise ValueError(f"Invalid image rank {x.ndim} (shape {tuple(x.shape)}): an image array needs 3 "
+                             "dimensions (HWC or CHW) and a batch 4")
+
+    collect(images)
+    if not flat:
+        raise ValueError("No images given: the image list is empty")
+    return flat
+
+
+def _infer_channel_format(arr: np.ndarray) -> str:
+    """transformers' rule: channels-first if the first axis has 1 or 3 entries, else channels-last."""
+    if arr.ndim != 3:
+        raise ValueError(f"Unsupported number of image dimensions: {arr.ndim} (shape {arr.shape}); expected "
+                         "3 (HWC or CHW). Grayscale arrays need a channel axis, or pass a PIL image")
+    if arr.shape[0] in (1, 3):
+        return _CHANNELS_FIRST
+    if arr.shape[2] in (1, 3):
+        return _CHANNELS_LAST
+    raise ValueError(f"Unable to infer the channel axis of an image of shape {arr.shape}: numpy images "
+                     "must have 1 or 3 channels (convert RGBA arrays to RGB, or pass a PIL image)")
+
+
+def _check_dtype(arr: np.ndarray) -> None:
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"Unsupported image dtype {arr.dtype}: use uint8 in [0, 255] or floats in [0, 1]")
+
+
+def _needs_rescale_for_pil(arr: np.ndarray) -> bool:
+    """Whether an array must be multiplied by 255 before it can become a uint8 PIL image."""
+    if arr.dtype == np.uint8:
+        return False
+    if np.allclose(arr, arr.astype(int)):
+        if np.all(arr >= 0) and np.all(arr <= 255):
+            return False
+        raise ValueError(f"Image values must lie in [0, 255] to be resized, got [{arr.min()}, {arr.max()}]")
+    if np.all(arr >= 0) and np.all(arr <= 1):
+        return True
+    raise ValueError(f"Float image values must lie in [0, 1] (or be whole numbers in [0, 255]) to be "
+                     f"resized, got [{arr.min()}, {arr.max()}]")
+
+
+def _rescale(arr: np.ndarray, scale: float) -> np.ndarray:
+    # Upcast before multiplying so uint8 never overflows; the cast to float32 comes last.
+    return (arr.astype(np.float64) * scale).astype(np.float32)
+
+
+def _resize_hwc(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Resize an HWC array with PIL, via uint8, the way transformers' `resize` does."""
+    scaled = _needs_rescale_for_pil(arr)
+    pil_in = arr[..., 0] if arr.shape[-1] == 1 else arr  # PIL has no (H, W, 1) images
+    if scaled:
+        pil_in = _rescale(pil_in, 255)
+    pil = PIL.Image.fromarray(pil_in.astype(np.uint8))
+    out = np.array(pil.resize((width, height), resample=PIL.Image.Resampling(resample), reducing_gap=None))
+    if out.ndim == 2:
+        out = out[..., None]
+    return _rescale(out, 1 / 255) if scaled else out
+
+
+def _normalize(arr: np.ndarray, mean, std) -> np.ndarray:
+    channels = arr.shape[-1]
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    stats = []
+    for name, value in (("image_mean", mean), ("image_std", std)):
+        if isinstance(value, Collection) and not isinstance(value, str):
+            if len(value) != channels:
+                raise ValueError(f"{name} must have {channels} elements for a {channels}-channel image, "
+                                 f"got {len(value)}")
+        else:
+            value = [value] * channels
+        stats.append(np.array(value, dtype=arr.dtype))
+    return (arr - stats[0]) / stats[1]
+
+
+# --------------------------------------------------------------------------- processor
+
+_OPTIONS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+            "image_std", "do_convert_rgb")
+
+
+class BlipImageProcessor:
+    """PIL/numpy images -> `pixel_values` (N, 3, H, W) float32, exactly as transformers computes them.
+
+    Example::
+
+        proc = BlipImageProcessor(size={"height": 224, "width": 224})     # BLIP-2 size
+        proc([pil_image, uint8_hwc_array], return_tensors="np")["pixel_values"].shape  # (2, 3, 224, 224)
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, do_resize: bool = True, size: Optional[dict] = None, resample: int = PIL.Image.BICUBIC,
+                 do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean=None, image_std=None, do_convert_rgb: bool = True, **kwargs):
+        self.do_resize = do_resize
+        self.size = _size_dict(size if size is not None else {"height": 384, "width": 384}, True)
+        self.resample = int(resample)
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = image_mean if image_mean is not None else list(OPENAI_CLIP_MEAN)
+        self.image_std = image_std if image_std is not None else list(OPENAI_CLIP_STD)
+        self.do_convert_rgb = do_convert_rgb
+        # Unknown keys of a loaded config (processor_class, ...) are kept and written back.
+        kwargs.pop("image_processor_type", None)
+        self.extra = dict(kwargs)
+
+    def __call__(self, images, return_tensors: Optional[str] = None, data_format: str = _CHANNELS_FIRST,
+                 input_data_format: Optional[str] = None, **overrides) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, data_format=data_format,
+                               input_data_format=input_data_format, **overrides)
+
+    def preprocess(self, images, return_tensors: Optional[str] = None, data_format: str = _CHANNELS_FIRST,
+                   input_data_format: Optional[str] = None, **overrides) -> BatchFeature:
+        unknown = set(overrides) - set(_OPTIONS)
+        if unknown:
+            raise TypeError(f"Unknown image processor options: {sorted(unknown)}; valid: {list(_OPTIONS)}")
+        if return_tensors not in _TENSOR_TYPES:
+            raise ValueError(f"return_tensors must be one of {_TENSOR_TYPES[1:]} or None, got {return_tensors!r}")
+        opt = {k: (overrides[k] if overrides.get(k) is not None else getattr(self, k)) for k in _OPTIONS}
+        # Like transformers, an int size given per call means "shortest edge", which BLIP cannot resize to.
+        size = _size_dict(opt["size"], default_to_square=False) if opt["do_resize"] else None
+        if opt["do_rescale"] and opt["rescale_factor"] is None:
+            raise ValueError("rescale_factor must be set when do_rescale is True")
+        if opt["do_normalize"] and (opt["image_mean"] is None or opt["image_std"] is None):
+            raise ValueError("image_mean and image_std must be set when do_normalize is True")
+        for name, fmt in (("data_format", data_format), ("input_data_format", input_data_format)):
+            if fmt not in (_CHANNELS_FIRST, _CHANNELS_LAST) and not (name == "input_data_format" and fmt is None):
+                raise ValueError(f"{name} must be 'channels_first' or 'channels_last', got {fmt!r}")
+
+        images = _flatten_images(images)
+        if opt["do_convert_rgb"]:
+            images = [im.convert("RGB") if isinstance(im, PIL.Image.Image) and im.mode != "RGB" else im
+                      for im in images]
+        arrays = [_to_array(im) for im in images]
+        for arr in arrays:
+            _check_dtype(arr)
+            if arr.ndim != 3:
+                raise ValueError(f"Unsupported number of image dimensions: {arr.ndim} (shape {arr.shape}); "
+                                 "expected 3 (HWC or CHW)")
+        # Like transformers, the first image decides the channel layout of the whole batch.
+        fmt = input_data_format or _infer_channel_format(arrays[0])
+        out = []
+        for arr in arrays:
+            hwc = arr.transpose(1, 2, 0) if fmt == _CHANNELS_FIRST else arr
+            if opt["do_resize"]:
+                hwc = _resize_hwc(hwc, size["height"], size["width"], int(opt["resample"]))
+            if opt["do_rescale"]:
+                hwc = _rescale(hwc, opt["rescale_factor"])
+            if opt["do_normalize"]:
+                hwc = _normalize(hwc, opt["image_mean"], opt["image_std"])
+            out.append(hwc.transpose(2, 0, 1) if data_format == _CHANNELS_FIRST else hwc)
+        return BatchFeature({"pixel_values": out}, tensor_type=return_tensors)
+
+    # ----------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self) -> dict:
+        out = dict(self.extra)
+        out.update({k: getattr(self, k) for k in _OPTIONS})
+        out["image_processor_type"] = "BlipImageProcessor"
+        return out
+
+    @classmethod
+    def from_dict(cls, config: dict, **overrides) -> "BlipImageProcessor":
+        config = dict(config)
+        config.update(overrides)
+        config.pop("feature_extractor_type", None)
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "BlipImageProcessor":
+        """Read `preprocessor_config.json` from a directory (or the JSON file itself)."""
+        file = os.path.join(path, PREPROCESSOR_CONFIG) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No {PREPROCESSOR_CONFIG} in {path}")
+        with open(file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def save_pretrained(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        file = os.path.join(directory, PREPROCESSOR_CONFIG)
+        with open(file, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return file
+
+    def __repr__(self) -> str:
+        return f"BlipImageProcessor({json.dumps(self.to_dict(), sort_keys=True)})"
