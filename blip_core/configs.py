@@ -326,6 +326,8 @@ class T5Config(_Config):
     decoder_start_token_id: Optional[int] = None   # hub T5 configs set 0
     classifier_dropout: float = 0.0
     tie_word_embeddings: bool = True
+    dense_act_fn: Optional[str] = None         # None -> derived from feed_forward_proj; an explicit value wins
+    is_gated_act: Optional[bool] = None        # None -> derived from feed_forward_proj; an explicit value wins
     is_encoder_decoder: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -336,18 +338,13 @@ class T5Config(_Config):
         parts = self.feed_forward_proj.split("-")
         _check(len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated"), "feed_forward_proj",
                f"{self.feed_forward_proj!r} is not of the form 'gated-ACT' or 'ACT'")
-        _check(self.dense_act_fn in ACTIVATIONS, "feed_forward_proj", f"unknown activation in {self.feed_forward_proj!r}")
-
-    @property
-    def is_gated_act(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-    @property
-    def dense_act_fn(self) -> str:
-        # transformers maps the legacy "gated-gelu" to the tanh approximation.
-        if self.feed_forward_proj == "gated-gelu":
-            return "gelu_new"
-        return self.feed_forward_proj.split("-")[-1]
+        # As transformers: derived from feed_forward_proj ("gated-gelu" means the tanh approximation),
+        # but a value written in config.json wins (Flan-T5 configs say "gated-gelu" with "gelu").
+        if self.is_gated_act is None:
+            self.is_gated_act = parts[0] == "gated"
+        if self.dense_act_fn is None:
+            self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
+        _check(self.dense_act_fn in ACTIVATIONS, "dense_act_fn", f"unknown activation {self.dense_act_fn!r}")
 
     @property
     def hidden_size(self) -> int:

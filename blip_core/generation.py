@@ -6,7 +6,8 @@ or eager loop on the returned ``GenerationSettings``; the rules for defaults, ``
 
 Length conventions follow transformers 4.57: ``max_length`` and ``min_length`` count the whole
 decoder sequence including the prompt, ``max_new_tokens`` and ``min_new_tokens`` only the new
-tokens; when neither maximum is given the total length defaults to 20.
+tokens; when neither maximum is given, 20 new tokens are generated, capped so the sequence fits
+the model's position table (``max_positions``) when it has one.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _as_eos_tuple(eos) -> tuple:
     return tuple(int(e) for e in eos)
 
 
-def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, **kwargs) -> GenerationSettings:
+def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, max_positions: Optional[int] = None,
+                       **kwargs) -> GenerationSettings:
     """Turn ``generate`` keyword arguments into ``GenerationSettings``.
 
     ``defaults`` holds the model's own values (eos, pad, ...) used where the caller gives none.
@@ -82,7 +84,12 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, *
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     else:
-        max_length = int(opts.get("max_length", DEFAULT_MAX_LENGTH))
+        if opts.get("max_length") is not None:
+            max_length = int(opts["max_length"])
+        else:   # transformers' default: 20 new tokens, within the position table
+            max_length = DEFAULT_MAX_LENGTH + prompt_length
+            if max_positions is not None:
+                max_length = min(max_length, int(max_positions))
         max_new = max_length - prompt_length
         if max_new < 1:
             raise ValueError(f"max_length={max_length} leaves no room to generate after a prompt of "

@@ -14,6 +14,7 @@ CASES = {
     "blip2_opt_default": lambda: transformers.Blip2Config(),
     "blip2_opt_tiny": lambda: blip2_config(image_token_index=98),
     "blip2_t5": lambda: blip2_config(text=T5_TEXT, qformer=dict(use_qformer_text_input=True)),
+    "blip2_flan_t5": lambda: blip2_config(text=dict(T5_TEXT, dense_act_fn="gelu")),
     "blip2_t5_legacy_gated": lambda: blip2_config(text=dict(T5_TEXT, feed_forward_proj="gated-gelu", tie_word_embeddings=True)),
     "vision": lambda: transformers.BlipVisionConfig(image_size=64, patch_size=16),
     "text": lambda: transformers.BlipTextConfig(num_attention_heads=12),
@@ -48,6 +49,8 @@ def test_fields_follow_transformers():
     assert isinstance(Blip2Config().text_config, OPTConfig)
     assert T5Config(feed_forward_proj="gated-gelu").dense_act_fn == "gelu_new"
     assert T5Config(feed_forward_proj="gated-gelu").is_gated_act
+    flan = T5Config.from_dict(transformers.T5Config(feed_forward_proj="gated-gelu", dense_act_fn="gelu").to_dict())
+    assert flan.dense_act_fn == "gelu" and flan.is_gated_act          # explicit value wins, as in transformers
     assert OPTConfig(hidden_size=64, num_attention_heads=4).word_embed_proj_dim == 64
 
 

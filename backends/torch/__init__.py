@@ -1,0 +1,19 @@
+"""PyTorch backend: BLIP and BLIP-2 as ``torch.nn.Module``s whose parameter names are the Hugging Face keys.
+
+Example::
+
+    from backends.torch import BlipForConditionalGeneration
+    model = BlipForConditionalGeneration.from_pretrained("path/to/hf_dir", dtype="bfloat16")
+    ids = model.generate(pixel_values, num_beams=3, max_new_tokens=20)
+"""
+from ._base import PreTrainedModel
+from .blip2 import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2QFormerModel,
+                    Blip2TextModelWithProjection, Blip2VisionModel, Blip2VisionModelWithProjection)
+from .blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipModel
+from .text import BlipTextLMHeadModel, BlipTextModel
+from .vision import BlipVisionModel, BlipVisionTransformer
+
+__all__ = ["Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2Model", "Blip2QFormerModel",
+           "Blip2TextModelWithProjection", "Blip2VisionModel", "Blip2VisionModelWithProjection",
+           "BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipModel",
+           "BlipTextLMHeadModel", "BlipTextModel", "BlipVisionModel", "BlipVisionTransformer", "PreTrainedModel"]

@@ -1,0 +1,254 @@
+"""PyTorch plumbing shared by every BLIP and BLIP-2 class: loading, saving, seeded init, dtypes, inputs.
+
+``PreTrainedModel`` is an ``nn.Module`` whose parameter names are the Hugging Face state-dict keys
+(the weight table's torch column is the identity). A subclass sets ``architecture`` (the class
+name the weight table knows), builds its modules in ``__init__(config, seed=0, dtype=None)`` after
+``super().__init__(config)``, and ends with ``self.post_init(seed, dtype)``::
+
+    class BlipVisionModel(PreTrainedModel):
+        architecture = "BlipVisionModel"
+        def __init__(self, config, seed=0, dtype=None):
+            super().__init__(config)
+            ...                                     # submodules named like transformers'
+            self.post_init(seed, dtype)
+
+    model = BlipVisionModel.from_pretrained("dir", dtype="bfloat16")
+    model.save_pretrained("out")                    # config.json + model.safetensors
+
+Random init is deterministic for a seed (a private ``torch.Generator``): normal(0, std) for
+linear, conv and embedding weights, zero biases, unit layer norms, like transformers'
+``_init_weights``; subclasses may extend ``_init_module``. Loading goes through
+``blip_core.pretrained`` (strict: one error lists every bad key); tied rows (LM-head decoder)
+share storage with their target through ``tie_weights``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_core.pretrained import config_for, read_pretrained, write_pretrained
+from blip_core.weights import weight_table
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"``, a torch dtype or None -> a torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
+    name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+    return DTYPES[name]
+
+
+# -- activations (Hugging Face ACT2FN spellings) ----------------------------------------------
+def _gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_fast(x):
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACT_FNS = {
+    "gelu": F.gelu,                                            # exact (erf) GELU
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str):
+    if name not in ACT_FNS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACT_FNS)}")
+    return ACT_FNS[name]
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def as_tensor(x, name: str, *, kind: str, device=None, ndim=None) -> Optional[torch.Tensor]:
+    """Turn a numpy array / list / tensor into a tensor, checking its kind ("int" or "float") and rank.
+
+    Raises ``ValueError`` with the argument's name on a wrong dtype or rank, before any compute.
+    """
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}")
+        if arr.dtype.name == "bfloat16":
+            arr = arr.astype(np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+    if kind == "int":
+        if x.dtype == torch.bool:
+            x = x.long()
+        if x.is_floating_point() or x.is_complex():
+            raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+        x = x.long()
+    elif kind == "mask":
+        if x.is_complex():
+            raise ValueError(f"{name} must be 0/1 values, got dtype {x.dtype}")
+    elif kind == "float":
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if ndim is not None and x.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if device is not None:
+        x = x.to(device)
+    return x
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError as exc:  # pragma: no cover - ml_dtypes ships with jax
+            raise RuntimeError("saving bfloat16 weights needs the 'ml_dtypes' package") from exc
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:   # memory-mapped checkpoint data: own a copy so training can update it
+        a = a.copy()
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+# -- base class ----------------------------------------------------------------------------------
+class PreTrainedModel(nn.Module):
+    """Base of every public class (see the module docstring)."""
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, config=None):
+        # `config` may be None when a tower class that already set `self.config` is mixed in first.
+        super().__init__()
+        if config is not None:
+            self.config = config
+
+    # -- init ------------------------------------------------------------------------------------
+    @property
+    def init_std(self) -> float:
+        return float(getattr(self.config, "initializer_range", 0.02))
+
+    def post_init(self, seed: Optional[int] = 0, dtype=None) -> None:
+        """Seeded init (skipped for ``seed=None``, used by ``from_pretrained``), ties, dtype."""
+        if seed is not None and not _SKIP_INIT[0]:
+            gen = torch.Generator().manual_seed(int(seed))
+            with torch.no_grad():
+                for module in self.modules():
+                    self._init_module(module, gen)
+        self.tie_weights()
+        dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            self.to(dtype)
+
+    def _init_module(self, module: nn.Module, gen: torch.Generator) -> None:
+        std = self.init_std
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std, generator=gen)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif hasattr(module, "init_extra"):
+            module.init_extra(gen, self.config)
+
+    def tie_weights(self) -> None:
+        """Make tied parameters the same tensors (overridden where a class has ties)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- files -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None):
+        """Load a Hugging Face directory strictly; ``dtype`` defaults to float32 (as transformers)."""
+        torch_dtype = resolve_dtype(dtype) or torch.float32
+        config, table, params = read_pretrained(str(path), cls.architecture, "torch",
+                                                allow_pickle_bin=allow_pickle_bin)
+        with _skip_init():
+            model = cls(config, seed=None)
+        state = {k: _from_numpy(v) for k, v in params.items()}
+        for name, spec in table.items():
+            if spec.tied_to is not None:
+                state[name] = state[spec.tied_to]
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        model.to(dtype=torch_dtype, device=device)
+        model.eval()
+        return model
+
+    def save_pretrained(self, path: str, max_shard_size="5GB") -> None:
+        """Write ``config.json`` and safetensors weights that transformers loads (tied keys omitted)."""
+        params = {k: _to_numpy(v) for k, v in self.state_dict().items()}
+        write_pretrained(str(path), self.config, self.architecture, "torch", params, max_shard_size=max_shard_size)
+
+    def weight_table(self) -> dict:
+        return weight_table(self.architecture, self.config)
+
+    @classmethod
+    def config_from(cls, path_or_config):
+        return config_for(cls.architecture, path_or_config)
+
+
+_SKIP_INIT = [False]
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Build modules without the (discarded) random init and without torch's default init."""
+    _SKIP_INIT[0] = True
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        _SKIP_INIT[0] = False
+
+
+# -- attention -------------------------------------------------------------------------------------
+def attention(q, k, v, mask=None, *, scale: float, output_attentions: bool = False, dropout: float = 0.0):
+    """Scaled dot-product attention on (B, H, L, hd) tensors with an optional additive mask.
+
+    Uses ``F.scaled_dot_product_attention`` (same numbers to float rounding) unless the
+    probabilities are requested. Returns ``(context (B, H, L, hd), probs or None)``.
+    """
+    if not output_attentions:
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale), None
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    dropped = F.dropout(probs, p=dropout) if dropout > 0.0 else probs
+    return torch.matmul(dropped, v), probs
