@@ -1,6 +1,6 @@
 """``blip demo``: the main job on the bundled default, with nothing downloaded.
 
-Builds a small randomly initialised BLIP captioner (seeded) with a bundled 109-word vocabulary,
+Builds a small randomly initialised BLIP captioner (seeded) with a bundled 105-word vocabulary,
 saves it in Hugging Face's format, then captions the bundled picture in every requested backend
 and shows that all backends produce the same token ids. The weights are random, so the caption
 is a random walk through the vocabulary: the point is the pipeline and the agreement, not the
