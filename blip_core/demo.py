@@ -37,14 +37,17 @@ def demo_config():
         projection_dim=32, image_text_hidden_size=32)
 
 
-def build_demo_model(directory: str, seed: int = 0) -> str:
-    """Write the demo captioner (config, safetensors weights, tokenizer, image processor) to ``directory``."""
+def build_demo_model(directory: str, seed: int = 0, architecture: str = "BlipForConditionalGeneration") -> str:
+    """Write a demo model (config, safetensors weights, tokenizer, image processor) to ``directory``.
+
+    ``architecture`` is any BLIP class; the captioner is the default.
+    """
+    import backends.torch
     from .processing import BertTokenizer, BlipImageProcessor, BlipProcessor, add_blip_special_tokens
-    from backends.torch import BlipForConditionalGeneration
 
     config = demo_config()
     os.makedirs(directory, exist_ok=True)
-    BlipForConditionalGeneration(config, seed=seed).save_pretrained(directory)
+    getattr(backends.torch, architecture)(config, seed=seed).save_pretrained(directory)
     vocab_dir = tempfile.mkdtemp()
     try:
         shutil.copy(DEMO_VOCAB, os.path.join(vocab_dir, "vocab.txt"))

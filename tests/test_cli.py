@@ -47,3 +47,61 @@ def test_info_on_truncated_checkpoint(capsys, tmp_path):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "blip_core.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    from blip_core.demo import build_demo_model
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_demo_model(str(root / arch), architecture=arch)
+            for arch in ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval")}
+
+
+def test_caption_json_lines_and_a_bad_image_in_the_batch(demo_models, tmp_path, capsys):
+    from blip_core.demo import DEMO_IMAGE
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    code = main(["caption", DEMO_IMAGE, str(bad), DEMO_IMAGE, "--model", demo_models["BlipForConditionalGeneration"],
+                 "--json", "--max-new-tokens", "5"])
+    out = capsys.readouterr()
+    assert code == 1                                   # one failure -> non-zero exit
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["image"] for r in rows] == [DEMO_IMAGE, DEMO_IMAGE]   # the good images still come out
+    assert rows[0]["ids"] == rows[1]["ids"] and len(rows[0]["ids"]) <= 6
+    assert "broken.png" in out.err and "cannot read image" in out.err
+
+
+def test_caption_matches_the_python_api(demo_models, capsys):
+    import backends.torch as bt
+    from PIL import Image
+    from blip_core.demo import DEMO_IMAGE
+    from blip_core.processing import BlipProcessor
+    d = demo_models["BlipForConditionalGeneration"]
+    assert main(["caption", DEMO_IMAGE, "--model", d, "--json", "--num-beams", "2", "--max-new-tokens", "4",
+                 "--prompt", "a photo of"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    proc = BlipProcessor.from_pretrained(d)
+    enc = proc(images=Image.open(DEMO_IMAGE), text="a photo of", return_tensors="np")
+    ids = bt.BlipForConditionalGeneration.from_pretrained(d).generate(
+        pixel_values=enc["pixel_values"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+        num_beams=2, max_new_tokens=4)
+    assert row["ids"] == ids[0].tolist()
+
+
+def test_vqa_and_match(demo_models, capsys):
+    from blip_core.demo import DEMO_IMAGE
+    assert main(["vqa", DEMO_IMAGE, "what is in the sky?", "--model", demo_models["BlipForQuestionAnswering"],
+                 "--json", "--max-new-tokens", "3"]) == 0
+    assert "answer" in json.loads(capsys.readouterr().out)
+    assert main(["match", DEMO_IMAGE, "a red house", "two dogs on a beach", "--json",
+                 "--model", demo_models["BlipForImageTextRetrieval"]]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["a red house", "two dogs on a beach"]
+    assert all(0.0 <= r["itm_probability"] <= 1.0 and -1.0 <= r["itc_score"] <= 1.0 for r in rows)
+
+
+def test_bad_model_path_and_unknown_backend_class(tmp_path, capsys):
+    from blip_core.demo import DEMO_IMAGE
+    assert main(["caption", DEMO_IMAGE, "--model", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a model directory" in err[0]
