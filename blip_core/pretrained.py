@@ -7,7 +7,6 @@ hand back flat ``{backend_path: numpy array}`` dicts holding only the rows that 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 

@@ -9,7 +9,8 @@ Only numpy, pillow and tokenizers are imported; frameworks are imported lazily w
 """
 from .image import BatchFeature, BlipImageProcessor, to_framework
 from .processors import Blip2Processor, BlipProcessor
-from .tokenization import (BatchEncoding, BertTokenizer, GPT2Tokenizer, PreTrainedTokenizer, T5Tokenizer,
+from .tokenization import BatchEncoding, PreTrainedTokenizer
+from .tokenizer_kinds import (BertTokenizer, GPT2Tokenizer, T5Tokenizer,
                            add_blip_special_tokens, load_tokenizer)
 
 __all__ = ["BatchEncoding", "BatchFeature", "BertTokenizer", "Blip2Processor", "BlipImageProcessor",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import PIL.Image

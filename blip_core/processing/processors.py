@@ -20,7 +20,8 @@ from typing import Optional
 from tokenizers import AddedToken
 
 from .image import BatchFeature, BlipImageProcessor
-from .tokenization import PreTrainedTokenizer, load_tokenizer
+from .tokenization import PreTrainedTokenizer
+from .tokenizer_kinds import load_tokenizer
 
 __all__ = ["BlipProcessor", "Blip2Processor"]
 
