@@ -41,13 +41,29 @@ def read_pretrained(path: str, architecture: str, backend: str, dtype=None, allo
         raise FileNotFoundError(f"no model at {path}")
     config = config_for(architecture, path)
     table = weight_table(architecture, config)
-    state = checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)
-    state = checkpoint.check_state_dict(state, table)
+    state = checkpoint.check_state_dict(_read_any(path, table, architecture, allow_pickle_bin), table)
     if dtype is not None:
         state = checkpoint.cast_state_dict(state, dtype)
     params = {spec.backend_path(backend): spec.to_backend(backend, state[name])
               for name, spec in table.items() if spec.tied_to is None}
     return config, table, params
+
+
+def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
+    """Canonical state dict from PyTorch-layout weights, else a Hugging Face TF or Flax file."""
+    try:
+        return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)
+    except checkpoint.CheckpointError:
+        if not os.path.isdir(path):
+            raise
+        tf_file, flax_file = os.path.join(path, "tf_model.h5"), os.path.join(path, "flax_model.msgpack")
+        if os.path.isfile(tf_file):
+            from .formats import read_tf_state_dict
+            return read_tf_state_dict(tf_file, table, architecture)
+        if os.path.isfile(flax_file):
+            from .formats import read_flax_state_dict
+            return read_flax_state_dict(flax_file, table)
+        raise
 
 
 def write_pretrained(path: str, config: _Config, architecture: str, backend: str, params: dict,
