@@ -11,7 +11,8 @@ its format belongs to (safetensors/.bin/.pth -> torch, tf_model.h5 -> tf, flax m
 and names the first stage (in forward order) that drifts.
 
 A stage is within tolerance when every element satisfies ``|a - b| <= atol + rtol * |b|``
-(``numpy.allclose``'s rule, ``b`` the left column) with ``(atol, rtol) = tolerance(stage, dtype)``.
+(``numpy.allclose``'s rule, ``b`` the left column) with ``(atol, rtol) = effective_tolerance(b, stage, dtype)``
+(the table's values; low-precision atol scaled by the reference's magnitude).
 Exit status (``ParityResult.exit_code``): 0 all within tolerance; 1 some stage drifts; 2 a
 requested backend could not run, or nothing could be compared.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from blip_core import architecture_of
-from blip_core.numerics import max_abs_diff, max_rel_diff, to_numpy, tolerance
+from blip_core.numerics import effective_tolerance, max_abs_diff, max_rel_diff, to_numpy
 from blip_core.pretrained import config_for
 from blip_core.configs import load_config
 
@@ -86,8 +87,8 @@ class ParityResult:
 
 def compare(stage: str, a, b, left: str, right: str, dtype: str = "float32") -> Comparison:
     """Compare one stage of two columns (``a`` is the reference side for the relative part)."""
-    atol, rtol = tolerance(stage, dtype)
     a = np.asarray(to_numpy(a), dtype=np.float64)
+    atol, rtol = effective_tolerance(a, stage, dtype)
     b = np.asarray(to_numpy(b), dtype=np.float64)
     if a.shape != b.shape:
         return Comparison(stage, left, right, float("inf"), float("inf"), atol, rtol, float("inf"),

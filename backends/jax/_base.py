@@ -1,0 +1,236 @@
+"""Plumbing shared by the JAX/Flax BLIP classes: dtypes, parameters from the weight table, input checks,
+loading and saving through ``blip_core.pretrained``.
+
+A model object holds a Flax linen ``module`` (structure only), its ``params`` (a nested dict whose paths are
+exactly the weight table's jax paths, e.g. ``("vision_model", "encoder", "layers_0", "self_attn", "qkv",
+"kernel")``) and the ``config``. Tied rows of the table (the LM head's decoder) have no entry: the module reads
+the word embedding instead, so the tie can never drift.
+"""
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from blip_core.configs import _Config, config_from_dict
+from blip_core.generation import check_token_ids
+from blip_core.pretrained import read_pretrained, write_pretrained
+from blip_core.weights import owned, weight_table
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_JITTED: dict = {}                       # (class, function, config repr, dtype) -> jitted function
+_TRACES: collections.Counter = collections.Counter()
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """``None`` (float32, as transformers loads by default), a name, or a numpy/jax dtype."""
+    if dtype is None:
+        return np.dtype(jnp.float32)
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"the JAX backend supports dtypes {sorted(DTYPES)}, got {dtype!r}")
+    return np.dtype(DTYPES[name])
+
+
+def random_params(table: dict, seed: int, dtype, std: float, embed_std: float, logit_scale: float = 0.0) -> dict:
+    """Seeded random parameters for every storage-owning row of ``table`` (layouts in jax form).
+
+    Mirrors transformers' scheme: normal(0, std) for linear/conv/embedding weights, zero biases, unit norm
+    scales, truncated normal(0, embed_std) for the vision class/position embeddings.
+    """
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for spec in owned(table):
+        shape = spec.backend_shape("jax")
+        if spec.kind in ("linear_weight", "conv_weight", "embedding"):
+            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        elif spec.kind == "norm_weight":
+            arr = np.ones(shape, np.float32)
+        elif spec.kind == "bias":
+            arr = np.zeros(shape, np.float32)
+        elif spec.name.endswith("logit_scale"):
+            arr = np.full(shape, logit_scale, np.float32)
+        else:  # class / position embeddings
+            arr = np.clip(rng.standard_normal(shape, dtype=np.float32), -2.0, 2.0) * np.float32(embed_std)
+        flat[spec.backend_path("jax")] = arr
+    return unflatten(flat, dtype)
+
+
+def unflatten(flat: dict, dtype=None) -> dict:
+    """``{path tuple: array}`` -> nested param dict of jax arrays (floats cast to ``dtype``)."""
+    out = {}
+    for path, arr in flat.items():
+        arr = np.asarray(arr)
+        out[path] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
+    return traverse_util.unflatten_dict(out)
+
+
+def flatten(params: dict) -> dict:
+    """Nested params -> ``{path tuple: numpy array}``."""
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _kind(x) -> str:
+    return np.dtype(x.dtype).kind if hasattr(x, "dtype") else np.asarray(x).dtype.kind
+
+
+def as_input(x, name: str, kinds: str, ndim: int = None):
+    """A numpy / jax / list input as an array, with a clear error for a wrong dtype or rank."""
+    if x is None:
+        return None
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+    kind = _kind(x)
+    if kind not in kinds and np.dtype(x.dtype).name != "bfloat16":
+        want = {"iu": "an integer", "f": "a floating-point"}.get(kinds, "a numeric")
+        raise ValueError(f"{name} has dtype {x.dtype}, expected {want} array")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def token_ids(x, name: str, vocab_size: int, max_positions: int = None):
+    """Integer (batch, length) ids, checked against the vocabulary when their values are known."""
+    x = as_input(x, name, "iu", ndim=2)
+    if x is None:
+        return None
+    if is_concrete(x):
+        check_token_ids(np.asarray(x), vocab_size, name)
+    if max_positions is not None and x.shape[1] > max_positions:
+        raise ValueError(f"{name} has length {x.shape[1]} but max_position_embeddings is {max_positions}")
+    return jnp.asarray(x, dtype=jnp.int32)
+
+
+def mask_like(mask, ids_shape, name: str = "attention_mask"):
+    """A 0/1 mask matching ``ids_shape``; ``None`` means all ones."""
+    if mask is None:
+        return jnp.ones(ids_shape, jnp.int32)
+    mask = as_input(mask, name, "iubf", ndim=2)
+    if tuple(mask.shape) != tuple(ids_shape):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the ids shape {tuple(ids_shape)}")
+    return jnp.asarray(mask).astype(jnp.int32)
+
+
+def pixels(x, dtype):
+    x = as_input(x, "pixel_values", "f", ndim=4)
+    if x is None:
+        raise ValueError("pixel_values are required")
+    return jnp.asarray(x).astype(dtype)
+
+
+class JaxModel:
+    """Base of the public classes: ``Cls(config, seed=0, dtype=None)``, ``from_pretrained``, ``save_pretrained``.
+
+    Subclasses set ``config_class`` and implement ``_module()`` (the linen module) and ``_init_std()``.
+    """
+
+    config_class = _Config
+
+    def __init__(self, config, seed: int = 0, dtype=None):
+        config = self._check_config(config)
+        dt = resolve_dtype(dtype)
+        table = weight_table(type(self).__name__, config)
+        std, embed_std = self._init_std(config)
+        params = random_params(table, seed, dt, std, embed_std, getattr(config, "logit_scale_init_value", 0.0))
+        self._setup(config, params, dt)
+
+    @classmethod
+    def _check_config(cls, config):
+        if isinstance(config, dict):
+            config = config_from_dict(config) if "model_type" in config else cls.config_class.from_dict(config)
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
+        return config
+
+    def _setup(self, config, params, dtype):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.module = self._module()
+        self.params = params
+
+    def _jit(self, name: str, method: str, static_argnames=()):
+        """The jitted ``self.<method>``, shared by every model of this class, config and dtype.
+
+        Params are an argument, never a constant, so models that differ only in weights (a fresh
+        ``from_pretrained``, a seed) reuse one compiled program; jax then caches it by shapes and static
+        arguments. ``trace_count(name)`` tells how often it was traced (recompilation checks).
+        """
+        key = (type(self).__name__, name, repr(self.config), self.dtype.name)
+        if key not in _JITTED:
+            shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
+            shell.__dict__.update(config=self.config, dtype=self.dtype, module=self.module)
+            fn = getattr(shell, method)
+
+            def counted(*args, **kwargs):
+                _TRACES[key] += 1                       # runs only while tracing
+                return fn(*args, **kwargs)
+            _JITTED[key] = jax.jit(counted, static_argnames=static_argnames)
+        return _JITTED[key]
+
+    def trace_count(self, name: str) -> int:
+        """How many times the compiled function ``name`` ("forward", "generate", ...) has been traced."""
+        return _TRACES[(type(self).__name__, name, repr(self.config), self.dtype.name)]
+
+    def _params(self, params):
+        return self.params if params is None else params
+
+    # -- files -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False):
+        """Load a Hugging Face directory (config.json + safetensors, or .bin when allowed), strictly."""
+        dt = resolve_dtype(dtype)
+        config, _, flat = read_pretrained(path, cls.__name__, "jax", dtype=dt.name, allow_pickle_bin=allow_pickle_bin)
+        model = cls.__new__(cls)
+        model._setup(config, unflatten(flat), dt)
+        return model
+
+    def save_pretrained(self, path: str, max_shard_size="5GB") -> None:
+        """Write config.json + safetensors that transformers and the other backends load."""
+        write_pretrained(path, self.config, type(self).__name__, "jax", flatten(self.params),
+                         max_shard_size=max_shard_size)
+
+    def astype(self, dtype):
+        """A copy of the model with its parameters cast to ``dtype``."""
+        dt = resolve_dtype(dtype)
+        model = type(self).__new__(type(self))
+        model._setup(self.config, jax.tree_util.tree_map(lambda a: a.astype(dt), self.params), dt)
+        return model
+
+    def num_parameters(self) -> int:
+        return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+
+
+# -- small numerics shared by the towers -----------------------------------------------------------------
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' ACT2FN names; "gelu" is the exact erf form (Flax's default nn.gelu is the tanh one).
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu, "silu": jax.nn.silu, "swish": jax.nn.silu, "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    """The activation ``name``, evaluated in float32 and cast back (as torch's opmath does for bf16)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    fn = _ACTIVATIONS[name]
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def softmax(scores):
+    """Softmax over the last axis in float32, returned in the input dtype."""
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)

@@ -1,0 +1,437 @@
+"""The BLIP task models in Flax linen: BlipModel, captioning, retrieval and VQA, with losses and generate.
+
+Each public class holds a linen module whose submodule names are those of transformers
+(``vision_model``, ``text_model``, ``text_encoder``, ``text_decoder``, ...), so its param paths are the
+weight table's jax paths. Forward passes are jitted once per model (static flags as static arguments);
+``generate`` compiles vision tower, question encoder, cross-attention K/V and the decoding loop into one
+program (see ``generation.py``).
+
+Deliberate difference from transformers 4.57 PyTorch: the cross-attention mask is applied. It matters only
+for VQA over a padded question, where the decoder (forward and generate) now ignores the question's padding
+(transformers attends to it, and its generate passes an all-ones mask).
+
+Example::
+
+    model = BlipForConditionalGeneration.from_pretrained("hf_dir")
+    ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=20)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_core.configs import BlipConfig
+from blip_core.generation import blip_caption_prompt, resolve_generation
+from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
+                               BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
+                               BlipTextVisionModelOutput)
+
+from ._base import JaxModel, is_concrete, token_ids
+from .generation import decode, make_spec
+from .text import TextLMHeadModel, TextModel, encode_text, lm_loss, text_inputs
+from .vision import VisionTransformer, vision_inputs
+
+
+# -- modules -------------------------------------------------------------------------------------------
+class BlipModelModule(nn.Module):
+    config: Any
+
+    def setup(self):
+        c = self.config
+        self.text_model = TextModel(c.text_config, add_pooling_layer=True)
+        self.vision_model = VisionTransformer(c.vision_config)
+        self.visual_projection = nn.Dense(c.projection_dim, use_bias=False)
+        self.text_projection = nn.Dense(c.projection_dim, use_bias=False)
+        self.logit_scale = self.param("logit_scale", nn.initializers.zeros, ())
+
+
+class CaptioningModule(nn.Module):
+    config: Any
+
+    def setup(self):
+        self.vision_model = VisionTransformer(self.config.vision_config)
+        self.text_decoder = TextLMHeadModel(self.config.text_config)
+
+
+class RetrievalModule(nn.Module):
+    config: Any
+
+    def setup(self):
+        c = self.config
+        self.vision_model = VisionTransformer(c.vision_config)
+        self.text_encoder = TextModel(c.text_config, add_pooling_layer=False)
+        self.vision_proj = nn.Dense(c.image_text_hidden_size)
+        self.text_proj = nn.Dense(c.image_text_hidden_size)
+        self.itm_head = nn.Dense(2)
+
+
+class QuestionAnsweringModule(nn.Module):
+    config: Any
+
+    def setup(self):
+        self.vision_model = VisionTransformer(self.config.vision_config)
+        self.text_encoder = TextModel(self.config.text_config, add_pooling_layer=False)
+        self.text_decoder = TextLMHeadModel(self.config.text_config)
+
+
+def _normalize(x):
+    """torch.nn.functional.normalize: x / max(||x||, 1e-12)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _contrastive(logits):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.diagonal(logp))
+
+
+# -- shared plumbing of the composite classes ----------------------------------------------------------
+class _BlipBase(JaxModel):
+    config_class = BlipConfig
+
+    @staticmethod
+    def _init_std(config):
+        return config.initializer_range, config.vision_config.initializer_range
+
+    def _pixels(self, pixel_values, interpolate):
+        return vision_inputs(self.config.vision_config, pixel_values, interpolate, self.dtype)
+
+    def _text(self, input_ids, attention_mask, name="input_ids"):
+        if input_ids is None:
+            raise ValueError(f"{name} are required")
+        return text_inputs(self.config.text_config, input_ids, attention_mask)
+
+    def _apply(self, params, *args, method):
+        return self.module.apply({"params": params}, *args, method=method)
+
+    def _positions(self, position_ids, shape):
+        if position_ids is None:
+            return None
+        pos = token_ids(position_ids, "position_ids", self.config.text_config.max_position_embeddings)
+        if tuple(pos.shape) != tuple(shape):
+            raise ValueError(f"position_ids shape {tuple(pos.shape)} does not match input_ids shape {tuple(shape)}")
+        return pos
+
+    def _check_batch(self, pv, ids):
+        if pv.shape[0] != ids.shape[0]:
+            raise ValueError(f"pixel_values has batch {pv.shape[0]} but input_ids has batch {ids.shape[0]}")
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def _generate(self, pv, prompt, prompt_mask, question, question_mask, interpolate, kwargs):
+        tc = self.config.text_config
+        kwargs = dict(kwargs)
+        params = self._params(kwargs.pop("params", None))
+        key = kwargs.pop("prng_key", None)
+        if kwargs.pop("generator", None) is not None:
+            raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
+        kwargs.pop("use_cache", None)
+        settings = resolve_generation(prompt.shape[1], defaults={"eos_token_id": tc.sep_token_id,
+                                                                 "pad_token_id": tc.pad_token_id},
+                                      max_positions=tc.max_position_embeddings, **kwargs)
+        if settings.max_length > tc.max_position_embeddings:
+            raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds "
+                             f"max_position_embeddings ({tc.max_position_embeddings})")
+        spec, dyn = make_spec(settings, tc.vocab_size)
+        if settings.do_sample and key is None:
+            seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
+            key = jax.random.key(seed)
+        elif key is None:
+            key = jax.random.key(0)   # unused without sampling; keeps one compiled signature
+        if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
+            pad, eos = settings.pad_token_id, settings.eos_token_id
+            infer = pad is not None and bool(np.any(np.asarray(prompt) == pad)) and pad not in eos
+            prompt_mask = (np.asarray(prompt) != pad) if infer else np.ones(prompt.shape)
+        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+        fn = self._jit("generate", "_generate_program", ("spec", "interpolate"))
+        seqs, length = fn(params, pv, jnp.asarray(prompt, jnp.int32), prompt_mask, question, question_mask,
+                          key, dyn, spec=spec, interpolate=interpolate)
+        return seqs[:, : int(length)]
+
+    def _generate_program(self, params, pv, prompt, prompt_mask, question, question_mask, key, dyn, spec,
+                          interpolate):
+        """Vision tower (+ question encoder), cross K/V once, then the decoding loop: one XLA program."""
+        tc, dt = self.config.text_config, self.dtype
+        image, _ = self._apply(params, pv, interpolate, method=lambda m, x, i: m.vision_model(x, i))
+        if question is None:
+            context, context_mask = image, jnp.ones(image.shape[:2], jnp.int32)
+        else:
+            context, _, _ = self._apply(params, question, question_mask, image,
+                                        method=lambda m, q, qm, img: encode_text(m.text_encoder, q, qm, False,
+                                                                                 context=img, dtype=dt))
+            context_mask = question_mask
+        cross_kv = self._apply(params, context, method=lambda m, c: m.text_decoder.cross_kv(c))
+
+        def decoder(ids, pos, bias, kv, cross_bias, cache, index):
+            logits, _, cache = self._apply(params, ids, pos, bias, None, cross_bias, kv, cache, index,
+                                           method=lambda m, *a: m.text_decoder(*a))
+            return logits, cache
+
+        dims = (tc.num_hidden_layers, tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads)
+        return decode(decoder, cross_kv, context_mask, prompt, prompt_mask, key, spec, dyn, dims, dt)
+
+
+# -- public classes ------------------------------------------------------------------------------------
+class BlipModel(_BlipBase):
+    """CLIP-style contrastive model: ``logits_per_image`` (B_img, B_txt) = exp(logit_scale) * cosine."""
+
+    def _module(self):
+        return BlipModelModule(self.config)
+
+    def _forward(self, params, pv, ids, mask, position_ids, interpolate, return_loss):
+        dt = self.dtype
+
+        def run(m, pv, ids, mask):
+            last, pooled = m.vision_model(pv, interpolate)
+            h, tpooled, _ = encode_text(m.text_model, ids, mask, False, position_ids=position_ids, dtype=dt)
+            image_embeds = m.visual_projection(pooled)
+            text_embeds = m.text_projection(tpooled)
+            image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
+            text_embeds = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
+            logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(m.logit_scale).astype(dt)
+            loss = (_contrastive(logits_per_text) + _contrastive(logits_per_text.T)) / 2.0 if return_loss else None
+            return dict(loss=loss, logits_per_text=logits_per_text, text_embeds=text_embeds, image_embeds=image_embeds,
+                        vision=(last, pooled), text=(h, tpooled))
+        return self._apply(params, pv, ids, mask, method=run)
+
+    def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                 return_loss: bool = False, interpolate_pos_encoding: bool = False, params=None):
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        positions = self._positions(position_ids, ids.shape)
+        fn = self._jit("forward", "_forward", ("interpolate", "return_loss"))
+        o = fn(self._params(params), pv, ids, mask, positions, interpolate=bool(interpolate_pos_encoding),
+               return_loss=bool(return_loss))
+        return BlipOutput(loss=o["loss"], logits_per_image=o["logits_per_text"].T, logits_per_text=o["logits_per_text"],
+                          text_embeds=o["text_embeds"], image_embeds=o["image_embeds"],
+                          text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
+                              last_hidden_state=o["text"][0], pooler_output=o["text"][1]),
+                          vision_model_output=BaseModelOutputWithPooling(
+                              last_hidden_state=o["vision"][0], pooler_output=o["vision"][1]))
+
+    def _features(self, params, pv, ids, mask, position_ids, interpolate, which):
+        dt = self.dtype
+
+        def run(m, pv, ids, mask):
+            if which == "image":
+                return m.visual_projection(m.vision_model(pv, interpolate)[1])
+            context = None
+            if which == "multimodal":
+                context = m.vision_model(pv, interpolate)[0]
+            return m.text_projection(encode_text(m.text_model, ids, mask, False, context=context,
+                                                 position_ids=position_ids, dtype=dt)[1])
+        return self._apply(params, pv, ids, mask, method=run)
+
+    def _feature_call(self, which, pixel_values, input_ids, attention_mask, interpolate, params, position_ids=None):
+        pv = self._pixels(pixel_values, interpolate) if which != "text" else None
+        ids, mask = self._text(input_ids, attention_mask) if which != "image" else (None, None)
+        positions = self._positions(position_ids, ids.shape) if ids is not None else None
+        fn = self._jit("features", "_features", ("interpolate", "which"))
+        return fn(self._params(params), pv, ids, mask, positions, interpolate=bool(interpolate), which=which)
+
+    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, params=None):
+        """Projected text pooler output (B, projection_dim)."""
+        return self._feature_call("text", None, input_ids, attention_mask, False, params, position_ids)
+
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, params=None):
+        """Projected vision pooler output (B, projection_dim)."""
+        return self._feature_call("image", pixel_values, None, None, interpolate_pos_encoding, params)
+
+    def get_multimodal_features(self, input_ids=None, pixel_values=None, attention_mask=None,
+                                interpolate_pos_encoding: bool = False, params=None):
+        """Projected pooler output of the text encoded with cross-attention to the image."""
+        return self._feature_call("multimodal", pixel_values, input_ids, attention_mask, interpolate_pos_encoding,
+                                  params)
+
+    def stages(self, **inputs) -> dict:
+        o = self(**inputs)
+        out = {"vision": o.vision_model_output.last_hidden_state, "vision_pooled": o.vision_model_output.pooler_output,
+               "text": o.text_model_output.last_hidden_state, "image_embeds": o.image_embeds,
+               "text_embeds": o.text_embeds, "logits_per_image": o.logits_per_image}
+        if o.loss is not None:
+            out["loss"] = o.loss
+        return out
+
+
+class BlipForConditionalGeneration(_BlipBase):
+    """Image captioning: vision tower + causal text decoder cross-attending the image."""
+
+    def _module(self):
+        return CaptioningModule(self.config)
+
+    def _forward(self, params, pv, ids, mask, labels, interpolate):
+        dt, smoothing = self.dtype, self.config.text_config.label_smoothing
+
+        def run(m, pv, ids, mask, labels):
+            image, _ = m.vision_model(pv, interpolate)
+            logits, h, _ = encode_text(m.text_decoder, ids, mask, True, context=image, dtype=dt)
+            loss = lm_loss(logits, labels, smoothing) if labels is not None else None
+            return dict(loss=loss, logits=logits, image_embeds=image, lm_hidden=h)
+        return self._apply(params, pv, ids, mask, labels, method=run)
+
+    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params):
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        self._check_batch(pv, ids)
+        if labels is not None:
+            labels = _labels(labels, ids.shape, self.config.text_config.vocab_size)
+        fn = self._jit("forward", "_forward", ("interpolate",))
+        return fn(self._params(params), pv, ids, mask, labels, interpolate=bool(interpolate_pos_encoding))
+
+    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
+                 interpolate_pos_encoding: bool = False, params=None):
+        o = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params)
+        image = o["image_embeds"]
+        return BlipForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"], image_embeds=image,
+                                                       last_hidden_state=image)
+
+    def stages(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
+               interpolate_pos_encoding: bool = False, params=None) -> dict:
+        o = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params)
+        out = {"vision": o["image_embeds"], "lm_hidden": o["lm_hidden"], "logits": o["logits"]}
+        if o["loss"] is not None:
+            out["loss"] = o["loss"]
+        return out
+
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 **generate_kwargs):
+        """Caption ids (B * num_return_sequences, L) starting with bos and including the prompt.
+
+        Options as transformers' generate (max_new_tokens / max_length, min_new_tokens / min_length, num_beams,
+        do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, early_stopping,
+        num_return_sequences, eos_token_id, pad_token_id), plus ``seed`` or ``prng_key`` for sampling and
+        ``params`` to decode with other weights. One compiled program per shape and structure.
+        """
+        tc = self.config.text_config
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        if input_ids is not None:
+            input_ids = np.asarray(token_ids(input_ids if np.ndim(input_ids) == 2 else np.asarray(input_ids)[None],
+                                             "input_ids", tc.vocab_size))
+        ids, mask = blip_caption_prompt(input_ids, attention_mask, pv.shape[0], tc.bos_token_id, tc.eos_token_id)
+        return self._generate(pv, ids, mask, None, None, bool(interpolate_pos_encoding), generate_kwargs)
+
+
+class BlipForImageTextRetrieval(_BlipBase):
+    """Image-text matching: ``itm_score`` (B, 2) with the ITM head, else cosine similarity (B_img, B_txt)."""
+
+    def _module(self):
+        return RetrievalModule(self.config)
+
+    def _forward(self, params, pv, ids, mask, interpolate, use_itm_head):
+        dt = self.dtype
+
+        def run(m, pv, ids, mask):
+            image, _ = m.vision_model(pv, interpolate)
+            if use_itm_head:
+                h, _, _ = encode_text(m.text_encoder, ids, mask, False, context=image, dtype=dt)
+                return dict(itm_score=m.itm_head(h[:, 0]), vision=image, text=h)
+            h, _, _ = encode_text(m.text_encoder, ids, mask, False, dtype=dt)
+            image_feat = _normalize(m.vision_proj(image[:, 0]))
+            text_feat = _normalize(m.text_proj(h[:, 0]))
+            return dict(itm_score=image_feat @ text_feat.T, vision=image, text=h, image_embeds=image_feat,
+                        text_embeds=text_feat)
+        return self._apply(params, pv, ids, mask, method=run)
+
+    def _run(self, input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params):
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        if use_itm_head:
+            self._check_batch(pv, ids)
+        fn = self._jit("forward", "_forward", ("interpolate", "use_itm_head"))
+        return fn(self._params(params), pv, ids, mask, interpolate=bool(interpolate_pos_encoding),
+                  use_itm_head=bool(use_itm_head))
+
+    def __call__(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
+                 interpolate_pos_encoding: bool = False, params=None):
+        o = self._run(input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params)
+        return BlipImageTextMatchingModelOutput(itm_score=o["itm_score"], last_hidden_state=o["vision"],
+                                                question_embeds=o["text"])
+
+    def stages(self, input_ids=None, pixel_values=None, use_itm_head=True, attention_mask=None,
+               interpolate_pos_encoding=False, params=None) -> dict:
+        o = self._run(input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params)
+        out = {"vision": o["vision"], "text": o["text"], "itm_score": o["itm_score"]}
+        if not use_itm_head:
+            out.update(image_embeds=o["image_embeds"], text_embeds=o["text_embeds"])
+        return out
+
+
+class BlipForQuestionAnswering(_BlipBase):
+    """VQA: question encoder cross-attending the image; answer decoder cross-attending the question."""
+
+    def _module(self):
+        return QuestionAnsweringModule(self.config)
+
+    def _forward(self, params, pv, ids, mask, dec_ids, dec_mask, labels, interpolate):
+        dt, smoothing = self.dtype, self.config.text_config.label_smoothing
+
+        def run(m, pv, ids, mask, dec_ids, dec_mask, labels):
+            image, _ = m.vision_model(pv, interpolate)
+            q, _, _ = encode_text(m.text_encoder, ids, mask, False, context=image, dtype=dt)
+            logits, h, _ = encode_text(m.text_decoder, dec_ids, dec_mask, True, context=q, context_mask=mask, dtype=dt)
+            loss = lm_loss(logits, labels, smoothing) if labels is not None else None
+            return dict(loss=loss, logits=logits, image_embeds=image, question=q, lm_hidden=h)
+        return self._apply(params, pv, ids, mask, dec_ids, dec_mask, labels, method=run)
+
+    def _run(self, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
+             interpolate_pos_encoding, params):
+        if labels is None and decoder_input_ids is None:
+            raise ValueError("BlipForQuestionAnswering needs labels (training) or decoder_input_ids (inference); "
+                             "use generate() to answer questions")
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        self._check_batch(pv, ids)
+        if decoder_input_ids is None:   # transformers feeds the labels themselves to the decoder (no shift)
+            dec_ids, dec_mask = self._text(labels, decoder_attention_mask, "labels (used as decoder_input_ids)")
+        else:
+            dec_ids, dec_mask = self._text(decoder_input_ids, decoder_attention_mask, "decoder_input_ids")
+        if labels is not None:
+            labels = _labels(labels, dec_ids.shape, self.config.text_config.vocab_size)
+        fn = self._jit("forward", "_forward", ("interpolate",))
+        return fn(self._params(params), pv, ids, mask, dec_ids, dec_mask, labels,
+                  interpolate=bool(interpolate_pos_encoding))
+
+    def __call__(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, params=None):
+        o = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
+                      interpolate_pos_encoding, params)
+        return BlipTextVisionModelOutput(loss=o["loss"], image_embeds=o["image_embeds"],
+                                         last_hidden_state=o["image_embeds"])
+
+    def stages(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
+               attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None) -> dict:
+        o = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
+                      interpolate_pos_encoding, params)
+        out = {"vision": o["image_embeds"], "text": o["question"], "lm_hidden": o["lm_hidden"], "logits": o["logits"]}
+        if o["loss"] is not None:
+            out["loss"] = o["loss"]
+        return out
+
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 **generate_kwargs):
+        """Answer ids (B * num_return_sequences, L) starting with bos; options as the captioning generate.
+
+        The decoder cross-attends the question states under the question's attention mask (transformers
+        passes all ones, which makes answers depend on the padding of a batch)."""
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        self._check_batch(pv, ids)
+        bos = np.full((ids.shape[0], 1), self.config.text_config.bos_token_id, np.int64)
+        return self._generate(pv, bos, np.ones_like(bos), ids, mask, bool(interpolate_pos_encoding), generate_kwargs)
+
+
+def _labels(labels, shape, vocab_size):
+    """Integer labels of the decoder-input shape: token ids, or -100 for ignored positions."""
+    labels = np.asarray(labels) if not isinstance(labels, jax.Array) else labels
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the decoder input shape {tuple(shape)}")
+    if is_concrete(labels):
+        values = np.asarray(labels)
+        bad = values[(values != -100) & ((values < 0) | (values >= vocab_size))]
+        if bad.size:
+            raise ValueError(f"labels contain {int(bad[0])}: expected ids below {vocab_size} or -100 (ignored)")
+    return jnp.asarray(labels, jnp.int32)

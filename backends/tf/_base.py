@@ -1,0 +1,264 @@
+"""Shared plumbing of the TensorFlow backend: dtypes, input conversion, parameters, small layers.
+
+Models are plain ``tf.Module`` objects whose weights are ``tf.Variable``s named by the weight
+table's tf paths (``blip_core.weights``), kept in one flat dict ``model.params``. There is no
+Keras: a Keras layer names its weights from the build order and name scopes, which would have to
+be renamed to match the table; here the table *is* the variable naming, so loading, saving and
+SavedModel export need no translation layer. Layers below are thin views over that dict.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from blip_core import pretrained
+from blip_core.generation import check_token_ids
+from blip_core.weights import weight_table
+
+_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+NEG_MASK = -10000.0   # additive mask value of BERT-style attention (transformers uses the same)
+
+
+def resolve_dtype(dtype) -> tf.DType:
+    """'float32' / 'bfloat16' (or the tf / numpy dtype) -> tf.DType; None means float32."""
+    if dtype is None:
+        return tf.float32
+    if isinstance(dtype, tf.DType):
+        name = dtype.name
+    else:
+        name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("tf.", "").replace("torch.", "")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r} for the TensorFlow backend; use 'float32' or 'bfloat16'")
+    return _DTYPES[name]
+
+
+def as_float(x, dtype: tf.DType, name: str) -> tf.Tensor:
+    """A numpy / tf floating input as a tf tensor of the model's dtype."""
+    if x is None:
+        raise ValueError(f"{name} is required")
+    t = x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(np.asarray(x))
+    if not (t.dtype.is_floating or t.dtype.is_integer):
+        raise ValueError(f"{name} must be a numeric array, got dtype {t.dtype.name}")
+    return tf.cast(t, dtype)
+
+
+def _symbolic(x) -> bool:
+    """True for a graph tensor (inside a user's tf.function): its values cannot be checked here."""
+    return isinstance(x, tf.Tensor) and not hasattr(x, "numpy")
+
+
+def _static_rank2(t, name):
+    if t.shape.rank == 1:
+        t = t[None]
+    if t.shape.rank != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got {tuple(t.shape)}")
+    return t
+
+
+def as_ids(x, vocab_size: int, name: str = "input_ids", allow_ignore: bool = False):
+    """Token ids (numpy or tf) as an int32 tensor of shape (batch, length), checked against the vocabulary.
+
+    Eager and numpy inputs are checked before any compute; graph tensors (a caller's tf.function)
+    get the dtype and shape checks only.
+    """
+    if x is None:
+        return None
+    if _symbolic(x):
+        if not x.dtype.is_integer:
+            raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype.name}")
+        return tf.cast(_static_rank2(x, name), tf.int32)
+    arr = x.numpy() if isinstance(x, (tf.Tensor, tf.Variable)) else np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got {arr.shape}")
+    check_token_ids(arr[arr != -100] if allow_ignore else arr, vocab_size, name)
+    return tf.constant(arr.astype(np.int32))
+
+
+def as_mask(x, like_shape, name: str = "attention_mask"):
+    """A 0/1 mask (numpy or tf) as float32 of ``like_shape``; None -> None."""
+    if x is None:
+        return None
+    t = x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.constant(np.asarray(x))
+    if t.shape.rank == 1:
+        t = t[None]
+    if not t.shape.is_compatible_with(like_shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but the ids have shape {tuple(like_shape)}")
+    return tf.cast(t, tf.float32)
+
+
+def as_positions(x):
+    """Explicit position ids (numpy or tf) as int32."""
+    return tf.cast(x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.constant(np.asarray(x)), tf.int32)
+
+
+def same_dim(a, b) -> bool:
+    """Static dimensions agree (an unknown dimension, inside a traced function, agrees with anything)."""
+    return a is None or b is None or int(a) == int(b)
+
+
+# -- layers ------------------------------------------------------------------------------------
+def activation(name: str):
+    """Hugging Face ACT2FN names -> a TF function (exact erf GELU for 'gelu', as torch)."""
+    acts = {
+        "gelu": lambda x: tf.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: tf.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: tf.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: tf.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * tf.sigmoid(1.702 * x),
+        "relu": tf.nn.relu,
+        "silu": tf.nn.silu,
+        "swish": tf.nn.silu,
+        "tanh": tf.tanh,
+    }
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}")
+    return acts[name]
+
+
+class Dense(tf.Module):
+    """``x @ kernel + bias`` over the last axis; kernel stored (in, out) as the table says."""
+
+    def __init__(self, params: dict, prefix: str, bias: bool = True):
+        super().__init__(name=None)
+        self.kernel = params[f"{prefix}/kernel"]
+        self.bias = params[f"{prefix}/bias"] if bias else None
+
+    def __call__(self, x):
+        y = tf.matmul(x, self.kernel)
+        return y + self.bias if self.bias is not None else y
+
+
+class LayerNorm(tf.Module):
+    """LayerNorm with biased variance like torch; statistics in float32 so bfloat16 stays stable."""
+
+    def __init__(self, params: dict, prefix: str, eps: float):
+        super().__init__(name=None)
+        self.gamma, self.beta, self.eps = params[f"{prefix}/gamma"], params[f"{prefix}/beta"], float(eps)
+
+    def __call__(self, x):
+        x32 = tf.cast(x, tf.float32)
+        mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
+        var = tf.reduce_mean(tf.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * tf.math.rsqrt(var + self.eps)
+        y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
+        return tf.cast(y, x.dtype)
+
+
+def split_heads(x, heads: int):
+    """(B, L, H*d) -> (B, H, L, d)."""
+    b, n = tf.shape(x)[0], tf.shape(x)[1]
+    d = x.shape[-1] // heads
+    return tf.transpose(tf.reshape(x, [b, n, heads, d]), [0, 2, 1, 3])
+
+
+def merge_heads(x):
+    """(B, H, L, d) -> (B, L, H*d)."""
+    b, n = tf.shape(x)[0], tf.shape(x)[2]
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, n, x.shape[1] * x.shape[3]])
+
+
+def attend(q, k, v, bias=None):
+    """Scaled dot-product attention on (B, H, L, d) tensors; ``bias`` is additive (broadcast to scores)."""
+    scores = tf.matmul(q, k, transpose_b=True) / tf.cast(math.sqrt(q.shape[-1]), q.dtype)
+    if bias is not None:
+        scores = scores + tf.cast(bias, scores.dtype)
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+
+
+def padding_bias(mask):
+    """(B, L) 0/1 mask -> additive (B, 1, 1, L) bias with transformers' -10000 convention."""
+    return ((1.0 - tf.cast(mask, tf.float32)) * NEG_MASK)[:, None, None, :]
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Mean token cross entropy, ignore index -100, torch's label smoothing (float32 maths)."""
+    logp = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    valid = tf.not_equal(labels, -100)
+    safe = tf.where(valid, labels, tf.zeros_like(labels))
+    nll = -tf.gather(logp, safe, axis=-1, batch_dims=len(labels.shape))
+    if label_smoothing:
+        smooth = -tf.reduce_mean(logp, axis=-1)
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    w = tf.cast(valid, tf.float32)
+    return tf.reduce_sum(nll * w) / tf.reduce_sum(w)
+
+
+# -- model base --------------------------------------------------------------------------------
+def _init_value(spec, config, rng: np.random.Generator) -> np.ndarray:
+    """transformers-style random init of one table row (normal / zeros / ones / truncated normal)."""
+    std = getattr(config, "initializer_range", 0.02)
+    shape = spec.backend_shape("tf")
+    if spec.kind in ("linear_weight", "conv_weight", "embedding"):
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+    if spec.kind == "norm_weight":
+        return np.ones(shape, np.float32)
+    if spec.kind == "bias":
+        return np.zeros(shape, np.float32)
+    if spec.name.endswith("logit_scale"):
+        return np.full(shape, getattr(config, "logit_scale_init_value", 2.6592), np.float32)
+    # class / position embeddings: torch's trunc_normal_ (bounds +-2, absolute) with the vision range
+    vstd = getattr(getattr(config, "vision_config", config), "initializer_range", std)
+    return np.clip(rng.normal(0.0, vstd, size=shape), -2.0, 2.0).astype(np.float32)
+
+
+class BlipTFModel(tf.Module):
+    """Base of every public class: parameters from the weight table, loading and saving.
+
+    Subclasses set ``architecture`` (the transformers class name) and build their towers in
+    ``_build()`` from ``self.params``.
+    """
+
+    architecture = ""
+
+    def __init__(self, config, seed: int = 0, dtype=None, _values: dict | None = None):
+        super().__init__(name=None)
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.table = weight_table(self.architecture, config)
+        rng = np.random.default_rng(seed)
+        params = {}
+        for spec in self.table.values():
+            if spec.tied_to is not None:
+                continue   # tied rows share their owner's variable (see the LM head)
+            path = spec.backend_path("tf")
+            value = _values[path] if _values is not None else _init_value(spec, config, rng)
+            params[path] = tf.Variable(tf.cast(value, self.dtype), name=path, trainable=True)
+        self.params = params
+        self._compiled = {}   # generation functions keyed by their static settings
+        self._build()
+
+    def _build(self):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, allow_pickle_bin: bool = False):
+        """Load a Hugging Face directory strictly: safetensors (single or sharded), opt-in
+        ``pytorch_model.bin``, or (when there are no PyTorch-layout weights) ``tf_model.h5`` /
+        ``flax_model.msgpack`` through the spec layer. ``dtype`` defaults to float32 as in transformers.
+        """
+        config, _, values = pretrained.read_pretrained(os.fspath(path), cls.architecture, "tf",
+                                                       allow_pickle_bin=allow_pickle_bin)
+        # every parameter is floating; float16 / bfloat16 files upcast exactly, then cast to ``dtype``
+        values = {k: np.asarray(v).astype(np.float32) for k, v in values.items()}
+        return cls(config, dtype=dtype, _values=values)
+
+    def save_pretrained(self, path, max_shard_size="5GB"):
+        """Write ``config.json`` and safetensors exactly as transformers would (tied rows omitted)."""
+        values = {p: v.numpy() for p, v in self.params.items()}   # bfloat16 stays bfloat16 (ml_dtypes)
+        pretrained.write_pretrained(os.fspath(path), self.config, self.architecture, "tf", values,
+                                    max_shard_size=max_shard_size)
+
+    def num_parameters(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.params.values()))

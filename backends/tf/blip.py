@@ -1,0 +1,295 @@
+"""BLIP task models in TensorFlow: contrastive, captioning, retrieval and question answering.
+
+Each class mirrors the transformers 4.57 class of the same name (arguments, output fields,
+``generate`` conventions); parameters live in ``model.params`` under the weight table's tf paths.
+
+Example::
+
+    model = BlipForConditionalGeneration.from_pretrained("hf_dir")
+    ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=20)   # tf.int64 (B, L)
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from blip_core.generation import blip_caption_prompt, resolve_generation
+from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, BlipOutput,
+                               BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
+                               BlipTextVisionModelOutput)
+
+from ._base import BlipTFModel, Dense, as_float, as_ids, as_mask, as_positions, cross_entropy, same_dim
+from .generation import run_generate
+from .text import TextLMHeadModel, TextTower, check_length, run_text
+from .vision import VisionTower
+
+
+def _normalize(x):
+    return x / tf.norm(x, axis=-1, keepdims=True)
+
+
+def _np_ids(x):
+    if x is None:
+        return None
+    return x.numpy() if isinstance(x, (tf.Tensor, tf.Variable)) else np.asarray(x)
+
+
+class _BlipBase(BlipTFModel):
+    """Input preparation shared by the composite models."""
+
+    def _pixels(self, pixel_values, interpolate_pos_encoding):
+        px = as_float(pixel_values, self.dtype, "pixel_values")
+        self.vision_model.check(px, interpolate_pos_encoding)
+        return px
+
+    def _text(self, input_ids, attention_mask, batch=None, name="input_ids", required=True):
+        tc = self.config.text_config
+        if input_ids is None:
+            if required:
+                raise ValueError(f"{name} is required")
+            return None, None
+        ids = as_ids(input_ids, tc.vocab_size, name)
+        check_length(ids, tc, name)
+        if batch is not None and not same_dim(ids.shape[0], batch):
+            raise ValueError(f"{name} has batch {ids.shape[0]} but pixel_values has batch {batch}")
+        return ids, as_mask(attention_mask, tuple(ids.shape), "attention_mask" if name == "input_ids"
+                            else name.replace("input_ids", "attention_mask"))
+
+
+class BlipModel(_BlipBase):
+    """Image-text contrastive model: ``logits_per_image`` (B_img, B_txt) = exp(logit_scale) * cosine."""
+
+    architecture = "BlipModel"
+
+    def _build(self):
+        c = self.config
+        self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
+        self.text_model = TextTower(self.params, "text_model", c.text_config, pooler=True)
+        self.visual_projection = Dense(self.params, "visual_projection", bias=False)
+        self.text_projection = Dense(self.params, "text_projection", bias=False)
+        self.logit_scale = self.params["logit_scale"]
+
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False):
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        return self.visual_projection(self.vision_model(px, interpolate_pos_encoding)[1])
+
+    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None):
+        ids, mask = self._text(input_ids, attention_mask)
+        pos = None if position_ids is None else as_positions(position_ids)
+        return self.text_projection(run_text(self.text_model, ids, mask, None, None, False, pos)[1])
+
+    def get_multimodal_features(self, input_ids=None, pixel_values=None, attention_mask=None,
+                                interpolate_pos_encoding: bool = False):
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask, px.shape[0])
+        img = self.vision_model(px, interpolate_pos_encoding)[0]
+        return self.text_projection(run_text(self.text_model, ids, mask, img, None, False)[1])
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                return_loss: bool = False, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask)
+        pos = None if position_ids is None else as_positions(position_ids)
+        v_last, v_pooled = self.vision_model(px, interpolate_pos_encoding)
+        t_last, t_pooled = run_text(self.text_model, ids, mask, None, None, False, pos)
+        image_embeds = _normalize(self.visual_projection(v_pooled))
+        text_embeds = _normalize(self.text_projection(t_pooled))
+        logits_per_text = tf.matmul(text_embeds, image_embeds, transpose_b=True) * tf.exp(self.logit_scale)
+        logits_per_image = tf.transpose(logits_per_text)
+        loss = None
+        if return_loss:
+            if not same_dim(ids.shape[0], px.shape[0]):
+                raise ValueError("return_loss needs as many texts as images (matching pairs)")
+            target = tf.range(ids.shape[0])
+            loss = (cross_entropy(logits_per_text, target) + cross_entropy(logits_per_image, target)) / 2.0
+        out = BlipOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
+                         text_embeds=text_embeds, image_embeds=image_embeds,
+                         text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
+                             last_hidden_state=t_last, pooler_output=t_pooled),
+                         vision_model_output=BaseModelOutputWithPooling(last_hidden_state=v_last,
+                                                                        pooler_output=v_pooled))
+        return out if return_dict else out.to_tuple()
+
+    def stages(self, **inputs):
+        out = self.forward(**inputs)
+        st = {"vision": out.vision_model_output.last_hidden_state,
+              "vision_pooled": out.vision_model_output.pooler_output,
+              "text": out.text_model_output.last_hidden_state, "image_embeds": out.image_embeds,
+              "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
+        if out.loss is not None:
+            st["loss"] = out.loss
+        return st
+
+
+class BlipForConditionalGeneration(_BlipBase):
+    """Captioning: the text decoder cross-attends the vision ``last_hidden_state``.
+
+    ``model(pixel_values, input_ids, labels=ids)`` -> ``logits`` (B, L, V) and the shifted LM ``loss``;
+    ``model.generate(pixel_values, input_ids=prompt)`` -> ids starting with bos, prompt included.
+    """
+
+    architecture = "BlipForConditionalGeneration"
+
+    def _build(self):
+        c = self.config
+        self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
+        self.text_decoder = TextLMHeadModel(self.params, "text_decoder", c.text_config)
+
+    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding):
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask, px.shape[0])
+        lab = None
+        if labels is not None:
+            lab = as_ids(labels, self.config.text_config.vocab_size, "labels", allow_ignore=True)
+            if not lab.shape.is_compatible_with(ids.shape):
+                raise ValueError(f"labels shape {tuple(lab.shape)} differs from input_ids shape {tuple(ids.shape)}")
+        img, _ = self.vision_model(px, interpolate_pos_encoding)
+        logits, hidden, loss = self.text_decoder(ids, mask, img, None, lab)
+        return img, hidden, logits, loss
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
+                interpolate_pos_encoding: bool = False, return_dict: bool = True):
+        img, _, logits, loss = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding)
+        out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=img,
+                                                      last_hidden_state=img)
+        return out if return_dict else out.to_tuple()
+
+    def stages(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
+               interpolate_pos_encoding: bool = False):
+        img, hidden, logits, loss = self._run(pixel_values, input_ids, attention_mask, labels,
+                                              interpolate_pos_encoding)
+        st = {"vision": img, "lm_hidden": hidden, "logits": logits}
+        if loss is not None:
+            st["loss"] = loss
+        return st
+
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 **generate_kwargs):
+        tc = self.config.text_config
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids = _np_ids(input_ids)
+        if ids is not None:
+            as_ids(ids, tc.vocab_size)   # validates dtype, rank and range
+        prompt, pmask = blip_caption_prompt(ids, _np_ids(attention_mask), px.shape[0], tc.bos_token_id,
+                                            tc.sep_token_id)
+        s = resolve_generation(prompt.shape[1], defaults={"eos_token_id": tc.sep_token_id,
+                                                          "pad_token_id": tc.pad_token_id}, **generate_kwargs)
+
+        def encode(pixels):
+            return self.vision_model(pixels, interpolate_pos_encoding)[0], None
+
+        return run_generate(self, ("caption", interpolate_pos_encoding), encode, (px,), prompt, pmask, s)
+
+
+class BlipForImageTextRetrieval(_BlipBase):
+    """Image-text matching: ``itm_score`` (B, 2) from the ITM head, or cosine (B_img, B_txt) without it."""
+
+    architecture = "BlipForImageTextRetrieval"
+
+    def _build(self):
+        c = self.config
+        self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
+        self.text_encoder = TextTower(self.params, "text_encoder", c.text_config, pooler=False)
+        self.vision_proj = Dense(self.params, "vision_proj")
+        self.text_proj = Dense(self.params, "text_proj")
+        self.itm_head = Dense(self.params, "itm_head")
+
+    def forward(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
+                interpolate_pos_encoding: bool = False, return_dict: bool = True):
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask, px.shape[0] if use_itm_head else None)
+        img, _ = self.vision_model(px, interpolate_pos_encoding)
+        if use_itm_head:
+            text, _ = run_text(self.text_encoder, ids, mask, img, None, False)
+            score = self.itm_head(text[:, 0])
+        else:
+            text, _ = run_text(self.text_encoder, ids, mask, None, None, False)
+            image_feat = _normalize(self.vision_proj(img[:, 0]))
+            text_feat = _normalize(self.text_proj(text[:, 0]))
+            score = tf.matmul(image_feat, text_feat, transpose_b=True)
+        out = BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=img, question_embeds=text)
+        return out if return_dict else out.to_tuple()
+
+    def stages(self, **inputs):
+        out = self.forward(**inputs)
+        return {"vision": out.last_hidden_state, "text": out.question_embeds, "itm_score": out.itm_score}
+
+
+class BlipForQuestionAnswering(_BlipBase):
+    """VQA: question encoder over the image, answer decoder over the question states.
+
+    Training: ``labels`` double as ``decoder_input_ids`` (no extra shift) and the loss is the
+    decoder's shifted mean LM loss. The decoder's cross-attention masks question padding (the
+    question ``attention_mask``), which transformers 4.57 PyTorch silently skips.
+    """
+
+    architecture = "BlipForQuestionAnswering"
+
+    def _build(self):
+        c = self.config
+        if c.text_config.hidden_size != c.vision_config.hidden_size:
+            # the answer decoder cross-attends question states through weights sized for image states
+            raise ValueError(f"BlipForQuestionAnswering needs text_config.hidden_size == vision_config.hidden_size, "
+                             f"got {c.text_config.hidden_size} and {c.vision_config.hidden_size}")
+        self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
+        self.text_encoder = TextTower(self.params, "text_encoder", c.text_config, pooler=False)
+        self.text_decoder = TextLMHeadModel(self.params, "text_decoder", c.text_config)
+
+    def _question(self, px, ids, mask, interpolate_pos_encoding):
+        img, _ = self.vision_model(px, interpolate_pos_encoding)
+        return img, run_text(self.text_encoder, ids, mask, img, None, False)[0]
+
+    def _run(self, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
+             interpolate_pos_encoding):
+        if labels is None and decoder_input_ids is None:
+            raise ValueError("pass decoder_input_ids (inference) or labels (training) to BlipForQuestionAnswering; "
+                             "use generate() to answer a question")
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask, px.shape[0])
+        vocab = self.config.text_config.vocab_size
+        lab = as_ids(labels, vocab, "labels", allow_ignore=True) if labels is not None else None
+        if decoder_input_ids is None:
+            if hasattr(lab, "numpy") and (lab.numpy() < 0).any():
+                raise ValueError("labels with -100 cannot double as decoder_input_ids; pass decoder_input_ids too")
+            dec = lab
+        else:
+            dec = as_ids(decoder_input_ids, vocab, "decoder_input_ids")
+        if not same_dim(dec.shape[0], ids.shape[0]):
+            raise ValueError(f"decoder_input_ids batch {dec.shape[0]} differs from input_ids batch {ids.shape[0]}")
+        dec_mask = as_mask(decoder_attention_mask, tuple(dec.shape), "decoder_attention_mask")
+        img, question = self._question(px, ids, mask, interpolate_pos_encoding)
+        logits, hidden, loss = self.text_decoder(dec, dec_mask, question, mask, lab)
+        return img, question, hidden, logits, loss
+
+    def forward(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
+                attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+        img, _, _, _, loss = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask,
+                                       attention_mask, labels, interpolate_pos_encoding)
+        out = BlipTextVisionModelOutput(loss=loss, image_embeds=img, last_hidden_state=img)
+        return out if return_dict else out.to_tuple()
+
+    def stages(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
+               attention_mask=None, labels=None, interpolate_pos_encoding: bool = False):
+        img, question, hidden, logits, loss = self._run(input_ids, pixel_values, decoder_input_ids,
+                                                        decoder_attention_mask, attention_mask, labels,
+                                                        interpolate_pos_encoding)
+        st = {"vision": img, "text": question, "lm_hidden": hidden, "logits": logits}
+        if loss is not None:
+            st["loss"] = loss
+        return st
+
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 **generate_kwargs):
+        tc = self.config.text_config
+        px = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text(input_ids, attention_mask, px.shape[0])
+        if mask is None:
+            mask = tf.ones(ids.shape, tf.float32)
+        prompt = np.full((px.shape[0], 1), tc.bos_token_id, np.int64)
+        s = resolve_generation(1, defaults={"eos_token_id": tc.sep_token_id, "pad_token_id": tc.pad_token_id},
+                               **generate_kwargs)
+
+        def encode(pixels, q_ids, q_mask):
+            return self._question(pixels, q_ids, q_mask, interpolate_pos_encoding)[1], q_mask
+
+        return run_generate(self, ("vqa", interpolate_pos_encoding), encode, (px, ids, mask), prompt, None, s)
