@@ -135,6 +135,15 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
     )
 
 
+def resolve_blip_generation(text_config, prompt_length: int, **kwargs) -> GenerationSettings:
+    """``resolve_generation`` with BLIP's text-decoder conventions: generation ends at ``[SEP]``
+    (``sep_token_id``, not ``eos_token_id``), pads with ``pad_token_id``, and the default length
+    is capped by the decoder's position table."""
+    return resolve_generation(prompt_length,
+                              defaults={"eos_token_id": text_config.sep_token_id, "pad_token_id": text_config.pad_token_id},
+                              max_positions=text_config.max_position_embeddings, **kwargs)
+
+
 def blip_caption_prompt(input_ids: Optional[np.ndarray], attention_mask: Optional[np.ndarray], batch_size: int,
                         bos_token_id: int, eos_token_id: int):
     """Decoder prompt of BLIP captioning, as transformers builds it.

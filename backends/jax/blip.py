@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_core.configs import BlipConfig
-from blip_core.generation import blip_caption_prompt, resolve_generation
+from blip_core.generation import blip_caption_prompt, resolve_blip_generation
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
                                BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
                                BlipTextVisionModelOutput)
@@ -128,9 +128,7 @@ class _BlipBase(JaxModel):
         if kwargs.pop("generator", None) is not None:
             raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
         kwargs.pop("use_cache", None)
-        settings = resolve_generation(prompt.shape[1], defaults={"eos_token_id": tc.sep_token_id,
-                                                                 "pad_token_id": tc.pad_token_id},
-                                      max_positions=tc.max_position_embeddings, **kwargs)
+        settings = resolve_blip_generation(tc, prompt.shape[1], **kwargs)
         if settings.max_length > tc.max_position_embeddings:
             raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds "
                              f"max_position_embeddings ({tc.max_position_embeddings})")

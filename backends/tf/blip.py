@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from blip_core.generation import blip_caption_prompt, resolve_generation
+from blip_core.generation import blip_caption_prompt, resolve_blip_generation
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, BlipOutput,
                                BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
                                BlipTextVisionModelOutput)
@@ -172,8 +172,7 @@ class BlipForConditionalGeneration(_BlipBase):
             as_ids(ids, tc.vocab_size)   # validates dtype, rank and range
         prompt, pmask = blip_caption_prompt(ids, _np_ids(attention_mask), px.shape[0], tc.bos_token_id,
                                             tc.sep_token_id)
-        s = resolve_generation(prompt.shape[1], defaults={"eos_token_id": tc.sep_token_id,
-                                                          "pad_token_id": tc.pad_token_id}, **generate_kwargs)
+        s = resolve_blip_generation(tc, prompt.shape[1], **generate_kwargs)
 
         def encode(pixels):
             return self.vision_model(pixels, interpolate_pos_encoding)[0], None
@@ -286,8 +285,7 @@ class BlipForQuestionAnswering(_BlipBase):
         if mask is None:
             mask = tf.ones(ids.shape, tf.float32)
         prompt = np.full((px.shape[0], 1), tc.bos_token_id, np.int64)
-        s = resolve_generation(1, defaults={"eos_token_id": tc.sep_token_id, "pad_token_id": tc.pad_token_id},
-                               **generate_kwargs)
+        s = resolve_blip_generation(tc, 1, **generate_kwargs)
 
         def encode(pixels, q_ids, q_mask):
             return self._question(pixels, q_ids, q_mask, interpolate_pos_encoding)[1], q_mask

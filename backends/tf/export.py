@@ -18,7 +18,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from blip_core.generation import resolve_generation
+from blip_core.generation import resolve_blip_generation
 
 from .generation import decode
 
@@ -62,8 +62,7 @@ def export_captioner(model, out_dir, max_new_tokens: int = 20, num_beams: int = 
     tc, vc = model.config.text_config, model.config.vision_config
     if generate_kwargs.get("do_sample") and generate_kwargs.get("seed") is None:
         raise ValueError("pass seed=... to export a sampling captioner (the seed is baked into the graph)")
-    settings = resolve_generation(1, defaults={"eos_token_id": tc.sep_token_id, "pad_token_id": tc.pad_token_id},
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
+    settings = resolve_blip_generation(tc, 1, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
     height, width = int(height or vc.image_size), int(width or vc.image_size)
     interpolate = (height, width) != (vc.image_size, vc.image_size)
     if interpolate and (height % vc.patch_size or width % vc.patch_size):

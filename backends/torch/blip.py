@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip_core.generation import blip_caption_prompt, resolve_generation
+from blip_core.generation import blip_caption_prompt, resolve_blip_generation
 from blip_core.numerics import to_numpy
 from blip_core.outputs import (BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
                                BlipTextVisionModelOutput)
@@ -42,10 +42,6 @@ class _BlipBase(PreTrainedModel):
         return self.vision_model(pixel_values, output_attentions=output_attentions,
                                  output_hidden_states=output_hidden_states,
                                  interpolate_pos_encoding=interpolate_pos_encoding)
-
-    def _generation_defaults(self) -> dict:
-        tc = self.config.text_config
-        return {"eos_token_id": tc.sep_token_id, "pad_token_id": tc.pad_token_id}
 
     @staticmethod
     def _check_batch(pixel_values, ids, name="input_ids"):
@@ -187,8 +183,7 @@ class BlipForConditionalGeneration(_BlipBase):
         mask = None if attention_mask is None else np.asarray(to_numpy(as_tensor(attention_mask, "attention_mask",
                                                                                   kind="mask", ndim=2)))
         ids, mask = blip_caption_prompt(ids, mask, pixel_values.shape[0], tc.bos_token_id, tc.eos_token_id)
-        settings = resolve_generation(ids.shape[1], defaults=self._generation_defaults(),
-                                      max_positions=self.config.text_config.max_position_embeddings, **generate_kwargs)
+        settings = resolve_blip_generation(self.config.text_config, ids.shape[1], **generate_kwargs)
         image = self._image(pixel_values, interpolate_pos_encoding).last_hidden_state
         image = image.repeat_interleave(generation.expand_size(settings), dim=0)
         ids_t = torch.from_numpy(ids).to(self.device)
@@ -315,8 +310,7 @@ class BlipForQuestionAnswering(_BlipBase):
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
                  generator=None, **generate_kwargs):
-        settings = resolve_generation(1, defaults=self._generation_defaults(),
-                                      max_positions=self.config.text_config.max_position_embeddings, **generate_kwargs)
+        settings = resolve_blip_generation(self.config.text_config, 1, **generate_kwargs)
         _, question = self._question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
         b = question.shape[0]
         n = generation.expand_size(settings)

@@ -10,8 +10,6 @@ The key/value cache is a tuple with one ``(key, value)`` pair per layer, each (B
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
