@@ -163,7 +163,8 @@ def _beam_search(dec, ids, logits, caches, presence, seed, s, total, pad):
     min_keep = n_eos + 1 if n_eos else 2
     fill = (pad if s.pad_token_id else s.eos_token_id[0]) if s.eos_token_id else -1   # transformers' quirk
     early, lp = s.early_stopping, s.length_penalty
-    b = tf.shape(ids)[0] // k_beams
+    # a static batch keeps the loop's cache shapes fixed; an exported model leaves it dynamic throughout
+    b = ids.shape[0] // k_beams if ids.shape[0] is not None else tf.shape(ids)[0] // k_beams
     cols = tf.range(total)[None, None]
     top_mask = tf.range(keep)[None] < k_beams
 
