@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_convert_parser(sub)
         add_parity_parser(sub)
+    try:
+        from benchmarks.cli import add_bench_parser   # a source checkout (benchmarks/ is not installed)
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,67 @@
+"""Render a results JSON written by ``run_all.py`` as the README's markdown tables.
+
+    python benchmarks/report.py benchmarks/results/<file>.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+IMPL_ORDER = ("torch", "tf", "jax", "hf-torch", "hf-tf")
+
+
+def _cell(r: dict) -> str:
+    if r.get("status") != "ok":
+        return "n/a" if r.get("status") == "skipped" else "error"
+    return f"{r['median_s']:.3f} s ({100 * r['floor_fraction']:.0f}%)"
+
+
+def render(results: dict) -> str:
+    env = results["environment"]
+    fw = env["frameworks"]
+    lines = [
+        f"Machine: {env['cpu']}, {env['usable_cpus']} cores, {env['memory_gb']:.0f} GiB; "
+        f"{results['options'].get('dtype', 'float32')}; threads: "
+        + ", ".join(f"{k} {v.get('threads')}" for k, v in fw.items() if v.get("available"))
+        + "; versions: " + ", ".join(f"{k} {v.get('version')}" for k, v in fw.items() if v.get("available")),
+        f"Command: `{results['command']}` ({results['created']}, {results['wall_s']:.0f} s).",
+        "Matmul rate used for the floors (GFLOP/s, float32 2048x2048): "
+        + ", ".join(f"{k} {v['median_flops_per_s'] / 1e9:.0f}" for k, v in results["matmul"].items()),
+        "",
+        "Median seconds per call (percentage: the framework's own compute floor / measured time).",
+        "",
+        "| workload | case | " + " | ".join(IMPL_ORDER) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in IMPL_ORDER) + " |",
+    ]
+    for c in results["cases"]:
+        cells = [_cell(c["results"].get(i, {"status": "skipped"})) for i in IMPL_ORDER]
+        lines.append(f"| {c['workload']} | {c['case']} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak resident memory added by the first call (MB):", "",
+              "| workload | case | " + " | ".join(IMPL_ORDER) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in IMPL_ORDER) + " |"]
+    for c in results["cases"]:
+        cells = []
+        for i in IMPL_ORDER:
+            r = c["results"].get(i, {})
+            cells.append(f"{r['first_call_peak_rss_delta_mb']:.0f}" if r.get("status") == "ok" else "n/a")
+        lines.append(f"| {c['workload']} | {c['case']} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets of issue 8:", "", "| target | impl | value | threshold | met |", "| --- | --- | --- | --- | --- |"]
+    for t in results.get("targets", []):
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['impl']} | {value} | {t['comparison']} {t['threshold']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    with open(argv[0], encoding="utf-8") as fh:
+        sys.stdout.write(render(json.load(fh)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Run every benchmark, print the tables and write the results as JSON.
+
+    python benchmarks/run_all.py                       # BLIP base / BLIP-2 sizes, every backend and reference
+    python benchmarks/run_all.py --quick               # tiny configs: a smoke run in well under a minute
+    python benchmarks/run_all.py --only vision,caption --backends torch,jax,hf-torch --threads 2
+    blip bench [same options]
+
+Impls: our ``torch``, ``tf``, ``jax`` backends and transformers 4.57 ``hf-torch`` / ``hf-tf``, all
+loaded from one checkpoint of random weights and timed interleaved in this one process, so the
+ratio ours/reference compares runs under the same machine load. Results go to
+``benchmarks/results/<date>-<machine>.json`` unless ``--out`` says otherwise; the compute floor of
+each figure is its FLOP count over the matmul rate measured here for the same framework.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import sys
+import time
+
+if __name__ == "__main__" and not __package__:   # a plain script: import as the package (PEP 366)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    __package__ = "benchmarks"
+
+from . import common   # noqa: E402
+from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
+
+WORKLOADS = ("vision", "caption", "itm", "blip2")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _csv(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny configs and few repetitions (smoke run)")
+    p.add_argument("--backends", type=_csv(IMPLS), default=list(IMPLS),
+                   help=f"comma-separated impls (default: {','.join(IMPLS)})")
+    p.add_argument("--only", type=_csv(WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated workloads (default: {','.join(WORKLOADS)})")
+    p.add_argument("--threads", type=int, default=None, help="threads per framework (default: the frameworks' own)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per case before repetitions stop (default 30, quick 0.2)")
+    p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
+    p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
+
+
+# -- targets of issue 8 -------------------------------------------------------------------------
+def _find(cases, workload, mode, batch):
+    for c in cases:
+        if c["workload"] == workload and c["mode"] == mode and c["params"].get("batch") == batch:
+            return c
+    return None
+
+
+def _median(case, impl):
+    r = case["results"].get(impl, {}) if case else {}
+    return r.get("median_s") if r.get("status") == "ok" else None
+
+
+def evaluate_targets(cases) -> list:
+    """The issue's float32 batch-1 targets, each with the measured value and met / missed / not measured."""
+    out = []
+
+    def add(target, impl, value, threshold, le):
+        met = None if value is None else (value <= threshold if le else value >= threshold)
+        out.append({"target": target, "impl": impl, "value": value, "threshold": threshold,
+                    "comparison": "<=" if le else ">=", "met": met})
+
+    vision = _find(cases, "vision", "forward", 1)
+    for b in OURS:
+        r = vision["results"].get(b, {}) if vision else {}
+        value = r["median_s"] / r["floor_s"] if r.get("status") == "ok" and r.get("floor_s") else None
+        add("vision forward batch 1: time / own compute floor", b, value, 1.3, True)
+    greedy = _find(cases, "caption", "greedy", 1)
+    ref = _median(greedy, "hf-torch")
+    for b in OURS:
+        t = _median(greedy, b)
+        add("caption greedy batch 1: speed-up over transformers PyTorch", b, ref / t if ref and t else None, 2.0, False)
+    t, ref_tf = _median(greedy, "tf"), _median(greedy, "hf-tf")
+    add("caption greedy batch 1: speed-up of our TF over transformers TF", "tf",
+        ref_tf / t if ref_tf and t else None, 10.0, False)
+    for mode in ("greedy", "beam3"):
+        case = _find(cases, "caption", mode, 1)
+        base = _median(case, "torch")
+        for b in ("jax", "tf"):
+            t = _median(case, b)
+            add(f"caption {mode} batch 1: time relative to our PyTorch", b, t / base if t and base else None, 1.0, True)
+    return out
+
+
+# -- printing -----------------------------------------------------------------------------------
+def print_summary(ctx, env, targets, log=print) -> None:
+    impls = ctx.impls
+    log("\n== summary: median time per call; floors use the best matmul rate and bandwidth of the whole run")
+    for fw, r in ctx.rates.items():
+        log(f"  matmul {fw}: " + (f"best {r['best_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['n']}x{r['n']} {r['dtype']}, "
+                                 f"{len(r['measured_flops_per_s'])} measurements)" if "error" not in r else r["error"]))
+    if ctx.bandwidth:
+        log(f"  memory copy: best {ctx.bandwidth['best_bytes_per_s'] / 1e9:.1f} GB/s")
+    for impl in impls:
+        fw = env["frameworks"].get(FRAMEWORK[impl], {})
+        who = "ours" if impl in OURS else "transformers " + str(env["packages"].get("transformers"))
+        if fw.get("available"):
+            log(f"  {impl:<9} {who}: {FRAMEWORK[impl]} {fw['version']}, device {fw['device']}, {ctx.dtype}, "
+                f"{fw['threads']} threads")
+        else:
+            log(f"  {impl:<9} {who}: unavailable ({fw.get('reason')})")
+    log(f"  {'workload':<15}{'case':<44}{'GFLOP':>9}{'bw floor':>10}" + "".join(f"{i:>11}" for i in impls)
+        + "  floor fraction (ours)")
+    bw = (ctx.bandwidth or {}).get("best_bytes_per_s")
+    for c in ctx.cases:
+        cells = []
+        for impl in impls:
+            r = c["results"][impl]
+            cells.append(fmt_s(r["median_s"]) if r["status"] == "ok" else r["status"])
+        fr = ", ".join(f"{b} {c['results'][b]['floor_fraction']:.2f}" for b in OURS
+                       if c["results"].get(b, {}).get("floor_fraction"))
+        bw_floor = fmt_s(c["weight_bytes"] / bw) if c.get("weight_bytes") and bw else "-"
+        log(f"  {c['workload']:<15}{c['case'][:43]:<44}{c['flops'] / 1e9:>9.2f}{bw_floor:>10}"
+            + "".join(f"{x:>11}" for x in cells)
+            + f"  {fr}")
+    if not targets:
+        return
+    log("\n== issue targets (float32, batch 1)" + (" - quick run on tiny configs: not meaningful" if ctx.quick else ""))
+    for t in targets:
+        state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        val = "-" if t["value"] is None else f"{t['value']:.2f}"
+        log(f"  {state:<13}{t['impl']:<6}{t['target']}: {val} (target {t['comparison']} {t['threshold']})")
+
+
+# -- main ---------------------------------------------------------------------------------------
+def run(args) -> int:
+    common.configure_environment(args.threads, args.backends)
+    from .harness import Context   # after the environment is set: it may import frameworks
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 30.0)
+    max_reps = args.max_reps if args.max_reps is not None else (2 if args.quick else 10)
+    ctx = Context(args.backends, dtype=args.dtype, threads=args.threads, quick=args.quick, budget_s=budget,
+                  max_reps=max_reps)
+    started = time.time()
+    frameworks = sorted({FRAMEWORK[i] for i in args.backends})
+    env = common.environment(frameworks, args.dtype, args.threads)
+    print(f"blip benchmarks on {env['cpu']} ({env['usable_cpus']} usable CPUs, load {env['load_average'][0]:.2f}), "
+          f"{args.dtype}, {'quick' if args.quick else 'full'} run")
+    for fw, info in env["frameworks"].items():
+        print(f"  {fw}: " + (f"{info['version']} on {info['device']}, {info['threads']} threads" if info.get("available")
+                            else f"unavailable ({info['reason']})"))
+    errors, walls = {}, {}
+    try:
+        for name in args.only:
+            t0 = time.time()
+            ctx.refresh_rates(frameworks)
+            module = importlib.import_module(f"{__package__}.{name}")
+            try:
+                module.run(ctx)
+            except Exception as exc:   # noqa: BLE001 - report, keep the other workloads
+                errors[name] = common.error_text(exc)
+                print(f"\n!! workload {name} failed: {errors[name]}")
+            walls[name] = round(time.time() - t0, 1)
+        ctx.refresh_rates(frameworks)
+    finally:
+        ctx.close()
+    ctx.finalize()
+    targets = evaluate_targets(ctx.cases) if args.dtype == "float32" else []   # the issue's targets are float32
+    print_summary(ctx, env, targets)
+    out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{env['machine']}"
+                                                f"{'-quick' if args.quick else ''}.json")
+    data = {"schema": "blip-bench/1", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join((["python"] if sys.argv[0].endswith(".py") else []) + sys.argv),
+            "options": {"quick": args.quick, "backends": args.backends, "only": args.only, "threads": args.threads,
+                        "dtype": args.dtype, "budget_s": budget, "max_reps": max_reps},
+            "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
+            "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
+            "workload_errors": errors, "targets": targets}
+    print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
+    return 1 if errors else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="run_all.py", description=__doc__.split("\n", 1)[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Smoke test of the benchmark suite: ``run_all.py --quick`` end to end in a subprocess, JSON structure only.
+
+No timing is asserted (figures depend on the machine and its load). What is asserted: every
+workload and case is present, every requested impl has a status with a reason when it did not run,
+the figures of a run that did are complete, and our PyTorch backend's outputs in the benchmark
+agree with transformers' (the benchmark compares like with like). To stay fast the run uses our
+PyTorch backend and both transformers references (TF included, whose BLIP-2 absence and beam-search
+failure exercise the skip and error paths); JAX and TF backends only add compile time here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from blip_core.numerics import tolerance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ["torch", "hf-torch", "hf-tf"]
+CASES = {("vision", "forward"), ("caption", "greedy"), ("caption", "beam3"), ("itm", "forward"),
+         ("blip2-qformer", "forward"), ("blip2-generate", "greedy")}
+FIGURES = ("framework", "version", "device", "dtype", "threads", "median_s", "min_s", "n", "first_call_s",
+           "peak_rss_delta_mb", "floor_s", "floor_fraction", "achieved_gflops_per_s")
+
+
+def test_run_all_quick_writes_complete_results(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--quick", "--threads", "1",
+                           "--backends", ",".join(IMPLS), "--out", str(out)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== summary" in proc.stdout and "issue targets" in proc.stdout
+    data = json.loads(out.read_text())
+
+    assert data["schema"] == "blip-bench/1" and data["options"]["quick"] is True and not data["workload_errors"]
+    env = data["environment"]
+    assert env["dtype"] == "float32" and env["usable_cpus"] >= 1
+    for fw in ("torch", "tensorflow"):
+        assert env["frameworks"][fw]["available"] and env["frameworks"][fw]["version"]
+        assert data["matmul"][fw]["best_flops_per_s"] > 0
+    assert data["memory_bandwidth"]["best_bytes_per_s"] > 0
+
+    assert {(c["workload"], c["mode"]) for c in data["cases"]} == CASES
+    for case in data["cases"]:
+        assert case["flops"] > 0 and abs(sum(case["flops_breakdown"].values()) - case["flops"]) <= 1e-6 * case["flops"]
+        assert list(case["results"]) == IMPLS
+        for impl, r in case["results"].items():
+            assert r["status"] in ("ok", "skipped", "error"), (case["case"], impl, r)
+            if r["status"] != "ok":
+                assert r["reason"], (case["case"], impl)
+                continue
+            missing = [k for k in FIGURES if r.get(k) is None and not (k == "peak_rss_delta_mb" and sys.platform != "linux")]
+            assert not missing, (case["case"], impl, missing)
+            assert r["n"] == len(r["times_s"]) >= 1 and r["median_s"] > 0 and r["floor_s"] > 0
+            if case["mode"] != "forward":   # decoding also has a weight-bandwidth floor
+                assert case["weight_bytes"] > 0 and r["bandwidth_floor_s"] > 0
+        for impl in ("torch", "hf-torch"):
+            assert case["results"][impl]["status"] == "ok", (case["case"], impl, case["results"][impl])
+        check = case["results"]["torch"]["check"]
+        assert check["against"] == "hf-torch"
+        if case["mode"] == "forward":
+            assert check["max_abs_diff"] <= tolerance("default", "float32")[0], (case["case"], check)
+        else:
+            assert check["ids_equal"], (case["case"], check)
+        assert case["ratios"]["torch/hf-torch"] > 0
+        if case["workload"].startswith("blip2"):   # transformers has no TF BLIP-2
+            assert case["results"]["hf-tf"]["status"] == "skipped" and "TFBlip2" in case["results"]["hf-tf"]["reason"]
+
+    targets = data["targets"]
+    assert targets and all({"target", "impl", "value", "threshold", "met"} <= set(t) for t in targets)
