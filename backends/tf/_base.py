@@ -165,12 +165,50 @@ def merge_heads(x):
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, n, x.shape[1] * x.shape[3]])
 
 
-def attend(q, k, v, bias=None):
-    """Scaled dot-product attention on (B, H, L, d) tensors; ``bias`` is additive (broadcast to scores)."""
+def attend(q, k, v, bias=None, probs_out: list | None = None):
+    """Scaled dot-product attention on (B, H, L, d) tensors; ``bias`` is additive (broadcast to scores).
+
+    ``probs_out``: a list that receives the softmax probabilities (B, H, Lq, Lk) when attentions
+    are requested; None (the default path) records nothing.
+    """
     scores = tf.matmul(q, k, transpose_b=True) / tf.cast(math.sqrt(q.shape[-1]), q.dtype)
     if bias is not None:
         scores = scores + tf.cast(bias, scores.dtype)
-    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+    probs = tf.nn.softmax(scores, axis=-1)
+    if probs_out is not None:
+        probs_out.append(probs)
+    return tf.matmul(probs, v)
+
+
+class Recorder:
+    """Collects what ``output_hidden_states`` / ``output_attentions`` ask for during one forward.
+
+    Lists are None when not requested, so layers record nothing and the default path (no
+    recorder at all) is untouched. ``cross`` gets cross-attention probabilities (text decoder).
+    """
+
+    def __init__(self, hidden_states: bool = False, attentions: bool = False):
+        self.hidden = [] if hidden_states else None
+        self.attn = [] if attentions else None
+        self.cross = [] if attentions else None
+
+    @classmethod
+    def make(cls, hidden_states, attentions):
+        """A recorder, or None when neither output is requested (the fast default path)."""
+        return cls(bool(hidden_states), bool(attentions)) if (hidden_states or attentions) else None
+
+    def add_hidden(self, h):
+        if self.hidden is not None:
+            self.hidden.append(h)
+
+    @staticmethod
+    def tup(items):
+        return None if items is None else tuple(items)
+
+
+def flag(value, config, name: str) -> bool:
+    """An ``output_*`` argument; None falls back to the config attribute like transformers (default False)."""
+    return bool(getattr(config, name, False)) if value is None else bool(value)
 
 
 def padding_bias(mask):

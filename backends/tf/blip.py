@@ -14,14 +14,13 @@ import numpy as np
 import tensorflow as tf
 
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
-from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, BlipOutput,
-                               BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
+from blip_core.outputs import (BlipOutput, BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
                                BlipTextVisionModelOutput)
 
-from ._base import BlipTFModel, Dense, as_float, as_ids, as_mask, as_positions, cross_entropy, same_dim
+from ._base import BlipTFModel, Dense, Recorder, as_float, as_ids, as_mask, as_positions, cross_entropy, flag, same_dim
 from .generation import run_generate
-from .text import TextLMHeadModel, TextTower, check_length, run_text
-from .vision import VisionTower
+from .text import TextLMHeadModel, TextTower, check_length, run_text, text_output
+from .vision import VisionTower, vision_output
 
 
 def _normalize(x):
@@ -36,6 +35,17 @@ def _np_ids(x):
 
 class _BlipBase(BlipTFModel):
     """Input preparation shared by the composite models."""
+
+    def _recorder(self, output_hidden_states, output_attentions):
+        """A fresh ``Recorder`` (None on the default path) for one tower of this forward."""
+        return Recorder.make(flag(output_hidden_states, self.config, "output_hidden_states"),
+                             flag(output_attentions, self.config, "output_attentions"))
+
+    def _vision_extras(self, rec):
+        """The ``hidden_states`` / ``attentions`` fields task outputs copy from the vision tower."""
+        if rec is None:
+            return {}
+        return {"hidden_states": Recorder.tup(rec.hidden), "attentions": Recorder.tup(rec.attn)}
 
     def _pixels(self, pixel_values, interpolate_pos_encoding):
         px = as_float(pixel_values, self.dtype, "pixel_values")
@@ -86,12 +96,15 @@ class BlipModel(_BlipBase):
         return self.text_projection(run_text(self.text_model, ids, mask, img, None, False)[1])
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                return_loss: bool = False, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+                return_loss: bool = False, interpolate_pos_encoding: bool = False, output_attentions=None,
+                output_hidden_states=None, return_dict: bool = True):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         pos = None if position_ids is None else as_positions(position_ids)
-        v_last, v_pooled = self.vision_model(px, interpolate_pos_encoding)
-        t_last, t_pooled = run_text(self.text_model, ids, mask, None, None, False, pos)
+        v_rec = self._recorder(output_hidden_states, output_attentions)
+        t_rec = self._recorder(output_hidden_states, output_attentions)
+        v_last, v_pooled = self.vision_model(px, interpolate_pos_encoding, v_rec)
+        t_last, t_pooled = run_text(self.text_model, ids, mask, None, None, False, pos, rec=t_rec)
         image_embeds = _normalize(self.visual_projection(v_pooled))
         text_embeds = _normalize(self.text_projection(t_pooled))
         logits_per_text = tf.matmul(text_embeds, image_embeds, transpose_b=True) * tf.exp(self.logit_scale)
@@ -104,10 +117,8 @@ class BlipModel(_BlipBase):
             loss = (cross_entropy(logits_per_text, target) + cross_entropy(logits_per_image, target)) / 2.0
         out = BlipOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
                          text_embeds=text_embeds, image_embeds=image_embeds,
-                         text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
-                             last_hidden_state=t_last, pooler_output=t_pooled),
-                         vision_model_output=BaseModelOutputWithPooling(last_hidden_state=v_last,
-                                                                        pooler_output=v_pooled))
+                         text_model_output=text_output(t_last, t_pooled, t_rec),
+                         vision_model_output=vision_output(v_last, v_pooled, v_rec))
         return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs):
@@ -135,7 +146,7 @@ class BlipForConditionalGeneration(_BlipBase):
         self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
         self.text_decoder = TextLMHeadModel(self.params, "text_decoder", c.text_config)
 
-    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding):
+    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, rec=None):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask, px.shape[0])
         lab = None
@@ -143,15 +154,19 @@ class BlipForConditionalGeneration(_BlipBase):
             lab = as_ids(labels, self.config.text_config.vocab_size, "labels", allow_ignore=True)
             if not lab.shape.is_compatible_with(ids.shape):
                 raise ValueError(f"labels shape {tuple(lab.shape)} differs from input_ids shape {tuple(ids.shape)}")
-        img, _ = self.vision_model(px, interpolate_pos_encoding)
+        img, _ = self.vision_model(px, interpolate_pos_encoding, rec)
         logits, hidden, loss = self.text_decoder(ids, mask, img, None, lab)
         return img, hidden, logits, loss
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
-                interpolate_pos_encoding: bool = False, return_dict: bool = True):
-        img, _, logits, loss = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding)
+                interpolate_pos_encoding: bool = False, output_attentions=None, output_hidden_states=None,
+                return_dict: bool = True):
+        # transformers returns the vision tower's hidden states / attentions here (not the decoder's)
+        rec = self._recorder(output_hidden_states, output_attentions)
+        img, _, logits, loss = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding,
+                                         rec)
         out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=img,
-                                                      last_hidden_state=img)
+                                                      last_hidden_state=img, **self._vision_extras(rec))
         return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
@@ -194,10 +209,12 @@ class BlipForImageTextRetrieval(_BlipBase):
         self.itm_head = Dense(self.params, "itm_head")
 
     def forward(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
-                interpolate_pos_encoding: bool = False, return_dict: bool = True):
+                interpolate_pos_encoding: bool = False, output_attentions=None, output_hidden_states=None,
+                return_dict: bool = True):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask, px.shape[0] if use_itm_head else None)
-        img, _ = self.vision_model(px, interpolate_pos_encoding)
+        rec = self._recorder(output_hidden_states, output_attentions)   # vision tower only, as transformers
+        img, _ = self.vision_model(px, interpolate_pos_encoding, rec)
         if use_itm_head:
             text, _ = run_text(self.text_encoder, ids, mask, img, None, False)
             score = self.itm_head(text[:, 0])
@@ -206,7 +223,8 @@ class BlipForImageTextRetrieval(_BlipBase):
             image_feat = _normalize(self.vision_proj(img[:, 0]))
             text_feat = _normalize(self.text_proj(text[:, 0]))
             score = tf.matmul(image_feat, text_feat, transpose_b=True)
-        out = BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=img, question_embeds=text)
+        out = BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=img, question_embeds=text,
+                                               **self._vision_extras(rec))
         return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs):
@@ -234,12 +252,12 @@ class BlipForQuestionAnswering(_BlipBase):
         self.text_encoder = TextTower(self.params, "text_encoder", c.text_config, pooler=False)
         self.text_decoder = TextLMHeadModel(self.params, "text_decoder", c.text_config)
 
-    def _question(self, px, ids, mask, interpolate_pos_encoding):
-        img, _ = self.vision_model(px, interpolate_pos_encoding)
+    def _question(self, px, ids, mask, interpolate_pos_encoding, rec=None):
+        img, _ = self.vision_model(px, interpolate_pos_encoding, rec)
         return img, run_text(self.text_encoder, ids, mask, img, None, False)[0]
 
     def _run(self, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
-             interpolate_pos_encoding):
+             interpolate_pos_encoding, rec=None):
         if labels is None and decoder_input_ids is None:
             raise ValueError("pass decoder_input_ids (inference) or labels (training) to BlipForQuestionAnswering; "
                              "use generate() to answer a question")
@@ -256,15 +274,18 @@ class BlipForQuestionAnswering(_BlipBase):
         if not same_dim(dec.shape[0], ids.shape[0]):
             raise ValueError(f"decoder_input_ids batch {dec.shape[0]} differs from input_ids batch {ids.shape[0]}")
         dec_mask = as_mask(decoder_attention_mask, tuple(dec.shape), "decoder_attention_mask")
-        img, question = self._question(px, ids, mask, interpolate_pos_encoding)
+        img, question = self._question(px, ids, mask, interpolate_pos_encoding, rec)
         logits, hidden, loss = self.text_decoder(dec, dec_mask, question, mask, lab)
         return img, question, hidden, logits, loss
 
     def forward(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
-                attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+                attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, output_attentions=None,
+                output_hidden_states=None, return_dict: bool = True):
+        rec = self._recorder(output_hidden_states, output_attentions)   # vision tower only, as transformers
         img, _, _, _, loss = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask,
-                                       attention_mask, labels, interpolate_pos_encoding)
-        out = BlipTextVisionModelOutput(loss=loss, image_embeds=img, last_hidden_state=img)
+                                       attention_mask, labels, interpolate_pos_encoding, rec)
+        out = BlipTextVisionModelOutput(loss=loss, image_embeds=img, last_hidden_state=img,
+                                        **self._vision_extras(rec))
         return out if return_dict else out.to_tuple()
 
     def stages(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,

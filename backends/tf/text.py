@@ -16,8 +16,8 @@ import tensorflow as tf
 from blip_core.configs import BlipConfig
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from ._base import (NEG_MASK, BlipTFModel, Dense, LayerNorm, activation, as_float, as_ids, as_mask, as_positions,
-                    attend, cross_entropy, merge_heads, padding_bias, split_heads)
+from ._base import (NEG_MASK, BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask,
+                    as_positions, attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
 
 
 class BertAttention(tf.Module):
@@ -35,8 +35,8 @@ class BertAttention(tf.Module):
     def kv(self, states):
         return split_heads(self.key(states), self.heads), split_heads(self.value(states), self.heads)
 
-    def __call__(self, h, k, v, bias):
-        ctx = attend(split_heads(self.query(h), self.heads), k, v, bias)
+    def __call__(self, h, k, v, bias, probs_out=None):
+        ctx = attend(split_heads(self.query(h), self.heads), k, v, bias, probs_out)
         return self.norm(self.dense(merge_heads(ctx)) + h)
 
 
@@ -50,20 +50,21 @@ class TextLayer(tf.Module):
         self.norm = LayerNorm(params, f"{p}/output/LayerNorm", cfg.layer_norm_eps)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, h, self_bias, cross=None, cross_bias=None, cache=None, index=None):
+    def __call__(self, h, self_bias, cross=None, cross_bias=None, cache=None, index=None, rec=None):
         """One layer. ``cross``: the (k, v) of the cross-attended states or None.
 
         With ``cache`` = (K, V) buffers of shape (B, H, M, d), the new keys/values of ``h`` (one
         token) are written at ``index`` and attention runs over the whole buffer (``self_bias``
-        hides unwritten slots). Returns the new hidden states and the (k, v) used.
+        hides unwritten slots). Returns the new hidden states and the (k, v) used. ``rec`` (a
+        ``Recorder``) receives the self- and cross-attention probabilities when asked for.
         """
         k, v = self.attention.kv(h)
         if cache is not None:
             slot = tf.equal(tf.range(cache[0].shape[2]), index)[None, None, :, None]
             k, v = tf.where(slot, k, cache[0]), tf.where(slot, v, cache[1])
-        h = self.attention(h, k, v, self_bias)
+        h = self.attention(h, k, v, self_bias, rec.attn if rec is not None else None)
         if cross is not None:
-            h = self.crossattention(h, cross[0], cross[1], cross_bias)
+            h = self.crossattention(h, cross[0], cross[1], cross_bias, rec.cross if rec is not None else None)
         h = self.norm(self.output(self.act(self.intermediate(h))) + h)
         return h, (k, v)
 
@@ -92,12 +93,20 @@ class TextTower(tf.Module):
         states = tf.cast(states, self.word_embeddings.dtype)
         return [layer.crossattention.kv(states) for layer in self.layers]
 
-    def encode(self, h, self_bias, crosses=None, cross_bias=None):
-        """Full-sequence pass (no cache); ``crosses`` from ``cross_kv``. Returns (hidden, per-layer (k, v))."""
+    def encode(self, h, self_bias, crosses=None, cross_bias=None, rec=None):
+        """Full-sequence pass (no cache); ``crosses`` from ``cross_kv``. Returns (hidden, per-layer (k, v)).
+
+        ``rec`` (a ``Recorder``) collects the input ``h`` and every layer's output, as transformers'
+        ``hidden_states``, and the attention probabilities.
+        """
+        if rec is not None:
+            rec.add_hidden(h)
         kvs = []
         for layer, cross in zip(self.layers, crosses or [None] * len(self.layers)):
-            h, kv = layer(h, self_bias, cross, cross_bias)
+            h, kv = layer(h, self_bias, cross, cross_bias, rec=rec)
             kvs.append(kv)
+            if rec is not None:
+                rec.add_hidden(h)
         return h, kvs
 
     def step(self, h, self_bias, crosses, cross_bias, caches, index):
@@ -122,8 +131,11 @@ def self_attention_bias(mask, length: int, is_decoder: bool):
 
 
 def run_text(tower: TextTower, ids, mask, enc_states, enc_mask, is_decoder, position_ids=None,
-             inputs_embeds=None, encoder_embeds=None):
-    """The BlipTextModel forward on prepared tensors -> (sequence_output, pooled_output)."""
+             inputs_embeds=None, encoder_embeds=None, rec=None):
+    """The BlipTextModel forward on prepared tensors -> (sequence_output, pooled_output).
+
+    ``rec``: an optional ``Recorder`` for hidden states / attentions (see ``TextTower.encode``).
+    """
     if encoder_embeds is not None:
         h = encoder_embeds
     else:
@@ -139,7 +151,9 @@ def run_text(tower: TextTower, ids, mask, enc_states, enc_mask, is_decoder, posi
         if enc_mask is not None:
             cross_bias = padding_bias(enc_mask)
     crosses = tower.cross_kv(enc_states) if enc_states is not None else None
-    seq, _ = tower.encode(h, self_attention_bias(mask, n, is_decoder), crosses, cross_bias)
+    if rec is not None and enc_states is None:
+        rec.cross = None   # transformers returns cross_attentions only when there is something to attend
+    seq, _ = tower.encode(h, self_attention_bias(mask, n, is_decoder), crosses, cross_bias, rec)
     return seq, tower.pool(seq)
 
 
@@ -179,6 +193,15 @@ class TextLMHeadModel(tf.Module):
         return logits, hidden, loss
 
 
+def text_output(seq, pooled, rec=None):
+    """``BaseModelOutputWithPoolingAndCrossAttentions`` with whatever ``rec`` recorded."""
+    if rec is None:
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=pooled)
+    return BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=seq, pooler_output=pooled, hidden_states=Recorder.tup(rec.hidden),
+        attentions=Recorder.tup(rec.attn), cross_attentions=Recorder.tup(rec.cross))
+
+
 def check_length(ids, cfg, name="input_ids"):
     if ids is not None and ids.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"{name} has {ids.shape[1]} tokens, more than max_position_embeddings="
@@ -201,7 +224,8 @@ class BlipTextModel(BlipTFModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                is_decoder: bool = False, return_dict: bool = True):
+                is_decoder: bool = False, output_attentions=None, output_hidden_states=None,
+                return_dict: bool = True):
         cfg = self.config
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both")
@@ -223,8 +247,10 @@ class BlipTextModel(BlipTFModel):
                                  f"got {tuple(enc.shape)}")
             enc_mask = as_mask(encoder_attention_mask, tuple(enc.shape[:2]), "encoder_attention_mask")
         pos = None if position_ids is None else as_positions(position_ids)
-        seq, pooled = run_text(self.text_model, ids, mask, enc, enc_mask, is_decoder, pos, embeds, enc_embeds)
-        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=pooled)
+        rec = Recorder.make(flag(output_hidden_states, cfg, "output_hidden_states"),
+                            flag(output_attentions, cfg, "output_attentions"))
+        seq, pooled = run_text(self.text_model, ids, mask, enc, enc_mask, is_decoder, pos, embeds, enc_embeds, rec)
+        out = text_output(seq, pooled, rec)
         return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs):

@@ -20,7 +20,8 @@ from blip_core.generation import check_pixel_values
 from blip_core.interpolate import bicubic_matrix
 from blip_core.outputs import BaseModelOutputWithPooling
 
-from ._base import BlipTFModel, Dense, LayerNorm, activation, as_float, attend, merge_heads, split_heads
+from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, attend, flag, merge_heads,
+                    split_heads)
 
 
 # -- position grid resizing ------------------------------------------------------------------
@@ -50,9 +51,10 @@ class VisionLayer(tf.Module):
         self.fc2 = Dense(params, f"{p}/mlp/fc2")
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, h):
+    def __call__(self, h, rec=None):
         q, k, v = tf.split(self.qkv(self.ln1(h)), 3, axis=-1)   # fused [q | k | v]
-        ctx = attend(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+        ctx = attend(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
+                     probs_out=rec.attn if rec is not None else None)
         h = h + self.projection(merge_heads(ctx))
         return h + self.fc2(self.act(self.fc1(self.ln2(h))))
 
@@ -91,13 +93,29 @@ class VisionTower(tf.Module):
             pos = interpolate_positions(pos, grid, gh, gw)
         return h + pos[:, : gh * gw + 1]
 
-    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False):
-        """NCHW pixels -> (last_hidden_state (B, N+1, D), pooler_output (B, D))."""
+    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False, rec=None):
+        """NCHW pixels -> (last_hidden_state (B, N+1, D), pooler_output (B, D)).
+
+        ``rec`` (a ``Recorder``) collects the embeddings and every layer's output, before
+        ``post_layernorm`` as transformers does, and each layer's attention probabilities.
+        """
         h = self.embed(pixel_values, interpolate_pos_encoding)
+        if rec is not None:
+            rec.add_hidden(h)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, rec)
+            if rec is not None:
+                rec.add_hidden(h)
         last = self.post_layernorm(h)
         return last, self.post_layernorm(last[:, 0])
+
+
+def vision_output(last, pooled, rec=None):
+    """``BaseModelOutputWithPooling`` with the recorded hidden states / attentions (None when not asked)."""
+    if rec is None:
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled,
+                                      hidden_states=Recorder.tup(rec.hidden), attentions=Recorder.tup(rec.attn))
 
 
 class BlipVisionModel(BlipTFModel):
@@ -108,11 +126,14 @@ class BlipVisionModel(BlipTFModel):
     def _build(self):
         self.vision_model = VisionTower(self.params, "", self.config)
 
-    def forward(self, pixel_values=None, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+    def forward(self, pixel_values=None, interpolate_pos_encoding: bool = False, output_attentions=None,
+                output_hidden_states=None, return_dict: bool = True):
         px = as_float(pixel_values, self.dtype, "pixel_values")
         self.vision_model.check(px, interpolate_pos_encoding)
-        last, pooled = self.vision_model(px, interpolate_pos_encoding)
-        out = BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+        rec = Recorder.make(flag(output_hidden_states, self.config, "output_hidden_states"),
+                            flag(output_attentions, self.config, "output_attentions"))
+        last, pooled = self.vision_model(px, interpolate_pos_encoding, rec)
+        out = vision_output(last, pooled, rec)
         return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, interpolate_pos_encoding: bool = False, **_):
