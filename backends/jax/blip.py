@@ -78,6 +78,15 @@ class QuestionAnsweringModule(nn.Module):
         self.text_decoder = TextLMHeadModel(self.config.text_config)
 
 
+def _vision(m, pv, interpolate, hidden_flag, attn_flag):
+    """Vision tower inside a task module: ``(last, pooled, hidden_states or None, attentions or None)``."""
+    last, pooled, hidden, attentions = m.vision_model.full(pv, interpolate)
+    return last, pooled, hidden if hidden_flag else None, attentions if attn_flag else None
+
+
+_FLAGS = ("output_hidden_states", "output_attentions")
+
+
 def _normalize(x):
     """torch.nn.functional.normalize: x / max(||x||, 1e-12)."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -178,12 +187,14 @@ class BlipModel(_BlipBase):
     def _module(self):
         return BlipModelModule(self.config)
 
-    def _forward(self, params, pv, ids, mask, position_ids, interpolate, return_loss):
-        dt = self.dtype
+    def _forward(self, params, pv, ids, mask, position_ids, interpolate, return_loss, output_hidden_states=False,
+                 output_attentions=False):
+        dt, hs, at = self.dtype, output_hidden_states, output_attentions
 
         def run(m, pv, ids, mask):
-            last, pooled = m.vision_model(pv, interpolate)
-            h, tpooled, _ = encode_text(m.text_model, ids, mask, False, position_ids=position_ids, dtype=dt)
+            last, pooled, vh, va = _vision(m, pv, interpolate, hs, at)
+            h, tpooled, _, th, ta, _ = encode_text(m.text_model, ids, mask, False, position_ids=position_ids, dtype=dt,
+                                                   full=True)
             image_embeds = m.visual_projection(pooled)
             text_embeds = m.text_projection(tpooled)
             image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
@@ -191,23 +202,27 @@ class BlipModel(_BlipBase):
             logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(m.logit_scale).astype(dt)
             loss = (_contrastive(logits_per_text) + _contrastive(logits_per_text.T)) / 2.0 if return_loss else None
             return dict(loss=loss, logits_per_text=logits_per_text, text_embeds=text_embeds, image_embeds=image_embeds,
-                        vision=(last, pooled), text=(h, tpooled))
+                        vision=(last, pooled, vh, va), text=(h, tpooled, th if hs else None, ta if at else None))
         return self._apply(params, pv, ids, mask, method=run)
 
     def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                 return_loss: bool = False, interpolate_pos_encoding: bool = False, params=None):
+                 return_loss: bool = False, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         positions = self._positions(position_ids, ids.shape)
-        fn = self._jit("forward", "_forward", ("interpolate", "return_loss"))
+        fn = self._jit("forward", "_forward", ("interpolate", "return_loss") + _FLAGS)
         o = fn(self._params(params), pv, ids, mask, positions, interpolate=bool(interpolate_pos_encoding),
-               return_loss=bool(return_loss))
+               return_loss=bool(return_loss), output_hidden_states=bool(output_hidden_states),
+               output_attentions=bool(output_attentions))
         return BlipOutput(loss=o["loss"], logits_per_image=o["logits_per_text"].T, logits_per_text=o["logits_per_text"],
                           text_embeds=o["text_embeds"], image_embeds=o["image_embeds"],
                           text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
-                              last_hidden_state=o["text"][0], pooler_output=o["text"][1]),
+                              last_hidden_state=o["text"][0], pooler_output=o["text"][1], hidden_states=o["text"][2],
+                              attentions=o["text"][3]),
                           vision_model_output=BaseModelOutputWithPooling(
-                              last_hidden_state=o["vision"][0], pooler_output=o["vision"][1]))
+                              last_hidden_state=o["vision"][0], pooler_output=o["vision"][1],
+                              hidden_states=o["vision"][2], attentions=o["vision"][3]))
 
     def _features(self, params, pv, ids, mask, position_ids, interpolate, which):
         dt = self.dtype
@@ -259,31 +274,38 @@ class BlipForConditionalGeneration(_BlipBase):
     def _module(self):
         return CaptioningModule(self.config)
 
-    def _forward(self, params, pv, ids, mask, labels, interpolate):
+    def _forward(self, params, pv, ids, mask, labels, interpolate, output_hidden_states=False,
+                 output_attentions=False):
         dt, smoothing = self.dtype, self.config.text_config.label_smoothing
 
         def run(m, pv, ids, mask, labels):
-            image, _ = m.vision_model(pv, interpolate)
+            image, _, vh, va = _vision(m, pv, interpolate, output_hidden_states, output_attentions)
             logits, h, _ = encode_text(m.text_decoder, ids, mask, True, context=image, dtype=dt)
             loss = lm_loss(logits, labels, smoothing) if labels is not None else None
-            return dict(loss=loss, logits=logits, image_embeds=image, lm_hidden=h)
+            return dict(loss=loss, logits=logits, image_embeds=image, lm_hidden=h, hidden_states=vh, attentions=va)
         return self._apply(params, pv, ids, mask, labels, method=run)
 
-    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params):
+    def _run(self, pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params,
+             output_hidden_states=False, output_attentions=False):
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         self._check_batch(pv, ids)
         if labels is not None:
             labels = _labels(labels, ids.shape, self.config.text_config.vocab_size)
-        fn = self._jit("forward", "_forward", ("interpolate",))
-        return fn(self._params(params), pv, ids, mask, labels, interpolate=bool(interpolate_pos_encoding))
+        fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
+        return fn(self._params(params), pv, ids, mask, labels, interpolate=bool(interpolate_pos_encoding),
+                  output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
 
     def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
-                 interpolate_pos_encoding: bool = False, params=None):
-        o = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params)
+                 interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
+        """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
+        o = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params,
+                      output_hidden_states, output_attentions)
         image = o["image_embeds"]
         return BlipForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"], image_embeds=image,
-                                                       last_hidden_state=image)
+                                                       last_hidden_state=image, hidden_states=o["hidden_states"],
+                                                       attentions=o["attentions"])
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
                interpolate_pos_encoding: bool = False, params=None) -> dict:
@@ -317,34 +339,41 @@ class BlipForImageTextRetrieval(_BlipBase):
     def _module(self):
         return RetrievalModule(self.config)
 
-    def _forward(self, params, pv, ids, mask, interpolate, use_itm_head):
+    def _forward(self, params, pv, ids, mask, interpolate, use_itm_head, output_hidden_states=False,
+                 output_attentions=False):
         dt = self.dtype
 
         def run(m, pv, ids, mask):
-            image, _ = m.vision_model(pv, interpolate)
+            image, _, vh, va = _vision(m, pv, interpolate, output_hidden_states, output_attentions)
             if use_itm_head:
                 h, _, _ = encode_text(m.text_encoder, ids, mask, False, context=image, dtype=dt)
-                return dict(itm_score=m.itm_head(h[:, 0]), vision=image, text=h)
+                return dict(itm_score=m.itm_head(h[:, 0]), vision=image, text=h, hidden_states=vh, attentions=va)
             h, _, _ = encode_text(m.text_encoder, ids, mask, False, dtype=dt)
             image_feat = _normalize(m.vision_proj(image[:, 0]))
             text_feat = _normalize(m.text_proj(h[:, 0]))
             return dict(itm_score=image_feat @ text_feat.T, vision=image, text=h, image_embeds=image_feat,
-                        text_embeds=text_feat)
+                        text_embeds=text_feat, hidden_states=vh, attentions=va)
         return self._apply(params, pv, ids, mask, method=run)
 
-    def _run(self, input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params):
+    def _run(self, input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params,
+             output_hidden_states=False, output_attentions=False):
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         if use_itm_head:
             self._check_batch(pv, ids)
-        fn = self._jit("forward", "_forward", ("interpolate", "use_itm_head"))
+        fn = self._jit("forward", "_forward", ("interpolate", "use_itm_head") + _FLAGS)
         return fn(self._params(params), pv, ids, mask, interpolate=bool(interpolate_pos_encoding),
-                  use_itm_head=bool(use_itm_head))
+                  use_itm_head=bool(use_itm_head), output_hidden_states=bool(output_hidden_states),
+                  output_attentions=bool(output_attentions))
 
     def __call__(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
-                 interpolate_pos_encoding: bool = False, params=None):
-        o = self._run(input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params)
+                 interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
+        """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
+        o = self._run(input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params,
+                      output_hidden_states, output_attentions)
         return BlipImageTextMatchingModelOutput(itm_score=o["itm_score"], last_hidden_state=o["vision"],
+                                                hidden_states=o["hidden_states"], attentions=o["attentions"],
                                                 question_embeds=o["text"])
 
     def stages(self, input_ids=None, pixel_values=None, use_itm_head=True, attention_mask=None,
@@ -362,19 +391,21 @@ class BlipForQuestionAnswering(_BlipBase):
     def _module(self):
         return QuestionAnsweringModule(self.config)
 
-    def _forward(self, params, pv, ids, mask, dec_ids, dec_mask, labels, interpolate):
+    def _forward(self, params, pv, ids, mask, dec_ids, dec_mask, labels, interpolate, output_hidden_states=False,
+                 output_attentions=False):
         dt, smoothing = self.dtype, self.config.text_config.label_smoothing
 
         def run(m, pv, ids, mask, dec_ids, dec_mask, labels):
-            image, _ = m.vision_model(pv, interpolate)
+            image, _, vh, va = _vision(m, pv, interpolate, output_hidden_states, output_attentions)
             q, _, _ = encode_text(m.text_encoder, ids, mask, False, context=image, dtype=dt)
             logits, h, _ = encode_text(m.text_decoder, dec_ids, dec_mask, True, context=q, context_mask=mask, dtype=dt)
             loss = lm_loss(logits, labels, smoothing) if labels is not None else None
-            return dict(loss=loss, logits=logits, image_embeds=image, question=q, lm_hidden=h)
+            return dict(loss=loss, logits=logits, image_embeds=image, question=q, lm_hidden=h, hidden_states=vh,
+                        attentions=va)
         return self._apply(params, pv, ids, mask, dec_ids, dec_mask, labels, method=run)
 
     def _run(self, input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
-             interpolate_pos_encoding, params):
+             interpolate_pos_encoding, params, output_hidden_states=False, output_attentions=False):
         if labels is None and decoder_input_ids is None:
             raise ValueError("BlipForQuestionAnswering needs labels (training) or decoder_input_ids (inference); "
                              "use generate() to answer questions")
@@ -387,16 +418,20 @@ class BlipForQuestionAnswering(_BlipBase):
             dec_ids, dec_mask = self._text(decoder_input_ids, decoder_attention_mask, "decoder_input_ids")
         if labels is not None:
             labels = _labels(labels, dec_ids.shape, self.config.text_config.vocab_size)
-        fn = self._jit("forward", "_forward", ("interpolate",))
+        fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
         return fn(self._params(params), pv, ids, mask, dec_ids, dec_mask, labels,
-                  interpolate=bool(interpolate_pos_encoding))
+                  interpolate=bool(interpolate_pos_encoding), output_hidden_states=bool(output_hidden_states),
+                  output_attentions=bool(output_attentions))
 
     def __call__(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, params=None):
+                 attention_mask=None, labels=None, interpolate_pos_encoding: bool = False,
+                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+        """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
         o = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
-                      interpolate_pos_encoding, params)
+                      interpolate_pos_encoding, params, output_hidden_states, output_attentions)
         return BlipTextVisionModelOutput(loss=o["loss"], image_embeds=o["image_embeds"],
-                                         last_hidden_state=o["image_embeds"])
+                                         last_hidden_state=o["image_embeds"], hidden_states=o["hidden_states"],
+                                         attentions=o["attentions"])
 
     def stages(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
                attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None) -> dict:

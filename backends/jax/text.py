@@ -108,8 +108,9 @@ class SelfAttention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.config.num_attention_heads)
         if bias is not None:
             scores = scores + bias.astype(scores.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
-        return ctx.reshape(b, t, d), cache
+        probs = softmax(scores)      # (B, heads, T, S); unused probs are dropped by XLA under jit
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return ctx.reshape(b, t, d), cache, probs
 
 
 class DenseLayerNorm(nn.Module):
@@ -136,8 +137,8 @@ class Attention(nn.Module):
     def __call__(self, hidden, bias, context=None, kv=None, cache=None, index=None):
         if kv is None and context is not None:
             kv = self.self.project_kv(context)
-        ctx, cache = self.self(hidden, bias, kv=kv, cache=cache, index=index)
-        return self.output(ctx, hidden), cache
+        ctx, cache, probs = self.self(hidden, bias, kv=kv, cache=cache, index=index)
+        return self.output(ctx, hidden), cache, probs
 
 
 class Intermediate(nn.Module):
@@ -162,10 +163,12 @@ class TextLayer(nn.Module):
         self.output = DenseLayerNorm(c.hidden_size, c.layer_norm_eps)
 
     def __call__(self, h, self_bias, context=None, cross_bias=None, cross_kv=None, cache=None, index=None):
-        h, cache = self.attention(h, self_bias, cache=cache, index=index)
+        """Returns ``(output, new_cache, self-attention probs, cross-attention probs or None)``."""
+        h, cache, probs = self.attention(h, self_bias, cache=cache, index=index)
+        cross_probs = None
         if context is not None or cross_kv is not None:
-            h, _ = self.crossattention(h, cross_bias, context=context, kv=cross_kv)
-        return self.output(self.intermediate(h), h), cache
+            h, _, cross_probs = self.crossattention(h, cross_bias, context=context, kv=cross_kv)
+        return self.output(self.intermediate(h), h), cache, probs, cross_probs
 
 
 class TextEncoder(nn.Module):
@@ -203,16 +206,30 @@ class TextModel(nn.Module):
 
     def __call__(self, input_ids, position_ids, self_bias, context=None, cross_bias=None, cross_kv=None,
                  cache=None, index=None, inputs_embeds=None):
+        return self.full(input_ids, position_ids, self_bias, context, cross_bias, cross_kv, cache, index,
+                         inputs_embeds)[:3]
+
+    def full(self, input_ids, position_ids, self_bias, context=None, cross_bias=None, cross_kv=None,
+             cache=None, index=None, inputs_embeds=None):
+        """``(last, pooled, new_cache, hidden_states, attentions, cross_attentions)``: hidden_states are the
+        embeddings output and every layer's output; cross_attentions is None without cross-attention input.
+        Under jit the entries a caller drops cost nothing."""
         h = self.embeddings(input_ids, position_ids, inputs_embeds)
         new_cache = [] if cache is not None else None
+        hidden, attentions, crosses = [h], [], []
         for i, layer in enumerate(self.encoder.layer):
-            h, c = layer(h, self_bias, context=context, cross_bias=cross_bias,
-                         cross_kv=None if cross_kv is None else cross_kv[i],
-                         cache=None if cache is None else cache[i], index=index)
+            h, c, probs, cross_probs = layer(h, self_bias, context=context, cross_bias=cross_bias,
+                                             cross_kv=None if cross_kv is None else cross_kv[i],
+                                             cache=None if cache is None else cache[i], index=index)
             if new_cache is not None:
                 new_cache.append(c)
+            hidden.append(h)
+            attentions.append(probs)
+            crosses.append(cross_probs)
         pooled = self.pooler(h) if self.add_pooling_layer else None
-        return h, pooled, (tuple(new_cache) if new_cache is not None else None)
+        cross = tuple(crosses) if context is not None or cross_kv is not None else None
+        return (h, pooled, (tuple(new_cache) if new_cache is not None else None), tuple(hidden),
+                tuple(attentions), cross)
 
 
 class PredictionHeadTransform(nn.Module):
@@ -265,8 +282,10 @@ class TextLMHeadModel(nn.Module):
 
 # -- functional entry points used by the public classes ------------------------------------------------
 def encode_text(module, ids, mask, causal: bool, context=None, context_mask=None, position_ids=None,
-                inputs_embeds=None, dtype=jnp.float32):
-    """Run a ``TextModel`` / ``TextLMHeadModel`` over a full sequence (no cache)."""
+                inputs_embeds=None, dtype=jnp.float32, full: bool = False):
+    """Run a ``TextModel`` / ``TextLMHeadModel`` over a full sequence (no cache).
+
+    ``full=True`` (``TextModel`` only) returns ``TextModel.full``'s six entries instead of three."""
     b, t = mask.shape
     if position_ids is None:
         position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -275,9 +294,10 @@ def encode_text(module, ids, mask, causal: bool, context=None, context_mask=None
     if context is not None:
         cmask = jnp.ones(context.shape[:2], jnp.int32) if context_mask is None else context_mask
         cross = cross_attention_bias(cmask, dtype)
+    fn = module.full if full else module
     if inputs_embeds is not None:
-        return module(ids, position_ids, bias, context=context, cross_bias=cross, inputs_embeds=inputs_embeds)
-    return module(ids, position_ids, bias, context=context, cross_bias=cross)
+        return fn(ids, position_ids, bias, context=context, cross_bias=cross, inputs_embeds=inputs_embeds)
+    return fn(ids, position_ids, bias, context=context, cross_bias=cross)
 
 
 def lm_loss(logits, labels, label_smoothing: float = 0.0):
@@ -324,12 +344,18 @@ class BlipTextModel(JaxModel):
     def _init_std(config):
         return config.initializer_range, 0.0
 
-    def _forward(self, params, ids, mask, position_ids, embeds, context, context_mask, causal):
-        return self.module.apply({"params": params}, ids, mask, causal, context, context_mask, position_ids, embeds,
-                                 self.dtype, method=encode_text)
+    def _forward(self, params, ids, mask, position_ids, embeds, context, context_mask, causal,
+                 output_hidden_states=False, output_attentions=False):
+        h, pooled, _, hidden, attentions, cross = self.module.apply(
+            {"params": params}, ids, mask, causal, context, context_mask, position_ids, embeds, self.dtype, True,
+            method=encode_text)
+        if not output_attentions:
+            attentions = cross = None
+        return h, pooled, hidden if output_hidden_states else None, attentions, cross
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                 encoder_hidden_states=None, encoder_attention_mask=None, is_decoder: bool = False, params=None):
+                 encoder_hidden_states=None, encoder_attention_mask=None, is_decoder: bool = False,
+                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
         ids, mask = text_inputs(self.config, input_ids, attention_mask, inputs_embeds)
         if position_ids is not None:
             position_ids = token_ids(position_ids, "position_ids", self.config.max_position_embeddings)
@@ -343,10 +369,13 @@ class BlipTextModel(JaxModel):
             context = jnp.asarray(as_input(encoder_hidden_states, "encoder_hidden_states", "f", 3)).astype(self.dtype)
             if encoder_attention_mask is not None:
                 context_mask = mask_like(encoder_attention_mask, context.shape[:2], "encoder_attention_mask")
-        fn = self._jit("forward", "_forward", ("causal",))
-        h, pooled, _ = fn(self._params(params), ids, mask, position_ids, embeds, context, context_mask,
-                          causal=bool(is_decoder))
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled)
+        fn = self._jit("forward", "_forward", ("causal", "output_hidden_states", "output_attentions"))
+        h, pooled, hidden, attentions, cross = fn(
+            self._params(params), ids, mask, position_ids, embeds, context, context_mask, causal=bool(is_decoder),
+            output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled,
+                                                            hidden_states=hidden, attentions=attentions,
+                                                            cross_attentions=cross)
 
     def stages(self, **inputs) -> dict:
         return {"text": self(**inputs).last_hidden_state}

@@ -123,8 +123,9 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v).reshape(b, n, d)
-        return self.projection(ctx)
+        probs = softmax(scores)      # (B, heads, N, N); unused probs are dropped by XLA under jit
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
+        return self.projection(ctx), probs
 
 
 class VisionMLP(nn.Module):
@@ -149,8 +150,10 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = LayerNorm(eps)
 
     def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        """Returns ``(output, attention probabilities)``."""
+        attn, probs = self.self_attn(self.layer_norm1(x))
+        x = x + attn
+        return x + self.mlp(self.layer_norm2(x)), probs
 
 
 class VisionEncoder(nn.Module):
@@ -160,9 +163,14 @@ class VisionEncoder(nn.Module):
         self.layers = [VisionLayer(self.config) for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x):
+        """Returns ``(output, hidden_states, attentions)``: the input and every layer's output, and every
+        layer's attention probabilities (pre post_layernorm, as transformers reports them)."""
+        hidden, attentions = [x], []
         for layer in self.layers:
-            x = layer(x)
-        return x
+            x, probs = layer(x)
+            hidden.append(x)
+            attentions.append(probs)
+        return x, tuple(hidden), tuple(attentions)
 
 
 class VisionTransformer(nn.Module):
@@ -176,9 +184,14 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = LayerNorm(self.config.layer_norm_eps)
 
     def __call__(self, pixel_values, interpolate_pos_encoding: bool = False):
-        x = self.encoder(self.embeddings(pixel_values, interpolate_pos_encoding))
+        return self.full(pixel_values, interpolate_pos_encoding)[:2]
+
+    def full(self, pixel_values, interpolate_pos_encoding: bool = False):
+        """``(last_hidden_state, pooler_output, hidden_states, attentions)``; under jit the unused entries
+        cost nothing, so the plain path is unchanged."""
+        x, hidden, attentions = self.encoder(self.embeddings(pixel_values, interpolate_pos_encoding))
         last = self.post_layernorm(x)
-        return last, self.post_layernorm(last[:, 0])
+        return last, self.post_layernorm(last[:, 0]), hidden, attentions
 
 
 def vision_inputs(config, pixel_values, interpolate_pos_encoding: bool, dtype):
@@ -200,14 +213,21 @@ class BlipVisionModel(JaxModel):
     def _init_std(config):
         return 0.02, config.initializer_range
 
-    def _forward(self, params, pv, interpolate):
-        return self.module.apply({"params": params}, pv, interpolate)
+    def _forward(self, params, pv, interpolate, output_hidden_states=False, output_attentions=False):
+        last, pooled, hidden, attentions = self.module.apply({"params": params}, pv, interpolate,
+                                                             method=VisionTransformer.full)
+        return (last, pooled, hidden if output_hidden_states else None,
+                attentions if output_attentions else None)
 
-    def __call__(self, pixel_values=None, interpolate_pos_encoding: bool = False, params=None):
+    def __call__(self, pixel_values=None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
         pv = vision_inputs(self.config, pixel_values, interpolate_pos_encoding, self.dtype)
-        fn = self._jit("forward", "_forward", ("interpolate",))
-        last, pooled = fn(self._params(params), pv, interpolate=bool(interpolate_pos_encoding))
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+        fn = self._jit("forward", "_forward", ("interpolate", "output_hidden_states", "output_attentions"))
+        last, pooled, hidden, attentions = fn(self._params(params), pv, interpolate=bool(interpolate_pos_encoding),
+                                              output_hidden_states=bool(output_hidden_states),
+                                              output_attentions=bool(output_attentions))
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
+                                          attentions=attentions)
 
     def stages(self, **inputs) -> dict:
         out = self(**inputs)
