@@ -119,7 +119,7 @@ def loadable(path, allow_pickle_bin: bool = False):
 def backend_stages(directory: str, backend: str, inputs: dict, dtype: str = "float32") -> dict:
     """``{stage: numpy array}`` of the checkpoint in ``directory`` run by ``backend``."""
     if backend == "transformers":
-        from .parity_reference import reference_stages
+        from blip_reference.transformers_stages import reference_stages
         return reference_stages(directory, inputs, dtype)
     arch = architecture_of(directory)
     try:

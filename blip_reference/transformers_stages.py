@@ -4,7 +4,7 @@
 of the same name and returns the same named stages the backends' ``stages()`` return, taken
 from transformers' outputs (or, where a stage is not an output, from its submodules called the
 way its forward calls them). Only the parity harness imports this module, and only when the
-user asks for ``--reference transformers``.
+user asks for ``--reference transformers``; it lives outside the library packages for that reason.
 """
 from __future__ import annotations
 
