@@ -16,6 +16,7 @@ shared by the tokenizers.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Collection
@@ -45,11 +46,14 @@ def _is_ragged(value) -> bool:
     return len(shapes) > 1
 
 
+_BACKEND = {"pt": "torch", "tf": "tf", "jax": "jax"}
+
+
 def to_framework(value, tensor_type: Optional[str]):
     """Convert a list (of lists / arrays) to the requested framework's array type.
 
-    The framework is imported here, never at module level. Integer lists keep the framework's
-    own default dtype (int64 for numpy/torch, int32 for TensorFlow/JAX), as transformers does.
+    Framework tensors are made by the backend's ``arrays`` module, imported only on request.
+    Integer lists keep the framework's own default dtype (int64 for numpy/torch, int32 for TensorFlow/JAX), as transformers does.
     """
     if tensor_type is None:
         return value
@@ -60,26 +64,12 @@ def to_framework(value, tensor_type: Optional[str]):
                          "use padding=True (text) or resize the images to one size")
     empty = isinstance(value, (list, tuple)) and (len(value) == 0 or
                                                   (isinstance(value[0], (list, tuple)) and len(value[0]) == 0))
-    stacked = isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray)
     if tensor_type == "np":
         if isinstance(value, np.ndarray):
             return value
         return np.asarray(value, dtype=np.int64 if empty else None)
-    if tensor_type == "pt":
-        import torch
-
-        if stacked:
-            value = np.array(value)
-        if isinstance(value, np.ndarray):
-            return torch.from_numpy(value)
-        return torch.tensor(value, dtype=torch.int64 if empty else None)
-    if tensor_type == "tf":
-        import tensorflow as tf
-
-        return tf.constant(value, dtype=tf.int32 if empty else None)
-    import jax.numpy as jnp
-
-    return jnp.array(value, dtype=jnp.int32 if empty else None)
+    # The framework's own conversion lives in its backend; this module imports no framework.
+    return importlib.import_module(f"backends.{_BACKEND[tensor_type]}.arrays").processor_tensor(value, empty)
 
 
 class BatchFeature(dict):
