@@ -35,3 +35,17 @@ def blip2_config(text=None, qformer=None, vision=None, **kw):
     qc.update(qformer or {})
     kw.setdefault("num_query_tokens", 4)
     return transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=dict(text or OPT_TEXT), **kw)
+
+
+def hf_blip_model(cls_name, cfg, seed=0, spread=0.25):
+    """A transformers BLIP model (eval mode) of ``cls_name`` whose weights get seeded normal noise of std
+    ``spread`` added, so that reference outputs are not degenerate (the vision init is std 1e-10)."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    sub = {"BlipVisionModel": cfg.vision_config, "BlipTextModel": cfg.text_config}.get(cls_name, cfg)
+    model = getattr(transformers, cls_name)(sub)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    return model.eval()

@@ -18,7 +18,7 @@ from blip_core.numerics import max_abs_diff, tolerance
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_configs import blip_config  # noqa: E402
+from hf_configs import blip_config, hf_blip_model  # noqa: E402
 
 ATOL = tolerance("default", "float32")[0]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,17 +35,7 @@ CONFIGS["C"] = dict(CONFIGS["B"], vision=dict(CONFIGS["B"]["vision"], hidden_siz
 
 def hf_model(cls_name, cfg_key, seed=0):
     cfg = blip_config(**CONFIGS[cfg_key])
-    torch.manual_seed(seed)
-    if cls_name == "BlipVisionModel":
-        model = transformers.BlipVisionModel(cfg.vision_config)
-    elif cls_name == "BlipTextModel":
-        model = transformers.BlipTextModel(cfg.text_config)
-    else:
-        model = getattr(transformers, cls_name)(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return hf_blip_model(cls_name, cfg, seed=seed, spread=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import backends.tf as B
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_configs import blip_config  # noqa: E402
+from hf_configs import blip_config, hf_blip_model  # noqa: E402
 
 ATOL = 1e-4
 RNG = np.random.default_rng(7)
@@ -27,17 +27,8 @@ MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int64)
 def _hf(cls_name, tmp_path):
     """(reference model, our model loaded from the directory it saved)."""
     cfg = blip_config()
-    torch.manual_seed(0)
-    if cls_name == "BlipVisionModel":
-        model = transformers.BlipVisionModel(cfg.vision_config)
-    elif cls_name == "BlipTextModel":
-        model = transformers.BlipTextModel(cfg.text_config)
-    else:
-        model = getattr(transformers, cls_name)(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.25)
-    model.eval().save_pretrained(str(tmp_path))
+    model = hf_blip_model(cls_name, cfg, seed=0, spread=0.25)
+    model.save_pretrained(str(tmp_path))
     return model, getattr(B, cls_name).from_pretrained(str(tmp_path))
 
 
