@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
-from blip_core.generation import check_token_ids, resolve_generation
+from blip_core.generation import check_token_ids
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput)
 
@@ -65,7 +66,7 @@ def _mask(x, name: str, shape, device) -> Optional[torch.Tensor]:
 class _Blip2PreTrained(PreTrainedModel):
     """Shared plumbing: seeded query init, float16 keep-in-float32 rule, the image -> queries path."""
 
-    _keep_in_fp32_modules = ("query_tokens", "qformer")
+    _keep_in_fp32_modules = rules.KEEP_FLOAT32_MODULES
 
     def post_init(self, seed=0, dtype=None) -> None:
         super().post_init(seed, None)
@@ -75,7 +76,7 @@ class _Blip2PreTrained(PreTrainedModel):
         if dtype is None:
             return
         self.to(dtype)
-        if dtype == torch.float16:
+        if rules.keeps_float32(str(dtype).replace("torch.", "")):
             with torch.no_grad():
                 for name in self._keep_in_fp32_modules:
                     part = getattr(self, name, None)
@@ -87,7 +88,7 @@ class _Blip2PreTrained(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None):
         dt = resolve_dtype(dtype)
-        if dt != torch.float16:
+        if not rules.keeps_float32(str(dt).replace("torch.", "")):
             return super().from_pretrained(path, dtype=dtype, allow_pickle_bin=allow_pickle_bin, device=device)
         # Load in float32 first so the kept modules never pass through float16.
         model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device)
@@ -131,7 +132,7 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
 
     @property
     def is_decoder_only(self) -> bool:
-        return isinstance(self.config.text_config, OPTConfig)
+        return rules.is_decoder_only(self.config)
 
     def tie_weights(self) -> None:
         self.language_model.tie_weights()
@@ -167,16 +168,11 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
             ones = torch.ones(b, q, dtype=mask.dtype, device=dev)
             return torch.cat([lm_inputs, embeds], dim=1), torch.cat([ones, mask], dim=1)
         if ids is not None:
-            slots = ids == cfg.image_token_index
+            slots = torch.from_numpy(rules.image_slots(ids.cpu().numpy(), cfg)).to(dev)
         else:
             ref = self.get_input_embeddings().weight[cfg.image_token_index].to(embeds.dtype)
             slots = (embeds == ref).all(-1)
-        counts = slots.sum(1)
-        if bool((counts != q).any()):
-            raise ValueError(
-                f"config.image_token_index={cfg.image_token_index} is set, so every row of input_ids must hold "
-                f"exactly num_query_tokens={q} image placeholder tokens (Blip2Processor adds them); found "
-                f"{counts.tolist()}. Prepend {q} ids {cfg.image_token_index} (and {q} ones to attention_mask).")
+            rules.check_image_slots(slots.sum(1).cpu().numpy(), cfg)
         return embeds.masked_scatter(slots[..., None].expand_as(embeds), lm_inputs), mask
 
     def _run_language_model(self, embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
@@ -191,7 +187,7 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
                 labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
                 # Only the text positions carry labels: align on the right, then shift by one. As in
                 # transformers, the returned logits are then the labelled positions only.
-                logits = logits[:, -labels.shape[1]:]
+                logits = logits[:, -rules.labelled_length(logits.shape[1], labels.shape[1]):]
                 loss = causal_lm_loss(logits, labels)
             return out, loss, logits
         dec_ids = _ids(decoder_input_ids, "decoder_input_ids", tc.vocab_size, embeds.device)
@@ -280,16 +276,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
                  interpolate_pos_encoding: bool = False, generator: Optional[torch.Generator] = None, **kwargs):
-        cfg, tc = self.config, self.config.text_config
+        cfg = self.config
         lm_inputs, _, _ = self._language_inputs(pixel_values, interpolate_pos_encoding)
         b, dev = lm_inputs.shape[0], lm_inputs.device
         if input_ids is None and inputs_embeds is None:
-            start = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
-            bos = getattr(tc, "bos_token_id", None) if self.is_decoder_only else None
-            start += [bos] if bos is not None else []
-            if not start:
-                raise ValueError("pass input_ids: this config has neither image_token_index nor a bos token")
-            input_ids = torch.tensor([start] * b, dtype=torch.long, device=dev)
+            input_ids = torch.from_numpy(rules.default_prompt(cfg, b)).to(dev)
         embeds, full_mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         if self.is_decoder_only and input_ids is None:
             raise ValueError("OPT generation needs input_ids (the returned sequences start with them)")
@@ -298,10 +289,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         return self._generate_seq2seq(embeds, full_mask, b, generator, kwargs)
 
     def _settings(self, prompt_length: int, kwargs: dict):
-        tc = self.config.text_config
-        defaults = {"eos_token_id": tc.eos_token_id, "pad_token_id": tc.pad_token_id}
-        return resolve_generation(prompt_length, defaults=defaults,
-                                  max_positions=getattr(tc, "max_position_embeddings", None), **kwargs)
+        return rules.generation_settings(self.config, prompt_length, **kwargs)
 
     def _generate_decoder_only(self, input_ids, embeds, full_mask, generator, kwargs):
         ids = _ids(input_ids, "input_ids", self.config.text_config.vocab_size, embeds.device)
@@ -325,11 +313,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
                                reorder_cache=lm.reorder_cache, generator=generator)
 
     def _generate_seq2seq(self, embeds, enc_mask, b, generator, kwargs):
-        tc = self.config.text_config
-        start_id = kwargs.pop("decoder_start_token_id", None)
-        start_id = tc.decoder_start_token_id if start_id is None else start_id
-        if start_id is None:
-            raise ValueError("text_config.decoder_start_token_id is not set; pass decoder_start_token_id")
+        start_id = rules.decoder_start_token_id(self.config, kwargs.pop("decoder_start_token_id", None))
         settings = self._settings(1, kwargs)
         n = engine.expand_size(settings)
         lm = self.language_model
@@ -364,13 +348,8 @@ class Blip2ForImageTextRetrieval(_Blip2PreTrained):
 
     def _strip_placeholders(self, ids, mask):
         """Drop the Q placeholders Blip2Processor prepends (the Q-Former's queries take their place)."""
-        cfg, q = self.config, self.config.num_query_tokens
-        if cfg.image_token_index is None:
-            return ids, mask, False
-        if ids.shape[1] < q or not bool((ids[:, :q] == cfg.image_token_index).all()):
-            raise ValueError(f"config.image_token_index={cfg.image_token_index} is set, so input_ids must start "
-                             f"with num_query_tokens={q} placeholder ids (as Blip2Processor makes them)")
-        return ids[:, q:], mask, True
+        kept, stripped = rules.strip_placeholders(ids.cpu().numpy(), self.config)
+        return (ids[:, ids.shape[1] - kept.shape[1]:] if stripped else ids), mask, stripped
 
     def forward(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head: bool = False,
                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True):

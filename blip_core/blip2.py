@@ -1,0 +1,109 @@
+"""BLIP-2's framework-neutral rules, shared by every backend's ``blip2`` module.
+
+Everything here works on numpy arrays and configs only: where the image queries go in the text
+(placeholder slots or concatenation in front), which prompt ``generate`` starts from, the
+generation defaults of the language model, how OPT's loss lines labels up with logits, and which
+parts stay float32 in a float16 model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .configs import Blip2Config, OPTConfig
+from .generation import GenerationSettings, resolve_generation
+
+# transformers' ``_keep_in_fp32_modules`` for BLIP-2. In 4.57 the rule applies to float16 only: in
+# bfloat16 the whole model is bfloat16.
+KEEP_FLOAT32_MODULES = ("query_tokens", "qformer")
+
+
+def keeps_float32(dtype_name: Optional[str]) -> bool:
+    """Whether the Q-Former and the query tokens stay float32 for a model of this dtype."""
+    return dtype_name == "float16"
+
+
+def is_decoder_only(config: Blip2Config) -> bool:
+    """OPT (decoder-only, generation starts from embeddings) versus T5 (encoder-decoder)."""
+    return isinstance(config.text_config, OPTConfig)
+
+
+def uses_placeholders(config: Blip2Config) -> bool:
+    """True: the queries replace ``image_token_index`` placeholders; False: they are concatenated in front."""
+    return config.image_token_index is not None
+
+
+def check_image_slots(counts, config: Blip2Config) -> None:
+    """Every row must hold exactly ``num_query_tokens`` placeholders (``counts``: placeholders per row).
+
+    transformers 4.57 silently ignores the image otherwise; we refuse.
+    """
+    counts = np.asarray(counts).reshape(-1)
+    q = config.num_query_tokens
+    if np.any(counts != q):
+        raise ValueError(
+            f"config.image_token_index={config.image_token_index} is set, so every row of input_ids must hold "
+            f"exactly num_query_tokens={q} image placeholder tokens (Blip2Processor adds them); found "
+            f"{counts.tolist()}. Prepend {q} ids {config.image_token_index} (and {q} ones to attention_mask).")
+
+
+def image_slots(input_ids: np.ndarray, config: Blip2Config) -> np.ndarray:
+    """Boolean (B, L) mask of the placeholder positions, checked with ``check_image_slots``."""
+    slots = np.asarray(input_ids) == config.image_token_index
+    check_image_slots(slots.sum(axis=1), config)
+    return slots
+
+
+def strip_placeholders(input_ids: np.ndarray, config: Blip2Config):
+    """Drop the leading placeholders ``Blip2Processor`` adds for the Q-Former text models.
+
+    Returns ``(ids, stripped)``; without ``image_token_index`` the ids are returned unchanged.
+    """
+    ids = np.asarray(input_ids)
+    if not uses_placeholders(config):
+        return ids, False
+    q = config.num_query_tokens
+    if ids.shape[1] < q or not bool(np.all(ids[:, :q] == config.image_token_index)):
+        raise ValueError(f"config.image_token_index={config.image_token_index} is set, so input_ids must start "
+                         f"with num_query_tokens={q} placeholder ids (as Blip2Processor makes them)")
+    return ids[:, q:], True
+
+
+def default_prompt(config: Blip2Config, batch_size: int) -> np.ndarray:
+    """The ids ``generate`` starts from without ``input_ids``: the placeholders (if the config uses
+    them), then OPT's bos. T5 gets the placeholders only (its decoder starts on its own)."""
+    start = [config.image_token_index] * config.num_query_tokens if uses_placeholders(config) else []
+    if is_decoder_only(config) and getattr(config.text_config, "bos_token_id", None) is not None:
+        start.append(config.text_config.bos_token_id)
+    if not start:
+        raise ValueError("pass input_ids: this config has neither image_token_index nor a bos token")
+    return np.tile(np.asarray([start], dtype=np.int64), (batch_size, 1))
+
+
+def decoder_start_token_id(config: Blip2Config, override: Optional[int] = None) -> int:
+    """T5's first decoder token (``decoder_start_token_id``, 0 for the hub checkpoints)."""
+    start = config.text_config.decoder_start_token_id if override is None else override
+    if start is None:
+        raise ValueError("text_config.decoder_start_token_id is not set; pass decoder_start_token_id")
+    return int(start)
+
+
+def generation_settings(config: Blip2Config, prompt_length: int, **kwargs) -> GenerationSettings:
+    """``resolve_generation`` with the language model's eos/pad and (OPT) its position table.
+
+    ``prompt_length`` counts the decoder tokens the output starts with: the given ids for OPT
+    (placeholders + bos + prompt), 1 (the start token) for T5.
+    """
+    tc = config.text_config
+    defaults = {"eos_token_id": tc.eos_token_id, "pad_token_id": tc.pad_token_id}
+    return resolve_generation(prompt_length, defaults=defaults,
+                              max_positions=getattr(tc, "max_position_embeddings", None), **kwargs)
+
+
+def labelled_length(num_logits: int, num_labels: int) -> int:
+    """OPT's loss: only the last ``num_labels`` positions (the text) carry labels; the returned
+    logits are those positions, and the loss shifts them by one as any causal LM loss does."""
+    if num_labels > num_logits:
+        raise ValueError(f"labels have {num_labels} positions but the language model sees only {num_logits}")
+    return num_labels
