@@ -131,7 +131,7 @@ def prefill_positions(xp, mask):
 
 def init_state(xp, plan: DecodePlan, ids, mask, rng):
     """The state before the first step; ``ids``/``mask`` (N, P) are already expanded per beam/sample."""
-    n, p = plan_rows(ids), plan.prompt_length
+    n, p = xp.rows(ids), plan.prompt_length
     fill = plan.fill_value if plan.beam else 0
     seqs = xp.concat([xp.cast(ids, "int32"), xp.full((n, plan.max_new_tokens), fill, "int32")], axis=1)
     key_mask = xp.concat([xp.cast(mask, "int32"), xp.zeros((n, plan.max_new_tokens), "int32")], axis=1)
@@ -151,10 +151,6 @@ def init_state(xp, plan: DecodePlan, ids, mask, rng):
     return state
 
 
-def plan_rows(x) -> int:
-    return int(x.shape[0])
-
-
 def step_inputs(xp, state):
     """The last written token (N, 1), its position (N, 1) and its buffer index."""
     t = state["cur"] - 1
@@ -172,7 +168,7 @@ def _is_eos(xp, tokens, eos):
 
 def process_scores(xp, plan: DecodePlan, num, scores, seqs, cur):
     """transformers' processor chain on (N, V) float32 scores given the sequences filled up to ``cur``."""
-    n, v = scores.shape[0], scores.shape[1]
+    n, v = xp.rows(scores), scores.shape[1]
     total = seqs.shape[1]
     filled = xp.arange(total) < cur                                           # (T,)
     if plan.repetition_penalty:
@@ -202,7 +198,7 @@ def process_scores(xp, plan: DecodePlan, num, scores, seqs, cur):
 
 def _banned_ngrams(xp, size: int, seqs, cur, shape):
     """NoRepeatNGram: ban the token that would complete an n-gram already present in ``seqs[:cur]``."""
-    n, total = seqs.shape[0], seqs.shape[1]
+    total = seqs.shape[1]
     width = total - size + 1
     if width <= 0:
         return xp.zeros(shape, "bool")
@@ -217,7 +213,7 @@ def _banned_ngrams(xp, size: int, seqs, cur, shape):
 
 def _banned_words(xp, words: tuple, seqs, cur, shape):
     """NoBadWords: ban a word's last token when the tokens before ``cur`` end with the rest of it."""
-    n = seqs.shape[0]
+    n = xp.rows(seqs)
     banned = xp.zeros(shape, "bool")
     for word in words:
         head = len(word) - 1
@@ -236,7 +232,7 @@ def _record_scores(xp, plan, state, scores):
         return state
     buf = state["scores"]
     if buf is None:
-        buf = xp.zeros((scores.shape[0], plan.max_new_tokens, scores.shape[1]), "float32")
+        buf = xp.zeros((xp.rows(scores), plan.max_new_tokens, scores.shape[1]), "float32")
     step = state["cur"] - plan.prompt_length
     return dict(state, scores=xp.write(buf, scores[:, None, :], step, axis=1))
 
@@ -270,7 +266,7 @@ def _token_choose(xp, plan, num, state, logits):
     tokens = xp.cast(tokens, "int32")
     if plan.n_eos:          # finished rows get pad, only when an eos criterion exists (as transformers)
         tokens = xp.where(state["unfinished"], tokens, num["pad"])
-    n = plan_rows(tokens)
+    n = xp.rows(tokens)
     state = dict(state, seqs=xp.write(state["seqs"], tokens[:, None], state["cur"], axis=1))
     state = _open_slot(xp, state, n)
     hit = xp.broadcast(state["cur"] >= plan.total, (n,))
@@ -281,13 +277,13 @@ def _token_choose(xp, plan, num, state, logits):
 
 def _gather(xp, x, idx):
     """x (B, K, ...) gathered along axis 1 with idx (B, J) (the op broadcasts trailing axes)."""
-    return xp.take_along(x, xp.reshape(idx, tuple(idx.shape) + (1,) * (len(x.shape) - 2)), axis=1)
+    return xp.take_along(x, xp.reshape(idx, (xp.rows(idx), idx.shape[1]) + (1,) * (len(x.shape) - 2)), axis=1)
 
 
 def _beam_choose(xp, plan, num, state, logits):
     """One step of transformers' vectorised beam search (``_beam_search`` and its helpers)."""
-    b, k = state["running_scores"].shape[0], plan.num_beams
-    n, v = logits.shape[0], logits.shape[1]
+    b, k = xp.rows(state["running_scores"]), plan.num_beams
+    n, v = xp.rows(logits), logits.shape[1]
     total, p, cur = plan.total, plan.prompt_length, state["cur"]
     keep = max(2, 1 + plan.n_eos) * k
     logp = process_scores(xp, plan, num, xp.log_softmax(logits), state["seqs"], cur)
@@ -353,7 +349,7 @@ def finish(xp, plan: DecodePlan, state):
     steps = state["cur"] - plan.prompt_length
     if not plan.beam:
         return state["seqs"], state["cur"], None, steps
-    b, r = state["done_seqs"].shape[0], plan.num_return_sequences
+    b, r = xp.rows(state["done_seqs"]), plan.num_return_sequences
     seqs = xp.reshape(state["done_seqs"][:, :r], (b * r, plan.total))
     length = plan.prompt_length + xp.max(state["lengths"][:, :r])
     return seqs, length, xp.reshape(state["beam_scores"][:, :r], (b * r,)), steps

@@ -46,6 +46,9 @@ class TorchOps:
     def scalar(self, v):
         return v
 
+    def rows(self, x):
+        return x.shape[0]
+
     def asarray(self, a):
         a = np.asarray(a)
         return torch.as_tensor(a.astype(np.int64) if a.dtype.kind in "iu" else a, device=self.device)
