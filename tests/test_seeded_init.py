@@ -15,13 +15,15 @@ import pytest
 import backends.jax
 import backends.tf
 import backends.torch
+from backends.jax._base import flatten as jax_flatten
 from blip_core.checkpoint import load_state_dict
 from blip_core.configs import config_from_dict
 from blip_core.pretrained import config_for
 from blip_core.weights import ARCHITECTURES, init_rules, random_weights, weight_table
 from hf_configs import OPT_TEXT, blip2_config, blip_config
 
-FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "models", "*")))
+MODELS_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "models")
+FIXTURES = sorted(glob.glob(os.path.join(MODELS_DIR, "*")))
 MODULES = {"torch": backends.torch, "jax": backends.jax, "tf": backends.tf}
 
 
@@ -43,6 +45,10 @@ def _variants():
 
 
 VARIANTS = _variants()
+
+
+def _fixture_config(arch):
+    return config_for(arch, os.path.join(MODELS_DIR, arch))
 
 
 def _backends_of(arch):
@@ -67,8 +73,9 @@ def test_every_class_has_a_variant_and_blip2_has_both_language_models():
 def test_same_seed_same_weights_in_every_backend(arch, cfg, tmp_path):
     table = weight_table(arch, cfg)
     want = {s: random_weights(arch, cfg, s) for s in (0, 1)}
-    for backend in _backends_of(arch):
-        got = _exported(getattr(MODULES[backend], arch)(cfg, seed=0), tmp_path / backend)
+    models = {b: getattr(MODULES[b], arch)(cfg, seed=0) for b in _backends_of(arch)}
+    for backend, model in models.items():
+        got = _exported(model, tmp_path / backend)
         assert sorted(got) == sorted(want[0]), backend
         for name, value in want[0].items():
             assert got[name].dtype == np.float32 and np.array_equal(got[name], value), (backend, name)
@@ -77,8 +84,7 @@ def test_same_seed_same_weights_in_every_backend(arch, cfg, tmp_path):
         same = np.array_equal(want[0][name], want[1][name])
         assert same == (rule.dist == "constant"), name
     # tied rows in torch share their target's tensor
-    model = backends.torch.__dict__[arch](cfg, seed=0)
-    state = model.state_dict(keep_vars=True)
+    state = models["torch"].state_dict(keep_vars=True)
     for name, spec in table.items():
         if spec.tied_to is not None:
             assert state[name] is state[spec.tied_to], name
@@ -86,11 +92,11 @@ def test_same_seed_same_weights_in_every_backend(arch, cfg, tmp_path):
 
 @pytest.mark.parametrize("backend", list(MODULES))
 def test_seed_is_reproducible_and_matters_in_each_backend(backend):
-    cfg = config_for("BlipForQuestionAnswering", os.path.join(os.path.dirname(FIXTURES[0]), "BlipForQuestionAnswering"))
+    cfg = _fixture_config("BlipForQuestionAnswering")
     cls = MODULES[backend].BlipForQuestionAnswering
     a, b, c = (cls(cfg, seed=s) for s in (5, 5, 6))
     export = {"torch": lambda m: {k: v.numpy() for k, v in m.state_dict().items()},
-              "jax": lambda m: {"/".join(k): np.asarray(v) for k, v in _flat(m.params).items()},
+              "jax": lambda m: {"/".join(k): v for k, v in jax_flatten(m.params).items()},
               "tf": lambda m: {k: v.numpy() for k, v in m.params.items()}}[backend]
     ea, eb, ec = export(a), export(b), export(c)
     assert all(np.array_equal(ea[k], eb[k]) for k in ea)
@@ -98,17 +104,9 @@ def test_seed_is_reproducible_and_matters_in_each_backend(backend):
     assert not np.array_equal(ea[key], ec[key])
 
 
-def _flat(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
-
-
 def test_bfloat16_init_is_the_float32_draw_rounded_the_same_everywhere(tmp_path):
     import ml_dtypes
-    cfg = config_for("BlipForConditionalGeneration", os.path.join(os.path.dirname(FIXTURES[0]),
-                                                                   "BlipForConditionalGeneration"))
+    cfg = _fixture_config("BlipForConditionalGeneration")
     want = {k: v.astype(ml_dtypes.bfloat16) for k, v in random_weights("BlipForConditionalGeneration", cfg, 0).items()}
     for backend, module in MODULES.items():
         got = _exported(module.BlipForConditionalGeneration(cfg, seed=0, dtype="bfloat16"), tmp_path / backend)
@@ -156,7 +154,7 @@ def test_distributions_follow_each_sub_config():
 
 
 def test_a_row_draw_depends_on_its_name_not_on_the_table():
-    cfg = config_for("BlipForQuestionAnswering", os.path.join(os.path.dirname(FIXTURES[0]), "BlipForQuestionAnswering"))
+    cfg = _fixture_config("BlipForQuestionAnswering")
     vqa = random_weights("BlipForQuestionAnswering", cfg, 3)
     cap = random_weights("BlipForConditionalGeneration", cfg, 3)
     shared = set(vqa) & set(cap)
@@ -164,7 +162,7 @@ def test_a_row_draw_depends_on_its_name_not_on_the_table():
 
 
 def test_bad_seeds_are_refused():
-    cfg = config_for("BlipVisionModel", os.path.join(os.path.dirname(FIXTURES[0]), "BlipVisionModel"))
+    cfg = _fixture_config("BlipVisionModel")
     for seed in (-1, 1.5, "0", True):
         with pytest.raises(ValueError, match="seed"):
             random_weights("BlipVisionModel", cfg, seed)
@@ -173,7 +171,7 @@ def test_bad_seeds_are_refused():
 def test_torch_seed_none_draws_nothing(monkeypatch, tmp_path):
     """``seed=None`` (what from_pretrained uses) skips the draw entirely."""
     import backends.torch._base as base
-    d = os.path.join(os.path.dirname(FIXTURES[0]), "BlipForConditionalGeneration")
+    d = os.path.join(MODELS_DIR, "BlipForConditionalGeneration")
 
     def refuse(*args, **kwargs):
         raise AssertionError("random init ran")
