@@ -103,10 +103,6 @@ def _contrastive(logits):
 class _BlipBase(JaxModel):
     config_class = BlipConfig
 
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, config.vision_config.initializer_range
-
     def _pixels(self, pixel_values, interpolate):
         return vision_inputs(self.config.vision_config, pixel_values, interpolate, self.dtype)
 

@@ -348,10 +348,6 @@ class BlipTextModel(JaxModel):
     def _module(self):
         return TextModel(self.config, add_pooling_layer=True)
 
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, 0.0
-
     def _forward(self, params, ids, mask, position_ids, embeds, context, context_mask, causal,
                  output_hidden_states=False, output_attentions=False):
         h, pooled, _, hidden, attentions, cross = self.module.apply(

@@ -64,7 +64,7 @@ def _mask(x, name: str, shape, device) -> Optional[torch.Tensor]:
 
 
 class _Blip2PreTrained(PreTrainedModel):
-    """Shared plumbing: seeded query init, float16 keep-in-float32 rule, the image -> queries path."""
+    """Shared plumbing: float16 keep-in-float32 rule, the image -> queries path."""
 
     _keep_in_fp32_modules = rules.KEEP_FLOAT32_MODULES
 
@@ -94,11 +94,6 @@ class _Blip2PreTrained(PreTrainedModel):
         model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device)
         model._set_dtype(dt)
         return model
-
-    def init_extra(self, gen, config) -> None:
-        # transformers zero-fills the queries; a seeded normal draw keeps random models non-degenerate.
-        if isinstance(getattr(self, "query_tokens", None), nn.Parameter):
-            nn.init.normal_(self.query_tokens, 0.0, self.init_std, generator=gen)
 
     def _build_front(self, config, vision: bool = True) -> None:
         if vision:
