@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from blip_core.configs import BlipTextConfig
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import JaxModel, activation, as_input, mask_like, softmax, token_ids
 from .vision import LayerNorm
-
-MASK_VALUE = -10000.0
 
 
 # -- masks ---------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ import tensorflow as tf
 
 from blip_core import pretrained
 from blip_core.generation import check_token_ids
+from blip_core.numerics import MASK_VALUE
 from blip_core.weights import backend_params, owned, random_weights, weight_table
 
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
-NEG_MASK = -10000.0   # additive mask value of BERT-style attention (transformers uses the same)
 
 
 def resolve_dtype(dtype) -> tf.DType:
@@ -213,7 +213,7 @@ def flag(value, config, name: str) -> bool:
 
 def padding_bias(mask):
     """(B, L) 0/1 mask -> additive (B, 1, 1, L) bias with transformers' -10000 convention."""
-    return ((1.0 - tf.cast(mask, tf.float32)) * NEG_MASK)[:, None, None, :]
+    return ((1.0 - tf.cast(mask, tf.float32)) * MASK_VALUE)[:, None, None, :]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):

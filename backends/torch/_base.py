@@ -143,6 +143,8 @@ class PreTrainedModel(nn.Module):
         # `config` may be None when a tower class that already set `self.config` is mixed in first.
         super().__init__()
         if config is not None:
+            if self.architecture:   # invariants of this class alone (jax and tf check them via the weight table)
+                config.validate_for(self.architecture)
             self.config = config
 
     # -- init ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-BACKENDS = ("torch", "tf", "jax")
+from ..registry import BACKENDS
 
 
 @dataclass(frozen=True)
