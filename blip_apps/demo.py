@@ -30,8 +30,9 @@ def demo_config():
         vocab = [line.rstrip("\n") for line in fh]
     n = len(vocab)          # [DEC] and [ENC] are added after the vocabulary, as in BLIP
     return BlipConfig(
+        # transformers' vision default initializer_range (1e-10) would make a random tower ignore the image
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=64, patch_size=16),
+                           image_size=64, patch_size=16, initializer_range=0.02),
         text_config=dict(vocab_size=n + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, bos_token_id=n,
                          sep_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]")),
