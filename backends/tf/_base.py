@@ -262,16 +262,23 @@ class BlipTFModel(tf.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=None, allow_pickle_bin: bool = False):
-        """Load a Hugging Face directory strictly: safetensors (single or sharded), opt-in
+    def from_pretrained(cls, path, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        """Load a Hugging Face directory: safetensors (single or sharded), opt-in
         ``pytorch_model.bin``, or (when there are no PyTorch-layout weights) ``tf_model.h5`` /
         ``flax_model.msgpack`` through the spec layer. ``dtype`` defaults to float32 as in transformers.
+        Cross-class loading, ``strict`` and ``seed`` as in every backend; ``device`` is a TF device
+        name (``"/GPU:0"``) under which the variables are created.
         """
+        dtype, device = pretrained.hf_loading_kwargs(dtype, device, **hf_kwargs)
         config, _, values = pretrained.read_pretrained(os.fspath(path), cls.architecture, "tf",
-                                                       allow_pickle_bin=allow_pickle_bin)
+                                                       allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
         # every parameter is floating; float16 / bfloat16 files upcast exactly, then cast to ``dtype``
         values = {k: np.asarray(v).astype(np.float32) for k, v in values.items()}
-        return cls(config, dtype=dtype, _values=values)
+        if device in (None, "auto"):
+            return cls(config, dtype=dtype, _values=values)
+        with tf.device(device):
+            return cls(config, dtype=dtype, _values=values)
 
     def save_pretrained(self, path, max_shard_size="5GB"):
         """Write ``config.json`` and safetensors exactly as transformers would (tied rows omitted)."""

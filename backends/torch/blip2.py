@@ -28,6 +28,7 @@ from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
 from blip_core.generation import check_token_ids
 from blip_core.numerics import NORM_EPS
+from blip_core.pretrained import hf_loading_kwargs
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput)
 
@@ -87,12 +88,15 @@ class _Blip2PreTrained(PreTrainedModel):
                         part.float()
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None):
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         dt = resolve_dtype(dtype)
+        kw = dict(allow_pickle_bin=allow_pickle_bin, device=device, strict=strict, seed=seed)
         if not rules.keeps_float32(str(dt).replace("torch.", "")):
-            return super().from_pretrained(path, dtype=dtype, allow_pickle_bin=allow_pickle_bin, device=device)
+            return super().from_pretrained(path, dtype=dtype, **kw)
         # Load in float32 first so the kept modules never pass through float16.
-        model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device)
+        model = super().from_pretrained(path, dtype=None, **kw)
         model._set_dtype(dt)
         return model
 
