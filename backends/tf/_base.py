@@ -257,8 +257,15 @@ class BlipTFModel(tf.Module):
     def _build(self):
         raise NotImplementedError
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, training: bool = False, **kwargs):
+        """``forward``; ``training`` is Keras' flag. Dropout is not implemented in this backend, so
+        ``training=True`` is refused where the config asks for dropout (it would change numbers)."""
+        if training and _has_dropout(self.config):
+            raise NotImplementedError("training=True: dropout is not implemented in the TF backend and this "
+                                      "config sets a dropout probability; gradients work with training=False")
         return self.forward(*args, **kwargs)
+
+    call = __call__     # Keras' name for the forward pass
 
     # -- checkpoints ----------------------------------------------------------------------------
     @classmethod
@@ -288,3 +295,13 @@ class BlipTFModel(tf.Module):
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(v.shape) for v in self.params.values()))
+
+
+def _has_dropout(config) -> bool:
+    """Whether any (sub-)config sets a non-zero dropout probability."""
+    for key, value in vars(config).items():
+        if hasattr(value, "__dataclass_fields__") and _has_dropout(value):
+            return True
+        if "dropout" in key and isinstance(value, (int, float)) and value > 0:
+            return True
+    return False
