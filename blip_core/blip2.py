@@ -107,3 +107,26 @@ def labelled_length(num_logits: int, num_labels: int) -> int:
     if num_labels > num_logits:
         raise ValueError(f"labels have {num_labels} positions but the language model sees only {num_logits}")
     return num_labels
+
+
+LOSS_CONVENTIONS = ("transformers", "lavis")
+
+
+def loss_window(num_logits: int, num_labels: int, convention: str = "transformers") -> tuple:
+    """``(positions, leading ignored labels)`` of the OPT captioning loss under ``convention``.
+
+    * ``"transformers"`` (transformers 4.57, the default): the loss reads the last ``num_labels``
+      logits and shifts by one inside them, so the first labelled token is never scored.
+    * ``"lavis"`` (LAVIS ``Blip2OPT.forward``): the targets span the whole sequence with the query
+      positions ignored, so the last query position also predicts the first text token. Here: one
+      more logit position, and the labels get one ignored (-100) column in front.
+
+    When the labels already cover every position (placeholder path with labels over the whole
+    input) the two agree. T5 computes its loss on the decoder alone: both conventions are the same.
+    """
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f"loss_convention must be one of {', '.join(LOSS_CONVENTIONS)}, got {convention!r}")
+    n = labelled_length(num_logits, num_labels)
+    if convention == "lavis" and n < num_logits:
+        return n + 1, 1
+    return n, 0

@@ -2,6 +2,7 @@
 
     blip convert SRC DST --to {torch,tf,jax} [--dtype D] [--max-shard-size 2GB] [--allow-pickle-bin]
                  [--image-size N] [--source-format F] [--architecture CLS] [--config PATH]
+                 [--preset NAME] [--set FIELD=VALUE ...] [--vision-model PATH] [--qformer PATH]
                  [--language-model PATH] [--overwrite] [--no-progress]
     blip parity PATH [--backends torch,tf,jax] [--dtype float32] [--reference transformers]
                 [--against OTHER] [--seed 0]
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from blip_core import BACKENDS
+from blip_core.presets import preset_names
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -37,26 +40,53 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--source-format", choices=["safetensors", "bin", "tf", "flax", "original"], default=None)
     p.add_argument("--architecture", default=None, help="class name, when config.json does not name one")
     p.add_argument("--config", default=None, help="config.json (or its directory) for sources without one")
-    p.add_argument("--language-model", default=None,
-                   help="Hugging Face OPT/T5 checkpoint for LAVIS .pth files that leave the LM out")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="config of a released model family (original .pth files): " + ", ".join(preset_names()))
+    p.add_argument("--set", dest="overrides", action="append", default=None, metavar="FIELD=VALUE",
+                   help="override one config field of --preset or of the config inferred from an original "
+                        ".pth, e.g. vision_config.image_size=480 (repeatable)")
+    p.add_argument("--vision-model", default=None, metavar="PATH",
+                   help="checkpoint supplying the vision tower the source leaves out (EVA ViT-g .pth, a "
+                        "BLIP-2 Hugging Face directory, an original .pth)")
+    p.add_argument("--qformer", default=None, metavar="PATH", help="checkpoint supplying the Q-Former and queries")
+    p.add_argument("--language-model", default=None, metavar="PATH",
+                   help="Hugging Face OPT/T5 checkpoint (safetensors, sharded, or .bin with --allow-pickle-bin) "
+                        "for LAVIS .pth files that leave the LM out")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     p.set_defaults(func=run_convert)
     return p
 
 
+# API argument -> command-line flag, for error messages (the API names arguments, the CLI flags).
+_FLAGS = {"allow_pickle_bin=True": "--allow-pickle-bin", "overwrite=True": "--overwrite",
+          "source_format=": "--source-format", "architecture=": "--architecture", "config=": "--config",
+          "preset=": "--preset", "overrides=": "--set", "image_size=": "--image-size",
+          "vision_model=": "--vision-model", "qformer=": "--qformer", "language_model=": "--language-model",
+          "max_shard_size=": "--max-shard-size", "dtype=": "--dtype"}
+_FLAG_RE = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + ")")
+
+
+def flag_message(message: str) -> str:
+    """An API error message with each ``argument=`` spelled as the CLI flag that sets it."""
+    return _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], message)
+
+
 def run_convert(args) -> int:
     from blip_core.checkpoint import CheckpointError
 
     from .convert import ConversionError, convert
+    from .presets import parse_overrides
     try:
         report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
                          allow_pickle_bin=args.allow_pickle_bin, source_format=args.source_format,
                          architecture=args.architecture, image_size=args.image_size, config=args.config,
                          language_model=args.language_model, overwrite=args.overwrite,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None, preset=args.preset,
+                         overrides=parse_overrides(args.overrides), vision_model=args.vision_model,
+                         qformer=args.qformer)
     except (CheckpointError, ConversionError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"blip convert: error: {exc}", file=sys.stderr)
+        print(f"blip convert: error: {flag_message(str(exc))}", file=sys.stderr)
         return 1
     print(report)
     return 0
@@ -102,7 +132,7 @@ def run_parity(args) -> int:
             result = harness.parity(args.path, backends=backends, dtype=args.dtype, reference=args.reference,
                                     seed=args.seed, allow_pickle_bin=args.allow_pickle_bin)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"blip parity: error: {exc}", file=sys.stderr)
+        print(f"blip parity: error: {flag_message(str(exc))}", file=sys.stderr)
         return 2
     return result.exit_code
 

@@ -32,6 +32,8 @@ from blip_core.formats.original import resize_position_embedding
 from blip_core.pretrained import config_for
 from blip_core.weights import weight_table
 
+from . import components
+from .presets import plan_config
 from .progress import Progress
 from .sinks import TARGETS, stored_rows, write_target
 from .sources import detect_format, open_source
@@ -94,7 +96,7 @@ def _read_config(src: str, weights_path: str, config):
         if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json")):
             return load_config(folder)
     raise ConversionError(f"{src}: no config.json next to the weights; pass config= (a config.json or the "
-                          "Hugging Face config directory of the same model)")
+                          "Hugging Face config directory of the same model) or preset=")
 
 
 def _with_image_size(cfg, image_size: int):
@@ -202,7 +204,8 @@ def _move_into_place(tmp: str, dst: str) -> None:
 def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_pickle_bin: bool = False,
             source_format: str | None = None, architecture: str | None = None, image_size: int | None = None,
             config=None, language_model=None, overwrite: bool = False, progress: bool | None = None,
-            verify: bool = True) -> ConversionReport:
+            verify: bool = True, preset: str | None = None, overrides: dict | None = None, vision_model=None,
+            qformer=None) -> ConversionReport:
     """Convert the checkpoint at ``src`` into ``dst`` for framework ``to`` ("torch", "tf" or "jax").
 
     ``source_format``: "safetensors", "bin", "tf", "flax" or "original" (default: detected).
@@ -210,9 +213,13 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
     ``dtype``: cast floating tensors ("float32", "float16", "bfloat16").
     ``image_size``: run the vision tower at another resolution (position embedding resized).
     ``config``: config.json / directory / config object, for sources without config.json
-    (original ``.pth``). ``language_model``: Hugging Face checkpoint of the LM that a LAVIS
-    ``.pth`` leaves out. ``overwrite``: replace an existing ``dst``. ``progress``: progress bar on
-    stderr (default: when stderr is a terminal). ``.bin``/``.pth`` need ``allow_pickle_bin=True``.
+    (original ``.pth``). ``preset``: a named config (``blip_core.presets``); for original ``.pth``
+    files without ``config`` the architecture and sizes are read from the state dict (see
+    ``converters.presets``), ``overrides`` (``{"section.field": value}``) win over both.
+    ``vision_model``, ``qformer``, ``language_model``: checkpoints that supply the towers the source
+    leaves out (``converters.components``). ``overwrite``: replace an existing ``dst``.
+    ``progress``: progress bar on stderr (default: when stderr is a terminal). ``.bin``/``.pth``
+    need ``allow_pickle_bin=True``.
     """
     start = time.time()
     if to not in TARGETS:
@@ -223,16 +230,29 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another destination or pass overwrite=True")
     fmt, weights_path = detect_format(src, source_format)
-    cfg = _read_config(src, weights_path, config)
-    arch = architecture or (cfg.architectures or [None])[0]
+    parts = components.requested(vision_model=vision_model, qformer=qformer, language_model=language_model)
+    planned = plan_config(src, fmt, weights_path, config, preset, overrides, architecture, allow_pickle_bin,
+                          components.language_model_config(language_model))
+    if planned is None:
+        cfg = _read_config(src, weights_path, config)
+        arch = architecture or (cfg.architectures or [None])[0]
+        state, plan_notes = None, []
+    else:
+        arch, cfg, plan_notes, state = planned
     if arch is None:
         raise ConversionError(f"{src}: config.json names no 'architectures'; pass architecture=")
     cfg = config_for(arch, cfg)
     if image_size is not None:
         cfg = _with_image_size(cfg, image_size)
     table = weight_table(arch, cfg)
-    source = open_source(fmt, weights_path, table, arch, allow_pickle_bin, language_model)
-    report = ConversionReport(src, dst, fmt, to, arch, notes=list(source.notes))
+    source = open_source(fmt, weights_path, table, arch, allow_pickle_bin, state)
+    if parts:
+        try:
+            source = components.ComposedSource(source, table, arch, parts, allow_pickle_bin)
+        except BaseException:
+            source.close()
+            raise
+    report = ConversionReport(src, dst, fmt, to, arch, notes=plan_notes + list(source.notes))
     tmp = bar = None
     try:
         resized, notes = _check(source, table, resize_ok=fmt == "original" or image_size is not None)

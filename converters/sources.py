@@ -261,54 +261,25 @@ class BinSource(Source):
 class OriginalSource(DictSource):
     """Original BLIP / LAVIS ``.pth`` renamed to canonical names (``formats.original``).
 
-    ``language_model``: a Hugging Face OPT/T5 checkpoint to take ``language_model.*`` from, for
-    LAVIS checkpoints that leave the frozen language model out.
+    ``state``: the file's state dict when the caller has already read it (to infer a config).
+    Towers the file leaves out come from other checkpoints (``converters.components``).
     """
 
     format = "original"
 
-    def __init__(self, path, table: dict, architecture: str, allow_pickle_bin: bool, language_model=None):
-        state = original.load_original_state_dict(path, allow_pickle_bin=allow_pickle_bin)
+    def __init__(self, path, table: dict, architecture: str, allow_pickle_bin: bool, state=None):
+        if state is None:
+            state = original.load_original_state_dict(path, allow_pickle_bin=allow_pickle_bin)
         renamed, unused = original.rename_original(state, table, architecture)
         super().__init__(renamed)
         self.files = [os.fspath(path)]
         if unused:
             shown = ", ".join(unused[:6]) + (", ..." if len(unused) > 6 else "")
             self.notes.append(f"left out {len(unused)} original key(s) {architecture} has no place for: {shown}")
-        self._lm = None
-        if language_model is not None:
-            fmt, lm_path = detect_format(language_model)
-            if fmt != "safetensors":
-                raise ValueError(f"language_model must be a Hugging Face safetensors checkpoint, got {fmt}")
-            self._lm = SafetensorsSource(lm_path)
-            self._lm_names = {f"language_model.{n}": n for n in self._lm.names()}
-            clash = [n for n in self._lm_names if n in self._state]
-            if clash:
-                raise ValueError(f"language_model weights also present in {path}: {clash[:5]}")
-
-    def _owner(self, name):
-        if self._lm is not None and name in self._lm_names:
-            return self._lm, self._lm_names[name]
-        return None, name
-
-    def names(self):
-        return super().names() + (list(self._lm_names) if self._lm is not None else [])
-
-    def shape(self, name):
-        src, key = self._owner(name)
-        return src.shape(key) if src else super().shape(name)
-
-    def dtype(self, name):
-        src, key = self._owner(name)
-        return src.dtype(key) if src else super().dtype(name)
-
-    def get(self, name):
-        src, key = self._owner(name)
-        return src.get(key) if src else super().get(name)
 
 
 def open_source(fmt: str, path, table: dict, architecture: str, allow_pickle_bin: bool = False,
-                language_model=None) -> Source:
+                state=None) -> Source:
     """The reader for ``fmt`` (see ``detect_format``)."""
     if fmt == "safetensors":
         return SafetensorsSource(path)
@@ -319,5 +290,5 @@ def open_source(fmt: str, path, table: dict, architecture: str, allow_pickle_bin
     if fmt == "flax":
         return FlaxSource(path, table)
     if fmt == "original":
-        return OriginalSource(path, table, architecture, allow_pickle_bin, language_model)
+        return OriginalSource(path, table, architecture, allow_pickle_bin, state)
     raise ValueError(f"unknown format {fmt!r}")

@@ -176,7 +176,7 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
         return embeds.masked_scatter(slots[..., None].expand_as(embeds), lm_inputs), mask
 
     def _run_language_model(self, embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
-                            output_attentions, output_hidden_states):
+                            output_attentions, output_hidden_states, loss_convention="transformers"):
         lm = self.language_model
         tc = self.config.text_config
         if self.is_decoder_only:
@@ -187,12 +187,15 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
                 labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
                 # Only the text positions carry labels: align on the right, then shift by one. As in
                 # transformers, the returned logits are then the labelled positions only.
-                logits = logits[:, -rules.labelled_length(logits.shape[1], labels.shape[1]):]
-                loss = causal_lm_loss(logits, labels)
+                window, ignored = rules.loss_window(logits.shape[1], labels.shape[1], loss_convention)
+                scored = labels if not ignored else F.pad(labels, (ignored, 0), value=-100)
+                loss = causal_lm_loss(logits[:, -window:], scored)
+                logits = logits[:, -labels.shape[1]:]
             return out, loss, logits
         dec_ids = _ids(decoder_input_ids, "decoder_input_ids", tc.vocab_size, embeds.device)
         dec_mask = None if decoder_attention_mask is None else \
             as_tensor(decoder_attention_mask, "decoder_attention_mask", kind="mask", device=embeds.device, ndim=2)
+        rules.loss_window(1, 0, loss_convention)     # checks the name; T5's loss is the same in both
         labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
         if dec_ids is None and labels is None:
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
@@ -203,12 +206,16 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
 
     def forward(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding=False,
-                output_attentions=False, output_hidden_states=False, return_dict=True):
+                output_attentions=False, output_hidden_states=False, return_dict=True,
+                loss_convention: str = "transformers"):
+        """``loss_convention``: "transformers" (default) or "lavis" (LAVIS's OPT captioning loss also
+        scores the first text token from the last query position; see ``blip_core.blip2.loss_window``)."""
         lm_inputs, vision, qformer = self._language_inputs(pixel_values, interpolate_pos_encoding,
                                                            output_attentions, output_hidden_states)
         embeds, mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         out, loss, logits = self._run_language_model(embeds, mask, decoder_input_ids, decoder_attention_mask,
-                                                     labels, output_attentions, output_hidden_states)
+                                                     labels, output_attentions, output_hidden_states,
+                                                     loss_convention)
         result = Blip2ForConditionalGenerationModelOutput(loss=loss, logits=logits, vision_outputs=vision,
                                                           qformer_outputs=qformer, language_model_outputs=out)
         return result if return_dict else result.to_tuple()

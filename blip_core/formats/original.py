@@ -103,7 +103,7 @@ def rename_original(state: dict, table: dict, architecture: str) -> tuple:
     """``(renamed state, unused original names)`` for an original BLIP or LAVIS state dict."""
     lavis = is_lavis(state)
     rules = _VISION_RULES + (_LAVIS_RULES if lavis else [])
-    if lavis:
+    if lavis or any(_QV_BIAS.match(k) for k in state):   # EVA's ViT, inside LAVIS or on its own
         state = _fuse_qv_bias(state)
     tops = {name.split(".", 1)[0] for name in table}
     strip = _STRIP.get(architecture)

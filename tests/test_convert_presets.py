@@ -1,0 +1,228 @@
+"""Converting original checkpoints as people have them: presets, configs inferred from the state
+dict, towers from other files, any language-model layout, CLI errors in flag terms.
+
+Original-layout checkpoints are built here from small random models (``lavis_layout``: the
+documented renaming, inverted). The preset numbers below are the released checkpoints'
+(Salesforce's hub configs and the original repositories' yaml files), typed in independently.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from blip_core import checkpoint
+from blip_core.configs import load_config
+from blip_core.presets import PRESETS, preset_config
+from blip_core.weights import weight_table
+from blip_core.weights.init import random_weights
+from converters import convert
+from converters.cli import main as cli_main
+from fixture_utils import MODELS
+from lavis_layout import to_original, torch_save, zero_k_bias
+
+SMALL_VISION = {"vision_config.hidden_size": 32, "vision_config.intermediate_size": 37,
+                "vision_config.num_hidden_layers": 2, "vision_config.num_attention_heads": 4,
+                "vision_config.image_size": 32, "vision_config.patch_size": 8}
+SMALL_QFORMER = {"qformer_config.hidden_size": 32, "qformer_config.intermediate_size": 37,
+                 "qformer_config.num_hidden_layers": 3, "qformer_config.num_attention_heads": 4,
+                 "num_query_tokens": 4}
+HEADS = {"vision_config.num_attention_heads": 4, "qformer_config.num_attention_heads": 4}
+SMALL_T5 = {"text_config.vocab_size": 99, "text_config.d_model": 32, "text_config.d_kv": 8, "text_config.d_ff": 37,
+            "text_config.num_layers": 2, "text_config.num_decoder_layers": 2, "text_config.num_heads": 4}
+
+
+def state(path):
+    return checkpoint.load_state_dict(path)
+
+
+def small(name, extra=None, seed=0):
+    """(architecture, config, canonical random weights) of preset ``name`` at test size."""
+    arch, cfg = preset_config(name, dict(SMALL_VISION, **(extra or {})))
+    return arch, cfg, random_weights(arch, cfg, seed)
+
+
+def same_bytes(a, b):
+    with open(os.path.join(a, "model.safetensors"), "rb") as fa, open(os.path.join(b, "model.safetensors"), "rb") as fb:
+        return fa.read() == fb.read()
+
+
+# -- presets -----------------------------------------------------------------------------------------------
+def test_presets_carry_the_released_sizes_and_the_original_codes_settings():
+    expect = {  # name: (architecture, {dotted field: released value})
+        "blip-base-captioning": ("BlipForConditionalGeneration", {"vision_config.hidden_size": 768,
+                                 "vision_config.image_size": 384, "vision_config.layer_norm_eps": 1e-6,
+                                 "text_config.vocab_size": 30524, "text_config.num_attention_heads": 12}),
+        "blip-large-captioning": ("BlipForConditionalGeneration", {"vision_config.hidden_size": 1024,
+                                  "vision_config.num_hidden_layers": 24, "text_config.encoder_hidden_size": 1024}),
+        "blip-base-vqa": ("BlipForQuestionAnswering", {"vision_config.image_size": 480}),
+        "blip-base-retrieval": ("BlipForImageTextRetrieval", {"vision_config.image_size": 384,
+                                "image_text_hidden_size": 256}),
+        "blip-large-retrieval": ("BlipForImageTextRetrieval", {"vision_config.num_attention_heads": 16}),
+        "blip2-opt-2.7b": ("Blip2ForConditionalGeneration", {"image_token_index": None,
+                           "text_config.hidden_size": 2560, "text_config.ffn_dim": 10240,
+                           "text_config.eos_token_id": 50118, "vision_config.num_hidden_layers": 39,
+                           "vision_config.hidden_size": 1408, "qformer_config.encoder_hidden_size": 1408}),
+        "blip2-opt-6.7b": ("Blip2ForConditionalGeneration", {"text_config.hidden_size": 4096,
+                           "text_config.num_hidden_layers": 32}),
+        "blip2-flan-t5-xl": ("Blip2ForConditionalGeneration", {"text_config.d_model": 2048,
+                             "text_config.dense_act_fn": "gelu", "text_config.is_gated_act": True,
+                             "text_config.tie_word_embeddings": False, "image_token_index": None}),
+        "blip2-flan-t5-xxl": ("Blip2ForConditionalGeneration", {"text_config.d_model": 4096,
+                              "text_config.num_heads": 64, "text_config.d_ff": 10240}),
+        "blip2-itm-vit-g": ("Blip2ForImageTextRetrieval", {"qformer_config.use_qformer_text_input": True,
+                            "qformer_config.vocab_size": 30523, "num_query_tokens": 32}),
+    }
+    assert set(expect) == set(PRESETS)
+    for name, (arch, fields) in expect.items():
+        got_arch, cfg = preset_config(name)
+        assert got_arch == arch and cfg.architectures == [arch], name
+        for dotted, value in fields.items():
+            node = cfg
+            for part in dotted.split("."):
+                node = getattr(node, part)
+            assert node == value, (name, dotted, node)
+        assert len(weight_table(arch, cfg)) > 400     # the full-size table builds
+
+
+def test_preset_for_an_original_blip_checkpoint_with_sizes_read_from_it(tmp_path, capsys):
+    arch, cfg, sd = small("blip-base-captioning", {
+        "text_config.hidden_size": 32, "text_config.intermediate_size": 37, "text_config.num_hidden_layers": 2,
+        "text_config.num_attention_heads": 4, "text_config.vocab_size": 99, "text_config.max_position_embeddings": 40})
+    torch_save(to_original(sd), tmp_path / "model_base_caption.pth")
+    argv = ["convert", str(tmp_path / "model_base_caption.pth"), str(tmp_path / "out"), "--to", "torch",
+            "--preset", "blip-base-captioning", "--allow-pickle-bin", "--no-progress",
+            "--set", "vision_config.num_attention_heads=4", "--set", "text_config.num_attention_heads=4"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "preset 'blip-base-captioning'" in out and "vision_config.hidden_size=32" in out, out
+    got = load_config(tmp_path / "out")
+    assert got.to_dict() == cfg.to_dict()       # eps 1e-6 and the rest, no config written by hand
+    assert got.vision_config.layer_norm_eps == 1e-6
+    table = weight_table(arch, cfg)
+    want = checkpoint.strip_tied(checkpoint.check_state_dict(sd, table), table)
+    got_sd = state(tmp_path / "out")
+    assert set(got_sd) == set(want) and all(got_sd[k].tobytes() == want[k].tobytes() for k in want)
+
+
+def test_architecture_and_sizes_inferred_without_preset(tmp_path):
+    arch, cfg, sd = small("blip2-itm-vit-g", dict(SMALL_QFORMER, **{"qformer_config.vocab_size": 99}))
+    torch_save(to_original(zero_k_bias(sd)), tmp_path / "blip2_retrieval.pth")
+    with pytest.raises(ValueError, match="vision_config.num_attention_heads"):   # 32 wide: the preset's 88-wide heads do not fit
+        convert(tmp_path / "blip2_retrieval.pth", tmp_path / "x", to="jax", allow_pickle_bin=True)
+    report = convert(tmp_path / "blip2_retrieval.pth", tmp_path / "out", to="torch", allow_pickle_bin=True,
+                     overrides=HEADS)
+    text = str(report)
+    assert "inferred architecture Blip2ForImageTextRetrieval" in text and "'blip2-itm-vit-g'" in text
+    assert "qformer_config.vocab_size=99" in text and "num_query_tokens=4" in text, text
+    got = load_config(tmp_path / "out")
+    assert got.to_dict() == cfg.to_dict()
+    assert got.qformer_config.use_qformer_text_input and got.image_token_index is None
+
+
+# -- towers from other checkpoints -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lavis_opt(tmp_path_factory):
+    """A LAVIS-layout BLIP-2 OPT checkpoint (from the committed fixture's weights, k bias zeroed), its
+    conversion, and the same checkpoint as LAVIS's trainer saves it with freeze_vit=True."""
+    d = tmp_path_factory.mktemp("lavis")
+    src = os.path.join(MODELS, "Blip2ForConditionalGeneration")
+    lavis = to_original(zero_k_bias(state(src)))
+    torch_save(lavis, d / "full.pth")
+    convert(d / "full.pth", d / "full", to="torch", config=src, allow_pickle_bin=True)
+    partial = {k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}
+    assert "ln_vision.weight" in partial                 # trained, so saved
+    torch_save(partial, d / "partial.pth")
+    return d, src, lavis
+
+
+def test_partial_lavis_checkpoint_plus_vision_source_matches_the_full_conversion(lavis_opt, tmp_path):
+    d, src, lavis = lavis_opt
+    with pytest.raises(checkpoint.StateDictMismatchError, match="vision_model.encoder.layers.0"):
+        convert(d / "partial.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True)
+    # the bare EVA ViT file LAVIS starts from: no prefix, one block more than the model uses, no ln_vision
+    eva = {k[len("visual_encoder."):]: v for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    for k in [k for k in eva if k.startswith("blocks.1.")]:
+        eva[k.replace("blocks.1.", "blocks.2.")] = eva[k] + 1
+    torch_save(eva, tmp_path / "eva_vit_g.pth", wrap=False)
+    r = convert(d / "partial.pth", tmp_path / "eva", to="torch", config=src, allow_pickle_bin=True,
+                vision_model=tmp_path / "eva_vit_g.pth")
+    assert r.verified and same_bytes(tmp_path / "eva", d / "full")
+    assert any("left out its layer(s) 2" in n for n in r.notes), r.notes
+    # a Hugging Face BLIP-2 directory (whose own post_layernorm is kept from the checkpoint) ...
+    r = convert(d / "partial.pth", tmp_path / "hf", to="torch", config=src, allow_pickle_bin=True,
+                vision_model=d / "full")
+    assert same_bytes(tmp_path / "hf", d / "full") and any("kept from the main" in n for n in r.notes)
+    # ... or a vision tower saved alone (Blip2VisionModel names), through the CLI, to another framework
+    tower = {k[len("vision_model."):]: v for k, v in state(d / "full").items() if k.startswith("vision_model.")}
+    checkpoint.save_state_dict(tmp_path / "tower", tower)
+    assert cli_main(["convert", str(d / "partial.pth"), str(tmp_path / "jax"), "--to", "jax", "--config", src,
+                     "--allow-pickle-bin", "--vision-model", str(tmp_path / "tower"), "--no-progress"]) == 0
+    convert(tmp_path / "jax", tmp_path / "back", to="torch")
+    assert same_bytes(tmp_path / "back", d / "full")
+
+
+@pytest.mark.parametrize("layout", ["bare-decoder-bin", "sharded-safetensors"])
+def test_language_model_from_any_opt_layout(lavis_opt, tmp_path, layout):
+    d, src, lavis = lavis_opt
+    no_lm = {k: v for k, v in lavis.items() if not k.startswith("opt_model.")}
+    torch_save(no_lm, tmp_path / "nolm.pth")
+    lm = {k[len("opt_model."):]: v for k, v in lavis.items() if k.startswith("opt_model.")}
+    os.makedirs(tmp_path / "opt")
+    if layout == "bare-decoder-bin":     # OPTModel names (decoder.*), pickled
+        torch_save({k[len("model."):]: v for k, v in lm.items()}, tmp_path / "opt" / "pytorch_model.bin", wrap=False)
+        with pytest.raises(checkpoint.CheckpointError, match="allow_pickle_bin=True"):   # opt-in, even for the LM
+            convert(tmp_path / "nolm.pth", tmp_path / "x", to="torch", config=src, language_model=tmp_path / "opt")
+    else:                                # OPTForCausalLM names, two shards, lm_head stored too
+        lm["lm_head.weight"] = lm["model.decoder.embed_tokens.weight"]
+        checkpoint.save_state_dict(tmp_path / "opt", lm, max_shard_size="20KB")
+        assert os.path.isfile(tmp_path / "opt" / "model.safetensors.index.json")
+    r = convert(tmp_path / "nolm.pth", tmp_path / "out", to="torch", config=src, allow_pickle_bin=True,
+                language_model=tmp_path / "opt")
+    assert r.verified and same_bytes(tmp_path / "out", d / "full")
+
+
+def test_flan_t5_preset_with_language_model_directory_and_its_config(tmp_path):
+    extra = dict(SMALL_QFORMER, **SMALL_T5)
+    arch, cfg, sd = small("blip2-flan-t5-xl", extra)
+    lavis = to_original(zero_k_bias(sd), lm="t5")
+    torch_save({k: v for k, v in lavis.items() if not k.startswith("t5_model.")}, tmp_path / "blip2_t5.pth")
+    lm = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+    lm["encoder.embed_tokens.weight"] = lm["decoder.embed_tokens.weight"] = lm["shared.weight"]  # as .bin files hold
+    os.makedirs(tmp_path / "flan-t5")
+    torch_save(lm, tmp_path / "flan-t5" / "pytorch_model.bin", wrap=False)
+    cfg.text_config.save_pretrained(str(tmp_path / "flan-t5"))       # the LM's own config.json gives its sizes
+    argv = ["convert", str(tmp_path / "blip2_t5.pth"), str(tmp_path / "out"), "--to", "torch", "--no-progress",
+            "--preset", "blip2-flan-t5-xl", "--language-model", str(tmp_path / "flan-t5"), "--allow-pickle-bin"]
+    argv += [f"--set={k}={v}" for k, v in HEADS.items()]
+    assert cli_main(argv) == 0
+    got = load_config(tmp_path / "out")
+    assert got.to_dict() == cfg.to_dict()
+    assert got.text_config.dense_act_fn == "gelu" and got.image_token_index is None
+    table = weight_table(arch, cfg)
+    want = checkpoint.strip_tied(checkpoint.check_state_dict(zero_k_bias(sd), table), table)
+    out = state(tmp_path / "out")
+    assert set(out) == set(want) and all(out[k].tobytes() == want[k].tobytes() for k in want)
+
+
+# -- errors: flags in the CLI, arguments in the API --------------------------------------------------------
+def test_errors_name_the_flag_in_the_cli_and_the_argument_in_the_api(lavis_opt, tmp_path, capsys):
+    d, src, _ = lavis_opt
+    with pytest.raises(checkpoint.CheckpointError, match="allow_pickle_bin=True"):
+        convert(d / "full.pth", tmp_path / "x", to="torch", config=src)
+    assert cli_main(["convert", str(d / "full.pth"), str(tmp_path / "x"), "--to", "torch", "--config", src]) == 1
+    err = capsys.readouterr().err
+    assert "--allow-pickle-bin" in err and "allow_pickle_bin" not in err, err
+    # a .pth whose names say nothing about the model, and no config
+    torch_save({"weird.weight": np.zeros(3, np.float32)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="architecture="):
+        convert(tmp_path / "odd.pth", tmp_path / "x", to="torch", allow_pickle_bin=True)
+    assert cli_main(["convert", str(tmp_path / "odd.pth"), str(tmp_path / "x"), "--to", "torch",
+                     "--allow-pickle-bin"]) == 1
+    err = capsys.readouterr().err
+    assert "--architecture" in err and "architecture=" not in err, err
+    with pytest.raises(ValueError, match="config= or preset="):
+        convert(d / "full.pth", tmp_path / "x", to="torch", config=src, preset="blip2-opt-2.7b", allow_pickle_bin=True)
+    assert cli_main(["convert", str(d / "full.pth"), str(tmp_path / "x"), "--to", "torch", "--config", src,
+                     "--preset", "blip2-opt-2.7b", "--allow-pickle-bin"]) == 1
+    assert "--config or --preset" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
