@@ -109,7 +109,7 @@ class ComposedSource(Source):
                 spec = table.get(name)
                 if spec is None:
                     m = _DEEPER.match(name)
-                    if m:
+                    if m and not any(n.startswith(m.group(0)) for n in table):   # a layer the model lacks
                         deeper.add(int(m.group(1)))
                     else:
                         stray.append(stored)

@@ -226,3 +226,23 @@ def test_errors_name_the_flag_in_the_cli_and_the_argument_in_the_api(lavis_opt, 
                      "--preset", "blip2-opt-2.7b", "--allow-pickle-bin"]) == 1
     assert "--config or --preset" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_qformer_from_another_checkpoint_and_strict_component_errors(lavis_opt, tmp_path):
+    d, src, lavis = lavis_opt
+    no_qformer = {k: v for k, v in lavis.items() if not k.startswith(("Qformer.", "query_tokens"))}
+    torch_save(no_qformer, tmp_path / "noq.pth")
+    r = convert(tmp_path / "noq.pth", tmp_path / "out", to="torch", config=src, allow_pickle_bin=True,
+                qformer=d / "full")
+    assert same_bytes(tmp_path / "out", d / "full") and any(n.startswith("qformer:") for n in r.notes)
+    # a component that fills nothing, and one with names its tower has no place for: errors, nothing written
+    with pytest.raises(ValueError, match="supplies no qformer weight"):
+        convert(d / "full.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True, qformer=d / "full")
+    odd = {k[len("vision_model."):]: v for k, v in state(d / "full").items() if k.startswith("vision_model.")}
+    odd["encoder.layers.0.self_attn.rel_pos_bias"] = np.zeros(3, np.float32)
+    checkpoint.save_state_dict(tmp_path / "odd", odd)
+    torch_save({k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}, tmp_path / "partial.pth")
+    with pytest.raises(checkpoint.StateDictMismatchError, match="rel_pos_bias"):
+        convert(tmp_path / "partial.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                vision_model=tmp_path / "odd")
+    assert not os.path.exists(tmp_path / "x")
