@@ -246,3 +246,18 @@ def test_qformer_from_another_checkpoint_and_strict_component_errors(lavis_opt, 
         convert(tmp_path / "partial.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
                 vision_model=tmp_path / "odd")
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_full_size_original_layout_is_recognised_as_its_preset(name):
+    """Names and shapes only (zero-stride arrays): a released-size original state dict gives back
+    the preset's config, architecture and family chosen from the names and widths alone."""
+    from converters.presets import resolve_config
+    arch, cfg = preset_config(name)
+    table = weight_table(arch, cfg)
+    sd = {n: np.broadcast_to(np.zeros((), np.float32), s.shape) for n, s in table.items() if s.tied_to is None}
+    lm = "t5" if "t5" in name else "opt"
+    shapes = {k: v.shape for k, v in to_original(sd, lm=lm).items()}
+    got_arch, got, notes = resolve_config(shapes)
+    assert got_arch == arch and got.to_dict() == cfg.to_dict(), notes
+    assert f"config from preset {name!r} (chosen by the checkpoint's widths)" in notes
