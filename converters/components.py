@@ -74,17 +74,24 @@ def _open_raw(component: str, path, table: dict, architecture: str, allow_pickle
     return reader, mapping
 
 
-def language_model_config(path):
-    """The ``config.json`` dict next to a language-model checkpoint, or None."""
-    if path is None:
-        return None
-    folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
-    file = os.path.join(folder, "config.json")
-    if not os.path.isfile(file):
-        return None
-    with open(file, encoding="utf-8") as fh:
-        data = json.load(fh)
-    return data.get("text_config", data) if data.get("model_type") == "blip-2" else data
+_SECTIONS = {"vision_model": "vision_config", "qformer": "qformer_config", "language_model": "text_config"}
+
+
+def component_configs(components: dict) -> dict:
+    """``{config section: config.json dict}`` of the component checkpoints that have one (a whole
+    BLIP-2 model gives its matching section, a tower saved alone its own config)."""
+    out = {}
+    for component, path in components.items():
+        path = os.fspath(path)
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(folder, "config.json")
+        if not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+        section = _SECTIONS[component]
+        out[section] = data.get(section, {}) if data.get("model_type") == "blip-2" else data
+    return out
 
 
 class ComposedSource(Source):

@@ -232,7 +232,7 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
     fmt, weights_path = detect_format(src, source_format)
     parts = components.requested(vision_model=vision_model, qformer=qformer, language_model=language_model)
     planned = plan_config(src, fmt, weights_path, config, preset, overrides, architecture, allow_pickle_bin,
-                          components.language_model_config(language_model))
+                          components.component_configs(parts))
     if planned is None:
         cfg = _read_config(src, weights_path, config)
         arch = architecture or (cfg.architectures or [None])[0]

@@ -163,12 +163,16 @@ def _keep_head_width(data: dict, base: dict, sizes: dict, explicit: dict, notes:
         notes.append(f"{heads}={sizes[width] // head_dim} (the preset's head width {head_dim})")
 
 
+_SIZE_KEYS = ("_size", "_dim", "_layers", "layers", "heads", "d_model", "d_ff", "d_kv", "embeddings", "_frequency")
+
+
 def resolve_config(shapes: dict, architecture: str | None = None, preset: str | None = None,
-                   overrides: dict | None = None, language_model_config: dict | None = None) -> tuple:
+                   overrides: dict | None = None, component_configs: dict | None = None) -> tuple:
     """``(architecture, config, notes)`` for an original state dict given as ``{name: shape}``.
 
-    ``language_model_config``: the ``config.json`` dict of a Hugging Face OPT/T5 checkpoint that
-    supplies the language model (its sizes are used when the state dict has no LM).
+    ``component_configs``: ``{"vision_config" | "qformer_config" | "text_config": config.json dict}``
+    of the checkpoints that supply towers (``converters.components``); their sizes are used for a
+    tower the state dict does not hold.
     """
     notes: list = []
     explicit = dict(overrides or {})
@@ -178,12 +182,16 @@ def resolve_config(shapes: dict, architecture: str | None = None, preset: str | 
     if not architecture and not preset:
         notes.append(f"inferred architecture {arch} from the checkpoint's names")
     sizes = infer_sizes(shapes, arch)
-    if language_model_config is not None and not any(k.startswith("text_config.") for k in sizes):
-        lm = {k: v for k, v in language_model_config.items() if k not in ("architectures", "_name_or_path")}
-        sizes.update({f"text_config.{k}": v for k, v in lm.items() if isinstance(v, int) and not isinstance(v, bool)
-                      and k.endswith(("_size", "_dim", "_layers", "layers", "heads", "d_model", "d_ff", "d_kv",
-                                      "embeddings"))})
-        sizes["text_config.model_type"] = lm.get("model_type")
+    for section, data in (component_configs or {}).items():
+        if any(k.startswith(section + ".") for k in sizes):
+            continue
+        taken = {f"{section}.{k}": v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
+                 and k.endswith(_SIZE_KEYS)}
+        sizes.update(taken)
+        if section == "text_config":
+            sizes["text_config.model_type"] = data.get("model_type")
+        if taken:
+            notes.append(f"{section} sizes from the config.json of the checkpoint that supplies that tower")
     name = preset or choose_preset(arch, sizes)
     base_arch, base = preset_dict(name)
     if base_arch != arch:
@@ -232,7 +240,7 @@ def _has_config(src: str, weights_path: str) -> bool:
 
 
 def plan_config(src, fmt: str, weights_path: str, config, preset, overrides, architecture, allow_pickle_bin: bool,
-                language_model_config=None):
+                component_configs=None):
     """``None`` when ``config=`` or the source's ``config.json`` decides; otherwise
     ``(architecture, config, notes, original state dict or None)`` from ``preset=`` and/or the
     state dict of an original ``.pth``."""
@@ -247,5 +255,5 @@ def plan_config(src, fmt: str, weights_path: str, config, preset, overrides, arc
     if fmt == "original":
         state = original.load_original_state_dict(weights_path, allow_pickle_bin=allow_pickle_bin)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-    arch, cfg, notes = resolve_config(shapes, architecture, preset, overrides, language_model_config)
+    arch, cfg, notes = resolve_config(shapes, architecture, preset, overrides, component_configs)
     return arch, cfg, notes, state

@@ -261,3 +261,22 @@ def test_full_size_original_layout_is_recognised_as_its_preset(name):
     got_arch, got, notes = resolve_config(shapes)
     assert got_arch == arch and got.to_dict() == cfg.to_dict(), notes
     assert f"config from preset {name!r} (chosen by the checkpoint's widths)" in notes
+
+
+def test_preset_takes_the_missing_towers_sizes_from_the_component_config(lavis_opt, tmp_path):
+    d, src, lavis = lavis_opt
+    torch_save({k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}, tmp_path / "partial.pth")
+    fixture_cfg = load_config(src)
+    tower = {k[len("vision_model."):]: v for k, v in state(d / "full").items() if k.startswith("vision_model.")}
+    checkpoint.save_state_dict(tmp_path / "tower", tower)
+    fixture_cfg.vision_config.save_pretrained(str(tmp_path / "tower"))      # Blip2VisionModel's own config.json
+    r = convert(tmp_path / "partial.pth", tmp_path / "out", to="torch", allow_pickle_bin=True,
+                preset="blip2-opt-2.7b", vision_model=tmp_path / "tower",
+                overrides={"qformer_config.num_attention_heads": 4, "text_config.num_attention_heads": 4})
+    assert any("vision_config sizes from the config.json" in n for n in r.notes), r.notes
+    got = load_config(tmp_path / "out")
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "layer_norm_eps"):
+        assert getattr(got.vision_config, field) == getattr(fixture_cfg.vision_config, field), field
+    assert got.image_token_index is None and got.text_config.eos_token_id == 50118   # the preset's settings
+    assert same_bytes(tmp_path / "out", d / "full")
