@@ -25,7 +25,7 @@ import re
 from blip_core import checkpoint
 from blip_core.formats import original
 
-from .sources import BinSource, DictSource, SafetensorsSource, Source, detect_format
+from .sources import BinSource, DictSource, SafetensorsSource, Source, detect_format, open_source
 
 # API argument -> (CLI flag, canonical prefixes of the tower)
 COMPONENTS = {
@@ -64,7 +64,7 @@ def _open_raw(component: str, path, table: dict, architecture: str, allow_pickle
     prefix = COMPONENTS[component][1][0]
     mapping = {}
     for stored in reader.names():
-        bare = stored[len("model."):] if stored.startswith("model.") else stored
+        bare = stored.removeprefix("model.")
         for cand in (stored, prefix + stored, prefix + "model." + stored, prefix + bare):
             if cand in table:
                 mapping[cand] = stored
@@ -168,3 +168,16 @@ class ComposedSource(Source):
 def requested(**paths) -> dict:
     """``{component: path}`` of the components given (None values dropped)."""
     return {k: v for k, v in paths.items() if v is not None}
+
+
+def open_with_components(fmt: str, path, table: dict, architecture: str, allow_pickle_bin: bool, state,
+                         components: dict) -> Source:
+    """The source reader (``sources.open_source``), completed by the component checkpoints if any."""
+    source = open_source(fmt, path, table, architecture, allow_pickle_bin, state)
+    if not components:
+        return source
+    try:
+        return ComposedSource(source, table, architecture, components, allow_pickle_bin)
+    except BaseException:
+        source.close()
+        raise

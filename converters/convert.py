@@ -231,27 +231,15 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
         raise FileExistsError(f"{dst} already exists; choose another destination or pass overwrite=True")
     fmt, weights_path = detect_format(src, source_format)
     parts = components.requested(vision_model=vision_model, qformer=qformer, language_model=language_model)
-    planned = plan_config(src, fmt, weights_path, config, preset, overrides, architecture, allow_pickle_bin,
-                          components.component_configs(parts))
-    if planned is None:
-        cfg = _read_config(src, weights_path, config)
-        arch = architecture or (cfg.architectures or [None])[0]
-        state, plan_notes = None, []
-    else:
-        arch, cfg, plan_notes, state = planned
+    cfg, arch, plan_notes, state = plan_config(src, fmt, weights_path, config, preset, overrides, architecture,
+                                               allow_pickle_bin, components.component_configs(parts), _read_config)
     if arch is None:
         raise ConversionError(f"{src}: config.json names no 'architectures'; pass architecture=")
     cfg = config_for(arch, cfg)
     if image_size is not None:
         cfg = _with_image_size(cfg, image_size)
     table = weight_table(arch, cfg)
-    source = open_source(fmt, weights_path, table, arch, allow_pickle_bin, state)
-    if parts:
-        try:
-            source = components.ComposedSource(source, table, arch, parts, allow_pickle_bin)
-        except BaseException:
-            source.close()
-            raise
+    source = components.open_with_components(fmt, weights_path, table, arch, allow_pickle_bin, state, parts)
     report = ConversionReport(src, dst, fmt, to, arch, notes=plan_notes + list(source.notes))
     tmp = bar = None
     try:

@@ -31,7 +31,8 @@ def _layers(names, pattern: str) -> int:
 
 def infer_architecture(shapes: dict):
     """The model class an original BLIP / LAVIS state dict holds, or None."""
-    has = lambda prefix: any(n.startswith(prefix) for n in shapes)   # noqa: E731
+    def has(prefix):
+        return any(n.startswith(prefix) for n in shapes)
     if has("Qformer.") or has("query_tokens"):
         if has("opt_proj.") or has("t5_proj.") or has("opt_model.") or has("t5_model."):
             return "Blip2ForConditionalGeneration"
@@ -240,20 +241,23 @@ def _has_config(src: str, weights_path: str) -> bool:
 
 
 def plan_config(src, fmt: str, weights_path: str, config, preset, overrides, architecture, allow_pickle_bin: bool,
-                component_configs=None):
-    """``None`` when ``config=`` or the source's ``config.json`` decides; otherwise
-    ``(architecture, config, notes, original state dict or None)`` from ``preset=`` and/or the
-    state dict of an original ``.pth``."""
+                component_configs, read_config) -> tuple:
+    """``(config, architecture, notes, original state dict or None)`` of a conversion.
+
+    ``config=`` or the source's ``config.json`` (read by ``read_config``) decide when given;
+    otherwise ``preset=`` and/or the state dict of an original ``.pth`` (``resolve_config``).
+    """
     if config is not None and preset is not None:
         raise ValueError("give config= or preset=, not both")
     if config is not None or (preset is None and (fmt != "original" or _has_config(src, weights_path))):
         if overrides:
             raise ValueError("overrides= apply to preset= or to a config read from an original .pth, "
                              "not to config= or config.json")
-        return None
+        cfg = read_config(src, weights_path, config)
+        return cfg, architecture or (cfg.architectures or [None])[0], [], None
     state, shapes = None, {}
     if fmt == "original":
         state = original.load_original_state_dict(weights_path, allow_pickle_bin=allow_pickle_bin)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     arch, cfg, notes = resolve_config(shapes, architecture, preset, overrides, component_configs)
-    return arch, cfg, notes, state
+    return cfg, arch, notes, state

@@ -105,7 +105,7 @@ def test_preset_for_an_original_blip_checkpoint_with_sizes_read_from_it(tmp_path
 
 
 def test_architecture_and_sizes_inferred_without_preset(tmp_path):
-    arch, cfg, sd = small("blip2-itm-vit-g", dict(SMALL_QFORMER, **{"qformer_config.vocab_size": 99}))
+    _, cfg, sd = small("blip2-itm-vit-g", dict(SMALL_QFORMER, **{"qformer_config.vocab_size": 99}))
     torch_save(to_original(zero_k_bias(sd)), tmp_path / "blip2_retrieval.pth")
     with pytest.raises(ValueError, match="vision_config.num_attention_heads"):   # 32 wide: the preset's 88-wide heads do not fit
         convert(tmp_path / "blip2_retrieval.pth", tmp_path / "x", to="jax", allow_pickle_bin=True)
