@@ -76,7 +76,8 @@ def _lm_sizes(shapes: dict, out: dict) -> None:
     opt = shapes.get("opt_model.model.decoder.embed_tokens.weight")
     if opt is not None:
         p = "opt_model.model.decoder."
-        out.update({"text_config.vocab_size": opt[0], "text_config.word_embed_proj_dim": opt[1],
+        out.update({"text_config.model_type": "opt", "text_config.vocab_size": opt[0],
+                    "text_config.word_embed_proj_dim": opt[1],
                     "text_config.hidden_size": shapes[p + "layers.0.self_attn.q_proj.weight"][0],
                     "text_config.ffn_dim": shapes[p + "layers.0.fc1.weight"][0],
                     "text_config.num_hidden_layers": _layers(shapes, re.escape(p) + r"layers\.(\d+)\."),
@@ -84,7 +85,7 @@ def _lm_sizes(shapes: dict, out: dict) -> None:
     t5 = shapes.get("t5_model.shared.weight")
     if t5 is not None:
         p = "t5_model."
-        out.update({"text_config.vocab_size": t5[0], "text_config.d_model": t5[1],
+        out.update({"text_config.model_type": "t5", "text_config.vocab_size": t5[0], "text_config.d_model": t5[1],
                     "text_config.d_ff": shapes[p + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
                     "text_config.num_layers": _layers(shapes, r"t5_model\.encoder\.block\.(\d+)\."),
                     "text_config.num_decoder_layers": _layers(shapes, r"t5_model\.decoder\.block\.(\d+)\.")})
@@ -110,7 +111,7 @@ def infer_sizes(shapes: dict, architecture: str) -> dict:
         _vision_sizes(shapes, out, "vision_config")
         prefix = "text_decoder.bert." if architecture == "BlipForConditionalGeneration" else "text_encoder."
         _bert_sizes(shapes, out, "text_config", prefix)
-    return {k: int(v) if not isinstance(v, bool) else v for k, v in out.items()}
+    return {k: v if isinstance(v, (bool, str)) else int(v) for k, v in out.items()}
 
 
 def choose_preset(architecture: str, sizes: dict) -> str:
@@ -118,7 +119,7 @@ def choose_preset(architecture: str, sizes: dict) -> str:
     keys = ("vision_config.hidden_size", "text_config.hidden_size", "text_config.d_model", "text_config.model_type")
     family = [n for n, (a, _, _) in PRESETS.items() if a == architecture]
     if architecture == "Blip2ForConditionalGeneration":   # OPT or T5 first, then widths
-        kind = "t5" if "text_config.d_model" in sizes else "opt"
+        kind = sizes.get("text_config.model_type", "opt")
         family = [n for n in family if PRESETS[n][1]["text_config"]["model_type"] == kind]
 
     def score(name):
@@ -189,8 +190,8 @@ def resolve_config(shapes: dict, architecture: str | None = None, preset: str | 
         taken = {f"{section}.{k}": v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
                  and k.endswith(_SIZE_KEYS)}
         sizes.update(taken)
-        if section == "text_config":
-            sizes["text_config.model_type"] = data.get("model_type")
+        if section == "text_config" and data.get("model_type"):
+            sizes["text_config.model_type"] = data["model_type"]
         if taken:
             notes.append(f"{section} sizes from the config.json of the checkpoint that supplies that tower")
     name = preset or choose_preset(arch, sizes)
@@ -198,8 +199,8 @@ def resolve_config(shapes: dict, architecture: str | None = None, preset: str | 
     if base_arch != arch:
         raise ValueError(f"preset {name!r} builds {base_arch}, not {arch}")
     if "text_config.model_type" in sizes and sizes["text_config.model_type"] != _get(base, "text_config.model_type"):
-        raise ValueError(f"preset {name!r} has a {_get(base, 'text_config.model_type')} language model; "
-                         f"the checkpoint's is {sizes['text_config.model_type']}")
+        raise ValueError(f"the language model of preset {name!r} is {_get(base, 'text_config.model_type').upper()}; "
+                         f"the checkpoint's is {sizes['text_config.model_type'].upper()}")
     sizes.pop("text_config.model_type", None)
     notes.append(f"config from preset {name!r}" + ("" if preset else " (chosen by the checkpoint's widths)"))
     data = json.loads(json.dumps(base))

@@ -198,6 +198,9 @@ def test_flan_t5_preset_with_language_model_directory_and_its_config(tmp_path):
     got = load_config(tmp_path / "out")
     assert got.to_dict() == cfg.to_dict()
     assert got.text_config.dense_act_fn == "gelu" and got.image_token_index is None
+    with pytest.raises(ValueError, match="language model of preset .blip2-opt-2.7b. is OPT; the checkpoint.s is T5"):
+        convert(tmp_path / "blip2_t5.pth", tmp_path / "x", to="torch", preset="blip2-opt-2.7b",
+                language_model=tmp_path / "flan-t5", allow_pickle_bin=True)
     table = weight_table(arch, cfg)
     want = checkpoint.strip_tied(checkpoint.check_state_dict(zero_k_bias(sd), table), table)
     out = state(tmp_path / "out")
