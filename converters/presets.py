@@ -89,6 +89,11 @@ def _lm_sizes(shapes: dict, out: dict) -> None:
                     "text_config.d_ff": shapes[p + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
                     "text_config.num_layers": _layers(shapes, r"t5_model\.encoder\.block\.(\d+)\."),
                     "text_config.num_decoder_layers": _layers(shapes, r"t5_model\.decoder\.block\.(\d+)\.")})
+        bias = shapes.get(p + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        if bias is not None:     # (buckets, heads): T5 is the one stack whose head count shows in a shape
+            heads = bias[1]
+            out.update({"text_config.relative_attention_num_buckets": bias[0], "text_config.num_heads": heads,
+                        "text_config.d_kv": shapes[p + "encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads})
 
 
 def infer_sizes(shapes: dict, architecture: str) -> dict:
@@ -160,7 +165,7 @@ def _keep_head_width(data: dict, base: dict, sizes: dict, explicit: dict, notes:
             head_dim = _get(base, "text_config.d_kv")
         if sizes[width] % head_dim:
             raise ValueError(f"{width}={sizes[width]} is not a multiple of the preset's head width {head_dim}; "
-                             f"give {heads} explicitly")
+                             f"give the head count in overrides= ({heads}=N)")
         set_field(data, heads, sizes[width] // head_dim)
         notes.append(f"{heads}={sizes[width] // head_dim} (the preset's head width {head_dim})")
 

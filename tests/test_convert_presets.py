@@ -283,3 +283,17 @@ def test_preset_takes_the_missing_towers_sizes_from_the_component_config(lavis_o
         assert getattr(got.vision_config, field) == getattr(fixture_cfg.vision_config, field), field
     assert got.image_token_index is None and got.text_config.eos_token_id == 50118   # the preset's settings
     assert same_bytes(tmp_path / "out", d / "full")
+
+
+def test_t5_heads_are_read_from_the_relative_bias_and_the_head_error_names_the_flag(tmp_path, capsys):
+    arch, cfg, sd = small("blip2-flan-t5-xl", dict(SMALL_QFORMER, **SMALL_T5))
+    torch_save(to_original(zero_k_bias(sd), lm="t5"), tmp_path / "t5.pth")
+    argv = ["convert", str(tmp_path / "t5.pth"), str(tmp_path / "out"), "--to", "torch", "--allow-pickle-bin",
+            "--no-progress", "--set", "vision_config.num_attention_heads=4"]
+    assert cli_main(argv) == 1      # the Q-Former's 32 wide: not a multiple of the preset's 64-wide heads
+    err = capsys.readouterr().err
+    assert "--set (qformer_config.num_attention_heads=N)" in err and "overrides=" not in err, err
+    assert cli_main(argv + ["--set", "qformer_config.num_attention_heads=4"]) == 0
+    out = capsys.readouterr().out
+    assert "text_config.num_heads=4" in out and "text_config.d_kv=8" in out, out
+    assert load_config(tmp_path / "out").to_dict() == cfg.to_dict()
