@@ -37,6 +37,11 @@ _DEEPER = re.compile(r"^(?:vision_model\.encoder\.layers|language_model\.model\.
                      r"language_model\.(?:encoder|decoder)\.block)\.(\d+)\.")
 
 
+# First names of a whole BLIP-2 checkpoint's towers and heads.
+_WHOLE_MODEL_TOPS = ("vision_model.", "qformer.", "language_model.", "language_projection.", "query_tokens",
+                     "embeddings.", "vision_projection.", "text_projection.", "itm_head.")
+
+
 def _owned(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p) for p in prefixes)
 
@@ -55,8 +60,11 @@ def _open_raw(component: str, path, table: dict, architecture: str, allow_pickle
         state = original.load_original_state_dict(weights, allow_pickle_bin=allow_pickle_bin)
         if "cls_token" in state or any(k.startswith("blocks.") for k in state):   # bare EVA / timm ViT
             state = {f"visual_encoder.{k}": v for k, v in state.items()}
-        renamed, _ = original.rename_original(state, table, architecture)
+        renamed, unused = original.rename_original(state, table, architecture)
         reader = DictSource(renamed)
+        if unused:
+            reader.notes.append(f"{component}: left out {len(unused)} key(s) of {path} with no place in "
+                                f"{architecture}: {', '.join(unused[:6])}{', ...' if len(unused) > 6 else ''}")
         return reader, {n: n for n in renamed}
     else:
         raise ValueError(f"{path}: {component}= must be a Hugging Face safetensors/.bin checkpoint or an original "
@@ -69,8 +77,8 @@ def _open_raw(component: str, path, table: dict, architecture: str, allow_pickle
             if cand in table:
                 mapping[cand] = stored
                 break
-        else:
-            mapping.setdefault(prefix + stored, stored)     # unplaced: reported by the caller
+        else:   # unplaced: another tower of a whole model (ignored), or this tower's (reported by the caller)
+            mapping.setdefault(stored if stored.startswith(_WHOLE_MODEL_TOPS) else prefix + stored, stored)
     return reader, mapping
 
 
@@ -108,6 +116,7 @@ class ComposedSource(Source):
             flag_prefixes = COMPONENTS[component][1]
             reader, mapping = _open_raw(component, os.fspath(path), table, architecture, allow_pickle_bin)
             self._readers.append(reader)
+            self.notes += reader.notes
             self.files += list(reader.files) or [os.fspath(path)]
             supplied, kept, deeper, stray = [], [], set(), []
             for name, stored in mapping.items():

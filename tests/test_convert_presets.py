@@ -248,6 +248,12 @@ def test_qformer_from_another_checkpoint_and_strict_component_errors(lavis_opt, 
     with pytest.raises(checkpoint.StateDictMismatchError, match="rel_pos_bias"):
         convert(tmp_path / "partial.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
                 vision_model=tmp_path / "odd")
+    # a whole model of another class: its other heads are not the vision tower's business
+    whole = dict(state(d / "full"), **{"itm_head.weight": np.zeros((2, 32), np.float32)})
+    checkpoint.save_state_dict(tmp_path / "whole", whole)
+    convert(tmp_path / "partial.pth", tmp_path / "y", to="torch", config=src, allow_pickle_bin=True,
+            vision_model=tmp_path / "whole")
+    assert same_bytes(tmp_path / "y", d / "full")
     assert not os.path.exists(tmp_path / "x")
 
 
