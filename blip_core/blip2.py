@@ -112,6 +112,11 @@ def labelled_length(num_logits: int, num_labels: int) -> int:
 LOSS_CONVENTIONS = ("transformers", "lavis")
 
 
+def check_loss_convention(convention: str) -> None:
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f"loss_convention must be one of {', '.join(LOSS_CONVENTIONS)}, got {convention!r}")
+
+
 def loss_window(num_logits: int, num_labels: int, convention: str = "transformers") -> tuple:
     """``(positions, leading ignored labels)`` of the OPT captioning loss under ``convention``.
 
@@ -124,8 +129,7 @@ def loss_window(num_logits: int, num_labels: int, convention: str = "transformer
     When the labels already cover every position (placeholder path with labels over the whole
     input) the two agree. T5 computes its loss on the decoder alone: both conventions are the same.
     """
-    if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f"loss_convention must be one of {', '.join(LOSS_CONVENTIONS)}, got {convention!r}")
+    check_loss_convention(convention)
     n = labelled_length(num_logits, num_labels)
     if convention == "lavis" and n < num_logits:
         return n + 1, 1

@@ -195,7 +195,7 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
         dec_ids = _ids(decoder_input_ids, "decoder_input_ids", tc.vocab_size, embeds.device)
         dec_mask = None if decoder_attention_mask is None else \
             as_tensor(decoder_attention_mask, "decoder_attention_mask", kind="mask", device=embeds.device, ndim=2)
-        rules.loss_window(1, 0, loss_convention)     # checks the name; T5's loss is the same in both
+        rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
         labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
         if dec_ids is None and labels is None:
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
