@@ -1,0 +1,503 @@
+"""BLIP-2 in Flax linen: vision tower -> Q-Former over learned queries -> OPT or T5 language model.
+
+Classes (transformers 4.57 names, arguments and outputs): ``Blip2VisionModel``, ``Blip2QFormerModel`` (from
+``qformer.py``), ``Blip2Model``, ``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``,
+``Blip2TextModelWithProjection``, ``Blip2VisionModelWithProjection``. Each holds a linen module whose
+submodule names are transformers' (``vision_model``, ``qformer``, ``language_projection``, ``language_model``),
+so the param paths are the weight table's jax paths.
+
+Image-query fusion follows ``blip_core.blip2``: with ``config.image_token_index`` the projected queries replace
+the Q placeholders of every row (rows without exactly Q placeholders raise); without it they are concatenated in
+front of the text embeddings. In float16 the Q-Former and the query tokens stay float32 (``Blip2Weights``);
+activations are cast at each boundary.
+
+Decoding (``init_cache`` / ``decoding_step`` / ``decoding_context``) follows the step contract of the JAX
+engine: ``step(ids, positions, key_mask, cache, index, context) -> (last logits (N, V) float32, cache)``.
+
+Example::
+
+    model = Blip2ForConditionalGeneration.from_pretrained("dir", dtype="bfloat16")
+    out = model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_core import blip2 as rules
+from blip_core.configs import Blip2Config, Blip2VisionConfig
+from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
+                               Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
+                               Blip2TextModelOutput, Blip2VisionModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput)
+
+from . import opt, t5
+from ._base import as_input, is_concrete, mask_like, token_ids
+from .blip import _labels, _normalize
+from .qformer import Blip2QFormerModel, Blip2Weights, QFormer, TextEmbeddings
+from .text import lm_loss
+from .vision import BlipVisionModel, VisionTransformer, vision_inputs
+
+__all__ = ["Blip2VisionModel", "Blip2QFormerModel", "Blip2Model", "Blip2ForConditionalGeneration",
+           "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"]
+
+
+class Blip2VisionModel(Blip2Weights, BlipVisionModel):
+    """The BLIP-2 ViT (``Blip2VisionConfig``: q/v ``qkv`` bias, eps 1e-6)."""
+
+    config_class = Blip2VisionConfig
+
+
+# -- modules -------------------------------------------------------------------------------------------
+class Blip2Module(nn.Module):
+    """Any BLIP-2 class: ``parts`` names the submodules it owns beyond ``query_tokens``."""
+
+    config: Any
+    parts: tuple
+
+    def setup(self):
+        c = self.config
+        h = c.qformer_config.hidden_size
+        self.query_tokens = self.param("query_tokens", nn.initializers.zeros, (1, c.num_query_tokens, h))
+        if "vision_model" in self.parts:
+            self.vision_model = VisionTransformer(c.vision_config)
+        if "embeddings" in self.parts:
+            self.embeddings = TextEmbeddings(c.qformer_config)
+        self.qformer = QFormer(c.qformer_config)
+        if "language_model" in self.parts:
+            self.language_projection = nn.Dense(c.text_config.hidden_size)
+            lm = opt.OPTForCausalLM if rules.is_decoder_only(c) else t5.T5ForConditionalGeneration
+            self.language_model = lm(c.text_config)
+        if "vision_projection" in self.parts:
+            self.vision_projection = nn.Dense(c.image_text_hidden_size)
+        if "text_projection" in self.parts:
+            self.text_projection = nn.Dense(c.image_text_hidden_size)
+        if "itm_head" in self.parts:
+            self.itm_head = nn.Dense(2)
+
+    def image_queries(self, pv, interpolate: bool, qdt):
+        """``(vision (last, pooled, hidden, attentions), Q-Former (last, hidden, attentions, cross))``."""
+        vision = self.vision_model.full(pv, interpolate)
+        queries = jnp.broadcast_to(self.query_tokens, (pv.shape[0],) + self.query_tokens.shape[1:])
+        return vision, self.qformer(queries, None, vision[0], None, None, qdt)
+
+    def language_inputs(self, pv, interpolate: bool, qdt):
+        vision, qformer = self.image_queries(pv, interpolate, qdt)
+        # the Q-Former may be float32 inside a float16 model: come back to the tower's dtype
+        return self.language_projection(qformer[0].astype(vision[0].dtype)), vision, qformer
+
+    def fuse(self, lm_inputs, ids, mask):
+        """Projected queries into the text embeddings: ``(embeds, mask)``."""
+        embeds = self.language_model.embed(ids)
+        lm_inputs = lm_inputs.astype(embeds.dtype)
+        if not rules.uses_placeholders(self.config):
+            ones = jnp.ones(lm_inputs.shape[:2], mask.dtype)
+            return jnp.concatenate([lm_inputs, embeds], axis=1), jnp.concatenate([ones, mask], axis=1)
+        slots = ids == self.config.image_token_index            # exactly Q per row (checked by the caller)
+        rank = jnp.clip(jnp.cumsum(slots, axis=1) - 1, 0, lm_inputs.shape[1] - 1)
+        placed = jnp.take_along_axis(lm_inputs, rank[..., None], axis=1)
+        return jnp.where(slots[..., None], placed, embeds), mask
+
+    def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels):
+        """``(loss or None, logits, lm hidden states, encoder states or None)``."""
+        lm = self.language_model
+        if rules.is_decoder_only(self.config):
+            logits, hidden, _ = lm(embeds, mask)
+            loss = None
+            if labels is not None:   # only the text positions carry labels: the last labels.shape[1] logits
+                logits = logits[:, -rules.labelled_length(logits.shape[1], labels.shape[1]):]
+                loss = lm_loss(logits, labels)
+            return loss, logits, hidden, None
+        tc = self.config.text_config
+        if dec_ids is None:
+            dec_ids = t5.shift_right(labels, rules.decoder_start_token_id(self.config), tc.pad_token_id)
+        dec_mask = jnp.ones(dec_ids.shape, jnp.int32) if dec_mask is None else dec_mask
+        logits, hidden, enc = lm(embeds, mask, dec_ids, dec_mask)
+        return (t5.token_loss(logits, labels) if labels is not None else None), logits, hidden, enc
+
+
+_FLAGS = ("output_hidden_states", "output_attentions")
+
+
+def _vision_output(v, hs, at):
+    return BaseModelOutputWithPooling(last_hidden_state=v[0], pooler_output=v[1], hidden_states=v[2] if hs else None,
+                                      attentions=v[3] if at else None)
+
+
+def _qformer_output(q, hs, at):
+    return BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=q[0], pooler_output=q[0][:, 0], hidden_states=q[1] if hs else None,
+        attentions=q[2] if at else None, cross_attentions=q[3] if at else None)
+
+
+class _Blip2Base(Blip2Weights):
+    config_class = Blip2Config
+    kept_float32 = rules.KEEP_FLOAT32_MODULES
+    parts: tuple = ()
+
+    def _module(self):
+        return Blip2Module(self.config, self.parts)
+
+    @staticmethod
+    def _init_std(config):
+        return config.initializer_range, config.initializer_range
+
+    def _apply(self, params, *args, method):
+        return self.module.apply({"params": params}, *args, method=method)
+
+    def _pixels(self, pixel_values, interpolate):
+        return vision_inputs(self.config.vision_config, pixel_values, interpolate, self.dtype)
+
+    def _mask(self, mask, shape, name="attention_mask"):
+        return mask_like(mask, shape, name)
+
+
+# -- Blip2Model / Blip2ForConditionalGeneration -----------------------------------------------------------
+class _Blip2WithLanguageModel(_Blip2Base):
+    parts = ("vision_model", "language_model")
+
+    @property
+    def is_decoder_only(self) -> bool:
+        return rules.is_decoder_only(self.config)
+
+    def _text_ids(self, input_ids, attention_mask):
+        tc = self.config.text_config
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        ids = token_ids(input_ids, "input_ids", tc.vocab_size)
+        if rules.uses_placeholders(self.config) and is_concrete(ids):
+            rules.image_slots(np.asarray(ids), self.config)
+        return ids, self._mask(attention_mask, ids.shape)
+
+    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, labels, text_shape):
+        vocab = self.config.text_config.vocab_size
+        dec = token_ids(decoder_input_ids, "decoder_input_ids", vocab)
+        dec_mask = None if decoder_attention_mask is None or dec is None else \
+            self._mask(decoder_attention_mask, dec.shape, "decoder_attention_mask")
+        if labels is not None:
+            labels = as_input(labels, "labels", "iu", ndim=2)
+            shape = labels.shape if self.is_decoder_only or dec is None else dec.shape
+            if self.is_decoder_only:   # the language model sees the queries too on the concatenation path
+                prefix = 0 if rules.uses_placeholders(self.config) else self.config.num_query_tokens
+                rules.labelled_length(text_shape[1] + prefix, labels.shape[1])
+            labels = _labels(labels, shape, vocab)
+        elif not self.is_decoder_only and dec is None:
+            raise ValueError("a T5 language model needs decoder_input_ids or labels")
+        return dec, dec_mask, labels
+
+    def _forward(self, params, pv, ids, mask, dec, dec_mask, labels, interpolate, output_hidden_states=False,
+                 output_attentions=False):
+        qdt = self.qformer_dtype
+
+        def run(m, pv, ids, mask, dec, dec_mask, labels):
+            lm_inputs, vision, qformer = m.language_inputs(pv, interpolate, qdt)
+            embeds, full_mask = m.fuse(lm_inputs, ids, mask)
+            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels)
+            return dict(loss=loss, logits=logits, lm_hidden=hidden, encoder=enc, vision=vision, qformer=qformer,
+                        projection=lm_inputs)
+        return self._apply(params, pv, ids, mask, dec, dec_mask, labels, method=run)
+
+    def _run(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
+             interpolate_pos_encoding, params, hs=False, at=False):
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        ids, mask = self._text_ids(input_ids, attention_mask)
+        if ids.shape[0] != pv.shape[0]:
+            raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({pv.shape[0]}) differ")
+        dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, ids.shape)
+        fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
+        return fn(self._params(params), pv, ids, mask, dec, dec_mask, labels,
+                  interpolate=bool(interpolate_pos_encoding), output_hidden_states=bool(hs),
+                  output_attentions=bool(at))
+
+    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False,
+                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+        """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions."""
+        hs, at = bool(output_hidden_states), bool(output_attentions)
+        o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
+                      interpolate_pos_encoding, params, hs, at)
+        if self.is_decoder_only:
+            lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None)
+        else:
+            lm = Seq2SeqLMOutput(logits=o["logits"], decoder_hidden_states=o["lm_hidden"] if hs else None,
+                                 encoder_last_hidden_state=o["encoder"])
+        return Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
+                                                        vision_outputs=_vision_output(o["vision"], hs, at),
+                                                        qformer_outputs=_qformer_output(o["qformer"], hs, at),
+                                                        language_model_outputs=lm)
+
+    def stages(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None, **_) -> dict:
+        o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
+                      interpolate_pos_encoding, params)
+        st = {"vision": o["vision"][0], "vision_pooled": o["vision"][1], "qformer": o["qformer"][0],
+              "projection": o["projection"], "lm_hidden": o["lm_hidden"][-1], "logits": o["logits"]}
+        if o["loss"] is not None:
+            st["loss"] = o["loss"]
+        return st
+
+
+class Blip2Model(_Blip2WithLanguageModel):
+    """Vision + Q-Former + language model, with feature getters for each part."""
+
+    def _text_features(self, params, ids, mask, dec, dec_mask, labels):
+        def run(m, ids, mask, dec, dec_mask, labels):
+            return m.run_language_model(m.language_model.embed(ids), mask, dec, dec_mask, labels)
+        return self._apply(params, ids, mask, dec, dec_mask, labels, method=run)
+
+    def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                          decoder_attention_mask=None, labels=None, legacy_output: bool = True, params=None):
+        """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
+        ids = token_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
+        if ids is None:
+            raise ValueError("input_ids is required")
+        mask = self._mask(attention_mask, ids.shape)
+        dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, ids.shape)
+        fn = self._jit("text_features", "_text_features")
+        loss, logits, hidden, enc = fn(self._params(params), ids, mask, dec, dec_mask, labels)
+        if legacy_output:
+            return (CausalLMOutputWithPast(loss=loss, logits=logits) if self.is_decoder_only else
+                    Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=enc))
+        return logits
+
+    def _image_features(self, params, pv, interpolate, which):
+        qdt = self.qformer_dtype
+
+        def run(m, pv):
+            if which == "vision":
+                return m.vision_model.full(pv, interpolate)[:2]
+            return m.image_queries(pv, interpolate, qdt)[1][0]
+        return self._apply(params, pv, method=run)
+
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+                           legacy_output: bool = True, params=None):
+        """Vision tower outputs, or its ``pooler_output`` with ``legacy_output=False``."""
+        fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
+        last, pooled = fn(self._params(params), self._pixels(pixel_values, interpolate_pos_encoding),
+                          interpolate=bool(interpolate_pos_encoding), which="vision")
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled) if legacy_output else pooled
+
+    def get_qformer_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+                             legacy_output: bool = True, params=None):
+        """Q-Former outputs over the image, or their ``last_hidden_state`` with ``legacy_output=False``."""
+        fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
+        h = fn(self._params(params), self._pixels(pixel_values, interpolate_pos_encoding),
+               interpolate=bool(interpolate_pos_encoding), which="qformer")
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=h[:, 0]) \
+            if legacy_output else h
+
+
+class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
+    """Image (+ prompt) -> text: logits (and the loss with ``labels``); decoding steps for the engine.
+
+    ``decoding_context(pixel_values, input_ids, attention_mask)`` holds what a step closes over (rows first):
+    OPT with placeholders the fused prompt embeddings, OPT concatenating the projected queries, T5 the
+    cross-attention keys/values of the encoder states (the encoder runs once) and its mask.
+    ``init_cache(rows, total_len)`` and ``decoding_step(params)`` then follow the engine's step contract.
+    """
+
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, params=None):
+        """The projected queries (B, Q, D_lm) the language model receives."""
+        fn = self._jit("image_features", "_image_features", ("interpolate",))
+        return fn(self._params(params), self._pixels(pixel_values, interpolate_pos_encoding),
+                  interpolate=bool(interpolate_pos_encoding))
+
+    def _image_features(self, params, pv, interpolate):
+        qdt = self.qformer_dtype
+        return self._apply(params, pv, method=lambda m, pv: m.language_inputs(pv, interpolate, qdt)[0])
+
+    # -- decoding ------------------------------------------------------------------------------------------
+    @property
+    def prefix_length(self) -> int:
+        """Query positions in front of the ids (OPT's concatenation path), else 0."""
+        return 0 if rules.uses_placeholders(self.config) or not self.is_decoder_only else \
+            self.config.num_query_tokens
+
+    def init_cache(self, rows: int, total_len: int):
+        tc = self.config.text_config
+        if self.is_decoder_only:
+            return opt.init_cache(tc, rows, self.prefix_length + total_len, self.dtype)
+        return t5.init_cache(tc, rows, total_len, self.dtype)
+
+    def _context(self, params, pv, ids, mask, interpolate):
+        qdt = self.qformer_dtype
+
+        def run(m, pv, ids, mask):
+            lm_inputs = m.language_inputs(pv, interpolate, qdt)[0]
+            if self.is_decoder_only:
+                if self.prefix_length:
+                    return {"queries": lm_inputs.astype(self.dtype)}
+                return {"inputs_embeds": m.fuse(lm_inputs, ids, mask)[0]}
+            embeds, full_mask = m.fuse(lm_inputs, ids, mask)
+            enc, _ = m.language_model.encode(embeds, full_mask)
+            return {"cross_kv": m.language_model.cross_kv(enc), "encoder_mask": full_mask}
+        return self._apply(params, pv, ids, mask, method=run)
+
+    def decoding_context(self, pixel_values=None, input_ids=None, attention_mask=None,
+                         interpolate_pos_encoding: bool = False, params=None):
+        """The per-input pytree the decoding step closes over (see the class docstring)."""
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        if input_ids is None:
+            input_ids = rules.default_prompt(self.config, pv.shape[0])
+        ids, mask = self._text_ids(input_ids, attention_mask)
+        fn = self._jit("context", "_context", ("interpolate",))
+        return fn(self._params(params), pv, ids, mask, interpolate=bool(interpolate_pos_encoding))
+
+    def decoding_step(self, params=None):
+        """``step(ids, positions, key_mask, cache, index, context) -> (logits (N, V) float32, cache)``.
+
+        ``index`` 0 given as a Python int is the prefill over the whole prompt; afterwards ``ids`` is the one
+        token at buffer ``index``. OPT derives its own positions from ``key_mask`` (``positions`` unused); T5 has
+        relative positions only."""
+        params = self._params(params)
+        prefix = self.prefix_length
+
+        def opt_step(m, ids, key_mask, cache, index, context):
+            if prefix:
+                key_mask = jnp.concatenate([jnp.ones((key_mask.shape[0], prefix), key_mask.dtype), key_mask], 1)
+            if isinstance(index, int) and index == 0:
+                embeds = context.get("inputs_embeds")
+                if embeds is None:
+                    embeds = jnp.concatenate([context["queries"], m.language_model.embed(ids)], axis=1)
+                start = 0
+            else:
+                embeds, start = m.language_model.embed(ids), index + prefix
+            logits, _, cache = m.language_model(embeds, key_mask, start, cache)
+            return logits[:, -1].astype(jnp.float32), cache
+
+        def t5_step(m, ids, key_mask, cache, index, context):
+            logits, _, cache = m.language_model.decode(ids, key_mask, context["cross_kv"], context["encoder_mask"],
+                                                       index, cache)
+            return logits[:, -1].astype(jnp.float32), cache
+
+        fn = opt_step if self.is_decoder_only else t5_step
+
+        def step(ids, positions, key_mask, cache, index, context):
+            return self._apply(params, ids, key_mask, cache, index, context, method=fn)
+        return step
+
+
+# -- retrieval and projection models -------------------------------------------------------------------------
+class Blip2ForImageTextRetrieval(_Blip2Base):
+    """ITC (default): max over queries of cosine(query, text [CLS]); ITM: 2-way head averaged over queries."""
+
+    parts = ("vision_model", "embeddings", "vision_projection", "text_projection", "itm_head")
+
+    def _forward(self, params, pv, ids, mask, stripped, itm, output_hidden_states=False, output_attentions=False):
+        qdt, dt, q = self.qformer_dtype, self.dtype, self.config.num_query_tokens
+
+        def run(m, pv, ids, mask):
+            if itm:
+                vision = m.vision_model.full(pv, False)
+                queries = jnp.broadcast_to(m.query_tokens, (pv.shape[0],) + m.query_tokens.shape[1:])
+                full = mask if stripped else jnp.concatenate([jnp.ones((ids.shape[0], q), jnp.int32), mask], 1)
+                text = m.qformer(m.embeddings(ids, query_embeds=queries), full, vision[0], None, q, qdt)
+                states = text[0].astype(dt)
+                logits = jnp.mean(m.itm_head(states[:, :q]), axis=1)
+                return dict(logits=logits, text_embeds=states, image_embeds=vision[0], text=text, vision=vision)
+            vision, image = m.image_queries(pv, False, qdt)
+            text = m.qformer(m.embeddings(ids), mask[:, q:] if stripped else mask, None, None, 0, qdt)
+            image_embeds = _normalize(m.vision_projection(image[0].astype(dt)))
+            text_embeds = _normalize(m.text_projection(text[0][:, 0].astype(dt)))
+            logits = jnp.max(jnp.einsum("bqe,te->bqt", image_embeds, text_embeds), axis=1)
+            return dict(logits=logits, text_embeds=text_embeds, image_embeds=image_embeds, text=text, vision=vision)
+        return self._apply(params, pv, ids, mask, method=run)
+
+    def _run(self, pixel_values, input_ids, attention_mask, itm, params, hs=False, at=False):
+        pv = self._pixels(pixel_values, False)
+        raw = token_ids(input_ids, "input_ids", np.iinfo(np.int32).max)
+        if raw is None:
+            raise ValueError("input_ids is required")
+        mask = self._mask(attention_mask, raw.shape)
+        kept, stripped = rules.strip_placeholders(np.asarray(raw), self.config)
+        ids = token_ids(kept, "input_ids", self.config.qformer_config.vocab_size)
+        if itm and ids.shape[0] != pv.shape[0]:
+            raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({pv.shape[0]}) differ")
+        fn = self._jit("forward", "_forward", ("stripped", "itm") + _FLAGS)
+        return fn(self._params(params), pv, ids, mask, stripped=stripped, itm=bool(itm),
+                  output_hidden_states=hs, output_attentions=at)
+
+    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None,
+                 use_image_text_matching_head: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
+        hs, at = bool(output_hidden_states), bool(output_attentions)
+        o = self._run(pixel_values, input_ids, attention_mask, use_image_text_matching_head, params, hs, at)
+        return Blip2ImageTextMatchingModelOutput(
+            logits_per_image=o["logits"], logits_per_text=o["logits"].T, text_embeds=o["text_embeds"],
+            image_embeds=o["image_embeds"], text_model_output=_qformer_output(o["text"], hs, at),
+            vision_model_output=_vision_output(o["vision"], hs, at))
+
+    def stages(self, pixel_values=None, input_ids=None, attention_mask=None, use_image_text_matching_head=False,
+               params=None, **_) -> dict:
+        o = self._run(pixel_values, input_ids, attention_mask, use_image_text_matching_head, params)
+        st = {"vision": o["vision"][0], "text": o["text"][0]}
+        if use_image_text_matching_head:
+            st["itm_score"] = o["logits"]
+        else:
+            st.update(image_embeds=o["image_embeds"], text_embeds=o["text_embeds"], logits_per_image=o["logits"])
+        return st
+
+
+class Blip2TextModelWithProjection(_Blip2Base):
+    """Q-Former text encoder -> normalised ``text_projection`` of every token (B, L, E)."""
+
+    parts = ("embeddings", "text_projection")
+
+    def _forward(self, params, ids, mask, position_ids):
+        qdt, dt = self.qformer_dtype, self.dtype
+
+        def run(m, ids, mask, position_ids):
+            text = m.qformer(m.embeddings(ids, position_ids), mask, None, None, 0, qdt)
+            return _normalize(m.text_projection(text[0].astype(dt))), text
+        return self._apply(params, ids, mask, position_ids, method=run)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
+        qc = self.config.qformer_config
+        ids = token_ids(input_ids, "input_ids", qc.vocab_size, qc.max_position_embeddings)
+        if ids is None:
+            raise ValueError("input_ids is required")
+        pos = token_ids(position_ids, "position_ids", qc.max_position_embeddings)
+        embeds, text = self._jit("forward", "_forward")(self._params(params), ids, self._mask(attention_mask, ids.shape),
+                                                        pos)
+        return Blip2TextModelOutput(text_embeds=embeds, last_hidden_state=text[0],
+                                    hidden_states=text[1] if output_hidden_states else None,
+                                    attentions=text[2] if output_attentions else None)
+
+    def stages(self, input_ids=None, attention_mask=None, params=None, **_) -> dict:
+        out = self(input_ids=input_ids, attention_mask=attention_mask, params=params)
+        return {"text": out.last_hidden_state, "text_embeds": out.text_embeds}
+
+
+class Blip2VisionModelWithProjection(_Blip2Base):
+    """Vision + Q-Former -> normalised ``vision_projection`` of every query (B, Q, E)."""
+
+    parts = ("vision_model", "vision_projection")
+
+    def _forward(self, params, pv, interpolate):
+        qdt, dt = self.qformer_dtype, self.dtype
+
+        def run(m, pv):
+            vision, qformer = m.image_queries(pv, interpolate, qdt)
+            return _normalize(m.vision_projection(qformer[0].astype(dt))), vision, qformer[0]
+        return self._apply(params, pv, method=run)
+
+    def __call__(self, pixel_values=None, output_attentions: bool = False, output_hidden_states: bool = False,
+                 interpolate_pos_encoding: bool = False, params=None):
+        return self._outputs(pixel_values, interpolate_pos_encoding, params, output_hidden_states,
+                             output_attentions)[0]
+
+    def _outputs(self, pixel_values, interpolate, params, hs=False, at=False):
+        fn = self._jit("forward", "_forward", ("interpolate",))
+        embeds, vision, qformer = fn(self._params(params), self._pixels(pixel_values, interpolate),
+                                     interpolate=bool(interpolate))
+        return Blip2VisionModelOutput(image_embeds=embeds, last_hidden_state=vision[0],
+                                      hidden_states=vision[2] if hs else None,
+                                      attentions=vision[3] if at else None), qformer
+
+    def stages(self, pixel_values=None, interpolate_pos_encoding=False, params=None, **_) -> dict:
+        out, qformer = self._outputs(pixel_values, interpolate_pos_encoding, params)
+        return {"vision": out.last_hidden_state, "qformer": qformer, "image_embeds": out.image_embeds}
