@@ -63,6 +63,15 @@ def split_heads(x, heads: int):
     return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
 
 
+def padded_lookup(embedding, ids, pad_id):
+    """``embedding(ids)`` where lookups of ``pad_id`` pass no gradient to the table (torch's ``padding_idx``,
+    which transformers sets on OPT's and the Q-Former's word embeddings)."""
+    x = embedding(ids)
+    if pad_id is None:
+        return x
+    return jnp.where((ids == pad_id)[..., None], jax.lax.stop_gradient(x), x)
+
+
 class OPTAttention(nn.Module):
     config: Any
 
@@ -161,7 +170,7 @@ class OPTForCausalLM(nn.Module):
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False)
 
     def embed(self, ids):
-        return self.model.decoder.embed_tokens(ids)
+        return padded_lookup(self.model.decoder.embed_tokens, ids, self.config.pad_token_id)
 
     def logits(self, h):
         if self.config.tie_word_embeddings:

@@ -29,6 +29,7 @@ from blip_core.configs import Blip2QFormerConfig
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import JaxModel, as_input, mask_like, resolve_dtype
+from .opt import padded_lookup
 from .text import Attention, DenseLayerNorm, Embedding, Intermediate, cross_attention_bias, self_attention_bias
 from .vision import LayerNorm
 
@@ -125,7 +126,8 @@ class TextEmbeddings(nn.Module):
     def __call__(self, input_ids, position_ids=None, query_embeds=None):
         if position_ids is None:
             position_ids = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
-        emb = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        emb = padded_lookup(self.word_embeddings, input_ids, self.config.pad_token_id) + \
+            self.position_embeddings(position_ids)
         if query_embeds is not None:
             emb = jnp.concatenate([query_embeds.astype(emb.dtype), emb], axis=1)
         return emb
