@@ -7,8 +7,8 @@ Importing this package imports jax and flax only (never torch or tensorflow)::
     ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=20)
 """
 from .blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipModel
-from .blip2 import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2QFormerModel,
-                    Blip2TextModelWithProjection, Blip2VisionModel, Blip2VisionModelWithProjection)
+from .blip2 import Blip2ForConditionalGeneration, Blip2Model, Blip2QFormerModel, Blip2VisionModel
+from .blip2_retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection, Blip2VisionModelWithProjection
 from .text import BlipTextModel
 from .vision import BlipVisionModel
 

@@ -1,8 +1,8 @@
 """BLIP-2 in Flax linen: vision tower -> Q-Former over learned queries -> OPT or T5 language model.
 
 Classes (transformers 4.57 names, arguments and outputs): ``Blip2VisionModel``, ``Blip2QFormerModel`` (from
-``qformer.py``), ``Blip2Model``, ``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``,
-``Blip2TextModelWithProjection``, ``Blip2VisionModelWithProjection``. Each holds a linen module whose
+``qformer.py``), ``Blip2Model``, ``Blip2ForConditionalGeneration``; the retrieval and projection classes share
+this module's ``Blip2Module`` from ``blip2_retrieval.py`` (kept apart for file size). Each holds a linen module whose
 submodule names are transformers' (``vision_model``, ``qformer``, ``language_projection``, ``language_model``),
 so the param paths are the weight table's jax paths.
 
@@ -11,8 +11,9 @@ the Q placeholders of every row (rows without exactly Q placeholders raise); wit
 front of the text embeddings. In float16 the Q-Former and the query tokens stay float32 (``Blip2Weights``);
 activations are cast at each boundary.
 
-Decoding (``init_cache`` / ``decoding_step`` / ``decoding_context``) follows the step contract of the JAX
-engine: ``step(ids, positions, key_mask, cache, index, context) -> (last logits (N, V) float32, cache)``.
+``generate`` compiles the towers, the language-model prefix (OPT's fused prompt, T5's encoder: run once) and
+the decoding loop of ``generation.py`` into one program; the model side is ``init_cache`` and
+``decoding_step``: ``step(ids, positions, key_mask, cache, index, context) -> (last logits (N, V) float32, cache)``.
 
 Example::
 
@@ -24,25 +25,24 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from blip_core import blip2 as rules
+from blip_core import decoding
 from blip_core.configs import Blip2Config, Blip2VisionConfig
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
-                               Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
-                               Blip2TextModelOutput, Blip2VisionModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput)
+                               Blip2ForConditionalGenerationModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput)
 
 from . import opt, t5
 from ._base import as_input, is_concrete, mask_like, token_ids
-from .blip import _labels, _normalize
+from .blip import _labels
+from .generation import decode, result, sampling_key, traced_numbers
 from .qformer import Blip2QFormerModel, Blip2Weights, QFormer, TextEmbeddings
 from .text import lm_loss
 from .vision import BlipVisionModel, VisionTransformer, vision_inputs
 
-__all__ = ["Blip2VisionModel", "Blip2QFormerModel", "Blip2Model", "Blip2ForConditionalGeneration",
-           "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"]
+__all__ = ["Blip2VisionModel", "Blip2QFormerModel", "Blip2Model", "Blip2ForConditionalGeneration"]
 
 
 class Blip2VisionModel(Blip2Weights, BlipVisionModel):
@@ -291,7 +291,11 @@ class Blip2Model(_Blip2WithLanguageModel):
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
-    """Image (+ prompt) -> text: logits (and the loss with ``labels``); decoding steps for the engine.
+    """Image (+ prompt) -> text: logits (and the loss with ``labels``), ``generate``.
+
+    ``generate`` returns, as transformers 4.57: for OPT the given ids (placeholders + bos + prompt, or the
+    ids alone on the concatenation path) followed by the new tokens; for T5 the decoder ids, starting with
+    ``decoder_start_token_id``.
 
     ``decoding_context(pixel_values, input_ids, attention_mask)`` holds what a step closes over (rows first):
     OPT with placeholders the fused prompt embeddings, OPT concatenating the projected queries, T5 the
@@ -379,125 +383,39 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return self._apply(params, ids, key_mask, cache, index, context, method=fn)
         return step
 
-
-# -- retrieval and projection models -------------------------------------------------------------------------
-class Blip2ForImageTextRetrieval(_Blip2Base):
-    """ITC (default): max over queries of cosine(query, text [CLS]); ITM: 2-way head averaged over queries."""
-
-    parts = ("vision_model", "embeddings", "vision_projection", "text_projection", "itm_head")
-
-    def _forward(self, params, pv, ids, mask, stripped, itm, output_hidden_states=False, output_attentions=False):
-        qdt, dt, q = self.qformer_dtype, self.dtype, self.config.num_query_tokens
-
-        def run(m, pv, ids, mask):
-            if itm:
-                vision = m.vision_model.full(pv, False)
-                queries = jnp.broadcast_to(m.query_tokens, (pv.shape[0],) + m.query_tokens.shape[1:])
-                full = mask if stripped else jnp.concatenate([jnp.ones((ids.shape[0], q), jnp.int32), mask], 1)
-                text = m.qformer(m.embeddings(ids, query_embeds=queries), full, vision[0], None, q, qdt)
-                states = text[0].astype(dt)
-                logits = jnp.mean(m.itm_head(states[:, :q]), axis=1)
-                return dict(logits=logits, text_embeds=states, image_embeds=vision[0], text=text, vision=vision)
-            vision, image = m.image_queries(pv, False, qdt)
-            text = m.qformer(m.embeddings(ids), mask[:, q:] if stripped else mask, None, None, 0, qdt)
-            image_embeds = _normalize(m.vision_projection(image[0].astype(dt)))
-            text_embeds = _normalize(m.text_projection(text[0][:, 0].astype(dt)))
-            logits = jnp.max(jnp.einsum("bqe,te->bqt", image_embeds, text_embeds), axis=1)
-            return dict(logits=logits, text_embeds=text_embeds, image_embeds=image_embeds, text=text, vision=vision)
-        return self._apply(params, pv, ids, mask, method=run)
-
-    def _run(self, pixel_values, input_ids, attention_mask, itm, params, hs=False, at=False):
-        pv = self._pixels(pixel_values, False)
-        raw = token_ids(input_ids, "input_ids", np.iinfo(np.int32).max)
-        if raw is None:
-            raise ValueError("input_ids is required")
-        mask = self._mask(attention_mask, raw.shape)
-        kept, stripped = rules.strip_placeholders(np.asarray(raw), self.config)
-        ids = token_ids(kept, "input_ids", self.config.qformer_config.vocab_size)
-        if itm and ids.shape[0] != pv.shape[0]:
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 **generate_kwargs):
+        """Ids (B * num_return_sequences, L); options as transformers' generate (max_new_tokens, num_beams,
+        do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, ...), plus ``seed`` or
+        ``prng_key`` for sampling, ``decoder_start_token_id`` for T5 and ``params``. One compiled program per
+        shape and plan: numeric settings are traced."""
+        kwargs = dict(generate_kwargs)
+        params = self._params(kwargs.pop("params", None))
+        key = kwargs.pop("prng_key", None)
+        if kwargs.pop("generator", None) is not None:
+            raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
+        kwargs.pop("use_cache", None)
+        pv = self._pixels(pixel_values, interpolate_pos_encoding)
+        if input_ids is None:
+            input_ids = rules.default_prompt(self.config, pv.shape[0])
+        ids, mask = self._text_ids(input_ids, attention_mask)
+        if ids.shape[0] != pv.shape[0]:
             raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({pv.shape[0]}) differ")
-        fn = self._jit("forward", "_forward", ("stripped", "itm") + _FLAGS)
-        return fn(self._params(params), pv, ids, mask, stripped=stripped, itm=bool(itm),
-                  output_hidden_states=hs, output_attentions=at)
-
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None,
-                 use_image_text_matching_head: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
-        hs, at = bool(output_hidden_states), bool(output_attentions)
-        o = self._run(pixel_values, input_ids, attention_mask, use_image_text_matching_head, params, hs, at)
-        return Blip2ImageTextMatchingModelOutput(
-            logits_per_image=o["logits"], logits_per_text=o["logits"].T, text_embeds=o["text_embeds"],
-            image_embeds=o["image_embeds"], text_model_output=_qformer_output(o["text"], hs, at),
-            vision_model_output=_vision_output(o["vision"], hs, at))
-
-    def stages(self, pixel_values=None, input_ids=None, attention_mask=None, use_image_text_matching_head=False,
-               params=None, **_) -> dict:
-        o = self._run(pixel_values, input_ids, attention_mask, use_image_text_matching_head, params)
-        st = {"vision": o["vision"][0], "text": o["text"][0]}
-        if use_image_text_matching_head:
-            st["itm_score"] = o["logits"]
+        if self.is_decoder_only:
+            settings = rules.generation_settings(self.config, ids.shape[1], **kwargs)
+            prompt, prompt_mask = ids, mask
         else:
-            st.update(image_embeds=o["image_embeds"], text_embeds=o["text_embeds"], logits_per_image=o["logits"])
-        return st
+            start = rules.decoder_start_token_id(self.config, kwargs.pop("decoder_start_token_id", None))
+            settings = rules.generation_settings(self.config, 1, **kwargs)
+            prompt = jnp.full((ids.shape[0], 1), start, jnp.int32)
+            prompt_mask = jnp.ones_like(prompt)
+        plan, numbers = decoding.make_plan(settings, self.config.text_config.vocab_size, settings.output_scores)
+        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
+        out = fn(params, pv, ids, mask, prompt, prompt_mask, sampling_key(settings, key), traced_numbers(numbers),
+                 plan=plan, interpolate=bool(interpolate_pos_encoding))
+        return result(settings, *out)
 
-
-class Blip2TextModelWithProjection(_Blip2Base):
-    """Q-Former text encoder -> normalised ``text_projection`` of every token (B, L, E)."""
-
-    parts = ("embeddings", "text_projection")
-
-    def _forward(self, params, ids, mask, position_ids):
-        qdt, dt = self.qformer_dtype, self.dtype
-
-        def run(m, ids, mask, position_ids):
-            text = m.qformer(m.embeddings(ids, position_ids), mask, None, None, 0, qdt)
-            return _normalize(m.text_projection(text[0].astype(dt))), text
-        return self._apply(params, ids, mask, position_ids, method=run)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
-        qc = self.config.qformer_config
-        ids = token_ids(input_ids, "input_ids", qc.vocab_size, qc.max_position_embeddings)
-        if ids is None:
-            raise ValueError("input_ids is required")
-        pos = token_ids(position_ids, "position_ids", qc.max_position_embeddings)
-        embeds, text = self._jit("forward", "_forward")(self._params(params), ids, self._mask(attention_mask, ids.shape),
-                                                        pos)
-        return Blip2TextModelOutput(text_embeds=embeds, last_hidden_state=text[0],
-                                    hidden_states=text[1] if output_hidden_states else None,
-                                    attentions=text[2] if output_attentions else None)
-
-    def stages(self, input_ids=None, attention_mask=None, params=None, **_) -> dict:
-        out = self(input_ids=input_ids, attention_mask=attention_mask, params=params)
-        return {"text": out.last_hidden_state, "text_embeds": out.text_embeds}
-
-
-class Blip2VisionModelWithProjection(_Blip2Base):
-    """Vision + Q-Former -> normalised ``vision_projection`` of every query (B, Q, E)."""
-
-    parts = ("vision_model", "vision_projection")
-
-    def _forward(self, params, pv, interpolate):
-        qdt, dt = self.qformer_dtype, self.dtype
-
-        def run(m, pv):
-            vision, qformer = m.image_queries(pv, interpolate, qdt)
-            return _normalize(m.vision_projection(qformer[0].astype(dt))), vision, qformer[0]
-        return self._apply(params, pv, method=run)
-
-    def __call__(self, pixel_values=None, output_attentions: bool = False, output_hidden_states: bool = False,
-                 interpolate_pos_encoding: bool = False, params=None):
-        return self._outputs(pixel_values, interpolate_pos_encoding, params, output_hidden_states,
-                             output_attentions)[0]
-
-    def _outputs(self, pixel_values, interpolate, params, hs=False, at=False):
-        fn = self._jit("forward", "_forward", ("interpolate",))
-        embeds, vision, qformer = fn(self._params(params), self._pixels(pixel_values, interpolate),
-                                     interpolate=bool(interpolate))
-        return Blip2VisionModelOutput(image_embeds=embeds, last_hidden_state=vision[0],
-                                      hidden_states=vision[2] if hs else None,
-                                      attentions=vision[3] if at else None), qformer
-
-    def stages(self, pixel_values=None, interpolate_pos_encoding=False, params=None, **_) -> dict:
-        out, qformer = self._outputs(pixel_values, interpolate_pos_encoding, params)
-        return {"vision": out.last_hidden_state, "qformer": qformer, "image_embeds": out.image_embeds}
+    def _generate_program(self, params, pv, ids, mask, prompt, prompt_mask, key, numbers, plan, interpolate):
+        """Towers and language-model prefix once, then the decoding loop: one XLA program."""
+        context = self._context(params, pv, ids, mask, interpolate)
+        return decode(self.decoding_step(params), self.init_cache, context, prompt, prompt_mask, key, plan, numbers)
