@@ -276,3 +276,128 @@ def test_blip2_model_feature_getters_match_torch(fixed):
                                    legacy_output=False))
         close(model.get_image_features(px, legacy_output=False), tm.get_image_features(px, legacy_output=False))
         close(model.get_qformer_features(px, legacy_output=False), tm.get_qformer_features(px, legacy_output=False))
+
+
+# -- decoding ---------------------------------------------------------------------------------------------
+def _model_and_prompt(fixed, built, case):
+    """``(transformers reference, jax model, torch-backend model, pixels, ids, mask, reference ids and mask)``."""
+    if case == "opt_placeholders":
+        model, inputs, _, d = fixed("Blip2ForConditionalGeneration")
+        ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()
+        px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+        return ref, model, TB.Blip2ForConditionalGeneration.from_pretrained(d), px, ids, mask, ids, mask
+    ref, model, torch_model, _ = built(case)
+    px = _pixels(batch=3, seed=4)
+    full_ids, full_mask = _prompt([5, 2, 4], 5, seed=5)           # batched prompts, left padding
+    placeholders = CASES[case].get("image_token_index") is not None
+    ids, mask = (full_ids, full_mask) if placeholders else (full_ids[:, Q:], full_mask[:, Q:])
+    return ref, model, torch_model, px, ids, mask, full_ids, full_mask
+
+
+def _steps_by_hand(model, px, ids, mask, n):
+    """Greedy decoding written out with the model's ``init_cache`` / ``decoding_step``: ``(logits (B, n, V),
+    tokens (B, n))``."""
+    ctx = model.decoding_context(pixel_values=px, input_ids=ids, attention_mask=mask)
+    step = model.decoding_step()
+    b = ids.shape[0]
+    prompt, pmask = (ids, mask) if model.is_decoder_only else (np.zeros((b, 1), np.int32), np.ones((b, 1), np.int32))
+    p = prompt.shape[1]
+    key_mask = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(jnp.asarray(pmask, jnp.int32))
+    prefill = jax.jit(lambda i, km, c, x: step(i, None, km, c, 0, x))
+    one = jax.jit(lambda i, km, c, index, x: step(i, None, km, c, index, x))
+    logits, cache = prefill(jnp.asarray(prompt, jnp.int32), key_mask, model.init_cache(b, p + n), ctx)
+    all_logits, tokens = [logits], [jnp.argmax(logits, -1)]
+    for k in range(n - 1):
+        key_mask = key_mask.at[:, p + k].set(1)
+        logits, cache = one(tokens[-1][:, None].astype(jnp.int32), key_mask, cache, jnp.int32(p + k), ctx)
+        all_logits.append(logits)
+        tokens.append(jnp.argmax(logits, -1))
+    return jnp.stack(all_logits, 1), np.asarray(jnp.stack(tokens, 1))
+
+
+@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat", "t5_placeholders"])
+def test_cached_steps_reproduce_the_full_forward(fixed, built, case):
+    _, model, _, px, ids, mask, _, _ = _model_and_prompt(fixed, built, case)
+    n = 4
+    logits, tokens = _steps_by_hand(model, px, ids, mask, n)
+    assert logits.dtype == jnp.float32 and logits.shape[:2] == (ids.shape[0], n)
+    if model.is_decoder_only:
+        full = model(pixel_values=px, input_ids=np.concatenate([ids, tokens], 1),
+                     attention_mask=np.concatenate([mask, np.ones_like(tokens)], 1)).logits[:, -(n + 1):-1]
+    else:
+        dec = np.concatenate([np.zeros((ids.shape[0], 1), np.int64), tokens[:, :-1]], 1)
+        full = model(pixel_values=px, input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    close(logits, full)
+
+
+def _same(ours, ref):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape and (ours == ref).all(), (ours.tolist(), ref.tolist())
+
+
+@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat", "t5_placeholders"])
+def test_generate_ids_match_transformers_and_torch(fixed, built, case):
+    ref, model, torch_model, px, ids, mask, full_ids, full_mask = _model_and_prompt(fixed, built, case)
+    drop = Q if case == "opt_concat" else 0      # the concatenation path returns the given ids + new tokens
+    for opts in (dict(), dict(num_beams=3, num_return_sequences=2, length_penalty=0.5)):
+        with torch.no_grad():
+            want = ref.generate(pixel_values=t(px), input_ids=t(full_ids), attention_mask=t(full_mask),
+                                max_new_tokens=6, **opts)[:, drop:]
+            tb = torch_model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=6, **opts)
+        got = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=6, **opts)
+        _same(got, want)
+        _same(got, tb)
+    if case == "opt_placeholders":
+        _same(model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5),
+              fixed("Blip2ForConditionalGeneration")[2]["greedy_ids"])
+    # the same shapes and plan with other pixels and numbers: no second trace
+    traced = model.trace_count("generate")
+    model.generate(pixel_values=px[::-1].copy(), input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
+                   num_return_sequences=2, length_penalty=1.5)
+    assert model.trace_count("generate") == traced
+
+
+def test_generate_default_prompt_and_errors(fixed):
+    model, inputs, _, d = fixed("Blip2ForConditionalGeneration")
+    ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()
+    px = inputs["pixel_values"]
+    with torch.no_grad():
+        want = ref.generate(pixel_values=t(px), max_new_tokens=3)
+    got = model.generate(pixel_values=px, max_new_tokens=3)
+    _same(got, want)
+    assert (np.asarray(got)[:, :Q] == model.config.image_token_index).all()
+    for bad in (dict(bogus_option=1), dict(num_beams=2, num_return_sequences=3), dict(generator=object())):
+        with pytest.raises(ValueError):
+            model.generate(pixel_values=px, max_new_tokens=2, **bad)
+
+
+# -- half precision ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_against_float32(built, dtype):
+    _, ours, _, path = built("t5_placeholders")
+    half = J.Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    kept = jnp.float32 if dtype == "float16" else jnp.dtype(dtype)    # transformers' float16-only rule
+    assert half.params["query_tokens"].dtype == kept
+    assert all(a.dtype == kept for a in jax.tree_util.tree_leaves(half.params["qformer"]))
+    assert all(a.dtype == jnp.dtype(dtype) for k in ("vision_model", "language_model", "language_projection")
+               for a in jax.tree_util.tree_leaves(half.params[k]))
+    px, ids, mask, _, _, _ = _case_inputs("t5_placeholders")
+    dec = ids[:, -3:]
+    ref = ours(pixel_values=px, input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    out = half(pixel_values=px, input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert out.logits.dtype == jnp.dtype(dtype)
+    assert out.qformer_outputs.last_hidden_state.dtype == kept
+    for got, want in ((out.logits, ref.logits), (out.qformer_outputs.last_hidden_state,
+                                                 ref.qformer_outputs.last_hidden_state)):
+        atol, rtol = effective_tolerance(want, "default", dtype)
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.all(np.abs(got - want) <= atol + rtol * np.abs(want)), np.abs(got - want).max()
+
+
+def test_import_loads_no_other_framework():
+    code = ("import sys, backends.jax; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'transformers')]; "
+            "assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
