@@ -298,6 +298,13 @@ def test_forward_and_loss_match_transformers_and_torch(built, case):
     for name in ("vision", "vision_pooled", "qformer", "projection", "loss"):
         close(st[name], tst[name])
     close(st["logits"], tst["logits"], where=real)
+    if case == "t5_placeholders":     # inputs_embeds: the placeholders are the rows equal to the image token's
+        with torch.no_grad():
+            embeds = torch_model.get_input_embeddings()(t(ids)).numpy()
+        close(ours(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, labels=labels).logits, ref.logits)
+        embeds[0, 0] += 1.0
+        with pytest.raises(ValueError, match="placeholder"):
+            ours(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -395,7 +402,14 @@ def test_generate_ids_match_transformers_and_torch(fixed, built, case):
         got = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5, **opts)
         _same(got, want)
         _same(got, tb)
+    if case == "t5_placeholders":
+        with torch.no_grad():
+            embeds = torch_model.get_input_embeddings()(t(ids)).numpy()
+        _same(model.generate(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5),
+              model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5))
     if case == "opt_placeholders":
+        with pytest.raises(ValueError, match="input_ids"):
+            model.generate(pixel_values=px, inputs_embeds=np.zeros(ids.shape + (32,), np.float32))
         _same(model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5),
               fixed("Blip2ForConditionalGeneration")[2]["greedy_ids"])
     # the same shapes and plan with other pixels and numbers: no second trace

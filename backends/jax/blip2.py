@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,14 +90,22 @@ class Blip2Module(nn.Module):
         # the Q-Former may be float32 inside a float16 model: come back to the tower's dtype
         return self.language_projection(qformer[0].astype(vision[0].dtype)), vision, qformer
 
-    def fuse(self, lm_inputs, ids, mask):
-        """Projected queries into the text embeddings: ``(embeds, mask)``."""
-        embeds = self.language_model.embed(ids)
+    def placeholder_embedding(self):
+        """The embedding row of ``image_token_index`` (how placeholders are found in ``inputs_embeds``)."""
+        return self.language_model.embed(jnp.full((1, 1), self.config.image_token_index, jnp.int32))[0, 0]
+
+    def fuse(self, lm_inputs, ids, mask, embeds=None):
+        """Projected queries into the text embeddings (of ``ids``, or ``embeds`` given): ``(embeds, mask)``."""
+        if embeds is None:
+            embeds = self.language_model.embed(ids)
         lm_inputs = lm_inputs.astype(embeds.dtype)
         if not rules.uses_placeholders(self.config):
             ones = jnp.ones(lm_inputs.shape[:2], mask.dtype)
             return jnp.concatenate([lm_inputs, embeds], axis=1), jnp.concatenate([ones, mask], axis=1)
-        slots = ids == self.config.image_token_index            # exactly Q per row (checked by the caller)
+        if ids is not None:     # exactly Q per row (checked by the caller)
+            slots = ids == self.config.image_token_index
+        else:
+            slots = jnp.all(embeds == self.placeholder_embedding().astype(embeds.dtype), axis=-1)
         rank = jnp.clip(jnp.cumsum(slots, axis=1) - 1, 0, lm_inputs.shape[1] - 1)
         placed = jnp.take_along_axis(lm_inputs, rank[..., None], axis=1)
         return jnp.where(slots[..., None], placed, embeds), mask
@@ -172,6 +181,20 @@ class _Blip2WithLanguageModel(_Blip2Base):
             rules.image_slots(np.asarray(ids), self.config)
         return ids, self._mask(attention_mask, ids.shape)
 
+    def _text(self, input_ids, attention_mask, inputs_embeds, params):
+        """``(ids or None, embeds or None, mask)``: exactly one of ``input_ids`` / ``inputs_embeds``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            ids, mask = self._text_ids(input_ids, attention_mask)
+            return ids, None, mask
+        embeds = jnp.asarray(as_input(inputs_embeds, "inputs_embeds", "f", ndim=3)).astype(self.dtype)
+        known = is_concrete(embeds) and all(is_concrete(a) for a in jax.tree_util.tree_leaves(params))
+        if rules.uses_placeholders(self.config) and known:
+            row = self._apply(params, method=lambda m: m.placeholder_embedding().astype(embeds.dtype))
+            rules.check_image_slots(np.asarray(jnp.all(embeds == row, axis=-1)).sum(axis=1), self.config)
+        return None, embeds, self._mask(attention_mask, embeds.shape[:2])
+
     def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, labels, text_shape):
         vocab = self.config.text_config.vocab_size
         dec = token_ids(decoder_input_ids, "decoder_input_ids", vocab)
@@ -188,37 +211,39 @@ class _Blip2WithLanguageModel(_Blip2Base):
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
         return dec, dec_mask, labels
 
-    def _forward(self, params, pv, ids, mask, dec, dec_mask, labels, interpolate, output_hidden_states=False,
+    def _forward(self, params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate, output_hidden_states=False,
                  output_attentions=False):
         qdt = self.qformer_dtype
 
-        def run(m, pv, ids, mask, dec, dec_mask, labels):
+        def run(m, pv, ids, embeds, mask, dec, dec_mask, labels):
             lm_inputs, vision, qformer = m.language_inputs(pv, interpolate, qdt)
-            embeds, full_mask = m.fuse(lm_inputs, ids, mask)
+            embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
             loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels)
             return dict(loss=loss, logits=logits, lm_hidden=hidden, encoder=enc, vision=vision, qformer=qformer,
                         projection=lm_inputs)
-        return self._apply(params, pv, ids, mask, dec, dec_mask, labels, method=run)
+        return self._apply(params, pv, ids, embeds, mask, dec, dec_mask, labels, method=run)
 
     def _run(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-             interpolate_pos_encoding, params, hs=False, at=False):
+             interpolate_pos_encoding, params, hs=False, at=False, inputs_embeds=None):
+        params = self._params(params)
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
-        ids, mask = self._text_ids(input_ids, attention_mask)
-        if ids.shape[0] != pv.shape[0]:
-            raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({pv.shape[0]}) differ")
-        dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, ids.shape)
+        ids, embeds, mask = self._text(input_ids, attention_mask, inputs_embeds, params)
+        if mask.shape[0] != pv.shape[0]:
+            raise ValueError(f"the text batch ({mask.shape[0]}) and the image batch ({pv.shape[0]}) differ")
+        dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, mask.shape)
         fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
-        return fn(self._params(params), pv, ids, mask, dec, dec_mask, labels,
-                  interpolate=bool(interpolate_pos_encoding), output_hidden_states=bool(hs),
-                  output_attentions=bool(at))
+        return fn(params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate=bool(interpolate_pos_encoding),
+                  output_hidden_states=bool(hs), output_attentions=bool(at))
 
     def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False,
+                 decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
                  output_attentions: bool = False, output_hidden_states: bool = False, params=None):
-        """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions."""
+        """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions.
+        ``inputs_embeds`` replaces ``input_ids``; its placeholders are the rows equal to the image token's
+        embedding."""
         hs, at = bool(output_hidden_states), bool(output_attentions)
         o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-                      interpolate_pos_encoding, params, hs, at)
+                      interpolate_pos_encoding, params, hs, at, inputs_embeds)
         if self.is_decoder_only:
             lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None)
         else:
@@ -326,29 +351,39 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return opt.init_cache(tc, rows, self.prefix_length + total_len, self.dtype)
         return t5.init_cache(tc, rows, total_len, self.dtype)
 
-    def _context(self, params, pv, ids, mask, interpolate):
+    def _context(self, params, pv, ids, embeds, mask, interpolate):
         qdt = self.qformer_dtype
 
-        def run(m, pv, ids, mask):
+        def run(m, pv, ids, embeds, mask):
             lm_inputs = m.language_inputs(pv, interpolate, qdt)[0]
             if self.is_decoder_only:
                 if self.prefix_length:
                     return {"queries": lm_inputs.astype(self.dtype)}
                 return {"inputs_embeds": m.fuse(lm_inputs, ids, mask)[0]}
-            embeds, full_mask = m.fuse(lm_inputs, ids, mask)
+            embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
             enc, _ = m.language_model.encode(embeds, full_mask)
             return {"cross_kv": m.language_model.cross_kv(enc), "encoder_mask": full_mask}
-        return self._apply(params, pv, ids, mask, method=run)
+        return self._apply(params, pv, ids, embeds, mask, method=run)
 
-    def decoding_context(self, pixel_values=None, input_ids=None, attention_mask=None,
+    def _prompt(self, pixel_values, input_ids, attention_mask, inputs_embeds, interpolate, params):
+        pv = self._pixels(pixel_values, interpolate)
+        if input_ids is None and inputs_embeds is None:
+            input_ids = rules.default_prompt(self.config, pv.shape[0])
+        if self.is_decoder_only and input_ids is None:
+            raise ValueError("OPT generation needs input_ids (the returned sequences start with them)")
+        ids, embeds, mask = self._text(input_ids, attention_mask, inputs_embeds, params)
+        if mask.shape[0] != pv.shape[0]:
+            raise ValueError(f"the text batch ({mask.shape[0]}) and the image batch ({pv.shape[0]}) differ")
+        return pv, ids, embeds, mask
+
+    def decoding_context(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
                          interpolate_pos_encoding: bool = False, params=None):
         """The per-input pytree the decoding step closes over (see the class docstring)."""
-        pv = self._pixels(pixel_values, interpolate_pos_encoding)
-        if input_ids is None:
-            input_ids = rules.default_prompt(self.config, pv.shape[0])
-        ids, mask = self._text_ids(input_ids, attention_mask)
+        params = self._params(params)
+        pv, ids, embeds, mask = self._prompt(pixel_values, input_ids, attention_mask, inputs_embeds,
+                                             interpolate_pos_encoding, params)
         fn = self._jit("context", "_context", ("interpolate",))
-        return fn(self._params(params), pv, ids, mask, interpolate=bool(interpolate_pos_encoding))
+        return fn(params, pv, ids, embeds, mask, interpolate=bool(interpolate_pos_encoding))
 
     def decoding_step(self, params=None):
         """``step(ids, positions, key_mask, cache, index, context) -> (logits (N, V) float32, cache)``.
@@ -383,8 +418,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return self._apply(params, ids, key_mask, cache, index, context, method=fn)
         return step
 
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
-                 **generate_kwargs):
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 interpolate_pos_encoding: bool = False, **generate_kwargs):
         """Ids (B * num_return_sequences, L); options as transformers' generate (max_new_tokens, num_beams,
         do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, ...), plus ``seed`` or
         ``prng_key`` for sampling, ``decoder_start_token_id`` for T5 and ``params``. One compiled program per
@@ -395,27 +430,23 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         if kwargs.pop("generator", None) is not None:
             raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
         kwargs.pop("use_cache", None)
-        pv = self._pixels(pixel_values, interpolate_pos_encoding)
-        if input_ids is None:
-            input_ids = rules.default_prompt(self.config, pv.shape[0])
-        ids, mask = self._text_ids(input_ids, attention_mask)
-        if ids.shape[0] != pv.shape[0]:
-            raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({pv.shape[0]}) differ")
+        pv, ids, embeds, mask = self._prompt(pixel_values, input_ids, attention_mask, inputs_embeds,
+                                             interpolate_pos_encoding, params)
         if self.is_decoder_only:
             settings = rules.generation_settings(self.config, ids.shape[1], **kwargs)
             prompt, prompt_mask = ids, mask
         else:
             start = rules.decoder_start_token_id(self.config, kwargs.pop("decoder_start_token_id", None))
             settings = rules.generation_settings(self.config, 1, **kwargs)
-            prompt = jnp.full((ids.shape[0], 1), start, jnp.int32)
+            prompt = jnp.full((mask.shape[0], 1), start, jnp.int32)
             prompt_mask = jnp.ones_like(prompt)
         plan, numbers = decoding.make_plan(settings, self.config.text_config.vocab_size, settings.output_scores)
         fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
-        out = fn(params, pv, ids, mask, prompt, prompt_mask, sampling_key(settings, key), traced_numbers(numbers),
-                 plan=plan, interpolate=bool(interpolate_pos_encoding))
+        out = fn(params, pv, ids, embeds, mask, prompt, prompt_mask, sampling_key(settings, key),
+                 traced_numbers(numbers), plan=plan, interpolate=bool(interpolate_pos_encoding))
         return result(settings, *out)
 
-    def _generate_program(self, params, pv, ids, mask, prompt, prompt_mask, key, numbers, plan, interpolate):
+    def _generate_program(self, params, pv, ids, embeds, mask, prompt, prompt_mask, key, numbers, plan, interpolate):
         """Towers and language-model prefix once, then the decoding loop: one XLA program."""
-        context = self._context(params, pv, ids, mask, interpolate)
+        context = self._context(params, pv, ids, embeds, mask, interpolate)
         return decode(self.decoding_step(params), self.init_cache, context, prompt, prompt_mask, key, plan, numbers)
