@@ -419,6 +419,30 @@ def test_generate_ids_match_transformers_and_torch(fixed, built, case):
     assert model.trace_count("generate") == traced
 
 
+def test_generate_right_padded_opt_batch_ids_and_scores(fixed):
+    """The prefill's last slot is padding for two rows: its position (1 in transformers' generate) decides the
+    first new token. Ids and every step's scores as transformers."""
+    model, _, _, d = fixed("Blip2ForConditionalGeneration")
+    ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()
+    text, text_mask = _prompt([5, 2, 4], 5, seed=7, placeholders=False)
+    order = np.argsort(1 - text_mask, axis=1, kind="stable")        # real tokens first, padding after
+    text, text_mask = np.take_along_axis(text, order, 1), np.take_along_axis(text_mask, order, 1)
+    ids = np.concatenate([np.full((3, Q), model.config.image_token_index), text], 1)
+    mask = np.concatenate([np.ones((3, Q), np.int64), text_mask], 1)
+    px = _pixels(batch=3, seed=6)
+    for opts in (dict(), dict(num_beams=2)):
+        kw = dict(max_new_tokens=5, return_dict_in_generate=True, output_scores=True, **opts)
+        with torch.no_grad():
+            want = ref.generate(pixel_values=t(px), input_ids=t(ids), attention_mask=t(mask), **kw)
+        got = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+        _same(got.sequences, want.sequences)
+        assert len(got.scores) == len(want.scores)
+        for ours, theirs in zip(got.scores, want.scores):
+            finite = torch.isfinite(theirs).numpy()
+            assert (np.isfinite(np.asarray(ours)) == finite).all()
+            close(np.asarray(ours)[finite], theirs.numpy()[finite])
+
+
 def test_generate_default_prompt_and_errors(fixed):
     model, inputs, _, d = fixed("Blip2ForConditionalGeneration")
     ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()

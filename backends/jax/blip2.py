@@ -389,8 +389,9 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         """``step(ids, positions, key_mask, cache, index, context) -> (logits (N, V) float32, cache)``.
 
         ``index`` 0 given as a Python int is the prefill over the whole prompt; afterwards ``ids`` is the one
-        token at buffer ``index``. OPT derives its own positions from ``key_mask`` (``positions`` unused); T5 has
-        relative positions only."""
+        token at buffer ``index``. OPT derives its positions from ``key_mask`` with the queries of the
+        concatenation path in front (padded slots at 1, as transformers' generate); T5 has relative positions
+        only; ``positions`` is not needed."""
         params = self._params(params)
         prefix = self.prefix_length
 
@@ -404,7 +405,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
                 start = 0
             else:
                 embeds, start = m.language_model.embed(ids), index + prefix
-            logits, _, cache = m.language_model(embeds, key_mask, start, cache)
+            logits, _, cache = m.language_model(embeds, key_mask, start, cache, pad_position=1)
             return logits[:, -1].astype(jnp.float32), cache
 
         def t5_step(m, ids, key_mask, cache, index, context):

@@ -36,9 +36,13 @@ def causal_bias(key_mask, start, length: int, dtype):
     return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None]
 
 
-def positions(key_mask, start, length: int):
-    """OPT's positions of the chunk: real tokens counted from 0 over the buffer, padding at -1."""
-    pos = jnp.cumsum(key_mask, axis=1) * key_mask - 1
+def positions(key_mask, start, length: int, pad_position: int = -1):
+    """Positions of the chunk: real tokens counted from 0 over the buffer, padding at ``pad_position``.
+
+    OPT's forward puts padding at -1 (table row 1); transformers' ``generate`` derives positions itself and
+    puts padding at 1, which decides the first new token after a right-padded prompt."""
+    count = jnp.cumsum(key_mask, axis=1) - 1
+    pos = jnp.where(key_mask > 0, count, pad_position)
     return jax.lax.dynamic_slice_in_dim(pos, start, length, axis=1)
 
 
@@ -132,12 +136,12 @@ class OPTDecoder(nn.Module):
             self.final_layer_norm = LayerNorm(1e-5)
         self.layers = [OPTDecoderLayer(c) for _ in range(c.num_hidden_layers)]
 
-    def __call__(self, embeds, key_mask, start=0, cache=None):
+    def __call__(self, embeds, key_mask, start=0, cache=None, pad_position=-1):
         """Returns ``(last_hidden_state, hidden_states, new_cache)``."""
         c = self.config
         s = embeds.shape[1]
         x = self.project_in(embeds) if c.word_embed_proj_dim != c.hidden_size else embeds
-        h = x + self.embed_positions(positions(key_mask, start, s) + 2).astype(x.dtype)
+        h = x + self.embed_positions(positions(key_mask, start, s, pad_position) + 2).astype(x.dtype)
         bias = causal_bias(key_mask, start, s, h.dtype)
         hidden, new_cache = [], []
         for i, layer in enumerate(self.layers):
@@ -177,9 +181,9 @@ class OPTForCausalLM(nn.Module):
             return self.model.decoder.embed_tokens.attend(h)
         return self.lm_head(h)
 
-    def __call__(self, embeds, key_mask, start=0, cache=None):
+    def __call__(self, embeds, key_mask, start=0, cache=None, pad_position=-1):
         """Returns ``(logits, hidden_states, new_cache)``; ``hidden_states[-1]`` is the final hidden state."""
-        h, hidden, cache = self.model.decoder(embeds, key_mask, start, cache)
+        h, hidden, cache = self.model.decoder(embeds, key_mask, start, cache, pad_position)
         return self.logits(h), hidden, cache
 
 
