@@ -329,6 +329,17 @@ def test_blip2_model_feature_getters_match_torch(fixed):
                                    legacy_output=False))
         close(model.get_image_features(px, legacy_output=False), tm.get_image_features(px, legacy_output=False))
         close(model.get_qformer_features(px, legacy_output=False), tm.get_qformer_features(px, legacy_output=False))
+    # OPT: the fixture of Blip2ForConditionalGeneration holds the same weight table as a Blip2Model
+    gen_model, gen_inputs, _, gen_dir = fixed("Blip2ForConditionalGeneration")
+    opt_model, opt_torch = J.Blip2Model.from_pretrained(gen_dir), TB.Blip2Model.from_pretrained(gen_dir)
+    ids, mask = gen_inputs["input_ids"][:, Q + 2:], gen_inputs["attention_mask"][:, Q + 2:]
+    with torch.no_grad():
+        close(opt_model.get_text_features(input_ids=ids, attention_mask=mask, legacy_output=False),
+              opt_torch.get_text_features(input_ids=ids, attention_mask=mask, legacy_output=False))
+        projected, vision, qformer = gen_model.get_image_features(gen_inputs["pixel_values"], return_dict=True)
+        ref = opt_torch.get_qformer_features(gen_inputs["pixel_values"])
+    close(qformer.last_hidden_state, ref.last_hidden_state)
+    assert projected.shape == (2, Q, 32) and vision.last_hidden_state.shape == (2, 17, 32)
 
 
 # -- decoding ---------------------------------------------------------------------------------------------
@@ -382,6 +393,28 @@ def test_cached_steps_reproduce_the_full_forward(fixed, built, case):
             dec = np.concatenate([np.zeros((ids.shape[0], 1), np.int64), tokens[:, :-1]], 1)
             full = torch_model(pixel_values=px, input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     close(logits, full)
+
+
+def test_relative_position_bucket_matches_transformers():
+    from backends.jax.t5 import relative_position_bucket
+    rel = np.arange(-300, 300)[None, :]
+    bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (8, 12)):
+            want = bucket(t(rel), bidirectional=bidirectional, num_buckets=nb, max_distance=md).numpy()
+            got = relative_position_bucket(jnp.asarray(rel, jnp.int32), bidirectional, nb, md)
+            assert (np.asarray(got) == want).all()
+
+
+def test_sampling_is_seeded(built):
+    _, model, _, _ = built("t5_placeholders")
+    px, ids, mask, _, _, _ = _case_inputs("t5_placeholders")
+    kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask, do_sample=True, top_k=5, max_new_tokens=4)
+    a, b = model.generate(seed=11, **kw), model.generate(seed=11, **kw)
+    c = model.generate(prng_key=jax.random.key(11), **kw)
+    _same(a, b)
+    _same(a, c)
+    assert (np.asarray(a)[:, 0] == 0).all() and np.asarray(a).max() < 99
 
 
 def _same(ours, ref):

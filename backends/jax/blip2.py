@@ -328,15 +328,20 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     ``init_cache(rows, total_len)`` and ``decoding_step(params)`` then follow the engine's step contract.
     """
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, params=None):
-        """The projected queries (B, Q, D_lm) the language model receives."""
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, return_dict: bool = False,
+                           params=None):
+        """The projected queries (B, Q, D_lm) the language model receives; with ``return_dict`` also the
+        vision and Q-Former outputs: ``(projected, vision_outputs, qformer_outputs)``."""
         fn = self._jit("image_features", "_image_features", ("interpolate",))
-        return fn(self._params(params), self._pixels(pixel_values, interpolate_pos_encoding),
-                  interpolate=bool(interpolate_pos_encoding))
+        lm_inputs, vision, qformer = fn(self._params(params), self._pixels(pixel_values, interpolate_pos_encoding),
+                                        interpolate=bool(interpolate_pos_encoding))
+        if not return_dict:
+            return lm_inputs
+        return lm_inputs, _vision_output(vision, False, False), _qformer_output(qformer, False, False)
 
     def _image_features(self, params, pv, interpolate):
         qdt = self.qformer_dtype
-        return self._apply(params, pv, method=lambda m, pv: m.language_inputs(pv, interpolate, qdt)[0])
+        return self._apply(params, pv, method=lambda m, pv: m.language_inputs(pv, interpolate, qdt))
 
     # -- decoding ------------------------------------------------------------------------------------------
     @property

@@ -1,8 +1,8 @@
 """OPT decoder-only language model (BLIP-2's OPT variants) in Flax linen.
 
 Pre-LN (post-LN for ``do_layer_norm_before=False``) decoder, ReLU feed-forward, learned positions read at row
-``p + 2`` of the table where ``p`` counts the real tokens before (``cumsum(mask) - 1``; padding reads row 1), so
-left padding does not move real tokens. ``lm_head`` reads ``embed_tokens`` when tied. Param paths are the
+``p + 2`` of the table where ``p`` counts the real tokens before (``cumsum(mask) - 1``; padding reads row 1, or
+row 3 in generation as transformers' ``generate``), so left padding does not move real tokens. ``lm_head`` reads ``embed_tokens`` when tied. Param paths are the
 weight table's (``model/decoder/layers_0/self_attn/q_proj/kernel``).
 
 One function serves the full forward and cached decoding: ``OPTForCausalLM.__call__(embeds, key_mask, start,
@@ -11,10 +11,11 @@ cache)`` runs a chunk of ``s`` tokens that sits at buffer index ``start`` of a f
 per layer) the chunk is written at ``start`` with ``dynamic_update_slice`` and attends over the buffer.
 Masked keys get the dtype's most negative value, as transformers does.
 
-Example::
+Example (``params`` being the ``language_model`` subtree of a BLIP-2 model)::
 
     lm = OPTForCausalLM(config)
-    logits, hidden, _ = lm.apply({"params": p}, lm.apply({"params": p}, ids, method=OPTForCausalLM.embed), mask)
+    embeds = lm.apply({"params": params}, ids, method=OPTForCausalLM.embed)      # ids (B, L)
+    logits, hidden_states, _ = lm.apply({"params": params}, embeds, mask)        # logits (B, L, V)
 """
 from __future__ import annotations
 

@@ -214,9 +214,11 @@ class Blip2QFormerModel(Blip2Weights):
     def _forward(self, params, x, mask, context, context_mask, query_length):
         return self.module.apply({"params": params}, x, mask, context, context_mask, query_length, self.dtype)
 
-    def __call__(self, query_embeds=None, query_length=None, attention_mask=None, encoder_hidden_states=None,
-                 encoder_attention_mask=None, output_attentions: bool = False, output_hidden_states: bool = False,
-                 params=None):
+    def __call__(self, query_embeds=None, query_length=None, attention_mask=None, head_mask=None,
+                 encoder_hidden_states=None, encoder_attention_mask=None, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params=None):
+        if head_mask is not None:
+            raise NotImplementedError("head_mask is not supported")
         x, mask, context, context_mask, q = qformer_inputs(self.config, query_embeds, attention_mask,
                                                            encoder_hidden_states, encoder_attention_mask,
                                                            query_length)
