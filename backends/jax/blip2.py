@@ -150,10 +150,6 @@ class _Blip2Base(Blip2Weights):
     def _module(self):
         return Blip2Module(self.config, self.parts)
 
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, config.initializer_range
-
     def _apply(self, params, *args, method):
         return self.module.apply({"params": params}, *args, method=method)
 

@@ -207,10 +207,6 @@ class Blip2QFormerModel(Blip2Weights):
     def _module(self):
         return QFormer(self.config)
 
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, config.initializer_range
-
     def _forward(self, params, x, mask, context, context_mask, query_length):
         return self.module.apply({"params": params}, x, mask, context, context_mask, query_length, self.dtype)
 
