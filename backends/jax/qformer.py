@@ -27,6 +27,7 @@ import numpy as np
 from blip_core.blip2 import keeps_float32
 from blip_core.configs import Blip2QFormerConfig
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from blip_core.pretrained import hf_loading_kwargs
 
 from ._base import JaxModel, as_input, mask_like, resolve_dtype
 from .opt import padded_lookup
@@ -187,9 +188,11 @@ class Blip2Weights(JaxModel):
         return np.dtype(jnp.float32) if keeps_float32(self.dtype.name) else self.dtype
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False):
-        dt = blip2_dtype(dtype)
-        model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin)
+    def from_pretrained(cls, path: str, dtype=None, **kwargs):
+        """As ``JaxModel.from_pretrained`` (same keywords); loads float32, then applies the float16 rule."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dt = blip2_dtype(dtype if torch_dtype is None else hf_loading_kwargs(dtype, None, torch_dtype=torch_dtype)[0])
+        model = super().from_pretrained(path, dtype=None, **kwargs)
         model._cast_to(dt)
         return model
 
