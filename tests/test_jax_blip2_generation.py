@@ -62,7 +62,8 @@ def _steps_by_hand(model, px, ids, mask, n):
     key_mask = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(jnp.asarray(pmask, jnp.int32))
     prefill = jax.jit(lambda i, km, c, x: step(i, None, km, c, 0, x))
     one = jax.jit(lambda i, km, c, index, x: step(i, None, km, c, index, x))
-    logits, cache = prefill(jnp.asarray(prompt, jnp.int32), key_mask, model.init_cache(b, p + n), ctx)
+    prefix = ctx["prefix_mask"].shape[1] if model.is_decoder_only else 0      # the queries of the concat path
+    logits, cache = prefill(jnp.asarray(prompt, jnp.int32), key_mask, model.init_cache(b, p + n, prefix), ctx)
     all_logits, tokens = [logits], [jnp.argmax(logits, -1)]
     for k in range(n - 1):
         key_mask = key_mask.at[:, p + k].set(1)
@@ -123,7 +124,7 @@ def test_generate_ids_match_transformers_and_torch(fixed, built, case):
         _same(model.generate(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5),
               model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5))
     if case == "opt_placeholders":
-        with pytest.raises(ValueError, match="input_ids"):
+        with pytest.raises(ValueError, match="placeholder"):
             model.generate(pixel_values=px, inputs_embeds=np.zeros(ids.shape + (32,), np.float32))
         _same(model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=5),
               fixed("Blip2ForConditionalGeneration")[2]["greedy_ids"])
@@ -156,6 +157,22 @@ def test_generate_right_padded_opt_batch_ids_and_scores(fixed):
             finite = torch.isfinite(theirs).numpy()
             assert (np.isfinite(np.asarray(ours)) == finite).all()
             close(np.asarray(ours)[finite], theirs.numpy()[finite])
+
+
+def test_generate_from_opt_inputs_embeds_alone(fixed):
+    """transformers' documented call: embeddings (placeholders included) without input_ids; the output then
+    holds the new tokens only."""
+    model, inputs, _, d = fixed("Blip2ForConditionalGeneration")
+    ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()
+    px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        embeds = ref.get_input_embeddings()(t(ids))
+        for opts in (dict(), dict(num_beams=2)):
+            want = ref.generate(pixel_values=t(px), inputs_embeds=embeds, attention_mask=t(mask), max_new_tokens=5,
+                                **opts)
+            got = model.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask,
+                                 max_new_tokens=5, **opts)
+            _same(got, want)
 
 
 def test_generate_default_prompt_and_errors(fixed):

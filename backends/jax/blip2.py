@@ -340,16 +340,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         return self._apply(params, pv, method=lambda m, pv: m.language_inputs(pv, interpolate, qdt))
 
     # -- decoding ------------------------------------------------------------------------------------------
-    @property
-    def prefix_length(self) -> int:
-        """Query positions in front of the ids (OPT's concatenation path), else 0."""
-        return 0 if rules.uses_placeholders(self.config) or not self.is_decoder_only else \
-            self.config.num_query_tokens
-
-    def init_cache(self, rows: int, total_len: int):
+    def init_cache(self, rows: int, total_len: int, prefix: int = 0):
+        """Zeroed caches; OPT's has ``prefix`` more slots for what sits in front of the token buffer."""
         tc = self.config.text_config
         if self.is_decoder_only:
-            return opt.init_cache(tc, rows, self.prefix_length + total_len, self.dtype)
+            return opt.init_cache(tc, rows, prefix + total_len, self.dtype)
         return t5.init_cache(tc, rows, total_len, self.dtype)
 
     def _context(self, params, pv, ids, embeds, mask, interpolate):
@@ -357,21 +352,22 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
         def run(m, pv, ids, embeds, mask):
             lm_inputs = m.language_inputs(pv, interpolate, qdt)[0]
-            if self.is_decoder_only:
-                if self.prefix_length:
-                    return {"queries": lm_inputs.astype(self.dtype)}
-                return {"inputs_embeds": m.fuse(lm_inputs, ids, mask)[0]}
-            embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
-            enc, _ = m.language_model.encode(embeds, full_mask)
-            return {"cross_kv": m.language_model.cross_kv(enc), "encoder_mask": full_mask}
+            fused, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
+            if not self.is_decoder_only:
+                enc, _ = m.language_model.encode(fused, full_mask)
+                return {"cross_kv": m.language_model.cross_kv(enc), "encoder_mask": full_mask}
+            if ids is None:          # embeddings alone: all of them sit in front of an empty token buffer
+                return {"prefix": fused, "prefix_mask": full_mask}
+            if rules.uses_placeholders(self.config):
+                return {"prompt": fused, "prefix": fused[:, :0], "prefix_mask": full_mask[:, :0]}
+            q = lm_inputs.shape[1]   # concatenation path: the queries sit in front, the ids are the buffer's
+            return {"prefix": fused[:, :q], "prefix_mask": full_mask[:, :q]}
         return self._apply(params, pv, ids, embeds, mask, method=run)
 
     def _prompt(self, pixel_values, input_ids, attention_mask, inputs_embeds, interpolate, params):
         pv = self._pixels(pixel_values, interpolate)
         if input_ids is None and inputs_embeds is None:
             input_ids = rules.default_prompt(self.config, pv.shape[0])
-        if self.is_decoder_only and input_ids is None:
-            raise ValueError("OPT generation needs input_ids (the returned sequences start with them)")
         ids, embeds, mask = self._text(input_ids, attention_mask, inputs_embeds, params)
         if mask.shape[0] != pv.shape[0]:
             raise ValueError(f"the text batch ({mask.shape[0]}) and the image batch ({pv.shape[0]}) differ")
@@ -390,20 +386,19 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         """``step(ids, positions, key_mask, cache, index, context) -> (logits (N, V) float32, cache)``.
 
         ``index`` 0 given as a Python int is the prefill over the whole prompt; afterwards ``ids`` is the one
-        token at buffer ``index``. OPT derives its positions from ``key_mask`` with the queries of the
-        concatenation path in front (padded slots at 1, as transformers' generate); T5 has relative positions
-        only; ``positions`` is not needed."""
+        token at buffer ``index``. OPT's context may put embeddings in front of the token buffer (the queries
+        of the concatenation path, or all of ``inputs_embeds`` given alone): their mask extends ``key_mask``
+        and its cache has that many more slots (``init_cache(rows, total, prefix)``). OPT derives positions
+        from the whole mask (padded slots at 1, as transformers' generate); T5 has relative positions only;
+        ``positions`` is not needed."""
         params = self._params(params)
-        prefix = self.prefix_length
 
         def opt_step(m, ids, key_mask, cache, index, context):
-            if prefix:
-                key_mask = jnp.concatenate([jnp.ones((key_mask.shape[0], prefix), key_mask.dtype), key_mask], 1)
+            prefix = context["prefix_mask"].shape[1]
+            key_mask = jnp.concatenate([context["prefix_mask"].astype(key_mask.dtype), key_mask], 1)
             if isinstance(index, int) and index == 0:
-                embeds = context.get("inputs_embeds")
-                if embeds is None:
-                    embeds = jnp.concatenate([context["queries"], m.language_model.embed(ids)], axis=1)
-                start = 0
+                prompt = context["prompt"] if "prompt" in context else m.language_model.embed(ids)
+                embeds, start = jnp.concatenate([context["prefix"], prompt], axis=1), 0
             else:
                 embeds, start = m.language_model.embed(ids), index + prefix
             logits, _, cache = m.language_model(embeds, key_mask, start, cache, pad_position=1)
@@ -434,9 +429,9 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         kwargs.pop("use_cache", None)
         pv, ids, embeds, mask = self._prompt(pixel_values, input_ids, attention_mask, inputs_embeds,
                                              interpolate_pos_encoding, params)
-        if self.is_decoder_only:
-            settings = rules.generation_settings(self.config, ids.shape[1], **kwargs)
-            prompt, prompt_mask = ids, mask
+        if self.is_decoder_only:   # embeddings alone: as transformers, the output holds the new tokens only
+            prompt, prompt_mask = (ids, mask) if ids is not None else (jnp.zeros((mask.shape[0], 0), jnp.int32),) * 2
+            settings = rules.generation_settings(self.config, prompt.shape[1], **kwargs)
         else:
             start = rules.decoder_start_token_id(self.config, kwargs.pop("decoder_start_token_id", None))
             settings = rules.generation_settings(self.config, 1, **kwargs)
@@ -451,4 +446,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     def _generate_program(self, params, pv, ids, embeds, mask, prompt, prompt_mask, key, numbers, plan, interpolate):
         """Towers and language-model prefix once, then the decoding loop: one XLA program."""
         context = self._context(params, pv, ids, embeds, mask, interpolate)
-        return decode(self.decoding_step(params), self.init_cache, context, prompt, prompt_mask, key, plan, numbers)
+        prefix = context["prefix_mask"].shape[1] if self.is_decoder_only else 0
+
+        def init_cache(rows, total):
+            return self.init_cache(rows, total, prefix)
+        return decode(self.decoding_step(params), init_cache, context, prompt, prompt_mask, key, plan, numbers)
