@@ -1,9 +1,9 @@
 """BLIP-2 in Flax linen: vision tower -> Q-Former over learned queries -> OPT or T5 language model.
 
 Classes (transformers 4.57 names, arguments and outputs): ``Blip2VisionModel``, ``Blip2QFormerModel`` (from
-``qformer.py``), ``Blip2Model``, ``Blip2ForConditionalGeneration``; the retrieval and projection classes share
-this module's ``Blip2Module`` from ``blip2_retrieval.py`` (kept apart for file size). Each holds a linen module whose
-submodule names are transformers' (``vision_model``, ``qformer``, ``language_projection``, ``language_model``),
+``qformer.py``), ``Blip2Model``, ``Blip2ForConditionalGeneration``; the retrieval and projection classes
+(``blip2_retrieval.py``, kept apart for file size) reuse this module's ``Blip2Module``. Each holds a linen module
+whose submodule names are transformers' (``vision_model``, ``qformer``, ``language_projection``, ``language_model``),
 so the param paths are the weight table's jax paths.
 
 Image-query fusion follows ``blip_core.blip2``: with ``config.image_token_index`` the projected queries replace
@@ -315,13 +315,14 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     """Image (+ prompt) -> text: logits (and the loss with ``labels``), ``generate``.
 
     ``generate`` returns, as transformers 4.57: for OPT the given ids (placeholders + bos + prompt, or the
-    ids alone on the concatenation path) followed by the new tokens; for T5 the decoder ids, starting with
-    ``decoder_start_token_id``.
+    ids alone on the concatenation path) followed by the new tokens, or the new tokens alone when only
+    ``inputs_embeds`` are given; for T5 the decoder ids, starting with ``decoder_start_token_id``.
 
     ``decoding_context(pixel_values, input_ids, attention_mask)`` holds what a step closes over (rows first):
-    OPT with placeholders the fused prompt embeddings, OPT concatenating the projected queries, T5 the
-    cross-attention keys/values of the encoder states (the encoder runs once) and its mask.
-    ``init_cache(rows, total_len)`` and ``decoding_step(params)`` then follow the engine's step contract.
+    for OPT the fused prompt embeddings (``prompt``) and whatever sits in front of the token buffer
+    (``prefix`` and ``prefix_mask``: the concatenated queries, or all of ``inputs_embeds`` given alone); for
+    T5 the cross-attention keys/values of the encoder states (the encoder runs once) and their mask.
+    ``init_cache(rows, total_len, prefix)`` and ``decoding_step(params)`` follow the engine's step contract.
     """
 
     def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, return_dict: bool = False,
