@@ -135,16 +135,24 @@ class DenseLayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Attention projections + ``output`` block. ``inner`` names the projections' submodule: ``self`` in the BLIP
+    text model, ``attention`` in the BLIP-2 Q-Former (the Hugging Face keys differ only there)."""
+
     config: Any
+    inner: str = "self"
 
     def setup(self):
-        self.self = SelfAttention(self.config)
+        setattr(self, self.inner, SelfAttention(self.config))
         self.output = DenseLayerNorm(self.config.hidden_size, self.config.layer_norm_eps)
+
+    @property
+    def core(self) -> SelfAttention:
+        return getattr(self, self.inner)
 
     def __call__(self, hidden, bias, context=None, kv=None, cache=None, index=None):
         if kv is None and context is not None:
-            kv = self.self.project_kv(context)
-        ctx, cache, probs = self.self(hidden, bias, kv=kv, cache=cache, index=index)
+            kv = self.core.project_kv(context)
+        ctx, cache, probs = self.core(hidden, bias, kv=kv, cache=cache, index=index)
         return self.output(ctx, hidden), cache, probs
 
 
@@ -209,7 +217,7 @@ class TextModel(nn.Module):
 
     def cross_kv(self, context):
         """Per-layer cross-attention (keys, values) of ``context``, computed once for decoding."""
-        return tuple(layer.crossattention.self.project_kv(context) for layer in self.encoder.layer)
+        return tuple(layer.crossattention.core.project_kv(context) for layer in self.encoder.layer)
 
     def __call__(self, input_ids, position_ids, self_bias, context=None, cross_bias=None, cross_kv=None,
                  cache=None, index=None, inputs_embeds=None):
