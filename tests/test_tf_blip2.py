@@ -460,3 +460,25 @@ def test_bfloat16_against_float32(pair, case):
     atol, rtol = effective_tolerance(logits32[0].numpy(), "default", "bfloat16")
     np.testing.assert_allclose(logits16[0].numpy(), logits32[0].numpy(), atol=atol, rtol=rtol)
     assert got16.shape[0] == 2 and int(got16.max()) < 99
+
+
+def test_relative_position_bucket_matches_transformers():
+    from backends.tf.t5 import relative_position_bucket
+    rel = np.arange(-300, 300)[None, :]
+    bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (8, 12)):
+            ref = bucket(torch.as_tensor(rel), bidirectional=bidirectional, num_buckets=nb, max_distance=md).numpy()
+            got = relative_position_bucket(tf.constant(rel, tf.int32), bidirectional, nb, md).numpy()
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_import_loads_no_other_framework():
+    import subprocess
+    import sys
+    code = ("import sys, backends.tf.blip2; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'flax', 'transformers')]; "
+            "assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

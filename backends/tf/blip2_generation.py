@@ -78,7 +78,7 @@ def step(model, ids, positions, key_mask, cache, index, context):
         if prefix:
             mask = tf.concat([tf.ones([tf.shape(mask)[0], prefix], mask.dtype), mask], 1)
         if _is_prompt(ids, index):
-            h, cache = lm.run(context["embeds"], mask, cache, 0)
+            h, cache = lm.run(context["embeds"], mask, cache, 0, pad_position=1)   # transformers' generate rule
         else:
             start = index + prefix
             h, cache = lm.run(lm.embed(ids), with_slot_written(mask, start, s), cache, start)

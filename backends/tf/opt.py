@@ -54,11 +54,11 @@ def causal_bias(key_mask, query_slots, dtype: tf.DType):
     return tf.where(allowed, tf.zeros([], dtype), tf.constant(dtype.min, dtype))[:, None]
 
 
-def mask_positions(key_mask, query_slots):
-    """OPT's positions of the tokens at ``query_slots``: ``cumsum(mask) * mask - 1`` (-1 on padding,
-    which reads row 1 of the table, as in transformers)."""
+def mask_positions(key_mask, query_slots, pad_position: int = -1):
+    """OPT's positions of the tokens at ``query_slots``: ``cumsum(mask) - 1`` on real tokens and
+    ``pad_position`` on padding (transformers: -1 in ``forward``, 1 in ``generate``)."""
     m = tf.cast(key_mask > 0, tf.int32)
-    return tf.gather(tf.cumsum(m, axis=1) * m - 1, query_slots, axis=1)
+    return tf.gather(tf.where(m > 0, tf.cumsum(m, axis=1) - 1, pad_position), query_slots, axis=1)
 
 
 def with_slot_written(key_mask, start, s: int):
@@ -136,16 +136,17 @@ class OPTForCausalLM(tf.Module):
         dtype = self.embed_tokens.dtype
         return tuple((tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in self.layers)
 
-    def run(self, embeds, key_mask, cache=None, start=0, rec=None):
+    def run(self, embeds, key_mask, cache=None, start=0, rec=None, pad_position: int = -1):
         """Decoder over ``embeds`` (B, s, E) placed at slots ``[start, start + s)``.
 
         ``key_mask`` (B, T) 0/1 over every slot (T = s without a cache). With ``cache`` the new
-        keys/values are written into it and attention runs over all its slots. Returns
+        keys/values are written into it and attention runs over all its slots; padded tokens read
+        position ``pad_position``. Returns
         (hidden (B, s, E), per-layer (K, V)); ``rec`` records hidden states and attentions.
         """
         s = embeds.shape[1]
         slots = tf.range(s) + start
-        positions = mask_positions(key_mask, slots)
+        positions = mask_positions(key_mask, slots, pad_position)
         if self.cfg.max_position_embeddings and tf.get_static_value(positions) is not None:
             top = int(tf.reduce_max(positions))
             if top >= self.cfg.max_position_embeddings:
