@@ -472,3 +472,29 @@ def test_relative_position_bucket_matches_transformers():
             got = relative_position_bucket(tf.constant(rel, tf.int32), bidirectional, nb, md).numpy()
             np.testing.assert_array_equal(got, ref)
 
+
+
+def test_training_steps_in_a_tf_function(pair):
+    """A few SGD steps inside a tf.function (graph tensors as inputs) lower the OPT captioning loss."""
+    _, _, path = pair("Blip2ForConditionalGeneration", std=0.2, **CASES["opt_placeholders"])
+    model = B.Blip2ForConditionalGeneration.from_pretrained(path)
+    assert model.language_model.lm_head is None   # tied: the logits use the embedding variable itself
+    px = _pixels(seed=18)
+    ids, mask = _prompt([4, 3], 4, seed=19)
+    labels = np.where(mask[:, Q:] == 1, ids[:, Q:], -100)
+    variables = list(model.params.values())
+    eager = float(model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+    @tf.function(autograph=False)
+    def step(px, ids, mask, labels):
+        with tf.GradientTape() as tape:
+            loss = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels).loss
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            v.assign_sub(0.2 * tf.convert_to_tensor(g))
+        return loss
+
+    losses = [float(step(*map(tf.constant, (px, ids, mask, labels)))) for _ in range(4)]
+    assert abs(losses[0] - eager) <= ATOL
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+    with pytest.raises(tf.errors.InvalidArgumentError, match="placeholder"):
+        step(*map(tf.constant, (px, np.where(ids == IMG, 5, ids), mask, labels)))

@@ -25,7 +25,8 @@ from blip_core import blip2 as rules
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput)
 
-from ._base import BlipTFModel, Dense, Recorder, as_float, as_ids, as_mask, as_positions, cross_entropy, flag
+from ._base import (BlipTFModel, Dense, Recorder, _symbolic, as_float, as_ids, as_mask, as_positions, cross_entropy,
+                    flag)
 from . import blip2_generation as gen
 from .opt import OPTForCausalLM
 from .qformer import Blip2QFormerModel, QFormerTextEmbeddings, QFormerTower, qformer_output
@@ -104,10 +105,23 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return self.language_projection(query), (last, pooled), query
 
     def image_slots(self, input_ids):
-        """Validated (B, L) bool placeholder mask of numpy / eager ids (None on the concatenation path)."""
-        if not rules.uses_placeholders(self.config):
+        """Validated (B, L) bool placeholder mask (None on the concatenation path).
+
+        Numpy / eager ids are checked before any compute (``blip_core.blip2.image_slots``); graph
+        ids (a caller's ``tf.function``) get the same check as a graph assertion.
+        """
+        cfg = self.config
+        if not rules.uses_placeholders(cfg):
             return None
-        return rules.image_slots(_numpy(input_ids), self.config)
+        if not _symbolic(input_ids):
+            return rules.image_slots(_numpy(input_ids), cfg)
+        slots = tf.equal(tf.cast(input_ids, tf.int32), cfg.image_token_index)
+        counts = tf.reduce_sum(tf.cast(slots, tf.int32), axis=1)
+        check = tf.debugging.assert_equal(counts, cfg.num_query_tokens, message=(
+            f"every row of input_ids must hold exactly num_query_tokens={cfg.num_query_tokens} image placeholder "
+            f"tokens {cfg.image_token_index} (config.image_token_index is set)"))
+        with tf.control_dependencies([check]):
+            return tf.identity(slots)
 
     def _fuse(self, lm_inputs, input_ids, attention_mask, inputs_embeds=None):
         """Place the projected queries into the text embeddings; returns (embeds, mask float32)."""
