@@ -22,7 +22,7 @@ _KNOWN = {
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "do_sample", "temperature",
     "top_k", "top_p", "repetition_penalty", "length_penalty", "early_stopping", "num_return_sequences",
     "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "seed", "generator", "prng_key",
-    "use_cache",
+    "use_cache", "no_repeat_ngram_size", "bad_words_ids", "output_scores", "return_dict_in_generate",
 }
 
 
@@ -45,6 +45,10 @@ class GenerationSettings:
     eos_token_id: tuple = field(default_factory=tuple)   # any of these ends a sequence
     pad_token_id: Optional[int] = None
     seed: Optional[int] = None
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple = field(default_factory=tuple)   # tuples of token ids that must not be generated
+    output_scores: bool = False
+    return_dict_in_generate: bool = False
 
     @property
     def max_length(self) -> int:
@@ -122,6 +126,13 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if rep <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {rep}")
+    ngram = int(opts.get("no_repeat_ngram_size", 0))
+    if ngram < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {ngram}")
+    bad = opts.get("bad_words_ids") or ()
+    if isinstance(bad, (str, bytes)) or not all(isinstance(w, (list, tuple)) and w for w in bad):
+        raise ValueError("bad_words_ids must be a list of non-empty lists of token ids, e.g. [[12], [7, 9]]")
+    bad = tuple(tuple(int(t) for t in w) for w in bad)
     early = opts.get("early_stopping", False)
     if early not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")
@@ -131,7 +142,9 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rep,
         length_penalty=float(opts.get("length_penalty", 1.0)), early_stopping=early, num_return_sequences=nrs,
         eos_token_id=_as_eos_tuple(opts.get("eos_token_id")), pad_token_id=opts.get("pad_token_id"),
-        seed=opts.get("seed"),
+        seed=opts.get("seed"), no_repeat_ngram_size=ngram, bad_words_ids=bad,
+        output_scores=bool(opts.get("output_scores", False)),
+        return_dict_in_generate=bool(opts.get("return_dict_in_generate", False)),
     )
 
 

@@ -109,4 +109,19 @@ Blip2VisionModelOutput = _output("Blip2VisionModelOutput",
                                  ["image_embeds", "last_hidden_state", "hidden_states", "attentions"],
                                  "Normalised vision projection of every query (B, Q, E).")
 
+
+
+@dataclass
+class GenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)``: transformers' ``GenerateDecoderOnlyOutput`` /
+    ``GenerateBeamDecoderOnlyOutput`` fields. ``scores`` (with ``output_scores=True``) is a tuple with
+    one (rows, vocab) array per generated step: the processed scores for greedy and sampling, the
+    processed log-probabilities of each running beam for beam search. ``sequences_scores`` (beam
+    search) holds the length-normalised score of each returned sequence."""
+
+    sequences: Any = None
+    scores: Optional[tuple] = None
+    sequences_scores: Any = None
+
+
 __all__ = [n for n, v in list(globals().items()) if isinstance(v, type) and issubclass(v, ModelOutput)]

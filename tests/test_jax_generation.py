@@ -140,30 +140,3 @@ def test_sampling(cap):
     assert a.shape != c.shape or not np.array_equal(a, c)
     beams = np.asarray(ours.generate(pixel_values=pv, max_new_tokens=8, do_sample=True, num_beams=2, seed=0))
     assert beams.shape[0] == 3 and (beams[:, 0] == 96).all()
-
-
-@pytest.mark.parametrize("sample", [False, True])
-def test_logits_processors_match_transformers(sample):
-    """Our processor chain equals transformers' (repetition penalty, min new tokens, temperature, top-k,
-    top-p) on random scores: what sampling draws from is the same distribution."""
-    from transformers.generation import logits_process as lp
-
-    from backends.jax.generation import make_spec, process_scores
-    from blip_core.generation import resolve_generation
-    rng = np.random.default_rng(0)
-    n, v, p, cur, eos = 4, 50, 3, 6, 7
-    scores = (rng.normal(size=(n, v)) * 3).astype(np.float32)
-    seqs = rng.integers(0, v, size=(n, 10))
-    kw = dict(repetition_penalty=1.3, min_new_tokens=4, eos_token_id=eos, pad_token_id=0, max_new_tokens=7)
-    if sample:
-        kw.update(do_sample=True, temperature=0.7, top_k=9, top_p=0.8)
-    spec, dyn = make_spec(resolve_generation(p, **kw), v)
-    ours = np.asarray(process_scores(jax.numpy.asarray(scores), jax.numpy.asarray(seqs, "int32"), cur, p, spec, dyn))
-    chain = [lp.RepetitionPenaltyLogitsProcessor(1.3), lp.MinNewTokensLengthLogitsProcessor(p, 4, eos)]
-    if sample:
-        chain += [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(9), lp.TopPLogitsWarper(0.8)]
-    ref = lp.LogitsProcessorList(chain)(t(seqs[:, :cur]), t(scores)).numpy()
-    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
-    assert np.isinf(ours[:, eos]).all() and (not sample or np.isinf(ours).sum(-1).min() >= v - 9)
-    finite = np.isfinite(ref)
-    np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from backends.torch import generation
+from blip_core import decoding
 from blip_core.generation import resolve_generation
 
 transformers = pytest.importorskip("transformers")
@@ -33,16 +34,17 @@ def lm():
 def _ours(model, ids, mask=None, **kw):
     settings = resolve_generation(ids.shape[1], defaults={"eos_token_id": EOS, "pad_token_id": PAD}, **kw)
 
-    def step(step_ids, position_ids, attention_mask, cache):
-        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+    def step(step_ids, position_ids, key_mask, cache, index, context):
+        out = model(input_ids=step_ids, attention_mask=key_mask[:, : index + step_ids.shape[1]],
+                    position_ids=position_ids, past_key_values=cache, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
     def reorder(cache, idx):
         cache.reorder_cache(idx)
         return cache
 
-    return generation.generate(step, ids, settings, attention_mask=mask, reorder_cache=reorder)
+    return generation.generate(step, ids, settings, vocab_size=model.config.vocab_size, attention_mask=mask,
+                               reorder_cache=reorder)
 
 
 def _ref(model, ids, mask=None, **kw):
@@ -88,7 +90,8 @@ def test_left_padded_batch_matches_transformers(lm):
 def test_inferred_mask_from_pad_tokens(lm):
     ids = _prompts()
     ids[1, :2] = PAD
-    mask = generation.infer_attention_mask(ids, resolve_generation(5, eos_token_id=EOS, pad_token_id=PAD))
+    mask = torch.from_numpy(decoding.infer_prompt_mask(ids.numpy(), resolve_generation(5, eos_token_id=EOS,
+                                                                                         pad_token_id=PAD)))
     assert mask[1, :2].tolist() == [0, 0] and int(mask.sum()) == ids.numel() - 2
     np.testing.assert_array_equal(_ours(lm, ids, max_new_tokens=6).numpy(),
                                   _ref(lm, ids, mask, max_new_tokens=6).numpy())
@@ -117,15 +120,16 @@ def test_explicit_generator(lm):
     settings = resolve_generation(5, eos_token_id=EOS, pad_token_id=PAD, do_sample=True, max_new_tokens=6)
     step_calls = []
 
-    def step(step_ids, position_ids, attention_mask, cache):
+    def step(step_ids, position_ids, key_mask, cache, index, context):
         step_calls.append(step_ids.shape[1])
-        out = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-                 use_cache=True)
+        out = lm(input_ids=step_ids, attention_mask=key_mask[:, : index + step_ids.shape[1]],
+                 position_ids=position_ids, past_key_values=cache, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    b = generation.generate(step, ids, settings, generator=torch.Generator().manual_seed(5))
+    v = lm.config.vocab_size
+    b = generation.generate(step, ids, settings, vocab_size=v, generator=torch.Generator().manual_seed(5))
     step_calls.clear()
-    a = generation.generate(step, ids, settings, generator=torch.Generator().manual_seed(5))
+    a = generation.generate(step, ids, settings, vocab_size=v, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     # the prompt goes in once, then one token per step (the cache carries the rest)
     assert step_calls[0] == 5 and set(step_calls[1:]) == {1}
@@ -135,23 +139,24 @@ def test_finished_rows_are_padded_and_eos_stops_early():
     # A step function with fixed logits: row 0 says eos at once, row 1 never does.
     vocab = 6
 
-    def step(ids, pos, mask, cache):
+    def step(ids, pos, mask, cache, index, context):
         logits = torch.full((ids.shape[0], vocab), -5.0)
         logits[0, EOS] = 5.0
         logits[1, 4] = 5.0
         return logits, None
 
     ids = torch.tensor([[0], [0]])
-    out = generation.generate(step, ids, resolve_generation(1, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=4))
+    out = generation.generate(step, ids, resolve_generation(1, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=4),
+                              vocab_size=vocab)
     assert out.tolist() == [[0, EOS, PAD, PAD, PAD], [0, 4, 4, 4, 4]]
     out = generation.generate(step, ids, resolve_generation(1, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=4,
-                                                            min_new_tokens=2))
+                                                            min_new_tokens=2), vocab_size=vocab)
     assert out[0].tolist() == [0, 0, 0, EOS, PAD]      # eos banned for the first two new tokens
 
 
 def test_expand_size_and_bad_mask():
-    assert generation.expand_size(resolve_generation(1, num_beams=4, num_return_sequences=2)) == 4
-    assert generation.expand_size(resolve_generation(1, do_sample=True, num_return_sequences=3)) == 3
+    assert decoding.make_plan(resolve_generation(1, num_beams=4, num_return_sequences=2), 10)[0].expand == 4
+    assert decoding.make_plan(resolve_generation(1, do_sample=True, num_return_sequences=3), 10)[0].expand == 3
     with pytest.raises(ValueError, match="attention_mask shape"):
-        generation.generate(lambda *a: None, torch.zeros(2, 3, dtype=torch.long), resolve_generation(3),
+        generation.generate(lambda *a: None, torch.zeros(2, 3, dtype=torch.long), resolve_generation(3), vocab_size=10,
                             attention_mask=torch.ones(2, 4))

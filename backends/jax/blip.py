@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip_core import decoding
 from blip_core.configs import BlipConfig
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
@@ -31,8 +32,9 @@ from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPo
                                BlipTextVisionModelOutput)
 
 from ._base import JaxModel, is_concrete, token_ids
-from .generation import decode, make_spec
-from .text import TextLMHeadModel, TextModel, encode_text, lm_loss, text_inputs
+from .generation import decode, result, sampling_key, traced_numbers
+from .text import (TextLMHeadModel, TextModel, cross_attention_bias, decoder_bias, encode_text, lm_loss,
+                   text_inputs)
 from .vision import VisionTransformer, vision_inputs
 
 
@@ -141,43 +143,44 @@ class _BlipBase(JaxModel):
         if settings.max_length > tc.max_position_embeddings:
             raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds "
                              f"max_position_embeddings ({tc.max_position_embeddings})")
-        spec, dyn = make_spec(settings, tc.vocab_size)
-        if settings.do_sample and key is None:
-            seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
-            key = jax.random.key(seed)
-        elif key is None:
-            key = jax.random.key(0)   # unused without sampling; keeps one compiled signature
+        plan, numbers = decoding.make_plan(settings, tc.vocab_size, settings.output_scores)
         if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
-            pad, eos = settings.pad_token_id, settings.eos_token_id
-            infer = pad is not None and bool(np.any(np.asarray(prompt) == pad)) and pad not in eos
-            prompt_mask = (np.asarray(prompt) != pad) if infer else np.ones(prompt.shape)
-        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-        fn = self._jit("generate", "_generate_program", ("spec", "interpolate"))
-        seqs, length = fn(params, pv, jnp.asarray(prompt, jnp.int32), prompt_mask, question, question_mask,
-                          key, dyn, spec=spec, interpolate=interpolate)
-        return seqs[:, : int(length)]
+            prompt_mask = decoding.infer_prompt_mask(prompt, settings)
+        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
+        out = fn(params, pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question,
+                 question_mask, sampling_key(settings, key), traced_numbers(numbers), plan=plan,
+                 interpolate=interpolate)
+        return result(settings, *out)
 
-    def _generate_program(self, params, pv, prompt, prompt_mask, question, question_mask, key, dyn, spec,
+    def _generate_program(self, params, pv, prompt, prompt_mask, question, question_mask, key, numbers, plan,
                           interpolate):
         """Vision tower (+ question encoder), cross K/V once, then the decoding loop: one XLA program."""
         tc, dt = self.config.text_config, self.dtype
         image, _ = self._apply(params, pv, interpolate, method=lambda m, x, i: m.vision_model(x, i))
         if question is None:
-            context, context_mask = image, jnp.ones(image.shape[:2], jnp.int32)
+            states, states_mask = image, jnp.ones(image.shape[:2], jnp.int32)
         else:
-            context, _, _ = self._apply(params, question, question_mask, image,
-                                        method=lambda m, q, qm, img: encode_text(m.text_encoder, q, qm, False,
-                                                                                 context=img, dtype=dt))
-            context_mask = question_mask
-        cross_kv = self._apply(params, context, method=lambda m, c: m.text_decoder.cross_kv(c))
+            states, _, _ = self._apply(params, question, question_mask, image,
+                                       method=lambda m, q, qm, img: encode_text(m.text_encoder, q, qm, False,
+                                                                                context=img, dtype=dt))
+            states_mask = question_mask
+        cross_kv = self._apply(params, states, method=lambda m, c: m.text_decoder.cross_kv(c))
+        heads = tc.num_attention_heads
+        shape = (tc.hidden_size // heads,)
 
-        def decoder(ids, pos, bias, kv, cross_bias, cache, index):
-            logits, _, cache = self._apply(params, ids, pos, bias, None, cross_bias, kv, cache, index,
+        def init_cache(rows, total):
+            size = (rows, total, heads) + shape
+            return tuple((jnp.zeros(size, dt), jnp.zeros(size, dt)) for _ in range(tc.num_hidden_layers))
+
+        def step(ids, positions, key_mask, cache, index, context):
+            kv, cross_bias = context
+            bias = decoder_bias(key_mask, index, ids.shape[1], dt)
+            logits, _, cache = self._apply(params, ids, positions, bias, None, cross_bias, kv, cache, index,
                                            method=lambda m, *a: m.text_decoder(*a))
-            return logits, cache
+            return logits[:, -1], cache
 
-        dims = (tc.num_hidden_layers, tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads)
-        return decode(decoder, cross_kv, context_mask, prompt, prompt_mask, key, spec, dyn, dims, dt)
+        return decode(step, init_cache, (cross_kv, cross_attention_bias(states_mask, dt)), prompt, prompt_mask,
+                      key, plan, numbers)
 
 
 # -- public classes ------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ def cross_attention_bias(mask, dtype):
     return (1.0 - mask.astype(dtype)[:, None, None, :]) * MASK_VALUE
 
 
+def decoder_bias(key_mask, index, length: int, dtype):
+    """Additive bias (N, 1, s, T) for ``length`` queries written at ``index..index+s`` of a fixed
+    buffer: each attends to the real keys at or before its own slot."""
+    slots = jnp.arange(key_mask.shape[1])[None, :] <= index + jnp.arange(length)[:, None]       # (s, T)
+    allowed = slots[None] & (key_mask > 0)[:, None, :]
+    return ((1.0 - allowed.astype(dtype)) * MASK_VALUE)[:, None]
+
+
 # -- modules -------------------------------------------------------------------------------------------
 class Embedding(nn.Module):
     """An embedding table (param ``embedding``) that can also act as a tied output projection."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from blip_core import decoding
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
 from blip_core.outputs import (BlipOutput, BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
                                BlipTextVisionModelOutput)
 
-from ._base import BlipTFModel, Dense, Recorder, as_float, as_ids, as_mask, as_positions, cross_entropy, flag, same_dim
-from .generation import run_generate
+from ._base import BlipTFModel, Dense, Recorder, padding_bias, as_float, as_ids, as_mask, as_positions, cross_entropy, flag, same_dim
+from .generation import compiled, decode, plan_inputs, result
 from .text import TextLMHeadModel, TextTower, check_length, run_text, text_output
 from .vision import VisionTower, vision_output
 
@@ -192,7 +193,7 @@ class BlipForConditionalGeneration(_BlipBase):
         def encode(pixels):
             return self.vision_model(pixels, interpolate_pos_encoding)[0], None
 
-        return run_generate(self, ("caption", interpolate_pos_encoding), encode, (px,), prompt, pmask, s)
+        return _run_generate(self, ("caption", interpolate_pos_encoding), encode, (px,), prompt, pmask, s)
 
 
 class BlipForImageTextRetrieval(_BlipBase):
@@ -311,4 +312,30 @@ class BlipForQuestionAnswering(_BlipBase):
         def encode(pixels, q_ids, q_mask):
             return self._question(pixels, q_ids, q_mask, interpolate_pos_encoding)[1], q_mask
 
-        return run_generate(self, ("vqa", interpolate_pos_encoding), encode, (px, ids, mask), prompt, None, s)
+        return _run_generate(self, ("vqa", interpolate_pos_encoding), encode, (px, ids, mask), prompt, None, s)
+
+
+def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_mask, settings):
+    """Validate, pick or compile the program (encoder + cross keys/values + decoding), run, trim.
+
+    ``encode(*encode_inputs)`` returns the cross-attended states and their mask (or None); it runs
+    inside the same compiled function as the search.
+    """
+    tc = model.config.text_config
+    if settings.max_length > tc.max_position_embeddings:
+        raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
+                         f"decoder's max_position_embeddings={tc.max_position_embeddings}")
+    if prompt_mask is None:
+        prompt_mask = decoding.infer_prompt_mask(prompt, settings)
+    plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
+    lm = model.text_decoder
+
+    def program(inputs, prompt_ids, prompt_mask, seed, numbers):
+        states, mask = encode(*inputs)
+        context = (lm.bert.cross_kv(states), None if mask is None else padding_bias(mask))
+        return decode(lm.decode_step, context, prompt_ids, prompt_mask, seed, plan, numbers)
+
+    fn = compiled(model, (tag, plan), program)
+    out = fn(encode_inputs, tf.constant(prompt, tf.int32), tf.constant(np.asarray(prompt_mask), tf.int32), seed,
+             numbers)
+    return result(settings, *out)

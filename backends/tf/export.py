@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from blip_core.generation import resolve_blip_generation
 
-from .generation import decode
+from .generation import decode, plan_inputs
 
 
 class _Captioner(tf.Module):
@@ -30,13 +30,17 @@ class _Captioner(tf.Module):
         tc = model.config.text_config
         bos, lm, vision = tc.bos_token_id, model.text_decoder, model.vision_model
         dtype = model.dtype
+        plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
+        seed = tf.constant([settings.seed or 0, 0], tf.int64)
 
         def run(pixel_values):
             n = tf.shape(pixel_values)[0]
             img = vision(tf.cast(pixel_values, dtype), interpolate)[0]
             prompt = tf.fill([n, 1], tf.constant(bos, tf.int32))
-            seed = tf.constant([settings.seed or 0, 0], tf.int64)
-            return decode(lm, img, None, prompt, tf.ones([n, 1], tf.float32), seed, settings)
+            context = (lm.bert.cross_kv(img), None)
+            seqs, length, _, _, _ = decode(lm.decode_step, context, prompt, tf.ones([n, 1], tf.int32), seed, plan,
+                                           numbers)
+            return seqs, length
 
         inner = tf.function(run, jit_compile=jit_compile, autograph=False)
 

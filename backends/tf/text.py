@@ -199,6 +199,26 @@ class TextLMHeadModel(tf.Module):
         self.bert = TextTower(params, f"{prefix}/bert", cfg, pooler=False)
         self.cls = LMHead(params, prefix, cfg, self.bert.word_embeddings)
 
+    def decode_step(self, ids, positions, key_mask, cache, index, context):
+        """The step of ``generation.decode``; ``context`` = (cross keys/values per layer, cross bias or None).
+
+        The first call (``cache`` None) runs the prompt and pads its keys/values to the buffer size;
+        later calls write one token's keys/values at ``index``.
+        """
+        crosses, cross_bias = context
+        bert, total = self.bert, key_mask.shape[1]
+        h = bert.embed(ids, positions)
+        if cache is None:
+            n = ids.shape[1]
+            h, kvs = bert.encode(h, self_attention_bias(key_mask[:, :n], n, True), crosses, cross_bias)
+            pad = [[0, 0], [0, 0], [0, total - n], [0, 0]]
+            cache = [(tf.pad(k, pad), tf.pad(v, pad)) for k, v in kvs]
+        else:
+            allowed = (tf.range(total)[None] <= index) & (key_mask > 0)
+            bias = tf.where(allowed, 0.0, NEG_MASK)[:, None, None, :]
+            h, cache = bert.step(h, bias, crosses, cross_bias, cache, index)
+        return tf.cast(self.cls(h[:, -1]), tf.float32), cache
+
     def __call__(self, ids, mask, enc_states, enc_mask, labels=None, is_decoder=True):
         """-> (logits (B, L, V), hidden (B, L, D), loss or None)."""
         hidden, _ = run_text(self.bert, ids, mask, enc_states, enc_mask, is_decoder)

@@ -185,11 +185,10 @@ class BlipForConditionalGeneration(_BlipBase):
         ids, mask = blip_caption_prompt(ids, mask, pixel_values.shape[0], tc.bos_token_id, tc.eos_token_id)
         settings = resolve_blip_generation(self.config.text_config, ids.shape[1], **generate_kwargs)
         image = self._image(pixel_values, interpolate_pos_encoding).last_hidden_state
-        image = image.repeat_interleave(generation.expand_size(settings), dim=0)
         ids_t = torch.from_numpy(ids).to(self.device)
         mask_t = None if mask is None else torch.from_numpy(mask).to(self.device)
-        step = self.text_decoder.step_fn(image)
-        return generation.generate(step, ids_t, settings, attention_mask=mask_t, generator=generator)
+        return generation.generate(self.text_decoder.decode_step, ids_t, settings, vocab_size=tc.vocab_size,
+                                   attention_mask=mask_t, context=(image, None), generator=generator)
 
     def stages(self, pixel_values, input_ids, attention_mask=None, labels=None, **kw):
         vision = self._image(pixel_values, kw.get("interpolate_pos_encoding", False))
@@ -313,15 +312,13 @@ class BlipForQuestionAnswering(_BlipBase):
         settings = resolve_blip_generation(self.config.text_config, 1, **generate_kwargs)
         _, question = self._question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
         b = question.shape[0]
-        n = generation.expand_size(settings)
-        question = question.repeat_interleave(n, dim=0)
         q_mask = None
         if attention_mask is not None:
             q_mask = as_tensor(attention_mask, "attention_mask", kind="mask", device=self.device, ndim=2)
-            q_mask = q_mask.repeat_interleave(n, dim=0)
-        bos = torch.full((b, 1), self.config.text_config.bos_token_id, dtype=torch.long, device=self.device)
-        step = self.text_decoder.step_fn(question, q_mask)
-        return generation.generate(step, bos, settings, generator=generator)
+        tc = self.config.text_config
+        bos = torch.full((b, 1), tc.bos_token_id, dtype=torch.long, device=self.device)
+        return generation.generate(self.text_decoder.decode_step, bos, settings, vocab_size=tc.vocab_size,
+                                   context=(question, q_mask), generator=generator)
 
     def stages(self, input_ids, pixel_values, attention_mask=None, decoder_input_ids=None, labels=None, **kw):
         if decoder_input_ids is None and labels is None:   # score the first answer token by default

@@ -295,38 +295,41 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         ids = _ids(input_ids, "input_ids", self.config.text_config.vocab_size, embeds.device)
         prefix = full_mask.shape[1] - ids.shape[1]       # Q for the concatenation path, else 0
         settings = self._settings(ids.shape[1], kwargs)
-        n = engine.expand_size(settings)
-        embeds = embeds.repeat_interleave(n, dim=0)
-        ones = full_mask.new_ones(embeds.shape[0], prefix)
         lm = self.language_model
 
-        def step(step_ids, _positions, mask, cache):
-            # OPT derives positions from the (prefixed) mask itself; pads never reach real tokens.
-            mask = torch.cat([ones, mask], dim=1)
+        def step(step_ids, _positions, key_mask, cache, index, context):
+            # The queries of the concatenation path sit in front of the token buffer: positions come
+            # from the whole mask, padded slots at 1 (transformers' rule for generation).
+            (prompt_embeds,) = context
+            mask = torch.cat([key_mask.new_ones(key_mask.shape[0], prefix), key_mask[:, : index + step_ids.shape[1]]], 1)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
             if cache is None:
-                out = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+                out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
             else:
-                out = lm(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions[:, -1:],
+                         past_key_values=cache, use_cache=True)
             return out.logits[:, -1], out.past_key_values
 
-        return engine.generate(step, ids, settings, attention_mask=full_mask[:, prefix:],
+        return engine.generate(step, ids, settings, vocab_size=self.config.text_config.vocab_size,
+                               attention_mask=full_mask[:, prefix:], context=(embeds,),
                                reorder_cache=lm.reorder_cache, generator=generator)
 
     def _generate_seq2seq(self, embeds, enc_mask, b, generator, kwargs):
         start_id = rules.decoder_start_token_id(self.config, kwargs.pop("decoder_start_token_id", None))
         settings = self._settings(1, kwargs)
-        n = engine.expand_size(settings)
         lm = self.language_model
-        enc = lm.encode(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state.repeat_interleave(n, 0)
-        enc_mask = enc_mask.repeat_interleave(n, dim=0)
+        enc = lm.encode(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
 
-        def step(step_ids, _positions, mask, cache):
-            dec, _ = lm.decoder(input_ids=step_ids, attention_mask=mask, encoder_hidden_states=enc,
-                                encoder_attention_mask=enc_mask, past_key_values=cache, use_cache=True)
+        def step(step_ids, _positions, key_mask, cache, index, context):
+            states, states_mask = context
+            dec, _ = lm.decoder(input_ids=step_ids, attention_mask=key_mask[:, : index + step_ids.shape[1]],
+                                encoder_hidden_states=states, encoder_attention_mask=states_mask,
+                                past_key_values=cache, use_cache=True)
             return lm.decode_logits(dec.last_hidden_state[:, -1]), dec.past_key_values
 
         start = torch.full((b, 1), int(start_id), dtype=torch.long, device=embeds.device)
-        return engine.generate(step, start, settings, attention_mask=torch.ones_like(start),
+        return engine.generate(step, start, settings, vocab_size=self.config.text_config.vocab_size,
+                               attention_mask=torch.ones_like(start), context=(enc, enc_mask),
                                reorder_cache=lm.reorder_cache, generator=generator)
 
 

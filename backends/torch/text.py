@@ -372,13 +372,11 @@ class BlipTextLMHeadModel(nn.Module):
             attentions=out.attentions, cross_attentions=out.cross_attentions)
         return result if return_dict or return_dict is None else result.to_tuple()
 
-    def step_fn(self, encoder_hidden_states, encoder_attention_mask=None):
-        """A ``generation.generate`` step function decoding against fixed (already expanded) states."""
-        def step(ids, position_ids, attention_mask, cache):
-            if cache is None:
-                cache = TextCache(len(self.bert.encoder.layer))
-            out = self.bert(ids, attention_mask, position_ids, encoder_hidden_states=encoder_hidden_states,
-                            encoder_attention_mask=encoder_attention_mask, past_key_values=cache, use_cache=True,
-                            is_decoder=True)
-            return self.cls.predictions(out.last_hidden_state[:, -1]), out.past_key_values
-        return step
+    def decode_step(self, ids, positions, key_mask, cache, index, context):
+        """The step of ``generation.generate``; ``context`` = (encoder states, encoder mask or None)."""
+        if cache is None:
+            cache = TextCache(len(self.bert.encoder.layer))
+        states, states_mask = context
+        out = self.bert(ids, key_mask[:, : index + ids.shape[1]], positions, encoder_hidden_states=states,
+                        encoder_attention_mask=states_mask, past_key_values=cache, use_cache=True, is_decoder=True)
+        return self.cls.predictions(out.last_hidden_state[:, -1]), out.past_key_values
