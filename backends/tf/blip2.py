@@ -249,9 +249,9 @@ class Blip2Model(_Blip2WithLanguageModel):
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     """Image (+ prompt) -> text. ``forward`` gives logits (and the loss with ``labels``).
 
-    Decoding follows the engine's model contract (``init_cache``, ``step``, ``generation_context``;
-    see ``blip2_generation.py``): OPT continues from the fused prompt embeddings, T5 decodes from
-    ``decoder_start_token_id`` over the encoder states computed once.
+    ``generate`` runs the backend's XLA decoding engine through the model contract (``init_cache``,
+    ``step``, ``generation_context``; see ``blip2_generation.py``): OPT continues from the fused
+    prompt embeddings, T5 decodes from ``decoder_start_token_id`` over encoder states computed once.
     """
 
     architecture = "Blip2ForConditionalGeneration"
@@ -270,9 +270,19 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     def step(self, ids, positions, key_mask, cache, index, context):
         return gen.step(self, ids, positions, key_mask, cache, index, context)
 
-    def generation_context(self, pixel_values, prompt_ids, prompt_mask, slots=None,
+    def generation_context(self, pixel_values, input_ids, attention_mask, slots=None,
                            interpolate_pos_encoding: bool = False):
-        return gen.generation_context(self, pixel_values, prompt_ids, prompt_mask, slots, interpolate_pos_encoding)
+        return gen.generation_context(self, pixel_values, input_ids, attention_mask, slots, interpolate_pos_encoding)
+
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 interpolate_pos_encoding: bool = False, **generate_kwargs):
+        """ids as transformers 4.57 (int64): OPT the given ids + new tokens, T5 the decoder ids.
+
+        Without ``input_ids`` the prompt is ``blip_core.blip2.default_prompt`` (placeholders, OPT's bos).
+        """
+        if inputs_embeds is not None:
+            raise NotImplementedError("generate from inputs_embeds is not supported in the TF backend; pass input_ids")
+        return gen.generate(self, pixel_values, input_ids, attention_mask, interpolate_pos_encoding, **generate_kwargs)
 
 
 class Blip2ForImageTextRetrieval(_Blip2Base):

@@ -1,4 +1,4 @@
-"""BLIP-2's side of the TensorFlow decoding engine's model contract (``generation.py`` drives it).
+"""BLIP-2 generation in TensorFlow: the model side of the decoding engine's contract, and ``generate``.
 
 * ``generation_context(model, pixels, text_ids, text_mask, slots)`` -> a nest, rows first, of what
   every step closes over: OPT's fused prompt embeddings ``{"embeds": (B, prefix + P, D)}``; T5's
@@ -14,10 +14,12 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from blip_core import blip2 as rules
 
+from .generation import compiled, decode, plan_inputs, result
 from .opt import with_slot_written
 
 
@@ -87,3 +89,51 @@ def step(model, ids, positions, key_mask, cache, index, context):
             mask = with_slot_written(mask, index, 1)
         h, cache = lm.decoder(lm.embed(ids), mask, context["cross"], context["encoder_mask"], cache, index)
     return tf.cast(lm.logits(h[:, -1]), tf.float32), cache
+
+
+def generate(model, pixel_values, input_ids=None, attention_mask=None, interpolate_pos_encoding=False, **kwargs):
+    """``Blip2ForConditionalGeneration.generate``: one XLA program (image -> queries -> fused prompt
+    [-> T5 encoder once] -> prefill -> decoding loop), reused for calls with the same shapes and plan.
+
+    Returns transformers' ids: OPT the given ids followed by the new tokens, T5 the decoder ids from
+    ``decoder_start_token_id``.
+    """
+    cfg = model.config
+    tc = cfg.text_config
+    px = model._pixels(pixel_values, interpolate_pos_encoding)
+    b = px.shape[0]
+    ids = rules.default_prompt(cfg, b) if input_ids is None else np.asarray(_eager(input_ids))
+    ids = model._ids(ids, tc.vocab_size).numpy()
+    if ids.shape[0] != b:
+        raise ValueError(f"the text batch ({ids.shape[0]}) and the image batch ({b}) differ")
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(_eager(attention_mask))
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    slots = model.image_slots(ids)
+    if rules.is_decoder_only(cfg):
+        settings = rules.generation_settings(cfg, ids.shape[1], **kwargs)
+        prompt, prompt_mask = ids, mask
+        needed = prefix_length(cfg) + settings.max_length
+        if needed > tc.max_position_embeddings:
+            raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
+                             f"max_position_embeddings={tc.max_position_embeddings}")
+    else:
+        start = rules.decoder_start_token_id(cfg, kwargs.pop("decoder_start_token_id", None))
+        settings = rules.generation_settings(cfg, 1, **kwargs)
+        prompt, prompt_mask = np.full((b, 1), start, np.int32), np.ones((b, 1), np.int32)
+    plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
+
+    def program(inputs, prompt_ids, prompt_mask, seed, numbers):
+        pixels, text_ids, text_mask, image_slots = inputs
+        context = generation_context(model, pixels, text_ids, text_mask, image_slots, interpolate_pos_encoding)
+        return decode(model.step, context, prompt_ids, prompt_mask, seed, plan, numbers, init_cache=model.init_cache)
+
+    fn = compiled(model, ("blip2", interpolate_pos_encoding, plan), program)
+    inputs = (px, tf.constant(ids, tf.int32), tf.constant(mask, tf.int32),
+              tf.constant(np.zeros(ids.shape, bool) if slots is None else slots))
+    out = fn(inputs, tf.constant(prompt, tf.int32), tf.constant(prompt_mask, tf.int32), seed, numbers)
+    return result(settings, *out)
+
+
+def _eager(x):
+    return x.numpy() if isinstance(x, (tf.Tensor, tf.Variable)) else x
