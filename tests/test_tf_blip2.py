@@ -535,3 +535,83 @@ def test_training_steps_in_a_tf_function(pair):
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     with pytest.raises(tf.errors.InvalidArgumentError, match="placeholder"):
         step(*map(tf.constant, (px, np.where(ids == IMG, 5, ids), mask, labels)))
+
+
+# -- SavedModel export -----------------------------------------------------------------------------
+# Runs with ``python -S`` (no .pth files, so no editable install of this repository), cwd outside the
+# repository and only site-packages on the path: TensorFlow and numpy, not this library.
+LOADER = """
+import json, os, sys
+sys.path.extend(sys.argv[1].split(os.pathsep))
+import numpy as np
+import tensorflow as tf
+found = []
+for name in ("blip_core", "backends"):
+    try:
+        __import__(name)
+        found.append(name)
+    except ImportError:
+        pass
+out = {"importable": found}
+for name in sys.argv[2:]:
+    data = np.load(os.path.join(name, "inputs.npz"))
+    model = tf.saved_model.load(name)
+    args = {k: tf.constant(data[k]) for k in ("pixel_values", "input_ids", "attention_mask")}
+    out[name] = model.serve(**args)["sequences"].numpy().tolist()
+    try:
+        model.serve(**dict(args, input_ids=tf.constant(data["no_placeholders"])))
+        out[name + ":error"] = ""
+    except tf.errors.InvalidArgumentError as exc:
+        out[name + ":error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_saved_model_captioners_run_without_the_library(pair, tmp_path):
+    """OPT (beam search) and T5 (greedy) captioners, image + prompt ids in, ids out, loaded with plain
+    ``tf.saved_model.load``; ids equal backends.torch's and transformers' generate."""
+    import subprocess
+    import sys
+    import sysconfig
+    from backends.tf.blip2_export import export_blip2_captioner
+    px = _pixels(batch=3, seed=20)
+    runs = {"opt_placeholders": dict(max_new_tokens=6, num_beams=2), "t5_placeholders": dict(max_new_tokens=6)}
+    dirs = {}
+    for case, kw in runs.items():
+        _, me, _ = pair("Blip2ForConditionalGeneration", **CASES[case])
+        ids, mask = _prompt([5, 2, 4], 5, seed=21)
+        dirs[case] = export_blip2_captioner(me, str(tmp_path / case), prompt_length=ids.shape[1], **kw)
+        np.savez(os.path.join(dirs[case], "inputs.npz"), pixel_values=px, input_ids=ids, attention_mask=mask,
+                 no_placeholders=np.where(ids == IMG, 5, ids))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    site = os.pathsep.join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    r = subprocess.run([sys.executable, "-S", "-c", LOADER, site, *dirs.values()], cwd=str(outside), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["importable"] == []          # the SavedModel needs nothing from this repository
+    for case, kw in runs.items():
+        hf, _, path = pair("Blip2ForConditionalGeneration", **CASES[case])
+        ids, mask = _prompt([5, 2, 4], 5, seed=21)
+        with torch.no_grad():
+            theirs = torch_blip2.Blip2ForConditionalGeneration.from_pretrained(path).generate(
+                pixel_values=px, input_ids=ids, attention_mask=mask, **kw).numpy()
+            ref = hf.generate(pixel_values=_t(px), input_ids=_t(ids), attention_mask=_t(mask), **kw).numpy()
+        got = np.array(result[dirs[case]])
+        np.testing.assert_array_equal(got, theirs, err_msg=case)
+        np.testing.assert_array_equal(got, ref, err_msg=case)
+        assert "placeholder" in result[dirs[case] + ":error"], case
+
+
+def test_export_refuses_other_models_and_short_prompts(pair, tmp_path):
+    from backends.tf.blip2_export import export_blip2_captioner
+    _, retrieval, _ = pair("Blip2ForImageTextRetrieval", **TEXT_INPUT)
+    with pytest.raises(ValueError, match="Blip2ForConditionalGeneration"):
+        export_blip2_captioner(retrieval, str(tmp_path / "x"), prompt_length=5)
+    _, me, _ = pair("Blip2ForConditionalGeneration", **CASES["opt_placeholders"])
+    with pytest.raises(ValueError, match="placeholders"):
+        export_blip2_captioner(me, str(tmp_path / "y"), prompt_length=Q - 1)
+    with pytest.raises(ValueError, match="seed"):
+        export_blip2_captioner(me, str(tmp_path / "z"), prompt_length=6, do_sample=True)
