@@ -225,8 +225,9 @@ def test_conditional_generation_forward_and_loss(pair, case):
     else:
         labels = np.where(full_mask[:, q:] == 1, full_ids[:, q:], -100)
     with torch.no_grad():
-        ref = ref_model(pixel_values=_t(px), input_ids=_t(full_ids), attention_mask=_t(full_mask), labels=_t(labels))
-    out = me(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels)
+        ref = ref_model(pixel_values=_t(px), input_ids=_t(full_ids), attention_mask=_t(full_mask), labels=_t(labels),
+                        output_hidden_states=True)
+    out = me(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     # with labels, OPT's logits are those of the labelled (text) positions, as in transformers
     real = None if _is_t5(cfg) else full_mask[:, q:].astype(bool)
     assert tuple(out.logits.shape) == tuple(ref.logits.shape)
@@ -234,6 +235,13 @@ def test_conditional_generation_forward_and_loss(pair, case):
     assert abs(float(out.loss) - ref.loss.item()) <= ATOL
     close(out.qformer_outputs.last_hidden_state, ref.qformer_outputs.last_hidden_state, "qformer")
     close(out.vision_outputs.last_hidden_state, ref.vision_outputs.last_hidden_state, "vision")
+    lm, ref_lm = out.language_model_outputs, ref.language_model_outputs
+    fields = ("decoder_hidden_states", "encoder_hidden_states") if _is_t5(cfg) else ("hidden_states",)
+    for field in fields:
+        where = full_mask.astype(bool) if field != "decoder_hidden_states" else None
+        assert len(lm[field]) == len(ref_lm[field]), field
+        for a, b in zip(lm[field], ref_lm[field]):
+            close(a, b, field, where)
     st = me.stages(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels)
     assert set(st) == {"vision", "vision_pooled", "qformer", "projection", "lm_hidden", "logits", "loss"}
     close(st["logits"], ref.logits, "stages logits", real)

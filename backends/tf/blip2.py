@@ -162,7 +162,7 @@ class _Blip2WithLanguageModel(_Blip2Base):
                 # only the text positions carry labels: align on the right, then shift by one
                 logits = full[:, -rules.labelled_length(full.shape[1], lab.shape[1]):]
                 loss = cross_entropy(logits[:, :-1], lab[:, 1:])
-            out = CausalLMOutputWithPast(logits=full, hidden_states=_hidden(rec, h),
+            out = CausalLMOutputWithPast(logits=full, hidden_states=_hidden(rec),
                                          attentions=None if rec is None else Recorder.tup(rec.attn))
             return out, loss, logits
         dec_ids = as_ids(decoder_input_ids, tc.vocab_size, "decoder_input_ids")
@@ -178,25 +178,26 @@ class _Blip2WithLanguageModel(_Blip2Base):
         h, _ = lm.decoder(lm.embed(dec_ids), dec_mask, lm.decoder.cross_kv(enc), mask, rec=rec)
         logits = lm.logits(h)
         loss = None if lab is None else cross_entropy(logits, lab)
-        out = Seq2SeqLMOutput(loss=loss, logits=logits, decoder_hidden_states=_hidden(rec, h),
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, decoder_hidden_states=_hidden(rec),
                               decoder_attentions=None if rec is None else Recorder.tup(rec.attn),
                               cross_attentions=None if rec is None else Recorder.tup(rec.cross),
-                              encoder_last_hidden_state=enc, encoder_hidden_states=_hidden(enc_rec, enc),
+                              encoder_last_hidden_state=enc, encoder_hidden_states=_hidden(enc_rec),
                               encoder_attentions=None if enc_rec is None else Recorder.tup(enc_rec.attn))
         return out, loss, logits
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
                 output_attentions=None, output_hidden_states=None, return_dict: bool = True):
-        recs = [self._recorder(output_hidden_states, output_attentions) for _ in range(4)]
+        # one recorder per tower: vision, Q-Former, language model (decoder), T5 encoder
+        v_rec, q_rec, lm_rec, enc_rec = (self._recorder(output_hidden_states, output_attentions) for _ in range(4))
         px = self._pixels(pixel_values, interpolate_pos_encoding)
-        lm_inputs, (last, pooled), query = self._language_inputs(px, interpolate_pos_encoding, recs[0], recs[1])
+        lm_inputs, (last, pooled), query = self._language_inputs(px, interpolate_pos_encoding, v_rec, q_rec)
         embeds, mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         out, loss, logits = self._run_language_model(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
-                                                     recs[2], recs[3])
+                                                     lm_rec, enc_rec)
         result = Blip2ForConditionalGenerationModelOutput(
-            loss=loss, logits=logits, vision_outputs=vision_output(last, pooled, recs[0]),
-            qformer_outputs=qformer_output(query, recs[1]), language_model_outputs=out)
+            loss=loss, logits=logits, vision_outputs=vision_output(last, pooled, v_rec),
+            qformer_outputs=qformer_output(query, q_rec), language_model_outputs=out)
         return result if return_dict else result.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
@@ -214,7 +215,8 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return st
 
 
-def _hidden(rec, last):
+def _hidden(rec):
+    """The hidden states a ``Recorder`` collected (None when they were not asked for)."""
     return None if rec is None or rec.hidden is None else tuple(rec.hidden)
 
 
@@ -365,7 +367,7 @@ class Blip2TextModelWithProjection(_Blip2Base):
         rec = self._recorder(output_hidden_states, output_attentions)
         text = self.qformer(self.embeddings(ids, position_ids=pos), 0, mask, rec=rec)
         result = Blip2TextModelOutput(text_embeds=normalize(self.text_projection(text)), last_hidden_state=text,
-                                      hidden_states=_hidden(rec, text),
+                                      hidden_states=_hidden(rec),
                                       attentions=None if rec is None else Recorder.tup(rec.attn))
         return result if return_dict else result.to_tuple()
 

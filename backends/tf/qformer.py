@@ -147,7 +147,8 @@ def qformer_output(h, rec=None):
         attentions=Recorder.tup(rec.attn), cross_attentions=Recorder.tup(rec.cross))
 
 
-def _mask_input(x, name):
+def _mask_input(x):
+    """A 0/1 mask (numpy or tf) as float32; None stays None."""
     if x is None:
         return None
     t = x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.constant(x)
@@ -177,7 +178,7 @@ class Blip2QFormerModel(BlipTFModel):
         x = as_float(query_embeds, self.dtype, "query_embeds")
         if x.shape.rank != 3 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"query_embeds must be (batch, length, {cfg.hidden_size}), got {tuple(x.shape)}")
-        mask = _mask_input(attention_mask, "attention_mask")
+        mask = _mask_input(attention_mask)
         if mask is not None and (mask.shape[-1] != x.shape[1] or mask.shape[0] != x.shape[0]):
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match query_embeds "
                              f"{tuple(x.shape[:2])}")
@@ -189,7 +190,7 @@ class Blip2QFormerModel(BlipTFModel):
                                  f"got {tuple(image.shape)}")
         rec = Recorder.make(flag(output_hidden_states, cfg, "output_hidden_states"),
                             flag(output_attentions, cfg, "output_attentions"))
-        h = self.qformer(x, query_length, mask, image, _mask_input(encoder_attention_mask, "encoder_attention_mask"),
+        h = self.qformer(x, query_length, mask, image, _mask_input(encoder_attention_mask),
                          rec)
         out = qformer_output(h, rec)
         return out if return_dict else out.to_tuple()
