@@ -20,7 +20,9 @@ import time
 
 import numpy as np
 
-OURS = ("torch", "tf", "jax")
+from blip_core import BACKENDS
+
+OURS = BACKENDS
 REFERENCES = ("hf-torch", "hf-tf")
 IMPLS = OURS + REFERENCES
 FRAMEWORK = {"torch": "torch", "hf-torch": "torch", "tf": "tensorflow", "hf-tf": "tensorflow", "jax": "jax"}

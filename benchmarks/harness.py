@@ -129,7 +129,7 @@ class Context:
         """
         path = os.path.join(self.tmp, arch)
         models, skipped, load_s, source = {}, {}, {}, None
-        for backend in ("torch", "jax", "tf"):
+        for backend in OURS:
             try:
                 cls = self.ours_class(backend, arch)
                 model = cls(config, seed=0)

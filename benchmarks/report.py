@@ -5,9 +5,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-IMPL_ORDER = ("torch", "tf", "jax", "hf-torch", "hf-tf")
+if __name__ == "__main__" and not __package__:   # a plain script: import as the package (PEP 366)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    __package__ = "benchmarks"
+
+from .common import IMPLS   # noqa: E402
+
+IMPL_ORDER = IMPLS   # our backends, then the transformers references
 
 
 def _cell(r: dict) -> str:

@@ -1,21 +1,21 @@
 """blip_core: the framework-neutral spec layer of the BLIP / BLIP-2 library.
 
 Configs, weight tables, preprocessing, checkpoint I/O and helpers shared by every backend. This
-package never imports torch, tensorflow, jax or flax.
+package never imports torch, tensorflow, jax or flax, nor anything above it (``backends``,
+``converters``, ``blip_apps``): loading a checkpoint in a backend chosen by name is
+``blip_apps.load``.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
 from .configs import (Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BlipConfig, BlipTextConfig,
                       BlipVisionConfig, OPTConfig, T5Config, load_config)
 from .numerics import to_numpy
+from .registry import BACKENDS, register_tensor_type
 
 __version__ = "0.1.0"
-
-BACKEND_MODULES = {"torch": "backends.torch", "tf": "backends.tf", "jax": "backends.jax"}
 
 
 def architecture_of(path: str) -> str:
@@ -35,18 +35,13 @@ def architecture_of(path: str) -> str:
     return archs[0]
 
 
-def load(path: str, backend: str = "torch", **kwargs):
-    """Load a checkpoint directory in ``backend``, picking the class from ``config.json``."""
-    if backend not in BACKEND_MODULES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_MODULES)}")
-    arch = architecture_of(path)
-    module = importlib.import_module(BACKEND_MODULES[backend])
-    cls = getattr(module, arch, None)
-    if cls is None:
-        raise NotImplementedError(f"the {backend} backend does not implement {arch} yet")
-    return cls.from_pretrained(path, **kwargs)
+def __getattr__(name: str):
+    # A pointer for code written against the old layout, where `load` lived here.
+    if name == "load":
+        raise AttributeError("blip_core.load moved to blip_apps.load (the spec layer imports no backend)")
+    raise AttributeError(f"module 'blip_core' has no attribute {name!r}")
 
 
-__all__ = ["Blip2Config", "Blip2QFormerConfig", "Blip2VisionConfig", "BlipConfig", "BlipTextConfig",
-           "BlipVisionConfig", "OPTConfig", "T5Config", "architecture_of", "load", "load_config", "to_numpy",
-           "__version__"]
+__all__ = ["BACKENDS", "Blip2Config", "Blip2QFormerConfig", "Blip2VisionConfig", "BlipConfig", "BlipTextConfig",
+           "BlipVisionConfig", "OPTConfig", "T5Config", "architecture_of", "load_config", "register_tensor_type",
+           "to_numpy", "__version__"]

@@ -3,7 +3,9 @@
 Every config is a dataclass with the field names and defaults of transformers 4.57. Keys a
 class does not know (``architectures``, ``torch_dtype``, ``transformers_version``, ...) are
 kept in ``extra`` and written back, so a file survives a load/save round trip. Invariants are
-checked at construction and a violation raises ``ValueError`` naming the field.
+checked at construction and a violation raises ``ValueError`` naming the field. Invariants only
+one model class needs are checked by ``validate_for(architecture)``: at construction for the
+classes the config declares, and by the weight table (so by every backend) for the class built.
 """
 from __future__ import annotations
 
@@ -116,6 +118,13 @@ class _Config:
     def architectures(self) -> Optional[list]:
         return self.extra.get("architectures")
 
+    def validate_for(self, architecture: str) -> None:
+        """Raise ``ValueError`` naming the field when this config cannot build ``architecture``."""
+
+    def _validate_declared(self) -> None:
+        for arch in self.architectures or ():
+            self.validate_for(arch)
+
 
 # ----------------------------------------------------------------------------------------------
 # BLIP
@@ -210,6 +219,15 @@ class BlipConfig(_Config):
         # The text tower always cross-attends the vision tower's width (transformers does the same).
         self.text_config.encoder_hidden_size = self.vision_config.hidden_size
         _positive(self, "projection_dim", "image_text_hidden_size")
+        self._validate_declared()
+
+    def validate_for(self, architecture: str) -> None:
+        if architecture == "BlipForQuestionAnswering":
+            # The answer decoder cross-attends the question states through weights sized for image states.
+            text, vision = self.text_config.hidden_size, self.vision_config.hidden_size
+            _check(text == vision, "text_config.hidden_size",
+                   f"BlipForQuestionAnswering needs text_config.hidden_size ({text}) == "
+                   f"vision_config.hidden_size ({vision})")
 
 
 # ----------------------------------------------------------------------------------------------

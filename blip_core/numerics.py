@@ -1,9 +1,21 @@
-"""Array helpers every backend and the parity harness share: ``to_numpy`` and the tolerance table."""
+"""Numbers and array helpers every backend and the parity harness share.
+
+The constants the three backends must agree on (the attention mask value, the normalisation
+epsilon), ``to_numpy`` and the tolerance table.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .outputs import ModelOutput
+
+# Additive attention bias at a masked key: BERT's -10000 (not -inf), kept by transformers for BLIP's
+# text model and the Q-Former. Unlike -inf it keeps a fully masked row finite.
+MASK_VALUE = -10000.0
+
+# L2 normalisation of embeddings is x / max(||x||, NORM_EPS) (torch.nn.functional.normalize's rule):
+# the epsilon only matters for a zero vector, which it maps to zero instead of NaN.
+NORM_EPS = 1e-12
 
 
 def to_numpy(x):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from . import checkpoint
 from .configs import _Config, load_config
-from .weights import weight_table
+from .weights import backend_params, canonical_state, weight_table
 
 
 def config_for(architecture: str, path_or_config) -> _Config:
@@ -44,9 +42,7 @@ def read_pretrained(path: str, architecture: str, backend: str, dtype=None, allo
     state = checkpoint.check_state_dict(_read_any(path, table, architecture, allow_pickle_bin), table)
     if dtype is not None:
         state = checkpoint.cast_state_dict(state, dtype)
-    params = {spec.backend_path(backend): spec.to_backend(backend, state[name])
-              for name, spec in table.items() if spec.tied_to is None}
-    return config, table, params
+    return config, table, backend_params(table, state, backend)
 
 
 def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
@@ -74,8 +70,7 @@ def write_pretrained(path: str, config: _Config, architecture: str, backend: str
                if spec.tied_to is None and spec.backend_path(backend) not in params]
     if missing:
         raise ValueError(f"cannot save {architecture}: the model has no value for {missing[:5]}")
-    state = {name: np.asarray(spec.from_backend(backend, np.asarray(params[spec.backend_path(backend)])))
-             for name, spec in table.items() if spec.tied_to is None}
+    state = canonical_state(table, params, backend)
     if dtype is not None:
         state = checkpoint.cast_state_dict(state, dtype)
     os.makedirs(path, exist_ok=True)

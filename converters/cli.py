@@ -1,4 +1,4 @@
-"""``blip convert`` and ``blip parity``: sub-commands registered into ``blip_core.cli``'s parser.
+"""``blip convert`` and ``blip parity``: sub-commands registered into ``blip_apps.cli``'s parser.
 
     blip convert SRC DST --to {torch,tf,jax} [--dtype D] [--max-shard-size 2GB] [--allow-pickle-bin]
                  [--image-size N] [--source-format F] [--architecture CLS] [--config PATH]
@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from blip_core import BACKENDS
+
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
@@ -25,7 +27,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                     "msgpack. The output is written atomically and verified after writing.")
     p.add_argument("src", help="checkpoint directory or weights file")
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--to", required=True, choices=["torch", "tf", "jax"], help="target framework")
+    p.add_argument("--to", required=True, choices=BACKENDS, help="target framework")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating tensors")
     p.add_argument("--max-shard-size", default=None, help="e.g. 2GB (default 5GB, as transformers)")
     p.add_argument("--allow-pickle-bin", action="store_true",
@@ -67,7 +69,7 @@ def add_parity_parser(subparsers) -> argparse.ArgumentParser:
                     "compare each pair against the tolerance table. Exit 0: all within tolerance; 1: a stage "
                     "drifts; 2: a requested backend could not run.")
     p.add_argument("path", help="checkpoint directory")
-    p.add_argument("--backends", default="torch,tf,jax", help="comma-separated, in column order")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, in column order")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--reference", choices=["transformers"], default=None,
                    help="add transformers' PyTorch model as a column (if installed)")
@@ -92,10 +94,10 @@ def run_parity(args) -> int:
                                      allow_pickle_bin=args.allow_pickle_bin)
         else:
             backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-            unknown = [b for b in backends if b not in harness.BACKENDS]
+            unknown = [b for b in backends if b not in BACKENDS]
             if unknown:
                 print(f"blip parity: error: unknown backend(s) {', '.join(unknown)}; choose from "
-                      f"{', '.join(harness.BACKENDS)}", file=sys.stderr)
+                      f"{', '.join(BACKENDS)}", file=sys.stderr)
                 return 2
             result = harness.parity(args.path, backends=backends, dtype=args.dtype, reference=args.reference,
                                     seed=args.seed, allow_pickle_bin=args.allow_pickle_bin)

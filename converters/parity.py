@@ -1,7 +1,7 @@
 """The parity harness: run a checkpoint's named stages in several backends and compare them.
 
 ``parity(path, backends=("torch", "tf", "jax"), dtype="float32", reference=None)`` loads the
-checkpoint in each backend (``blip_core.load``), runs ``model.stages(**inputs)`` on fixed seeded
+checkpoint in each backend (the class its ``config.json`` names), runs ``model.stages(**inputs)`` on fixed seeded
 inputs built from the config (``make_inputs``), and compares every stage for every pair of
 columns against ``blip_core.numerics``' tolerance table. ``reference="transformers"`` adds
 transformers' PyTorch model as a column when it is importable.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from blip_core import architecture_of
+from blip_core import BACKENDS, architecture_of
 from blip_core.numerics import effective_tolerance, max_abs_diff, max_rel_diff, to_numpy
 from blip_core.pretrained import config_for
 from blip_core.configs import load_config
@@ -40,7 +40,6 @@ from .sources import detect_format
 # Forward order: the first drifting stage in this order is the one to look at.
 STAGE_ORDER = ("vision", "vision_pooled", "qformer", "projection", "text", "lm_hidden", "logits", "itm_score",
                "image_embeds", "text_embeds", "logits_per_image", "loss")
-BACKENDS = ("torch", "tf", "jax")
 FORMAT_BACKEND = {"safetensors": "torch", "bin": "torch", "original": "torch", "tf": "tf", "flax": "jax"}
 
 

@@ -19,13 +19,13 @@ import struct
 
 import numpy as np
 
-from blip_core import checkpoint
+from blip_core import BACKENDS, checkpoint
 from blip_core.checkpoint.dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_RANK
 from blip_core.checkpoint.files import shard_file_names
 from blip_core.checkpoint.safetensors_io import DEFAULT_METADATA
 from blip_core.formats import flax_msgpack, hf_tf
 
-TARGETS = ("torch", "tf", "jax")
+TARGETS = BACKENDS   # every backend is a conversion target
 DEFAULT_MAX_SHARD_SIZE = "5GB"   # transformers' save_pretrained default
 
 

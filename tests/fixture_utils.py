@@ -1,9 +1,19 @@
-"""Access to the committed fixtures (tests/fixtures/models). A missing fixture fails, never skips."""
+"""Access to the committed fixtures (tests/fixtures/models) and the repository's pyproject.toml.
+
+A missing fixture fails, never skips.
+"""
 import os
+import sys
 
 import numpy as np
 
-MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "models")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:   # the 'test' extra installs tomli on Python 3.10
+    import tomli as tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
 CLASSES = ["BlipVisionModel", "BlipTextModel", "BlipModel", "BlipForConditionalGeneration", "BlipForImageTextRetrieval",
            "BlipForQuestionAnswering", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
            "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
@@ -18,3 +28,9 @@ def fixture(name: str):
             raise FileNotFoundError(f"fixture file {d}/{f} is missing: run python tests/fixtures/make_fixtures.py")
     with np.load(os.path.join(d, "inputs.npz")) as a, np.load(os.path.join(d, "reference.npz")) as b:
         return d, dict(a), dict(b)
+
+
+def pyproject() -> dict:
+    """The repository's ``pyproject.toml`` (console scripts, packages, package data)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        return tomllib.load(fh)

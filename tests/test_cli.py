@@ -1,4 +1,5 @@
 """The `blip` command line: version, info, and one-line errors for bad input."""
+import importlib
 import json
 import os
 import subprocess
@@ -6,9 +7,9 @@ import sys
 
 import pytest
 
+from blip_apps.cli import main
 from blip_core import __version__
-from blip_core.cli import main
-from fixture_utils import fixture
+from fixture_utils import ROOT, fixture, pyproject
 
 
 def test_version(capsys):
@@ -45,20 +46,24 @@ def test_info_on_truncated_checkpoint(capsys, tmp_path):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "blip_core.cli", "--version"], capture_output=True, text=True)
+    script = pyproject()["project"]["scripts"]["blip"]
+    assert script == "blip_apps.cli:main"
+    module, name = script.split(":")
+    assert getattr(importlib.import_module(module), name) is main
+    out = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
 
 
 @pytest.fixture(scope="module")
 def demo_models(tmp_path_factory):
-    from blip_core.demo import build_demo_model
+    from blip_apps.demo import build_demo_model
     root = tmp_path_factory.mktemp("models")
     return {arch: build_demo_model(str(root / arch), architecture=arch)
             for arch in ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval")}
 
 
 def test_caption_json_lines_and_a_bad_image_in_the_batch(demo_models, tmp_path, capsys):
-    from blip_core.demo import DEMO_IMAGE
+    from blip_apps.demo import DEMO_IMAGE
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     code = main(["caption", DEMO_IMAGE, str(bad), DEMO_IMAGE, "--model", demo_models["BlipForConditionalGeneration"],
@@ -74,7 +79,7 @@ def test_caption_json_lines_and_a_bad_image_in_the_batch(demo_models, tmp_path, 
 def test_caption_matches_the_python_api(demo_models, capsys):
     import backends.torch as bt
     from PIL import Image
-    from blip_core.demo import DEMO_IMAGE
+    from blip_apps.demo import DEMO_IMAGE
     from blip_core.processing import BlipProcessor
     d = demo_models["BlipForConditionalGeneration"]
     assert main(["caption", DEMO_IMAGE, "--model", d, "--json", "--num-beams", "2", "--max-new-tokens", "4",
@@ -89,7 +94,7 @@ def test_caption_matches_the_python_api(demo_models, capsys):
 
 
 def test_vqa_and_match(demo_models, capsys):
-    from blip_core.demo import DEMO_IMAGE
+    from blip_apps.demo import DEMO_IMAGE
     assert main(["vqa", DEMO_IMAGE, "what is in the sky?", "--model", demo_models["BlipForQuestionAnswering"],
                  "--json", "--max-new-tokens", "3"]) == 0
     assert "answer" in json.loads(capsys.readouterr().out)
@@ -101,7 +106,7 @@ def test_vqa_and_match(demo_models, capsys):
 
 
 def test_bad_model_path_and_unknown_backend_class(tmp_path, capsys):
-    from blip_core.demo import DEMO_IMAGE
+    from blip_apps.demo import DEMO_IMAGE
     assert main(["caption", DEMO_IMAGE, "--model", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a model directory" in err[0]

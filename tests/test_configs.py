@@ -82,3 +82,24 @@ def test_bad_files_and_types(tmp_path):
         Blip2Config(text_config={"model_type": "llama"})
     with pytest.raises(ValueError, match="image_token_index"):
         Blip2Config(image_token_index=10 ** 6)
+
+
+def test_question_answering_needs_equal_tower_widths():
+    """VQA's answer decoder cross-attends question states through weights sized for image states."""
+    from blip_core.weights import weight_table
+    narrow = dict(text_config=dict(hidden_size=24, num_attention_heads=2),
+                  vision_config=dict(hidden_size=48, num_attention_heads=4))
+    cfg = BlipConfig(**narrow)                                  # fine for every other class
+    for arch in ("BlipModel", "BlipForConditionalGeneration", "BlipForImageTextRetrieval"):
+        cfg.validate_for(arch)
+        assert weight_table(arch, cfg)
+    message = r"'text_config.hidden_size'.*\(24\) == vision_config.hidden_size \(48\)"
+    with pytest.raises(ValueError, match=message):
+        cfg.validate_for("BlipForQuestionAnswering")
+    with pytest.raises(ValueError, match=message):              # every backend builds through the table
+        weight_table("BlipForQuestionAnswering", cfg)
+    with pytest.raises(ValueError, match=message):              # a config.json declaring VQA fails on reading
+        BlipConfig.from_dict(dict(BlipConfig(**narrow).to_dict(), architectures=["BlipForQuestionAnswering"]))
+    equal = BlipConfig(text_config=dict(hidden_size=48, num_attention_heads=4), vision_config=narrow["vision_config"])
+    equal.validate_for("BlipForQuestionAnswering")
+    assert weight_table("BlipForQuestionAnswering", equal)

@@ -428,7 +428,7 @@ def test_cli_convert(tmp_path, capsys):
     assert {a.dtype for a in state(convert(tmp_path / "o", tmp_path / "p", to="torch").dst).values()} == {np.dtype("float16")}
     assert cli_main(["convert", fx("Blip2VisionModel"), str(tmp_path / "o"), "--to", "jax"]) == 1
     assert "already exists" in capsys.readouterr().err
-    from blip_core.cli import main as blip_main   # registered as `blip convert`
+    from blip_apps.cli import main as blip_main   # registered as `blip convert`
     assert blip_main(["convert", str(tmp_path / "o"), str(tmp_path / "j"), "--to", "jax", "--no-progress"]) == 0
     assert "flax_model.msgpack" in capsys.readouterr().out
 

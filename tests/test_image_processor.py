@@ -89,6 +89,9 @@ def test_channels_last_output():
 
 
 def test_framework_tensors():
+    import backends.jax  # noqa: F401  each backend registers its return_tensors type when imported
+    import backends.tf  # noqa: F401
+    import backends.torch  # noqa: F401
     import jax.numpy as jnp
     import tensorflow as tf
     import torch

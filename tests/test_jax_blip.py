@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip_core.configs import BlipVisionConfig
+from blip_core.configs import BlipConfig, BlipVisionConfig
 from blip_core.numerics import max_abs_diff, tolerance
 from blip_core.weights import owned, weight_table
 
@@ -368,6 +368,10 @@ def test_bad_inputs_raise(models):
         with pytest.raises((ValueError, FileNotFoundError)):
             fn()
             pytest.fail(f"case {i} did not raise")
+    narrow = BlipConfig(text_config=dict(hidden_size=24, num_attention_heads=2),
+                        vision_config=dict(hidden_size=48, num_attention_heads=4))
+    with pytest.raises(ValueError, match="text_config.hidden_size"):   # the config's VQA invariant
+        J.BlipForQuestionAnswering(narrow)
 
 
 def test_import_does_not_load_other_frameworks():
@@ -375,3 +379,13 @@ def test_import_does_not_load_other_frameworks():
             "assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_embeddings_normalise_by_the_shared_rule():
+    """x / max(||x||, NORM_EPS), as torch's F.normalize and the TF backend: a zero vector stays zero."""
+    from backends.jax.blip import _normalize
+    from blip_core.numerics import NORM_EPS
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0]], np.float32)
+    got = np.asarray(_normalize(jnp.asarray(x)))
+    np.testing.assert_allclose(got, x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS), rtol=1e-6)
+    assert np.isfinite(got).all() and not got[1].any()

@@ -6,13 +6,14 @@ import io
 
 import pytest
 
+from blip_core import BACKENDS
 from converters.parity import parity
 from fixture_utils import CLASSES, fixture
 
 BLIP = [c for c in CLASSES if not c.startswith("Blip2")]
 BLIP2 = [c for c in CLASSES if c.startswith("Blip2")]
 # What each backend ships (the README's status table says the same); a gap here fails, never skips.
-SUPPORT = {name: ("torch", "tf", "jax") for name in BLIP}
+SUPPORT = {name: BACKENDS for name in BLIP}
 SUPPORT.update({name: ("torch", "tf") for name in BLIP2})
 
 

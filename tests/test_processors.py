@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 import transformers
 
+import backends.torch  # noqa: F401  registers return_tensors="pt", which the comparisons use
 from blip_core.processing import Blip2Processor, BlipImageProcessor, BlipProcessor, load_tokenizer
 from test_tokenization import make_bpe_dir, make_unigram_dir, make_wordpiece_dir, random_texts
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 import torch
 
 import backends.tf as B
+from blip_core.configs import BlipConfig
 from blip_core.numerics import max_abs_diff, tolerance
 
 transformers = pytest.importorskip("transformers")
@@ -362,6 +363,10 @@ def test_bad_inputs_raise(saved):
     vqa = B.BlipForQuestionAnswering.from_pretrained(saved("BlipForQuestionAnswering")[1])
     with pytest.raises(ValueError, match="decoder_input_ids"):
         vqa(input_ids=ids, pixel_values=px)
+    narrow = BlipConfig(text_config=dict(hidden_size=24, num_attention_heads=2),
+                        vision_config=dict(hidden_size=48, num_attention_heads=4))
+    with pytest.raises(ValueError, match="text_config.hidden_size"):   # the config's VQA invariant
+        B.BlipForQuestionAnswering(narrow)
     with pytest.raises(ValueError, match="dtype"):
         B.BlipForConditionalGeneration.from_pretrained(saved("BlipForConditionalGeneration")[1], dtype="int8")
 
@@ -372,3 +377,13 @@ def test_import_does_not_load_torch_or_jax():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_embeddings_normalise_by_the_shared_rule():
+    """x / max(||x||, NORM_EPS), as torch's F.normalize and the JAX backend: a zero vector stays zero."""
+    from backends.tf.blip import _normalize
+    from blip_core.numerics import NORM_EPS
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0]], np.float32)
+    got = _normalize(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS), rtol=1e-6)
+    assert np.isfinite(got).all() and not got[1].any()

@@ -198,6 +198,7 @@ def test_tokenizer_json_only_directory(dirs, tmp_path):
 
 
 def test_return_tensors_dtypes(dirs):
+    import backends.torch  # noqa: F401  registers return_tensors="pt"
     tok = load_tokenizer(str(dirs["bpe"]))
     ref = transformers.AutoTokenizer.from_pretrained(str(dirs["bpe"]))
     texts = ["a cat", "the dog is running"]

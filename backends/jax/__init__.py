@@ -6,6 +6,7 @@ Importing this package imports jax and flax only (never torch or tensorflow)::
     model = BlipForConditionalGeneration.from_pretrained("hf_dir")          # or (config, seed=0)
     ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=20)
 """
+from . import arrays  # noqa: F401  registers return_tensors="jax" with the processors
 from .blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipModel
 from .text import BlipTextModel
 from .vision import BlipVisionModel

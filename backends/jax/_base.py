@@ -18,7 +18,7 @@ from flax import traverse_util
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
 from blip_core.pretrained import read_pretrained, write_pretrained
-from blip_core.weights import owned, weight_table
+from blip_core.weights import backend_params, random_weights, weight_table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,30 +34,6 @@ def resolve_dtype(dtype) -> np.dtype:
     if name not in DTYPES:
         raise ValueError(f"the JAX backend supports dtypes {sorted(DTYPES)}, got {dtype!r}")
     return np.dtype(DTYPES[name])
-
-
-def random_params(table: dict, seed: int, dtype, std: float, embed_std: float, logit_scale: float = 0.0) -> dict:
-    """Seeded random parameters for every storage-owning row of ``table`` (layouts in jax form).
-
-    Mirrors transformers' scheme: normal(0, std) for linear/conv/embedding weights, zero biases, unit norm
-    scales, truncated normal(0, embed_std) for the vision class/position embeddings.
-    """
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for spec in owned(table):
-        shape = spec.backend_shape("jax")
-        if spec.kind in ("linear_weight", "conv_weight", "embedding"):
-            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        elif spec.kind == "norm_weight":
-            arr = np.ones(shape, np.float32)
-        elif spec.kind == "bias":
-            arr = np.zeros(shape, np.float32)
-        elif spec.name.endswith("logit_scale"):
-            arr = np.full(shape, logit_scale, np.float32)
-        else:  # class / position embeddings
-            arr = np.clip(rng.standard_normal(shape, dtype=np.float32), -2.0, 2.0) * np.float32(embed_std)
-        flat[spec.backend_path("jax")] = arr
-    return unflatten(flat, dtype)
 
 
 def unflatten(flat: dict, dtype=None) -> dict:
@@ -130,7 +106,8 @@ def pixels(x, dtype):
 class JaxModel:
     """Base of the public classes: ``Cls(config, seed=0, dtype=None)``, ``from_pretrained``, ``save_pretrained``.
 
-    Subclasses set ``config_class`` and implement ``_module()`` (the linen module) and ``_init_std()``.
+    Subclasses set ``config_class`` and implement ``_module()`` (the linen module). Random weights are the
+    spec layer's seeded draw (``blip_core.weights.random_weights``) laid out as loading lays out a checkpoint.
     """
 
     config_class = _Config
@@ -138,10 +115,9 @@ class JaxModel:
     def __init__(self, config, seed: int = 0, dtype=None):
         config = self._check_config(config)
         dt = resolve_dtype(dtype)
-        table = weight_table(type(self).__name__, config)
-        std, embed_std = self._init_std(config)
-        params = random_params(table, seed, dt, std, embed_std, getattr(config, "logit_scale_init_value", 0.0))
-        self._setup(config, params, dt)
+        name = type(self).__name__
+        flat = backend_params(weight_table(name, config), random_weights(name, config, seed), "jax")
+        self._setup(config, unflatten(flat, dt), dt)
 
     @classmethod
     def _check_config(cls, config):

@@ -27,6 +27,7 @@ import numpy as np
 from blip_core import decoding
 from blip_core.configs import BlipConfig
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
+from blip_core.numerics import NORM_EPS
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
                                BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
                                BlipTextVisionModelOutput)
@@ -90,8 +91,8 @@ _FLAGS = ("output_hidden_states", "output_attentions")
 
 
 def _normalize(x):
-    """torch.nn.functional.normalize: x / max(||x||, 1e-12)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    """L2 normalisation by the spec layer's rule (``blip_core.numerics.NORM_EPS``)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
 
 
 def _contrastive(logits):
@@ -102,10 +103,6 @@ def _contrastive(logits):
 # -- shared plumbing of the composite classes ----------------------------------------------------------
 class _BlipBase(JaxModel):
     config_class = BlipConfig
-
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, config.vision_config.initializer_range
 
     def _pixels(self, pixel_values, interpolate):
         return vision_inputs(self.config.vision_config, pixel_values, interpolate, self.dtype)

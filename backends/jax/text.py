@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from blip_core.configs import BlipTextConfig
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import JaxModel, activation, as_input, mask_like, softmax, token_ids
 from .vision import LayerNorm
-
-MASK_VALUE = -10000.0
 
 
 # -- masks ---------------------------------------------------------------------------------------------
@@ -347,10 +346,6 @@ class BlipTextModel(JaxModel):
 
     def _module(self):
         return TextModel(self.config, add_pooling_layer=True)
-
-    @staticmethod
-    def _init_std(config):
-        return config.initializer_range, 0.0
 
     def _forward(self, params, ids, mask, position_ids, embeds, context, context_mask, causal,
                  output_hidden_states=False, output_attentions=False):

@@ -209,10 +209,6 @@ class BlipVisionModel(JaxModel):
     def _module(self):
         return VisionTransformer(self.config)
 
-    @staticmethod
-    def _init_std(config):
-        return 0.02, config.initializer_range
-
     def _forward(self, params, pv, interpolate, output_hidden_states=False, output_attentions=False):
         last, pooled, hidden, attentions = self.module.apply({"params": params}, pv, interpolate,
                                                              method=VisionTransformer.full)

@@ -31,6 +31,7 @@ def _import_tensorflow_without_jax():
 
 _import_tensorflow_without_jax()
 
+from . import arrays  # noqa: E402,F401  registers return_tensors="tf" with the processors
 from .blip import (BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,  # noqa: E402
                    BlipModel)
 from .blip2 import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model,  # noqa: E402

@@ -16,10 +16,10 @@ import tensorflow as tf
 
 from blip_core import pretrained
 from blip_core.generation import check_token_ids
-from blip_core.weights import weight_table
+from blip_core.numerics import MASK_VALUE
+from blip_core.weights import backend_params, owned, random_weights, weight_table
 
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
-NEG_MASK = -10000.0   # additive mask value of BERT-style attention (transformers uses the same)
 
 
 def resolve_dtype(dtype) -> tf.DType:
@@ -213,7 +213,7 @@ def flag(value, config, name: str) -> bool:
 
 def padding_bias(mask):
     """(B, L) 0/1 mask -> additive (B, 1, 1, L) bias with transformers' -10000 convention."""
-    return ((1.0 - tf.cast(mask, tf.float32)) * NEG_MASK)[:, None, None, :]
+    return ((1.0 - tf.cast(mask, tf.float32)) * MASK_VALUE)[:, None, None, :]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -230,23 +230,6 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
 
 # -- model base --------------------------------------------------------------------------------
-def _init_value(spec, config, rng: np.random.Generator) -> np.ndarray:
-    """transformers-style random init of one table row (normal / zeros / ones / truncated normal)."""
-    std = getattr(config, "initializer_range", 0.02)
-    shape = spec.backend_shape("tf")
-    if spec.kind in ("linear_weight", "conv_weight", "embedding"):
-        return rng.normal(0.0, std, size=shape).astype(np.float32)
-    if spec.kind == "norm_weight":
-        return np.ones(shape, np.float32)
-    if spec.kind == "bias":
-        return np.zeros(shape, np.float32)
-    if spec.name.endswith("logit_scale"):
-        return np.full(shape, getattr(config, "logit_scale_init_value", 2.6592), np.float32)
-    # class / position embeddings: torch's trunc_normal_ (bounds +-2, absolute) with the vision range
-    vstd = getattr(getattr(config, "vision_config", config), "initializer_range", std)
-    return np.clip(rng.normal(0.0, vstd, size=shape), -2.0, 2.0).astype(np.float32)
-
-
 class BlipTFModel(tf.Module):
     """Base of every public class: parameters from the weight table, loading and saving.
 
@@ -261,14 +244,12 @@ class BlipTFModel(tf.Module):
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.table = weight_table(self.architecture, config)
-        rng = np.random.default_rng(seed)
+        if _values is None:   # the spec layer's seeded draw, laid out as loading lays out a checkpoint
+            _values = backend_params(self.table, random_weights(self.architecture, config, seed), "tf")
         params = {}
-        for spec in self.table.values():
-            if spec.tied_to is not None:
-                continue   # tied rows share their owner's variable (see the LM head)
+        for spec in owned(self.table):   # tied rows share their owner's variable (see the LM head)
             path = spec.backend_path("tf")
-            value = _values[path] if _values is not None else _init_value(spec, config, rng)
-            params[path] = tf.Variable(tf.cast(value, self.dtype), name=path, trainable=True)
+            params[path] = tf.Variable(tf.cast(_values[path], self.dtype), name=path, trainable=True)
         self.params = params
         self._compiled = {}   # generation functions keyed by their static settings
         self._build()

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from blip_core import decoding
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
+from blip_core.numerics import NORM_EPS
 from blip_core.outputs import (BlipOutput, BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput,
                                BlipTextVisionModelOutput)
 
@@ -25,7 +26,8 @@ from .vision import VisionTower, vision_output
 
 
 def _normalize(x):
-    return x / tf.norm(x, axis=-1, keepdims=True)
+    """L2 normalisation by the spec layer's rule (``blip_core.numerics.NORM_EPS``)."""
+    return x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), NORM_EPS)
 
 
 def _np_ids(x):
@@ -245,10 +247,6 @@ class BlipForQuestionAnswering(_BlipBase):
 
     def _build(self):
         c = self.config
-        if c.text_config.hidden_size != c.vision_config.hidden_size:
-            # the answer decoder cross-attends question states through weights sized for image states
-            raise ValueError(f"BlipForQuestionAnswering needs text_config.hidden_size == vision_config.hidden_size, "
-                             f"got {c.text_config.hidden_size} and {c.vision_config.hidden_size}")
         self.vision_model = VisionTower(self.params, "vision_model", c.vision_config)
         self.text_encoder = TextTower(self.params, "text_encoder", c.text_config, pooler=False)
         self.text_decoder = TextLMHeadModel(self.params, "text_decoder", c.text_config)

@@ -28,6 +28,7 @@ from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2Im
 from ._base import (BlipTFModel, Dense, Recorder, _symbolic, as_float, as_ids, as_mask, as_positions, cross_entropy,
                     flag)
 from . import blip2_generation as gen
+from .blip import _normalize as normalize   # the spec layer's L2 rule, as BLIP's heads use it
 from .opt import OPTForCausalLM
 from .qformer import Blip2QFormerModel, QFormerTextEmbeddings, QFormerTower, qformer_output
 from .t5 import T5ForConditionalGeneration
@@ -41,11 +42,6 @@ class Blip2VisionModel(BlipVisionModel):
     """The BLIP-2 ViT (``Blip2VisionConfig``: q/v ``qkv`` bias, eps 1e-6)."""
 
     architecture = "Blip2VisionModel"
-
-
-def normalize(x):
-    """``torch.nn.functional.normalize`` over the last axis (norm clamped at 1e-12)."""
-    return x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), tf.cast(1e-12, x.dtype))
 
 
 def _numpy(x):

@@ -18,9 +18,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 from blip_core.configs import Blip2Config
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from ._base import NEG_MASK, BlipTFModel, LayerNorm, Recorder, as_float, flag
+from ._base import BlipTFModel, LayerNorm, Recorder, as_float, flag
 from .text import BertAttention, FeedForward
 
 
@@ -37,7 +38,7 @@ def _mask_rows(mask):
 
 def self_attention_bias(mask):
     """BERT's additive self-attention mask: -10000 at masked keys."""
-    return (1.0 - _mask_rows(mask)) * NEG_MASK
+    return (1.0 - _mask_rows(mask)) * MASK_VALUE
 
 
 def cross_attention_bias(mask, dtype: tf.DType):

@@ -14,10 +14,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 from blip_core.configs import BlipConfig
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from ._base import (NEG_MASK, BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask,
-                    as_positions, attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
+from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions,
+                    attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
 
 
 class BertAttention(tf.Module):
@@ -143,7 +144,7 @@ def self_attention_bias(mask, length: int, is_decoder: bool):
         return padding_bias(mask)
     causal = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
     allowed = causal[None, None] * tf.cast(mask, tf.float32)[:, None, None, :]
-    return (1.0 - allowed) * NEG_MASK
+    return (1.0 - allowed) * MASK_VALUE
 
 
 def run_text(tower: TextTower, ids, mask, enc_states, enc_mask, is_decoder, position_ids=None,
@@ -215,7 +216,7 @@ class TextLMHeadModel(tf.Module):
             cache = [(tf.pad(k, pad), tf.pad(v, pad)) for k, v in kvs]
         else:
             allowed = (tf.range(total)[None] <= index) & (key_mask > 0)
-            bias = tf.where(allowed, 0.0, NEG_MASK)[:, None, None, :]
+            bias = tf.where(allowed, 0.0, MASK_VALUE)[:, None, None, :]
             h, cache = bert.step(h, bias, crosses, cross_bias, cache, index)
         return tf.cast(self.cls(h[:, -1]), tf.float32), cache
 

@@ -6,6 +6,7 @@ Example::
     model = BlipForConditionalGeneration.from_pretrained("path/to/hf_dir", dtype="bfloat16")
     ids = model.generate(pixel_values, num_beams=3, max_new_tokens=20)
 """
+from . import arrays  # noqa: F401  registers return_tensors="pt" with the processors
 from ._base import PreTrainedModel
 from .blip2 import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2QFormerModel,
                     Blip2TextModelWithProjection, Blip2VisionModel, Blip2VisionModelWithProjection)

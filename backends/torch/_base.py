@@ -15,9 +15,8 @@ name the weight table knows), builds its modules in ``__init__(config, seed=0, d
     model = BlipVisionModel.from_pretrained("dir", dtype="bfloat16")
     model.save_pretrained("out")                    # config.json + model.safetensors
 
-Random init is deterministic for a seed (a private ``torch.Generator``): normal(0, std) for
-linear, conv and embedding weights, zero biases, unit layer norms, like transformers'
-``_init_weights``; subclasses may extend ``_init_module``. Loading goes through
+Random init copies ``blip_core.weights.random_weights`` (transformers' distributions, drawn once in
+numpy for every backend, so a seed gives the same model in torch, tf and jax). Loading goes through
 ``blip_core.pretrained`` (strict: one error lists every bad key); tied rows (LM-head decoder)
 share storage with their target through ``tie_weights``.
 """
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_core.pretrained import config_for, read_pretrained, write_pretrained
-from blip_core.weights import weight_table
+from blip_core.weights import iter_random_weights, weight_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
@@ -144,38 +143,30 @@ class PreTrainedModel(nn.Module):
         # `config` may be None when a tower class that already set `self.config` is mixed in first.
         super().__init__()
         if config is not None:
+            if self.architecture:   # invariants of this class alone (jax and tf check them via the weight table)
+                config.validate_for(self.architecture)
             self.config = config
 
     # -- init ------------------------------------------------------------------------------------
-    @property
-    def init_std(self) -> float:
-        return float(getattr(self.config, "initializer_range", 0.02))
-
     def post_init(self, seed: Optional[int] = 0, dtype=None) -> None:
         """Seeded init (skipped for ``seed=None``, used by ``from_pretrained``), ties, dtype."""
         if seed is not None and not _SKIP_INIT[0]:
-            gen = torch.Generator().manual_seed(int(seed))
-            with torch.no_grad():
-                for module in self.modules():
-                    self._init_module(module, gen)
+            self._init_random(seed)
         self.tie_weights()
         dtype = resolve_dtype(dtype)
         if dtype is not None:
             self.to(dtype)
 
-    def _init_module(self, module: nn.Module, gen: torch.Generator) -> None:
-        std = self.init_std
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, std, generator=gen)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            if module.weight is not None:
-                module.weight.fill_(1.0)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif hasattr(module, "init_extra"):
-            module.init_extra(gen, self.config)
+    def _init_random(self, seed: int) -> None:
+        """Copy the spec layer's seeded draw into every parameter; tied rows follow in ``tie_weights``."""
+        params = self.state_dict(keep_vars=True)
+        table = self.weight_table()
+        if set(params) != set(table):   # a parameter the table does not know would keep torch's init
+            raise AssertionError(f"{type(self).__name__} parameters differ from its weight table: "
+                                 f"{sorted(set(params) ^ set(table))[:5]}")
+        with torch.no_grad():
+            for name, value in iter_random_weights(self.architecture, self.config, seed):
+                params[name].copy_(torch.from_numpy(value))
 
     def tie_weights(self) -> None:
         """Make tied parameters the same tensors (overridden where a class has ties)."""

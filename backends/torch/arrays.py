@@ -1,6 +1,11 @@
-"""numpy / nested lists -> torch tensors for the processors' ``return_tensors="pt"``."""
+"""numpy / nested lists -> torch tensors for the processors' ``return_tensors="pt"``.
+
+Registered with the spec layer when the package is imported.
+"""
 import numpy as np
 import torch
+
+from blip_core.registry import register_tensor_type
 
 
 def processor_tensor(value, empty: bool):
@@ -10,3 +15,6 @@ def processor_tensor(value, empty: bool):
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     return torch.tensor(value, dtype=torch.int64 if empty else None)
+
+
+register_tensor_type("pt", processor_tensor)

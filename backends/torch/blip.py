@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_core.generation import blip_caption_prompt, resolve_blip_generation
-from blip_core.numerics import to_numpy
+from blip_core.numerics import NORM_EPS, to_numpy
 from blip_core.outputs import (BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
                                BlipTextVisionModelOutput)
 
@@ -117,8 +117,8 @@ class BlipModel(_BlipBase):
         vision = self._image(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
         text = self.text_model(input_ids, attention_mask, position_ids, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states)
-        image_embeds = F.normalize(self.visual_projection(vision.pooler_output), dim=-1)
-        text_embeds = F.normalize(self.text_projection(text.pooler_output), dim=-1)
+        image_embeds = F.normalize(self.visual_projection(vision.pooler_output), dim=-1, eps=NORM_EPS)
+        text_embeds = F.normalize(self.text_projection(text.pooler_output), dim=-1, eps=NORM_EPS)
         # transformers divides by the norm (no epsilon); F.normalize's eps only matters for zero vectors.
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
         loss = None
@@ -231,8 +231,8 @@ class BlipForImageTextRetrieval(_BlipBase):
             score = self.itm_head(text[:, 0])
         else:
             text = self.text_encoder(input_ids, attention_mask).last_hidden_state
-            image_feat = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
-            text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
+            image_feat = F.normalize(self.vision_proj(image[:, 0]), dim=-1, eps=NORM_EPS)
+            text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1, eps=NORM_EPS)
             score = image_feat @ text_feat.t()
         out = BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=image,
                                                hidden_states=vision.hidden_states, attentions=vision.attentions,
@@ -256,11 +256,6 @@ class BlipForQuestionAnswering(_BlipBase):
 
     def __init__(self, config, seed=0, dtype=None):
         super().__init__(config)
-        if config.text_config.hidden_size != config.vision_config.hidden_size:
-            # The answer decoder cross-attends the question through weights sized for image states.
-            raise ValueError(f"BlipForQuestionAnswering needs text_config.hidden_size "
-                             f"({config.text_config.hidden_size}) == vision_config.hidden_size "
-                             f"({config.vision_config.hidden_size})")
         self.vision_model = BlipVisionTransformer(config.vision_config)
         self.text_encoder = BlipTextTransformer(config.text_config, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(config.text_config)

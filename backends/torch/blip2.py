@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
 from blip_core.generation import check_token_ids
+from blip_core.numerics import NORM_EPS
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput)
 
@@ -64,7 +65,7 @@ def _mask(x, name: str, shape, device) -> Optional[torch.Tensor]:
 
 
 class _Blip2PreTrained(PreTrainedModel):
-    """Shared plumbing: seeded query init, float16 keep-in-float32 rule, the image -> queries path."""
+    """Shared plumbing: float16 keep-in-float32 rule, the image -> queries path."""
 
     _keep_in_fp32_modules = rules.KEEP_FLOAT32_MODULES
 
@@ -94,11 +95,6 @@ class _Blip2PreTrained(PreTrainedModel):
         model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device)
         model._set_dtype(dt)
         return model
-
-    def init_extra(self, gen, config) -> None:
-        # transformers zero-fills the queries; a seeded normal draw keeps random models non-degenerate.
-        if isinstance(getattr(self, "query_tokens", None), nn.Parameter):
-            nn.init.normal_(self.query_tokens, 0.0, self.init_std, generator=gen)
 
     def _build_front(self, config, vision: bool = True) -> None:
         if vision:
@@ -385,9 +381,9 @@ class Blip2ForImageTextRetrieval(_Blip2PreTrained):
             text = self.qformer(query_embeds=self.embeddings(ids), query_length=0, attention_mask=mask,
                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states)
             image_embeds = F.normalize(self.vision_projection(
-                qformer.last_hidden_state.to(self.vision_projection.weight.dtype)), dim=-1)
+                qformer.last_hidden_state.to(self.vision_projection.weight.dtype)), dim=-1, eps=NORM_EPS)
             text_embeds = F.normalize(self.text_projection(
-                text.last_hidden_state[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
+                text.last_hidden_state[:, 0].to(self.text_projection.weight.dtype)), dim=-1, eps=NORM_EPS)
             # (B_img, Q, B_txt) similarities, best query per pair
             logits_per_image = torch.matmul(image_embeds, text_embeds.t()).max(dim=1)[0]
         result = Blip2ImageTextMatchingModelOutput(
@@ -430,8 +426,9 @@ class Blip2TextModelWithProjection(_Blip2PreTrained):
         text = self.qformer(query_embeds=self.embeddings(ids, position_ids=pos), query_length=0, attention_mask=mask,
                             output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         embeds = self.text_projection(text.last_hidden_state.to(self.text_projection.weight.dtype))
-        result = Blip2TextModelOutput(text_embeds=F.normalize(embeds, dim=-1), last_hidden_state=text.last_hidden_state,
-                                      hidden_states=text.hidden_states, attentions=text.attentions)
+        result = Blip2TextModelOutput(text_embeds=F.normalize(embeds, dim=-1, eps=NORM_EPS),
+                                      last_hidden_state=text.last_hidden_state, hidden_states=text.hidden_states,
+                                      attentions=text.attentions)
         return result if return_dict else result.to_tuple()
 
     def stages(self, input_ids, attention_mask=None, **_):
@@ -456,7 +453,7 @@ class Blip2VisionModelWithProjection(_Blip2PreTrained):
         vision, qformer = self._image_queries(pixel_values, interpolate_pos_encoding, output_attentions,
                                               output_hidden_states)
         embeds = self.vision_projection(qformer.last_hidden_state.to(self.vision_projection.weight.dtype))
-        result = Blip2VisionModelOutput(image_embeds=F.normalize(embeds, dim=-1),
+        result = Blip2VisionModelOutput(image_embeds=F.normalize(embeds, dim=-1, eps=NORM_EPS),
                                         last_hidden_state=vision.last_hidden_state,
                                         hidden_states=vision.hidden_states, attentions=vision.attentions)
         return result if return_dict else result.to_tuple()
@@ -465,4 +462,4 @@ class Blip2VisionModelWithProjection(_Blip2PreTrained):
         vision, qformer = self._image_queries(pixel_values, interpolate_pos_encoding)
         embeds = self.vision_projection(qformer.last_hidden_state.to(self.vision_projection.weight.dtype))
         return {"vision": vision.last_hidden_state, "qformer": qformer.last_hidden_state,
-                "image_embeds": F.normalize(embeds, dim=-1)}
+                "image_embeds": F.normalize(embeds, dim=-1, eps=NORM_EPS)}

@@ -19,18 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from blip_core.configs import Blip2QFormerConfig
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor
-
-# Additive value of a masked self-attention position (BERT's convention, kept by transformers).
-_SELF_MASK_VALUE = -10000.0
 
 
 def self_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) or (B, L, L) 1/0 mask -> additive (B, 1, [1|L], L) bias with -10000 at masked keys."""
     mask = _broadcastable(mask)
-    return (1.0 - mask.to(dtype)) * _SELF_MASK_VALUE
+    return (1.0 - mask.to(dtype)) * MASK_VALUE
 
 
 def cross_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

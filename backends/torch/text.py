@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor, attention
@@ -196,7 +197,7 @@ class BlipTextTransformer(nn.Module):
                 keep = keep * causal[None, None].to(dtype)
         else:
             raise ValueError(f"attention_mask must be 2D or 3D, got shape {tuple(mask.shape)}")
-        return (1.0 - keep) * -10000.0
+        return (1.0 - keep) * MASK_VALUE
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,

@@ -36,13 +36,6 @@ class BlipVisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.position_embedding = nn.Parameter(torch.empty(1, config.num_patches + 1, d))
 
-    def init_extra(self, gen, config):
-        # transformers draws these two from a truncated normal with the vision tower's own std.
-        std = float(getattr(getattr(config, "vision_config", config), "initializer_range", 0.02))
-        with torch.no_grad():
-            nn.init.trunc_normal_(self.position_embedding, 0.0, std, generator=gen)
-            nn.init.trunc_normal_(self.class_embedding, 0.0, std, generator=gen)
-
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
         pos = self.position_embedding
         n_old = pos.shape[1] - 1

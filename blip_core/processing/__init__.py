@@ -4,8 +4,9 @@
 * `BertTokenizer`, `GPT2Tokenizer`, `T5Tokenizer`, `load_tokenizer` - on the `tokenizers` package.
 * `BlipProcessor`, `Blip2Processor` - both together, with BLIP-2's `<image>` placeholders.
 
-Only numpy, pillow and tokenizers are imported; frameworks are imported lazily when
-`return_tensors` asks for them.
+Only numpy, pillow and tokenizers are imported. `return_tensors="np"` always works; "pt", "tf" and
+"jax" work once `backends.torch`, `backends.tf` or `backends.jax` is imported (each registers its
+tensor type, see `blip_core.registry`).
 """
 from .image import BatchFeature, BlipImageProcessor, to_framework
 from .processors import Blip2Processor, BlipProcessor

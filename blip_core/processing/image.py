@@ -11,12 +11,11 @@ Pipeline per image (the order and dtypes are what make it bit-exact):
 5. Normalise in the array's own float dtype (float32 after a rescale).
 6. Output channels-first; `return_tensors` stacks the batch to NCHW.
 
-It also holds `BatchFeature`, the dict every processor returns, and the lazy framework conversion
-shared by the tokenizers.
+It also holds `BatchFeature`, the dict every processor returns, and the conversion to framework
+tensors shared by the tokenizers (made by whichever backend registered the tensor type).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Collection
@@ -25,12 +24,14 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 
+from ..registry import TENSOR_TYPE_BACKENDS, tensor_maker
+
 __all__ = ["BatchFeature", "BlipImageProcessor", "to_framework"]
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-_TENSOR_TYPES = (None, "np", "pt", "tf", "jax")
+_TENSOR_TYPES = (None, "np", *TENSOR_TYPE_BACKENDS)
 _CHANNELS_FIRST, _CHANNELS_LAST = "channels_first", "channels_last"
 
 
@@ -46,13 +47,11 @@ def _is_ragged(value) -> bool:
     return len(shapes) > 1
 
 
-_BACKEND = {"pt": "torch", "tf": "tf", "jax": "jax"}
-
-
 def to_framework(value, tensor_type: Optional[str]):
     """Convert a list (of lists / arrays) to the requested framework's array type.
 
-    Framework tensors are made by the backend's ``arrays`` module, imported only on request.
+    Framework tensors are made by the function the backend registered when it was imported
+    (``blip_core.registry``); numpy needs no backend.
     Integer lists keep the framework's own default dtype (int64 for numpy/torch, int32 for TensorFlow/JAX), as transformers does.
     """
     if tensor_type is None:
@@ -68,8 +67,7 @@ def to_framework(value, tensor_type: Optional[str]):
         if isinstance(value, np.ndarray):
             return value
         return np.asarray(value, dtype=np.int64 if empty else None)
-    # The framework's own conversion lives in its backend; this module imports no framework.
-    return importlib.import_module(f"backends.{_BACKEND[tensor_type]}.arrays").processor_tensor(value, empty)
+    return tensor_maker(tensor_type)(value, empty)
 
 
 class BatchFeature(dict):

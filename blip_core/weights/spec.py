@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-BACKENDS = ("torch", "tf", "jax")
+from ..registry import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -136,3 +136,14 @@ def owned(table: WeightTable) -> list:
 
 def expected_shapes(table: WeightTable) -> dict:
     return {k: tuple(s.shape) for k, s in table.items()}
+
+
+def backend_params(table: WeightTable, state: dict, backend: str) -> dict:
+    """Canonical ``{name: array}`` -> ``{backend path: array in the backend's layout}`` (owned rows)."""
+    return {spec.backend_path(backend): spec.to_backend(backend, state[spec.name]) for spec in owned(table)}
+
+
+def canonical_state(table: WeightTable, params: dict, backend: str) -> dict:
+    """``{backend path: array}`` -> canonical ``{name: array}`` (owned rows); the inverse of ``backend_params``."""
+    return {spec.name: np.asarray(spec.from_backend(backend, np.asarray(params[spec.backend_path(backend)])))
+            for spec in owned(table)}

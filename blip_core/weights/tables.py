@@ -318,4 +318,7 @@ def weight_table(architecture: str, config) -> dict:
     if not isinstance(config, cfg_cls) and not (cfg_cls in (BlipVisionConfig, BlipTextConfig, Blip2VisionConfig,
                                                              Blip2QFormerConfig)):
         raise ValueError(f"{architecture} needs a {cfg_cls.__name__}, got {type(config).__name__}")
+    validate = getattr(config, "validate_for", None)
+    if validate is not None:   # one class's invariants (VQA's equal widths): checked for every backend here
+        validate(architecture)
     return fn(config)

@@ -1,18 +1,22 @@
 """The ``blip`` command line: inspect, run, convert and compare checkpoints in any backend.
 
 Frameworks are imported only inside the subcommand that needs them, so ``blip info`` and
-``blip --version`` work with the core alone. Errors a user can cause (bad paths, unreadable images,
-unknown architectures) print one line on stderr and exit non-zero.
+``blip --version`` work with the core alone. ``convert`` and ``parity`` come from ``converters``,
+``bench`` from ``benchmarks`` (in a source checkout). Errors a user can cause (bad paths,
+unreadable images, unknown architectures) print one line on stderr and exit non-zero.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
-from . import __version__
+from blip_core import BACKENDS, __version__
+
+from . import load
 
 
 class CliError(Exception):
@@ -43,12 +47,11 @@ def _open_image(path: str):
 
 
 def _load(model_path: str, backend: str, dtype=None):
-    import blip_core
     if not os.path.isdir(model_path):
         raise CliError(f"{model_path}: not a model directory")
     try:
         kwargs = {"dtype": dtype} if dtype else {}
-        model = blip_core.load(model_path, backend=backend, **kwargs)
+        model = load(model_path, backend=backend, **kwargs)
     except ModuleNotFoundError as exc:
         raise CliError(f"backend {backend!r} is not installed ({exc}); install the '{backend}' extra") from None
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
@@ -57,8 +60,8 @@ def _load(model_path: str, backend: str, dtype=None):
 
 
 def _processor(model_path: str, model):
-    from .processing import Blip2Processor, BlipProcessor
-    from .configs import Blip2Config
+    from blip_core.configs import Blip2Config
+    from blip_core.processing import Blip2Processor, BlipProcessor
     is_blip2 = isinstance(getattr(model, "config", None), Blip2Config)
     cls = Blip2Processor if is_blip2 else BlipProcessor
     try:
@@ -68,15 +71,15 @@ def _processor(model_path: str, model):
 
 
 def _ids(x):
-    from .numerics import to_numpy
+    from blip_core.numerics import to_numpy
     return to_numpy(x).tolist()
 
 
 # -- subcommands -------------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from .checkpoint import checkpoint_info
-    from .configs import load_config
-    from .weights import ARCHITECTURES, weight_table
+    from blip_core.checkpoint import checkpoint_info
+    from blip_core.configs import load_config
+    from blip_core.weights import ARCHITECTURES, weight_table
     path = args.path
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file or directory")
@@ -93,7 +96,7 @@ def cmd_info(args) -> int:
     if arch in ARCHITECTURES:
         table = weight_table(arch, cfg)
         report["table_parameters"] = int(sum(
-            (1 if not s.shape else __import__("math").prod(s.shape)) for s in table.values() if s.tied_to is None))
+            (1 if not s.shape else math.prod(s.shape)) for s in table.values() if s.tied_to is None))
         report["tied"] = [k for k, s in table.items() if s.tied_to is not None]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -153,7 +156,7 @@ def cmd_vqa(args) -> int:
 
 def cmd_match(args) -> int:
     import numpy as np
-    from .numerics import to_numpy
+    from blip_core.numerics import to_numpy
     model = _load(args.model, args.backend, args.dtype)
     processor = _processor(args.model, model)
     image = _open_image(args.image)
@@ -183,7 +186,7 @@ def cmd_demo(args) -> int:
 # -- parser ------------------------------------------------------------------------------------
 def _model_args(p, beams=True):
     p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer files)")
-    p.add_argument("--backend", default="torch", choices=["torch", "tf", "jax"])
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     if beams:
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("demo", help="build a small random captioner, caption the bundled image in every backend")
-    p.add_argument("--backends", default="torch,jax,tf")
+    p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--out", default=None, help="keep the demo model in this directory")
     p.set_defaults(func=cmd_demo)
 

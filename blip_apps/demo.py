@@ -8,7 +8,6 @@ words.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
@@ -17,6 +16,8 @@ import time
 
 import numpy as np
 
+from blip_core import BACKENDS, to_numpy
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEMO_IMAGE = os.path.join(ASSETS, "demo.png")
 DEMO_VOCAB = os.path.join(ASSETS, "demo_vocab.txt")
@@ -24,13 +25,14 @@ DEMO_VOCAB = os.path.join(ASSETS, "demo_vocab.txt")
 
 def demo_config():
     """A small captioner: 4-layer ViT on 64x64 images, 2-layer text decoder over the demo vocabulary."""
-    from .configs import BlipConfig
+    from blip_core.configs import BlipConfig
     with open(DEMO_VOCAB, encoding="utf-8") as fh:
         vocab = [line.rstrip("\n") for line in fh]
     n = len(vocab)          # [DEC] and [ENC] are added after the vocabulary, as in BLIP
     return BlipConfig(
+        # transformers' vision default initializer_range (1e-10) would make a random tower ignore the image
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=64, patch_size=16),
+                           image_size=64, patch_size=16, initializer_range=0.02),
         text_config=dict(vocab_size=n + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, bos_token_id=n,
                          sep_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]")),
@@ -43,7 +45,7 @@ def build_demo_model(directory: str, seed: int = 0, architecture: str = "BlipFor
     ``architecture`` is any BLIP class; the captioner is the default.
     """
     import backends.torch
-    from .processing import BertTokenizer, BlipImageProcessor, BlipProcessor, add_blip_special_tokens
+    from blip_core.processing import BertTokenizer, BlipImageProcessor, BlipProcessor, add_blip_special_tokens
 
     config = demo_config()
     os.makedirs(directory, exist_ok=True)
@@ -59,10 +61,11 @@ def build_demo_model(directory: str, seed: int = 0, architecture: str = "BlipFor
     return directory
 
 
-def run_demo(backends=("torch", "jax", "tf"), out=None) -> int:
-    import blip_core
+def run_demo(backends=BACKENDS, out=None) -> int:
     from PIL import Image
-    from .processing import BlipProcessor
+    from blip_core.processing import BlipProcessor
+
+    from . import load
 
     directory = out or tempfile.mkdtemp(prefix="blip-demo-")
     print(f"building a random BLIP captioner (seed 0) in {directory}")
@@ -74,15 +77,14 @@ def run_demo(backends=("torch", "jax", "tf"), out=None) -> int:
     results = {}
     for backend in backends:
         try:
-            importlib.import_module(f"backends.{backend}")
-            model = blip_core.load(directory, backend=backend)
+            model = load(directory, backend=backend)
         except (ImportError, NotImplementedError) as exc:
             print(f"{backend:>5}: unavailable ({exc})")
             continue
         for mode, kwargs in (("greedy", {}), ("beam-3", {"num_beams": 3})):
             model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=12, **kwargs)   # warm-up / compile
             t0 = time.perf_counter()
-            ids = blip_core.to_numpy(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=12, **kwargs))
+            ids = to_numpy(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=12, **kwargs))
             ms = 1000 * (time.perf_counter() - t0)
             text = processor.decode(ids[0].tolist(), skip_special_tokens=True)
             results[(backend, mode)] = ids
