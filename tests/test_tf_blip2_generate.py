@@ -79,6 +79,31 @@ def test_generate_ids_identical(pair, case):
     assert trace_count(me) == traces
 
 
+def test_generate_right_padded_batch_matches_transformers(pair):
+    """A right-padded OPT batch: the prefill's last slot is padding, whose position id is 1 in
+    transformers' generate; the first new token depends on it. Ids and every step's scores."""
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **CASES["opt_placeholders"])
+    px = _pixels(batch=3, seed=6)
+    text, text_mask = _prompt([5, 2, 4], 5, seed=7, placeholders=False)
+    order = np.argsort(1 - text_mask, axis=1, kind="stable")         # real tokens first, padding after
+    text, text_mask = np.take_along_axis(text, order, 1), np.take_along_axis(text_mask, order, 1)
+    ids = np.concatenate([np.full((3, Q), IMG), text], 1)
+    mask = np.concatenate([np.ones((3, Q), np.int64), text_mask], 1)
+    assert mask[:, -1].tolist() == [1, 0, 0]
+    for opts in [dict(), dict(num_beams=2)]:
+        kw = dict(max_new_tokens=6, return_dict_in_generate=True, output_scores=True, **opts)
+        with torch.no_grad():
+            ref = hf.generate(pixel_values=_t(px), input_ids=_t(ids), attention_mask=_t(mask), **kw)
+        got = me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+        np.testing.assert_array_equal(got.sequences.numpy(), ref.sequences.numpy(), err_msg=str(opts))
+        assert len(got.scores) == len(ref.scores)
+        for ours, theirs in zip(got.scores, ref.scores):      # every step's scores, the first one included
+            ours, theirs = np.asarray(ours), theirs.numpy()
+            finite = np.isfinite(theirs)
+            np.testing.assert_array_equal(np.isfinite(ours), finite)
+            close(ours[finite], theirs[finite], f"scores {opts}")
+
+
 # -- SavedModel export -----------------------------------------------------------------------------
 # Runs with ``python -S`` (no .pth files, so no editable install of this repository), cwd outside the
 # repository and only site-packages on the path: TensorFlow and numpy, not this library.
