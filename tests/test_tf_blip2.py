@@ -480,3 +480,44 @@ def test_training_steps_in_a_tf_function(pair):
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     with pytest.raises(tf.errors.InvalidArgumentError, match="placeholder"):
         step(*map(tf.constant, (px, np.where(ids == IMG, 5, ids), mask, labels)))
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_OUTPUTS))
+def test_fixture_in_bfloat16(name):
+    """Every class loads in bfloat16 and stays within the tolerance table's bfloat16 row of transformers."""
+    directory, inputs, reference = _fixture_inputs(name)
+    model = getattr(B, name).from_pretrained(directory, dtype="bfloat16")
+    assert all(v.dtype == tf.bfloat16 for v in model.params.values())
+    out = FIXTURE_OUTPUTS[name](model, inputs)
+    for key, ref in reference.items():
+        if key == "greedy_ids":
+            continue
+        got = np.asarray(tf.cast(out[key], tf.float32))
+        assert out[key].dtype == tf.bfloat16, key
+        atol, rtol = effective_tolerance(ref, "default", "bfloat16")
+        np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"{name}.{key}")
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_seeded_init_is_the_torch_backends(tmp_path, text):
+    """``Cls(config, seed=...)`` draws the spec layer's weights: the same model as backends.torch's,
+    saved in transformers' format."""
+    from blip_core.configs import config_from_dict
+    hf_cfg = blip2_config(text=OPT_TEXT if text == "opt" else T5_GELU, image_token_index=IMG)
+    cfg = config_from_dict(hf_cfg.to_dict())
+    me = B.Blip2ForConditionalGeneration(cfg, seed=3)
+    mine = torch_blip2.Blip2ForConditionalGeneration(cfg, seed=3)
+    state = mine.state_dict()
+    for name, spec in me.table.items():
+        if spec.tied_to is None:
+            np.testing.assert_array_equal(spec.from_backend("tf", me.params[spec.backend_path("tf")].numpy()),
+                                          state[name].numpy(), err_msg=name)
+    me.save_pretrained(str(tmp_path))
+    back = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ids, mask = _prompt([3, 2], 3)
+    dec = dict(decoder_input_ids=ids[:, -2:]) if text == "t5" else {}
+    with torch.no_grad():
+        ref = back(pixel_values=_t(_pixels()), input_ids=_t(ids), attention_mask=_t(mask),
+                   **{k: _t(v) for k, v in dec.items()}).logits
+    out = me(pixel_values=_pixels(), input_ids=ids, attention_mask=mask, **dec).logits
+    close(out, ref, "logits", mask.astype(bool) if text == "opt" else None)
