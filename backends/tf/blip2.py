@@ -8,13 +8,15 @@ Image-query fusion follows ``blip_core.blip2``: with ``config.image_token_index`
 queries replace the Q placeholder embeddings (rows without exactly Q placeholders raise
 ``ValueError``); without it the queries are concatenated in front of the text embeddings. The
 backend runs in float32 or bfloat16 (in bfloat16 the whole model is bfloat16, as transformers 4.57
-keeps float32 parts for float16 only). Generation (``init_cache`` / ``step``) lives in
-``blip2_generation.py``.
+keeps float32 parts for float16 only). Generation (``generate``, and the ``init_cache`` / ``step``
+contract of the decoding engine) lives in ``blip2_generation.py``; the SavedModel captioner in
+``blip2_export.py``.
 
 Example::
 
     model = Blip2ForConditionalGeneration.from_pretrained("dir")
     out = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)   # logits, loss
+    ids = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, num_beams=3)
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from blip_core import blip2 as rules
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput)
 
+from . import blip2_generation as gen
 from ._base import (BlipTFModel, Dense, Recorder, _symbolic, as_float, as_ids, as_mask, as_positions, cross_entropy,
                     flag)
-from . import blip2_generation as gen
 from .blip import _normalize as normalize   # the spec layer's L2 rule, as BLIP's heads use it
 from .opt import OPTForCausalLM
 from .qformer import Blip2QFormerModel, QFormerTextEmbeddings, QFormerTower, qformer_output
