@@ -521,3 +521,17 @@ def test_seeded_init_is_the_torch_backends(tmp_path, text):
                    **{k: _t(v) for k, v in dec.items()}).logits
     out = me(pixel_values=_pixels(), input_ids=ids, attention_mask=mask, **dec).logits
     close(out, ref, "logits", mask.astype(bool) if text == "opt" else None)
+
+
+def test_retrieval_in_a_tf_function(pair):
+    """Graph ids: the placeholders are stripped in the graph and their absence is a graph error."""
+    hf, me, _ = pair("Blip2ForImageTextRetrieval", image_token_index=IMG, **TEXT_INPUT)
+    px = _pixels(seed=22)
+    ids, mask = _prompt([6, 4], 6, vocab=99, seed=23)
+    fn = tf.function(lambda px, ids, mask: me(pixel_values=px, input_ids=ids, attention_mask=mask,
+                                              use_image_text_matching_head=True).logits_per_image, autograph=False)
+    with torch.no_grad():
+        ref = hf(pixel_values=_t(px), input_ids=_t(ids), attention_mask=_t(mask), use_image_text_matching_head=True)
+    close(fn(*map(tf.constant, (px, ids, mask))), ref.logits_per_image, "itm in a tf.function")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="placeholder"):
+        fn(*map(tf.constant, (px, np.where(ids == IMG, 5, ids), mask)))

@@ -297,16 +297,34 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
         self.text_projection = Dense(self.params, "text_projection")
         self.itm_head = Dense(self.params, "itm_head")
 
+    def _strip_placeholders(self, input_ids):
+        """-> (ids as given, ids without the Q placeholders Blip2Processor prepends, stripped?).
+
+        The Q-Former's queries take the placeholders' place. Graph ids (a caller's ``tf.function``)
+        get ``blip_core.blip2.strip_placeholders``'s check as a graph assertion.
+        """
+        cfg = self.config
+        vocab = cfg.qformer_config.vocab_size
+        if not _symbolic(input_ids):
+            raw = _numpy(input_ids)
+            raw = raw[None] if raw.ndim == 1 else raw
+            kept, stripped = rules.strip_placeholders(raw, cfg)
+            return raw, self._ids(kept, vocab), stripped
+        raw = as_ids(input_ids, vocab)   # graph ids: dtype and rank checks (values are checked when they run)
+        if not rules.uses_placeholders(cfg):
+            return raw, raw, False
+        q = cfg.num_query_tokens
+        check = tf.debugging.assert_equal(raw[:, :q], tf.constant(cfg.image_token_index, raw.dtype), message=(
+            f"config.image_token_index={cfg.image_token_index} is set, so input_ids must start with "
+            f"num_query_tokens={q} placeholder ids (as Blip2Processor makes them)"))
+        with tf.control_dependencies([check]):
+            return raw, tf.identity(raw[:, q:]), True
+
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None,
                 use_image_text_matching_head: bool = False, output_attentions=None, output_hidden_states=None,
                 return_dict: bool = True):
         cfg = self.config
-        raw = _numpy(input_ids)
-        if raw.ndim == 1:
-            raw = raw[None]
-        # drop the Q placeholders Blip2Processor prepends: the Q-Former's queries take their place
-        kept, stripped = rules.strip_placeholders(raw, cfg)
-        ids = self._ids(kept, cfg.qformer_config.vocab_size)
+        raw, ids, stripped = self._strip_placeholders(input_ids)
         mask = as_mask(attention_mask, raw.shape)
         q = cfg.num_query_tokens
         px = self._pixels(pixel_values, False)
@@ -314,10 +332,10 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
         if use_image_text_matching_head:
             last, pooled = self.vision_model(px, False, v_rec)
             if mask is None:
-                mask = tf.ones(raw.shape if stripped else ids.shape, tf.float32)
+                mask = tf.ones(tf.shape(raw if stripped else ids), tf.float32)
             if not stripped:   # the queries attend and are attended: extend the mask over them
-                mask = tf.concat([tf.ones([ids.shape[0], q], tf.float32), mask], 1)
-            emb = self.embeddings(ids, query_embeds=self._queries(ids.shape[0]))
+                mask = tf.concat([tf.ones([tf.shape(ids)[0], q], tf.float32), mask], 1)
+            emb = self.embeddings(ids, query_embeds=self._queries(tf.shape(ids)[0]))
             text = self.qformer(emb, q, mask, last, rec=t_rec)
             logits_per_image = tf.reduce_mean(self.itm_head(text[:, :q]), axis=1)
             text_embeds, image_embeds = text, last
