@@ -43,3 +43,7 @@ __all__ = ["BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipFor
            "BlipTextModel", "BlipVisionModel", "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval",
            "Blip2Model", "Blip2QFormerModel", "Blip2TextModelWithProjection", "Blip2VisionModel",
            "Blip2VisionModelWithProjection"]
+
+from blip_core.exports import export_shared  # noqa: E402
+
+export_shared(globals(), "TF")
