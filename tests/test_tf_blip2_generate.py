@@ -106,6 +106,27 @@ def test_generate_right_padded_batch_matches_transformers(pair):
             close(ours[finite], theirs[finite], f"scores {opts}")
 
 
+@pytest.mark.parametrize("case", ["opt_placeholders", "t5_tied_relu_concat"])
+def test_generate_from_inputs_embeds(pair, case):
+    """A prompt given as embeddings alone (placeholders found by their embedding): transformers' ids,
+    for OPT the new tokens alone."""
+    cfg = CASES[case]
+    hf, me, path = pair("Blip2ForConditionalGeneration", **cfg)
+    ref_model = _reference(hf, cfg)
+    px = _pixels(batch=3, seed=8)
+    full_ids, full_mask, ids, mask = _case_inputs(cfg, (5, 2, 4), 5, seed=9)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(_t(ids))
+        ref = ref_model.generate(pixel_values=_t(px), inputs_embeds=ref_model.get_input_embeddings()(_t(full_ids)),
+                                 attention_mask=_t(full_mask), max_new_tokens=5).numpy()
+        theirs = torch_blip2.Blip2ForConditionalGeneration.from_pretrained(path).generate(
+            pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5).numpy()
+    got = me.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask, max_new_tokens=5).numpy()
+    np.testing.assert_array_equal(got, theirs)
+    np.testing.assert_array_equal(got, ref)
+    assert got.shape[1] == (6 if _is_t5(cfg) else 5)
+
+
 # -- SavedModel export -----------------------------------------------------------------------------
 # Runs with ``python -S`` (no .pth files, so no editable install of this repository), cwd outside the
 # repository and only site-packages on the path: TensorFlow and numpy, not this library.

@@ -276,13 +276,13 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
                  interpolate_pos_encoding: bool = False, **generate_kwargs):
-        """ids as transformers 4.57 (int64): OPT the given ids + new tokens, T5 the decoder ids.
+        """ids as transformers 4.57 (int64): OPT the given ids + new tokens (the new tokens alone for a
+        prompt given as ``inputs_embeds`` only), T5 the decoder ids.
 
         Without ``input_ids`` the prompt is ``blip_core.blip2.default_prompt`` (placeholders, OPT's bos).
         """
-        if inputs_embeds is not None:
-            raise NotImplementedError("generate from inputs_embeds is not supported in the TF backend; pass input_ids")
-        return gen.generate(self, pixel_values, input_ids, attention_mask, interpolate_pos_encoding, **generate_kwargs)
+        return gen.generate(self, pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding,
+                            **generate_kwargs)
 
 
 class Blip2ForImageTextRetrieval(_Blip2Base):
