@@ -175,8 +175,9 @@ FIXTURE_OUTPUTS = {
     "Blip2QFormerModel": lambda m, a: m(**a),
     "Blip2Model": lambda m, a: m(**a),
     "Blip2ForConditionalGeneration": lambda m, a: m(**a),
-    "Blip2ForImageTextRetrieval": lambda m, a: dict(itm_logits=m(**a, use_image_text_matching_head=True).logits_per_image,
-                                                    itc_logits_per_image=m(**a).logits_per_image),
+    "Blip2ForImageTextRetrieval": lambda m, a: dict(
+        itm_logits=m(**a, use_image_text_matching_head=True).logits_per_image,
+        itc_logits_per_image=m(**a).logits_per_image),
     "Blip2TextModelWithProjection": lambda m, a: m(**a),
     "Blip2VisionModelWithProjection": lambda m, a: m(**a),
 }
