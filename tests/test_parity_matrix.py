@@ -14,7 +14,7 @@ BLIP = [c for c in CLASSES if not c.startswith("Blip2")]
 BLIP2 = [c for c in CLASSES if c.startswith("Blip2")]
 # What each backend ships (the README's status table says the same); a gap here fails, never skips.
 SUPPORT = {name: BACKENDS for name in BLIP}
-SUPPORT.update({name: ("torch", "jax") for name in BLIP2})
+SUPPORT.update({name: BACKENDS for name in BLIP2})
 
 
 def _run(name, dtype, reference):

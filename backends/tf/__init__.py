@@ -34,11 +34,15 @@ _import_tensorflow_without_jax()
 from . import arrays  # noqa: E402,F401  registers return_tensors="tf" with the processors
 from .blip import (BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,  # noqa: E402
                    BlipModel)
+from .blip2 import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model,  # noqa: E402
+                    Blip2QFormerModel, Blip2TextModelWithProjection, Blip2VisionModel, Blip2VisionModelWithProjection)
 from .text import BlipTextModel  # noqa: E402
 from .vision import BlipVisionModel  # noqa: E402
 
 __all__ = ["BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipModel",
-           "BlipTextModel", "BlipVisionModel"]
+           "BlipTextModel", "BlipVisionModel", "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval",
+           "Blip2Model", "Blip2QFormerModel", "Blip2TextModelWithProjection", "Blip2VisionModel",
+           "Blip2VisionModelWithProjection"]
 
 from blip_core.exports import export_shared  # noqa: E402
 

@@ -22,14 +22,17 @@ from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_floa
 
 
 class BertAttention(tf.Module):
-    """``attention.self.{query,key,value}`` + ``attention.output.{dense,LayerNorm}`` (residual inside)."""
+    """``attention.<inner>.{query,key,value}`` + ``attention.output.{dense,LayerNorm}`` (residual inside).
 
-    def __init__(self, params, p, cfg):
+    ``inner`` is ``self`` in BLIP's text model and ``attention`` in the BLIP-2 Q-Former.
+    """
+
+    def __init__(self, params, p, cfg, inner: str = "self"):
         super().__init__(name=None)
         self.heads = cfg.num_attention_heads
-        self.query = Dense(params, f"{p}/self/query")
-        self.key = Dense(params, f"{p}/self/key")
-        self.value = Dense(params, f"{p}/self/value")
+        self.query = Dense(params, f"{p}/{inner}/query")
+        self.key = Dense(params, f"{p}/{inner}/key")
+        self.value = Dense(params, f"{p}/{inner}/value")
         self.dense = Dense(params, f"{p}/output/dense")
         self.norm = LayerNorm(params, f"{p}/output/LayerNorm", cfg.layer_norm_eps)
 
@@ -41,15 +44,29 @@ class BertAttention(tf.Module):
         return self.norm(self.dense(merge_heads(ctx)) + h)
 
 
+class FeedForward(tf.Module):
+    """``<ffn>.dense`` -> act -> ``<out>.dense`` + residual -> ``<out>.LayerNorm`` (BERT's post-LN FFN).
+
+    The Q-Former has two: ``intermediate``/``output`` for text and ``intermediate_query``/``output_query``.
+    """
+
+    def __init__(self, params, p, cfg, ffn: str = "intermediate", out: str = "output"):
+        super().__init__(name=None)
+        self.intermediate = Dense(params, f"{p}/{ffn}/dense")
+        self.output = Dense(params, f"{p}/{out}/dense")
+        self.norm = LayerNorm(params, f"{p}/{out}/LayerNorm", cfg.layer_norm_eps)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, h):
+        return self.norm(self.output(self.act(self.intermediate(h))) + h)
+
+
 class TextLayer(tf.Module):
     def __init__(self, params, p, cfg):
         super().__init__(name=None)
         self.attention = BertAttention(params, f"{p}/attention", cfg)
         self.crossattention = BertAttention(params, f"{p}/crossattention", cfg) if cfg.is_decoder else None
-        self.intermediate = Dense(params, f"{p}/intermediate/dense")
-        self.output = Dense(params, f"{p}/output/dense")
-        self.norm = LayerNorm(params, f"{p}/output/LayerNorm", cfg.layer_norm_eps)
-        self.act = activation(cfg.hidden_act)
+        self.ffn = FeedForward(params, p, cfg)
 
     def __call__(self, h, self_bias, cross=None, cross_bias=None, cache=None, index=None, rec=None):
         """One layer. ``cross``: the (k, v) of the cross-attended states or None.
@@ -66,8 +83,7 @@ class TextLayer(tf.Module):
         h = self.attention(h, k, v, self_bias, rec.attn if rec is not None else None)
         if cross is not None:
             h = self.crossattention(h, cross[0], cross[1], cross_bias, rec.cross if rec is not None else None)
-        h = self.norm(self.output(self.act(self.intermediate(h))) + h)
-        return h, (k, v)
+        return self.ffn(h), (k, v)
 
 
 class TextTower(tf.Module):

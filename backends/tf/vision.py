@@ -43,7 +43,7 @@ class VisionLayer(tf.Module):
     def __init__(self, params, p, cfg):
         super().__init__(name=None)
         self.heads = cfg.num_attention_heads
-        self.qkv = Dense(params, f"{p}/self_attn/qkv")
+        self.qkv = Dense(params, f"{p}/self_attn/qkv", bias=f"{p}/self_attn/qkv/bias" in params)   # BLIP-2: qkv_bias
         self.projection = Dense(params, f"{p}/self_attn/projection")
         self.ln1 = LayerNorm(params, f"{p}/layer_norm1", cfg.layer_norm_eps)
         self.ln2 = LayerNorm(params, f"{p}/layer_norm2", cfg.layer_norm_eps)
