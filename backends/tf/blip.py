@@ -320,9 +320,6 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
     inside the same compiled function as the search.
     """
     tc = model.config.text_config
-    if settings.max_length > tc.max_position_embeddings:
-        raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
-                         f"decoder's max_position_embeddings={tc.max_position_embeddings}")
     if prompt_mask is None:
         prompt_mask = decoding.infer_prompt_mask(prompt, settings)
     plan, numbers, seed = plan_inputs(settings, tc.vocab_size)

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 
+from ..jsonfile import read_json_file
 from ..registry import TENSOR_TYPE_BACKENDS, tensor_maker
 
 __all__ = ["BatchFeature", "BlipImageProcessor", "to_framework"]
@@ -319,8 +320,7 @@ class BlipImageProcessor:
         file = os.path.join(path, PREPROCESSOR_CONFIG) if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"No {PREPROCESSOR_CONFIG} in {path}")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return cls.from_dict(read_json_file(file, what=PREPROCESSOR_CONFIG), **overrides)
 
     def save_pretrained(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
