@@ -124,9 +124,9 @@ def _pil_to_8bit(image: "PIL.Image.Image") -> "PIL.Image.Image":
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise ValueError(f"Unsupported {image.mode} image: values [{arr.min()}, {arr.max()}] are not 16-bit")
     if image.mode == "I" and (not arr.size or arr.max() <= 255):
-        return PIL.Image.fromarray(arr.astype(np.uint8), mode="L")
+        return PIL.Image.fromarray(arr.astype(np.uint8))
     # 65535 -> 255 with rounding, as the 8-bit value nearest the 16-bit intensity.
-    return PIL.Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return PIL.Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def _to_array(image) -> np.ndarray:
