@@ -140,7 +140,8 @@ class _BlipBase(JaxModel):
         plan, numbers = decoding.make_plan(settings, tc.vocab_size, settings.output_scores)
         if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
             prompt_mask = decoding.infer_prompt_mask(prompt, settings)
-        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
+        shapes = tuple(None if x is None else tuple(np.shape(x)) for x in (pv, prompt, question))
+        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"), variant=(plan, interpolate, shapes))
         out = fn(params, pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question,
                  question_mask, sampling_key(settings, key), traced_numbers(numbers), plan=plan,
                  interpolate=interpolate)
