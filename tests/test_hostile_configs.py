@@ -106,3 +106,17 @@ def test_nested_config_of_the_wrong_type(model_dir):
     (model_dir / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="expected a dict"):
         load_config(str(model_dir))
+
+
+def test_blip_info_gives_one_line_for_hostile_files(model_dir, capsys):
+    from blip_apps.cli import main
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"]["num_hidden_layers"] = 10**9
+    (model_dir / "config.json").write_text(json.dumps(data))
+    assert main(["info", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_hidden_layers" in err and "sanity limit" in err
+    (model_dir / "config.json").write_text("null")
+    assert main(["info", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON object" in err
