@@ -241,6 +241,11 @@ class BlipConfig(_Config):
         _positive(self, "projection_dim", "image_text_hidden_size")
         self._validate_declared()
 
+    @classmethod
+    def from_text_vision_configs(cls, text_config, vision_config, **kwargs) -> "BlipConfig":
+        """transformers' constructor from the two tower configs (objects or dicts)."""
+        return cls(text_config=_as_dict(text_config), vision_config=_as_dict(vision_config), **kwargs)
+
     def validate_for(self, architecture: str) -> None:
         if architecture == "BlipForQuestionAnswering":
             # The answer decoder cross-attends the question states through weights sized for image states.
@@ -428,6 +433,13 @@ class Blip2Config(_Config):
         self.extra.pop("use_decoder_only_language_model", None)
         self.extra.pop("is_encoder_decoder", None)
 
+    @classmethod
+    def from_vision_qformer_text_configs(cls, vision_config, qformer_config, text_config=None,
+                                         **kwargs) -> "Blip2Config":
+        """transformers' constructor from the vision, Q-Former and language model configs."""
+        return cls(vision_config=_as_dict(vision_config), qformer_config=_as_dict(qformer_config),
+                   text_config=_as_dict(text_config) if text_config is not None else None, **kwargs)
+
     @property
     def use_decoder_only_language_model(self) -> bool:
         return isinstance(self.text_config, OPTConfig)
@@ -437,6 +449,11 @@ class Blip2Config(_Config):
         out["use_decoder_only_language_model"] = self.use_decoder_only_language_model
         out["is_encoder_decoder"] = self.text_config.is_encoder_decoder
         return out
+
+
+def _as_dict(config):
+    """A config object as a fresh dict (with its ``model_type``), a dict as a copy."""
+    return config.to_dict() if isinstance(config, _Config) else dict(config)
 
 
 CONFIG_CLASSES = {c.model_type: c for c in (BlipConfig, BlipTextConfig, BlipVisionConfig, Blip2Config,

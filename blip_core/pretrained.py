@@ -6,11 +6,24 @@ hand back flat ``{backend_path: numpy array}`` dicts holding only the rows that 
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from . import checkpoint
 from .configs import _Config, load_config
-from .weights import backend_params, canonical_state, weight_table
+from .weights import backend_params, canonical_state, random_weights, weight_table
+
+log = logging.getLogger("blip")
+
+# Where a tower's weights sit inside the whole models of its family, in the order they are tried:
+# ``BlipVisionModel.from_pretrained(captioning_dir)`` takes ``vision_model.*`` from the file.
+TOWER_PREFIXES = {
+    "BlipVisionModel": ("vision_model.",),
+    "Blip2VisionModel": ("vision_model.",),
+    "BlipTextModel": ("text_model.", "text_encoder.", "text_decoder.bert."),
+    "Blip2QFormerModel": ("qformer.",),
+}
 
 
 def config_for(architecture: str, path_or_config) -> _Config:
@@ -30,19 +43,80 @@ def config_for(architecture: str, path_or_config) -> _Config:
     return cfg
 
 
-def read_pretrained(path: str, architecture: str, backend: str, dtype=None, allow_pickle_bin: bool = False):
+def read_pretrained(path: str, architecture: str, backend: str, dtype=None, allow_pickle_bin: bool = False,
+                    strict: bool = True, seed: int = 0):
     """Load ``path`` for ``backend``: returns ``(config, table, {backend_path: array})``.
 
-    Loading is strict: one error lists every missing, unexpected and mis-shaped key.
+    A checkpoint of another class of the same family loads too (see ``select_weights``): weights
+    the class does not use are dropped and named in one info line; weights it needs and the file
+    lacks raise unless ``strict=False``, which draws them from ``seed`` and warns. Shape
+    mismatches and checkpoints of another family always raise.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path}")
-    config = config_for(architecture, path)
+    full_config = load_config(path)
+    config = config_for(architecture, full_config)
     table = weight_table(architecture, config)
-    state = checkpoint.check_state_dict(_read_any(path, table, architecture, allow_pickle_bin), table)
+    state = _read_any(path, table, architecture, allow_pickle_bin)
+    state = select_weights(state, table, architecture, config, full_config, strict=strict, seed=seed, source=path)
     if dtype is not None:
         state = checkpoint.cast_state_dict(state, dtype)
     return config, table, backend_params(table, state, backend)
+
+
+def family_keys(full_config: _Config) -> set:
+    """Every weight name of every class that shares ``full_config``'s type (the file's family)."""
+    from .weights.tables import TABLES
+    keys = set()
+    for arch, (cfg_cls, _) in TABLES.items():
+        if type(full_config) is cfg_cls:
+            try:
+                keys.update(weight_table(arch, full_config))
+            except ValueError:      # a class this config cannot build (e.g. VQA with unequal widths)
+                continue
+    return keys
+
+
+def select_weights(state: dict, table: dict, architecture: str, config: _Config, full_config: _Config,
+                   strict: bool = True, seed: int = 0, source: str | None = None) -> dict:
+    """The rows of ``table`` out of a checkpoint written for any class of the same family.
+
+    * A tower loaded from a whole model's file (``config`` is a part of ``full_config``) takes its
+      weights under the prefix of ``TOWER_PREFIXES``.
+    * Names the class does not use but that belong to a class of the file's family are dropped and
+      named in one ``logging`` info line; unknown names are an error (a damaged or foreign file).
+    * Missing rows raise one error that lists them, unless ``strict=False``: then they are drawn
+      from ``seed`` as ``Cls(config, seed=seed)`` would draw them, with a warning naming them.
+    """
+    owned = {name for name, spec in table.items() if spec.tied_to is None}
+    unused = []
+    if config is not full_config and not owned <= set(state):
+        for prefix in TOWER_PREFIXES.get(architecture, ()):
+            if any(k.startswith(prefix) for k in state):
+                unused = sorted(k for k in state if not k.startswith(prefix))      # the rest of the model
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                break
+    extra = sorted(k for k in state if k not in table)
+    if extra and set(extra) <= family_keys(full_config):
+        unused += extra
+        state = {k: v for k, v in state.items() if k in table}
+    if unused:
+        log.info("%s: %d weight(s) of the %s checkpoint not used by %s: %s", source or "checkpoint", len(unused),
+                 type(full_config).__name__, architecture, ", ".join(unused))
+    missing = sorted(owned - set(state))
+    if missing and not strict:
+        fresh = random_weights(architecture, config, seed)
+        warnings.warn(f"{architecture}: {len(missing)} weight(s) not in {source or 'the checkpoint'} were drawn "
+                      f"from seed {seed}: {', '.join(missing)}", stacklevel=3)
+        state = dict(state, **{k: fresh[k] for k in missing})
+    try:
+        return checkpoint.check_state_dict(state, table, source=source)
+    except checkpoint.StateDictMismatchError as err:
+        if err.missing and strict:
+            raise checkpoint.StateDictMismatchError(
+                f"{err}\nPass strict=False to draw the missing weights from the seed instead (with a warning).",
+                err.missing, err.unexpected, err.mismatched) from None
+        raise
 
 
 def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
@@ -85,3 +159,41 @@ def write_pretrained(path: str, config: _Config, architecture: str, backend: str
     checkpoint.save_state_dict(path, state, max_shard_size=max_shard_size)
     config.extra["architectures"] = [architecture]
     config.save_pretrained(path)
+
+
+_QUANTIZE = ("load_in_8bit", "load_in_4bit", "quantization_config")
+
+
+def hf_loading_kwargs(dtype=None, device=None, **kwargs):
+    """transformers' ``from_pretrained`` keywords, mapped onto ours; returns ``(dtype, device)``.
+
+    ``torch_dtype`` is ``dtype``; ``device_map`` of ``"auto"`` means the backend's default device and
+    a single device (``"cpu"``, ``"cuda:0"``, ...) that device; ``low_cpu_mem_usage`` is accepted
+    (loading never builds a random model first). Per-module device maps and quantised loading raise
+    ``NotImplementedError`` saying what to use; any other keyword is a ``TypeError``.
+    """
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        if dtype is not None and str(dtype) != str(torch_dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+        dtype = torch_dtype
+    if isinstance(dtype, str) and dtype == "auto":
+        raise NotImplementedError("dtype='auto' is not supported: pass the dtype to load in "
+                                  "(e.g. 'float32', 'bfloat16', 'float16')")
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, dict):
+        raise NotImplementedError("a per-module device_map is not supported: pass one device (device_map='cuda:0') "
+                                  "or device_map='auto'")
+    if device_map is not None and device is None:
+        device = device_map          # "auto" is left for the backend to resolve
+    elif device_map not in (None, "auto") and str(device) != str(device_map):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    kwargs.pop("low_cpu_mem_usage", None)
+    for name in _QUANTIZE:
+        value = kwargs.pop(name, None)
+        if value:
+            raise NotImplementedError(f"{name} is not supported: quantised weights are not implemented; load in "
+                                      "bfloat16 or float16 (dtype='bfloat16') to halve the memory instead")
+    if kwargs:
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+    return dtype, device

@@ -15,9 +15,12 @@ BACKENDS = ("torch", "tf", "jax")
 TENSOR_TYPE_BACKENDS = {"pt": "torch", "tf": "tf", "jax": "jax"}
 
 _TENSOR_MAKERS: dict = {}
+_TENSOR_MOVERS: dict = {}
+# the top-level module of a tensor's type -> its ``return_tensors`` name
+_MODULE_TYPES = {"torch": "pt", "tensorflow": "tf", "jax": "jax", "jaxlib": "jax"}
 
 
-def register_tensor_type(name: str, fn: Callable) -> None:
+def register_tensor_type(name: str, fn: Callable, move: Callable | None = None) -> None:
     """Make ``return_tensors=name`` use ``fn(value, empty)``; called by a backend package on import.
 
     ``value`` is a rectangular list (of lists or numpy arrays) or a numpy array; ``empty`` says the
@@ -26,6 +29,18 @@ def register_tensor_type(name: str, fn: Callable) -> None:
     if name not in TENSOR_TYPE_BACKENDS:
         raise ValueError(f"unknown tensor type {name!r}; known: {', '.join(TENSOR_TYPE_BACKENDS)}")
     _TENSOR_MAKERS[name] = fn
+    if move is not None:
+        _TENSOR_MOVERS[name] = move
+
+
+def tensor_mover(value) -> Callable | None:
+    """``move(value, *args, **kwargs)`` for a framework tensor (``BatchFeature.to``), None for others.
+
+    ``move`` is registered with the tensor type by the backend that makes such tensors; a
+    tensor's framework is known from its type's module, so nothing is imported here.
+    """
+    name = _MODULE_TYPES.get(type(value).__module__.split(".")[0])
+    return None if name is None else _TENSOR_MOVERS.get(name)
 
 
 def tensor_maker(name: str) -> Callable:

@@ -220,3 +220,15 @@ def test_processors_match_transformers(backend, sample):
     assert np.isinf(ref).sum() > n            # the chain banned something in every variant
     finite = np.isfinite(ref)
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+
+
+def test_engines_name_no_model():
+    """The engines drive a step function: no model, tower or config name appears in them."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    words = re.compile(r"\b(blip|opt|t5|bert|qformer|vision|text_decoder|text_config|encoder_hidden_states)\b", re.I)
+    for path in [root / "blip_core" / "decoding.py"] + sorted(root.glob("backends/*/generation.py")):
+        code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+        code = re.sub(r'"""[\s\S]*?"""', "", code)             # docstrings may explain, code may not depend
+        assert not words.findall(code), (path.name, sorted(set(words.findall(code))))

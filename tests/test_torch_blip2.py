@@ -254,6 +254,21 @@ def test_generate_right_padded_batch_matches_transformers(pair):
             _close(ours[finite], theirs[finite])
 
 
+def test_generate_from_inputs_embeds_alone_matches_transformers(pair):
+    """transformers' documented call: embeddings (placeholders included) without input_ids; the
+    output then holds the new tokens only."""
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **FORWARD_CASES["opt_placeholders"])
+    px = _pixels(batch=2, seed=8)
+    ids, mask = _prompt([4, 2], 4, seed=9)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(_t(ids))
+        for opts in [dict(), dict(num_beams=2)]:
+            ref = hf.generate(pixel_values=_t(px), inputs_embeds=embeds, attention_mask=_t(mask), max_new_tokens=5,
+                              **opts)
+            got = me.generate(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, **opts)
+            assert torch.equal(got, ref), (opts, got, ref)
+
+
 def test_generate_without_prompt_starts_from_placeholders_and_bos(pair):
     hf, me, _ = pair("Blip2ForConditionalGeneration", **FORWARD_CASES["opt_placeholders"])
     px = _pixels(seed=6)

@@ -13,3 +13,7 @@ from .vision import BlipVisionModel
 
 __all__ = ["BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipModel",
            "BlipTextModel", "BlipVisionModel"]
+
+from blip_core.exports import export_shared  # noqa: E402
+
+export_shared(globals(), "Flax")

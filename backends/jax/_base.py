@@ -18,7 +18,7 @@ from flax import traverse_util
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
-from blip_core.pretrained import read_pretrained, write_pretrained
+from blip_core.pretrained import hf_loading_kwargs, read_pretrained, write_pretrained
 from blip_core.weights import backend_params, random_weights, weight_table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -173,10 +173,18 @@ class JaxModel:
 
     # -- files -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False):
-        """Load a Hugging Face directory (config.json + safetensors, or .bin when allowed), strictly."""
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        """Load a Hugging Face directory (config.json + safetensors, or .bin when allowed).
+
+        Cross-class loading, ``strict`` and ``seed`` as in every backend (``blip_core.pretrained``);
+        ``device`` / ``device_map`` other than the default ("auto", "cpu") are not supported here.
+        """
+        dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
+        _default_device_only(device)
         dt = resolve_dtype(dtype)
-        config, _, flat = read_pretrained(path, cls.__name__, "jax", dtype=dt.name, allow_pickle_bin=allow_pickle_bin)
+        config, _, flat = read_pretrained(path, cls.__name__, "jax", dtype=dt.name, allow_pickle_bin=allow_pickle_bin,
+                                          strict=strict, seed=seed)
         model = cls.__new__(cls)
         model._setup(config, unflatten(flat), dt)
         return model
@@ -222,3 +230,10 @@ def activation(name: str):
 def softmax(scores):
     """Softmax over the last axis in float32, returned in the input dtype."""
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
+
+
+def _default_device_only(device) -> None:
+    """jax places arrays on its default device; a named one is refused rather than ignored."""
+    if device not in (None, "auto", "cpu") or (device == "cpu" and jax.default_backend() != "cpu"):
+        raise NotImplementedError(f"device={device!r}: the jax backend loads onto jax's default device "
+                                  f"({jax.default_backend()}); use jax.device_put on model.params to move it")

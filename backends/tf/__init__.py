@@ -39,3 +39,7 @@ from .vision import BlipVisionModel  # noqa: E402
 
 __all__ = ["BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipModel",
            "BlipTextModel", "BlipVisionModel"]
+
+from blip_core.exports import export_shared  # noqa: E402
+
+export_shared(globals(), "TF")

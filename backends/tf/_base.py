@@ -271,21 +271,35 @@ class BlipTFModel(tf.Module):
     def _build(self):
         raise NotImplementedError
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, training: bool = False, **kwargs):
+        """``forward``; ``training`` is Keras' flag. Dropout is not implemented in this backend, so
+        ``training=True`` is refused where the config asks for dropout (it would change numbers)."""
+        if training and _has_dropout(self.config):
+            raise NotImplementedError("training=True: dropout is not implemented in the TF backend and this "
+                                      "config sets a dropout probability; gradients work with training=False")
         return self.forward(*args, **kwargs)
+
+    call = __call__     # Keras' name for the forward pass
 
     # -- checkpoints ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=None, allow_pickle_bin: bool = False):
-        """Load a Hugging Face directory strictly: safetensors (single or sharded), opt-in
+    def from_pretrained(cls, path, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        """Load a Hugging Face directory: safetensors (single or sharded), opt-in
         ``pytorch_model.bin``, or (when there are no PyTorch-layout weights) ``tf_model.h5`` /
         ``flax_model.msgpack`` through the spec layer. ``dtype`` defaults to float32 as in transformers.
+        Cross-class loading, ``strict`` and ``seed`` as in every backend; ``device`` is a TF device
+        name (``"/GPU:0"``) under which the variables are created.
         """
+        dtype, device = pretrained.hf_loading_kwargs(dtype, device, **hf_kwargs)
         config, _, values = pretrained.read_pretrained(os.fspath(path), cls.architecture, "tf",
-                                                       allow_pickle_bin=allow_pickle_bin)
+                                                       allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
         # every parameter is floating; float16 / bfloat16 files upcast exactly, then cast to ``dtype``
         values = {k: np.asarray(v).astype(np.float32) for k, v in values.items()}
-        return cls(config, dtype=dtype, _values=values)
+        if device in (None, "auto"):
+            return cls(config, dtype=dtype, _values=values)
+        with tf.device(device):
+            return cls(config, dtype=dtype, _values=values)
 
     def save_pretrained(self, path, max_shard_size="5GB"):
         """Write ``config.json`` and safetensors exactly as transformers would (tied rows omitted)."""
@@ -295,3 +309,13 @@ class BlipTFModel(tf.Module):
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(v.shape) for v in self.params.values()))
+
+
+def _has_dropout(config) -> bool:
+    """Whether any (sub-)config sets a non-zero dropout probability."""
+    for key, value in vars(config).items():
+        if hasattr(value, "__dataclass_fields__") and _has_dropout(value):
+            return True
+        if "dropout" in key and isinstance(value, (int, float)) and value > 0:
+            return True
+    return False

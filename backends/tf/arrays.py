@@ -12,4 +12,20 @@ def processor_tensor(value, empty: bool):
     return tf.constant(value, dtype=tf.int32 if empty else None)
 
 
-register_tensor_type("tf", processor_tensor)
+def move(value, *args, device=None, dtype=None):
+    """``BatchFeature.to`` for TensorFlow: a device name ("/GPU:0") places a copy there; a dtype
+    casts floating tensors only (ids and masks keep their type)."""
+    for arg in args:
+        if isinstance(arg, tf.dtypes.DType) or arg in ("float16", "bfloat16", "float32", "float64"):
+            dtype = arg
+        else:
+            device = arg
+    if dtype is not None and value.dtype.is_floating:
+        value = tf.cast(value, dtype)
+    if device not in (None, "cpu"):
+        with tf.device(device):
+            value = tf.identity(value)
+    return value
+
+
+register_tensor_type("tf", processor_tensor, move)

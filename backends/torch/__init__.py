@@ -18,3 +18,7 @@ __all__ = ["Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2
            "Blip2TextModelWithProjection", "Blip2VisionModel", "Blip2VisionModelWithProjection",
            "BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipModel",
            "BlipTextLMHeadModel", "BlipTextModel", "BlipVisionModel", "BlipVisionTransformer", "PreTrainedModel"]
+
+from blip_core.exports import export_shared  # noqa: E402
+
+export_shared(globals())

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip_core.pretrained import config_for, read_pretrained, write_pretrained
+from blip_core.pretrained import config_for, hf_loading_kwargs, read_pretrained, write_pretrained
 from blip_core.weights import iter_random_weights, weight_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -179,11 +179,20 @@ class PreTrainedModel(nn.Module):
 
     # -- files -----------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None):
-        """Load a Hugging Face directory strictly; ``dtype`` defaults to float32 (as transformers)."""
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        """Load a Hugging Face directory; ``dtype`` defaults to float32 (as transformers).
+
+        A checkpoint of another class of the family loads when it holds every weight this class
+        needs (unused ones are dropped and named); ``strict=False`` draws missing ones from ``seed``.
+        transformers' ``torch_dtype`` / ``device_map`` / ``low_cpu_mem_usage`` are understood.
+        """
+        dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else None
         torch_dtype = resolve_dtype(dtype) or torch.float32
         config, table, params = read_pretrained(str(path), cls.architecture, "torch",
-                                                allow_pickle_bin=allow_pickle_bin)
+                                                allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
         with _skip_init():
             model = cls(config, seed=None)
         state = {k: _from_numpy(v) for k, v in params.items()}

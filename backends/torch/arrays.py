@@ -17,4 +17,16 @@ def processor_tensor(value, empty: bool):
     return torch.tensor(value, dtype=torch.int64 if empty else None)
 
 
-register_tensor_type("pt", processor_tensor)
+def move(value: torch.Tensor, *args, device=None, dtype=None, **kwargs) -> torch.Tensor:
+    """transformers' ``BatchFeature.to``: every tensor to ``device``; only floating ones to ``dtype``."""
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        else:
+            device = arg
+    if torch.is_floating_point(value):
+        return value.to(device=device, dtype=dtype, **kwargs)
+    return value.to(device=device, **kwargs)
+
+
+register_tensor_type("pt", processor_tensor, move)

@@ -28,6 +28,7 @@ from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
 from blip_core.generation import check_token_ids
 from blip_core.numerics import NORM_EPS
+from blip_core.pretrained import hf_loading_kwargs
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput)
 
@@ -87,12 +88,15 @@ class _Blip2PreTrained(PreTrainedModel):
                         part.float()
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None):
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
+        dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         dt = resolve_dtype(dtype)
+        kw = dict(allow_pickle_bin=allow_pickle_bin, device=device, strict=strict, seed=seed)
         if not rules.keeps_float32(str(dt).replace("torch.", "")):
-            return super().from_pretrained(path, dtype=dtype, allow_pickle_bin=allow_pickle_bin, device=device)
+            return super().from_pretrained(path, dtype=dtype, **kw)
         # Load in float32 first so the kept modules never pass through float16.
-        model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device)
+        model = super().from_pretrained(path, dtype=None, **kw)
         model._set_dtype(dt)
         return model
 
@@ -278,8 +282,6 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         if input_ids is None and inputs_embeds is None:
             input_ids = torch.from_numpy(rules.default_prompt(cfg, b)).to(dev)
         embeds, full_mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
-        if self.is_decoder_only and input_ids is None:
-            raise ValueError("OPT generation needs input_ids (the returned sequences start with them)")
         if self.is_decoder_only:
             return self._generate_decoder_only(input_ids, embeds, full_mask, generator, kwargs)
         return self._generate_seq2seq(embeds, full_mask, b, generator, kwargs)
@@ -288,16 +290,19 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         return rules.generation_settings(self.config, prompt_length, **kwargs)
 
     def _generate_decoder_only(self, input_ids, embeds, full_mask, generator, kwargs):
-        ids = _ids(input_ids, "input_ids", self.config.text_config.vocab_size, embeds.device)
-        prefix = full_mask.shape[1] - ids.shape[1]       # Q for the concatenation path, else 0
+        if input_ids is None:      # embeddings only: as transformers, the output holds the new tokens alone
+            ids = torch.zeros((embeds.shape[0], 0), dtype=torch.long, device=embeds.device)
+        else:
+            ids = _ids(input_ids, "input_ids", self.config.text_config.vocab_size, embeds.device)
+        prefix = full_mask.shape[1] - ids.shape[1]       # embeddings without ids: the concatenated queries, or all
         settings = self._settings(ids.shape[1], kwargs)
         lm = self.language_model
 
         def step(step_ids, _positions, key_mask, cache, index, context):
-            # The queries of the concatenation path sit in front of the token buffer: positions come
-            # from the whole mask, padded slots at 1 (transformers' rule for generation).
-            (prompt_embeds,) = context
-            mask = torch.cat([key_mask.new_ones(key_mask.shape[0], prefix), key_mask[:, : index + step_ids.shape[1]]], 1)
+            # Embeddings without ids sit in front of the token buffer: positions come from the whole
+            # mask, padded slots at 1 (transformers' rule for generation).
+            prompt_embeds, prefix_mask = context
+            mask = torch.cat([prefix_mask, key_mask[:, : index + step_ids.shape[1]]], 1)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
             if cache is None:
                 out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -307,7 +312,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return out.logits[:, -1], out.past_key_values
 
         return engine.generate(step, ids, settings, vocab_size=self.config.text_config.vocab_size,
-                               attention_mask=full_mask[:, prefix:], context=(embeds,),
+                               attention_mask=full_mask[:, prefix:], context=(embeds, full_mask[:, :prefix]),
                                reorder_cache=lm.reorder_cache, generator=generator)
 
     def _generate_seq2seq(self, embeds, enc_mask, b, generator, kwargs):

@@ -8,12 +8,13 @@ Only numpy, pillow and tokenizers are imported. `return_tensors="np"` always wor
 "jax" work once `backends.torch`, `backends.tf` or `backends.jax` is imported (each registers its
 tensor type, see `blip_core.registry`).
 """
+from .auto import AutoConfig, AutoProcessor, AutoTokenizer
 from .image import BatchFeature, BlipImageProcessor, to_framework
 from .processors import Blip2Processor, BlipProcessor
 from .tokenization import BatchEncoding, PreTrainedTokenizer
 from .tokenizer_kinds import (BertTokenizer, GPT2Tokenizer, T5Tokenizer,
                            add_blip_special_tokens, load_tokenizer)
 
-__all__ = ["BatchEncoding", "BatchFeature", "BertTokenizer", "Blip2Processor", "BlipImageProcessor",
+__all__ = ["AutoConfig", "AutoProcessor", "AutoTokenizer", "BatchEncoding", "BatchFeature", "BertTokenizer", "Blip2Processor", "BlipImageProcessor",
            "BlipProcessor", "GPT2Tokenizer", "PreTrainedTokenizer", "T5Tokenizer", "add_blip_special_tokens",
            "load_tokenizer", "to_framework"]

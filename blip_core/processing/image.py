@@ -26,7 +26,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from ..jsonfile import read_json_file
-from ..registry import TENSOR_TYPE_BACKENDS, tensor_maker
+from ..registry import TENSOR_TYPE_BACKENDS, tensor_maker, tensor_mover
 
 __all__ = ["BatchFeature", "BlipImageProcessor", "to_framework"]
 
@@ -72,6 +72,17 @@ def to_framework(value, tensor_type: Optional[str]):
     return tensor_maker(tensor_type)(value, empty)
 
 
+def _move_numpy(value: np.ndarray, *args, device=None, dtype=None):
+    for arg in args:
+        try:
+            dtype = np.dtype(arg)
+        except TypeError:
+            device = arg
+    if device not in (None, "cpu"):
+        raise ValueError(f"numpy arrays live on the CPU; .to({device!r}) needs return_tensors of a framework")
+    return value.astype(dtype) if dtype is not None and value.dtype.kind == "f" else value
+
+
 class BatchFeature(dict):
     """The dict returned by processors and tokenizers; keys are also readable as attributes."""
 
@@ -84,6 +95,19 @@ class BatchFeature(dict):
             return self[item]
         except KeyError:
             raise AttributeError(item) from None
+
+    def to(self, *args, **kwargs) -> "BatchFeature":
+        """Move every framework tensor to a device and cast the floating ones to a dtype, as
+        transformers' ``BatchFeature.to(device, dtype)``: ids and masks keep their integer type.
+        Each backend says what a device is in its framework (torch: ``"cuda:0"``; tf: ``"/GPU:0"``;
+        jax: a platform name or ``jax.Device``). numpy arrays accept a dtype, and ``"cpu"``."""
+        for key, value in list(self.items()):
+            move = tensor_mover(value)
+            if move is not None:
+                self[key] = move(value, *args, **kwargs)
+            elif isinstance(value, np.ndarray):
+                self[key] = _move_numpy(value, *args, **kwargs)
+        return self
 
     def convert_to_tensors(self, tensor_type: Optional[str] = None) -> "BatchFeature":
         if tensor_type is None:

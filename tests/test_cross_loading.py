@@ -1,0 +1,127 @@
+"""Loading a checkpoint into another class of its family, and transformers' from_pretrained keywords.
+
+References come from transformers 4.57 itself (the tower of the whole model it loads), never
+from the class under test.
+"""
+import importlib
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from blip_core import BACKENDS, to_numpy
+from blip_core.checkpoint import StateDictMismatchError
+from blip_core.numerics import tolerance
+from fixture_utils import fixture
+
+
+def _backend(name):
+    return importlib.import_module(f"backends.{name}")
+
+
+def _close(got, want):
+    atol, rtol = tolerance("default", "float32")
+    np.testing.assert_allclose(np.asarray(to_numpy(got), np.float32), np.asarray(want, np.float32),
+                               atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    path, inputs, _ = fixture("BlipForConditionalGeneration")
+    hf = transformers.BlipForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        vision = hf.vision_model(pixel_values=torch.from_numpy(inputs["pixel_values"])).last_hidden_state.numpy()
+    return path, inputs, vision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vision_tower_from_a_captioning_checkpoint(captioner, backend, caplog):
+    """transformers initialises this tower randomly (with a warning); we take ``vision_model.*``."""
+    path, inputs, want = captioner
+    with caplog.at_level(logging.INFO, logger="blip"):
+        model = _backend(backend).BlipVisionModel.from_pretrained(path)
+    _close(model(pixel_values=inputs["pixel_values"]).last_hidden_state, want)
+    note = [r.getMessage() for r in caplog.records if "not used by BlipVisionModel" in r.getMessage()]
+    assert len(note) == 1 and "text_decoder.bert.embeddings.word_embeddings.weight" in note[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_the_checkpoint_lacks_is_an_error_unless_not_strict(captioner, backend):
+    path = captioner[0]
+    cls = _backend(backend).BlipModel
+    with pytest.raises(StateDictMismatchError, match="strict=False") as err:
+        cls.from_pretrained(path)
+    assert "text_model.embeddings.word_embeddings.weight" in err.value.missing
+    assert "visual_projection.weight" in err.value.missing and not err.value.mismatched
+    with pytest.warns(UserWarning, match="drawn from seed 3: .*text_projection.weight"):
+        model = cls.from_pretrained(path, strict=False, seed=3)
+    from safetensors.numpy import load_file
+    stored, loaded = load_file(f"{path}/model.safetensors"), _state(model, backend)
+    vision = [k for k in stored if k.startswith("vision_model.")]
+    assert vision and all(np.array_equal(loaded[k], stored[k]) for k in vision)
+    # the drawn head equals what the same seed gives a fresh model, in every backend
+    fresh = _state(cls(model.config, seed=3), backend)
+    np.testing.assert_array_equal(fresh["text_projection.weight"], loaded["text_projection.weight"])
+
+
+def _state(model, backend):
+    from blip_core.pretrained import canonical_state
+    from blip_core.weights import weight_table
+    if backend == "torch":
+        return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if backend == "tf":
+        params = {p: v.numpy() for p, v in model.params.items()}
+    else:
+        from backends.jax._base import flatten
+        params = flatten(model.params)
+    return canonical_state(weight_table(type(model).__name__, model.config), params, backend)
+
+
+def test_projection_model_from_the_retrieval_checkpoint():
+    """The documented example: ``Blip2VisionModelWithProjection`` out of the ITM checkpoint."""
+    path, inputs, _ = fixture("Blip2ForImageTextRetrieval")
+    hf = transformers.Blip2VisionModelWithProjection.from_pretrained(path).eval()
+    with torch.no_grad():
+        want = hf(pixel_values=torch.from_numpy(inputs["pixel_values"])).image_embeds.numpy()
+    for backend in BACKENDS:
+        cls = getattr(_backend(backend), "Blip2VisionModelWithProjection", None)
+        if cls is None:
+            continue
+        _close(cls.from_pretrained(path)(pixel_values=inputs["pixel_values"]).image_embeds, want)
+
+
+def test_checkpoint_of_another_family_or_with_unknown_weights_raises(tmp_path):
+    import backends.torch as T
+    path, _, _ = fixture("Blip2VisionModel")
+    with pytest.raises(ValueError, match="BlipVisionConfig"):
+        T.BlipVisionModel.from_pretrained(path)
+    src, _, _ = fixture("BlipVisionModel")
+    model = T.BlipVisionModel.from_pretrained(src)
+    model.save_pretrained(tmp_path)
+    from safetensors.numpy import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    state["embeddings.not_a_weight"] = np.zeros(3, np.float32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StateDictMismatchError, match="not_a_weight"):
+        T.BlipVisionModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_keywords(backend):
+    path, inputs, _ = fixture("BlipVisionModel")
+    cls = _backend(backend).BlipVisionModel
+    model = cls.from_pretrained(path, torch_dtype="bfloat16", device_map="auto", low_cpu_mem_usage=True)
+    dtype = next(model.parameters()).dtype if backend == "torch" else model.dtype
+    assert "bfloat16" in str(dtype)
+    model(pixel_values=inputs["pixel_values"])
+    cls.from_pretrained(path, device_map="cpu")
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        cls.from_pretrained(path, load_in_8bit=True)
+    with pytest.raises(NotImplementedError, match="per-module"):
+        cls.from_pretrained(path, device_map={"": 0})
+    with pytest.raises(TypeError, match="revision"):
+        cls.from_pretrained(path, revision="main")
+    with pytest.raises(ValueError, match="disagree"):
+        cls.from_pretrained(path, dtype="float32", torch_dtype="bfloat16")
