@@ -115,7 +115,7 @@ def select_weights(state: dict, table: dict, architecture: str, config: _Config,
         if err.missing and strict:
             raise checkpoint.StateDictMismatchError(
                 f"{err}\nPass strict=False to draw the missing weights from the seed instead (with a warning).",
-                err.missing, err.unexpected, err.mismatched) from None
+                err.missing, err.unexpected, err.mismatched, err.wrong_dtype) from None
         raise
 
 
