@@ -14,6 +14,10 @@ import os
 import sys
 import time
 
+# TensorFlow's C++ start-up lines (CUDA probes, oneDNN notes) are not for the user; the level must
+# be set before tensorflow is first imported, which happens inside a subcommand.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from blip_core import BACKENDS, __version__
 
 from . import load
@@ -42,7 +46,7 @@ def _open_image(path: str):
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CliError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -70,6 +74,44 @@ def _processor(model_path: str, model):
         raise CliError(f"{model_path}: cannot load the tokenizer/image processor ({exc})") from None
 
 
+# Which classes each command runs (a model of another class gives a one-line error, not a traceback).
+_COMMAND_CLASSES = {
+    "caption": ("BlipForConditionalGeneration", "Blip2ForConditionalGeneration"),
+    "vqa": ("BlipForQuestionAnswering", "Blip2ForConditionalGeneration"),
+    "match": ("BlipForImageTextRetrieval", "Blip2ForImageTextRetrieval"),
+}
+
+
+def _check_class(model, command: str, model_path: str) -> None:
+    name = type(model).__name__.removeprefix("TF")
+    if name not in _COMMAND_CLASSES[command]:
+        raise CliError(f"{model_path}: '{command}' needs a {' or '.join(_COMMAND_CLASSES[command])} checkpoint, "
+                       f"this one is a {name}")
+
+
+def _run(what: str, fn, *args, **kwargs):
+    """Call the model; a bad input (too long a text, a length past the position table) is one line."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"{what}: {exc}") from None
+
+
+def _finite(x):
+    """JSON has no NaN or infinity: such a score is written as null."""
+    return x if math.isfinite(x) else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _ids(x):
     from blip_core.numerics import to_numpy
     return to_numpy(x).tolist()
@@ -89,6 +131,7 @@ def cmd_info(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(f"{path}: {exc}") from None
     arch = (cfg.architectures or ["?"])[0]
+    arch = arch if isinstance(arch, str) else "?"
     report = {"architecture": arch, "model_type": cfg.model_type, "format": info.get("format"),
               "parameters": info.get("total_parameters"), "bytes": info.get("total_bytes"),
               "dtypes": {k: v.get("parameters") for k, v in (info.get("dtypes") or {}).items()},
@@ -108,6 +151,7 @@ def cmd_info(args) -> int:
 
 def cmd_caption(args) -> int:
     model = _load(args.model, args.backend, args.dtype)
+    _check_class(model, "caption", args.model)
     processor = _processor(args.model, model)
     failures = 0
     n = len(args.images)
@@ -127,6 +171,10 @@ def cmd_caption(args) -> int:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
             continue
+        except (ValueError, TypeError, OSError, MemoryError) as exc:   # this image only; the others go on
+            failures += 1
+            print(f"error: {path}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            continue
         if args.json:
             print(json.dumps({"image": path, "caption": text, "ids": ids, "backend": args.backend,
                               "seconds": round(seconds, 4)}), flush=True)
@@ -140,12 +188,12 @@ def cmd_caption(args) -> int:
 
 def cmd_vqa(args) -> int:
     model = _load(args.model, args.backend, args.dtype)
+    _check_class(model, "vqa", args.model)
     processor = _processor(args.model, model)
     image = _open_image(args.image)
-    enc = processor(images=image, text=args.question, return_tensors="np")
-    out = model.generate(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"],
-                         attention_mask=enc["attention_mask"], num_beams=args.num_beams,
-                         max_new_tokens=args.max_new_tokens)
+    enc = _run(args.image, processor, images=image, text=args.question, return_tensors="np")
+    out = _run("question", model.generate, pixel_values=enc["pixel_values"], input_ids=enc["input_ids"],
+               attention_mask=enc["attention_mask"], num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     answer = processor.decode(_ids(out)[0], skip_special_tokens=True).strip()
     if args.json:
         print(json.dumps({"image": args.image, "question": args.question, "answer": answer}))
@@ -158,28 +206,33 @@ def cmd_match(args) -> int:
     import numpy as np
     from blip_core.numerics import to_numpy
     model = _load(args.model, args.backend, args.dtype)
+    _check_class(model, "match", args.model)
     processor = _processor(args.model, model)
     image = _open_image(args.image)
-    enc = processor(images=[image] * len(args.texts), text=list(args.texts), padding=True, return_tensors="np")
+    enc = _run(args.image, processor, images=[image] * len(args.texts), text=list(args.texts), padding=True,
+               return_tensors="np")
     inputs = {k: enc[k] for k in ("pixel_values", "input_ids", "attention_mask")}
-    itm = to_numpy(model(**inputs, use_itm_head=True).itm_score).astype(np.float64)
+    itm = to_numpy(_run("text", model, **inputs, use_itm_head=True).itm_score).astype(np.float64)
     itm = np.exp(itm - itm.max(-1, keepdims=True))
     itm = itm / itm.sum(-1, keepdims=True)
     itc = to_numpy(model(**inputs, use_itm_head=False).itm_score)
-    rows = [{"text": t, "itm_probability": float(itm[i, 1]), "itc_score": float(itc[i, i])}
+    rows = [{"text": t, "itm_probability": _finite(float(itm[i, 1])), "itc_score": _finite(float(itc[i, i]))}
             for i, t in enumerate(args.texts)]
     if args.json:
         for r in rows:
-            print(json.dumps(dict(image=args.image, **r)))
+            print(json.dumps(dict(image=args.image, **r), allow_nan=False))
     else:
         print(f"{'ITM p(match)':>12}  {'ITC cosine':>10}  text")
         for r in rows:
-            print(f"{r['itm_probability']:12.4f}  {r['itc_score']:10.4f}  {r['text']}")
+            p, c = (float("nan") if v is None else v for v in (r["itm_probability"], r["itc_score"]))
+            print(f"{p:12.4f}  {c:10.4f}  {r['text']}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    if args.out is not None and os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"{args.out}: exists and is not a directory; choose another --out")
     return run_demo(backends=args.backends.split(","), out=args.out)
 
 
@@ -190,8 +243,8 @@ def _model_args(p, beams=True):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     if beams:
-        p.add_argument("--num-beams", type=int, default=1)
-        p.add_argument("--max-new-tokens", type=int, default=20)
+        p.add_argument("--num-beams", type=_positive_int, default=1)
+        p.add_argument("--max-new-tokens", type=_positive_int, default=20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +310,15 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`blip caption ... | head -1`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:      # read-only or full disk, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

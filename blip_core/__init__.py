@@ -7,7 +7,6 @@ package never imports torch, tensorflow, jax or flax, nor anything above it (``b
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .configs import (Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, BlipConfig, BlipTextConfig,
@@ -21,13 +20,10 @@ __version__ = "0.1.0"
 def architecture_of(path: str) -> str:
     """The class name a checkpoint directory's ``config.json`` declares in ``architectures``."""
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no config.json at {path}") from None
+    from .jsonfile import read_json_file
+    data = read_json_file(cfg_path, what="config file")
     archs = data.get("architectures") or []
-    if not archs:
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise ValueError(f"{cfg_path} names no 'architectures'; load the class directly instead")
     from .weights import ARCHITECTURES
     if archs[0] not in ARCHITECTURES:

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+from .jsonfile import read_json_file
+
 # Activation names every backend implements (Hugging Face's ACT2FN spellings).
 ACTIVATIONS = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh"})
 
@@ -27,10 +29,35 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ValueError(f"invalid config field {name!r}: {msg}")
 
 
+# Sanity ceilings checked before anything is allocated: far above every published checkpoint, low
+# enough that a hostile config.json cannot make the weight table (or a model) exhaust memory.
+MAX_LAYERS = 1024                 # num_hidden_layers, num_layers, num_decoder_layers
+MAX_HEADS = 1024
+MAX_VOCAB = 2**22                 # 4M tokens
+MAX_POSITIONS = 2**20
+MAX_WIDTH = 2**17                 # any hidden / intermediate / projection width
+MAX_IMAGE_SIDE = 2**14
+
+
+def _ceiling(name: str) -> int:
+    if "layers" in name:
+        return MAX_LAYERS
+    if "heads" in name:
+        return MAX_HEADS
+    if name == "vocab_size":
+        return MAX_VOCAB
+    if "position" in name or name == "num_query_tokens":
+        return MAX_POSITIONS
+    if name in ("image_size", "patch_size"):
+        return MAX_IMAGE_SIDE
+    return MAX_WIDTH
+
+
 def _positive(cfg, *names):
     for n in names:
         v = getattr(cfg, n)
         _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, n, f"must be a positive integer, got {v!r}")
+        _check(v <= _ceiling(n), n, f"{v} is above the sanity limit of {_ceiling(n)} (corrupt or hostile config?)")
 
 
 def _divisible(cfg, size_name, heads_name):
@@ -87,14 +114,7 @@ class _Config:
     # -- files -------------------------------------------------------------------------------
     @classmethod
     def from_json_file(cls, path: str) -> "_Config":
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_file(path, what="config file"))
 
     @classmethod
     def from_pretrained(cls, path: str) -> "_Config":
@@ -442,6 +462,8 @@ CONFIG_CLASSES = {c.model_type: c for c in (BlipConfig, BlipTextConfig, BlipVisi
 
 def config_from_dict(data: dict) -> _Config:
     """Build the config class named by ``model_type``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
     mt = data.get("model_type")
     if mt not in CONFIG_CLASSES:
         raise ValueError(f"invalid config field 'model_type': {mt!r}; known: {sorted(CONFIG_CLASSES)}")
@@ -450,13 +472,7 @@ def config_from_dict(data: dict) -> _Config:
 
 def load_config(path: str) -> _Config:
     """Read ``config.json`` (or a directory holding one) into the class its ``model_type`` names."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no config file at {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return config_from_dict(data)
+    return config_from_dict(read_json_file(path, what="config file"))

@@ -11,6 +11,7 @@ the model's position table (``max_positions``) when it has one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -62,12 +63,51 @@ class GenerationSettings:
         return "beam" if self.num_beams > 1 else "greedy"
 
 
+def _integer(value, name: str) -> int:
+    """An integral option: ints (numpy's too) and integral floats; strings, bools, 3.7 are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _real(value, name: str) -> float:
+    """A finite real option (NaN and infinities would silently turn every score into garbage)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _as_eos_tuple(eos) -> tuple:
     if eos is None:
         return ()
-    if isinstance(eos, (int, np.integer)):
-        return (int(eos),)
-    return tuple(int(e) for e in eos)
+    if isinstance(eos, (int, np.integer, float, np.floating, str, bytes)):
+        return (_integer(eos, "eos_token_id"),)
+    return tuple(_integer(e, "eos_token_id") for e in eos)
+
+
+def check_position_limit(prompt_length: int, max_new_tokens: int, max_positions: Optional[int]) -> None:
+    """The one length rule of every backend, checked before anything runs.
+
+    The decoder is fed the prompt and every new token but the last, so it needs
+    ``prompt_length + max_new_tokens - 1`` positions; the model's table must hold them.
+    """
+    if max_positions is None:
+        return
+    need = prompt_length + max_new_tokens - 1
+    if need > max_positions:
+        raise ValueError(f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) needs {need} decoder "
+                         f"positions, more than max_position_embeddings={max_positions}; at most "
+                         f"{max_positions + 1 - prompt_length} new tokens fit")
 
 
 def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, max_positions: Optional[int] = None,
@@ -75,7 +115,9 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
     """Turn ``generate`` keyword arguments into ``GenerationSettings``.
 
     ``defaults`` holds the model's own values (eos, pad, ...) used where the caller gives none.
-    Unknown options and inconsistent values raise ``ValueError`` before any compute happens.
+    Unknown options and inconsistent values raise ``ValueError`` before any compute happens:
+    counts must be integers (``3.7`` and ``"5"`` are refused, not truncated), real options finite,
+    and the sequence must fit ``max_positions`` (``check_position_limit``).
     """
     unknown = sorted(set(kwargs) - _KNOWN)
     if unknown:
@@ -84,12 +126,12 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
     opts.update({k: v for k, v in kwargs.items() if v is not None})
 
     if opts.get("max_new_tokens") is not None:
-        max_new = int(opts["max_new_tokens"])
+        max_new = _integer(opts["max_new_tokens"], "max_new_tokens")
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     else:
         if opts.get("max_length") is not None:
-            max_length = int(opts["max_length"])
+            max_length = _integer(opts["max_length"], "max_length")
         else:   # transformers' default: 20 new tokens, within the position table
             max_length = DEFAULT_MAX_LENGTH + prompt_length
             if max_positions is not None:
@@ -98,20 +140,28 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
         if max_new < 1:
             raise ValueError(f"max_length={max_length} leaves no room to generate after a prompt of "
                              f"{prompt_length} tokens; pass max_new_tokens instead")
+    check_position_limit(int(prompt_length), max_new, max_positions)
     if opts.get("min_new_tokens") is not None:
-        min_new = int(opts["min_new_tokens"])
+        min_new = _integer(opts["min_new_tokens"], "min_new_tokens")
     else:
-        min_new = max(0, int(opts.get("min_length", 0)) - prompt_length)
+        min_new = max(0, _integer(opts.get("min_length", 0), "min_length") - prompt_length)
     if min_new < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {min_new}")
 
-    num_beams = int(opts.get("num_beams", 1))
-    do_sample = bool(opts.get("do_sample", False))
-    nrs = int(opts.get("num_return_sequences", 1))
-    temperature = float(opts.get("temperature", 1.0))
-    top_k = int(opts.get("top_k", 50))
-    top_p = float(opts.get("top_p", 1.0))
-    rep = float(opts.get("repetition_penalty", 1.0))
+    num_beams = _integer(opts.get("num_beams", 1), "num_beams")
+    do_sample = _flag(opts.get("do_sample", False), "do_sample")
+    nrs = _integer(opts.get("num_return_sequences", 1), "num_return_sequences")
+    temperature = _real(opts.get("temperature", 1.0), "temperature")
+    top_k = _integer(opts.get("top_k", 50), "top_k")
+    top_p = _real(opts.get("top_p", 1.0), "top_p")
+    rep = _real(opts.get("repetition_penalty", 1.0), "repetition_penalty")
+    length_penalty = _real(opts.get("length_penalty", 1.0), "length_penalty")
+    seed = opts.get("seed")
+    if seed is not None:
+        seed = _integer(seed, "seed")
+    pad = opts.get("pad_token_id")
+    if pad is not None:
+        pad = _integer(pad, "pad_token_id")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if nrs < 1:
@@ -126,13 +176,13 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if rep <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {rep}")
-    ngram = int(opts.get("no_repeat_ngram_size", 0))
+    ngram = _integer(opts.get("no_repeat_ngram_size", 0), "no_repeat_ngram_size")
     if ngram < 0:
         raise ValueError(f"no_repeat_ngram_size must be >= 0, got {ngram}")
     bad = opts.get("bad_words_ids") or ()
     if isinstance(bad, (str, bytes)) or not all(isinstance(w, (list, tuple)) and w for w in bad):
         raise ValueError("bad_words_ids must be a list of non-empty lists of token ids, e.g. [[12], [7, 9]]")
-    bad = tuple(tuple(int(t) for t in w) for w in bad)
+    bad = tuple(tuple(_integer(t, "bad_words_ids") for t in w) for w in bad)
     early = opts.get("early_stopping", False)
     if early not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")
@@ -140,9 +190,9 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
     return GenerationSettings(
         prompt_length=int(prompt_length), max_new_tokens=max_new, min_new_tokens=min_new, num_beams=num_beams,
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rep,
-        length_penalty=float(opts.get("length_penalty", 1.0)), early_stopping=early, num_return_sequences=nrs,
-        eos_token_id=_as_eos_tuple(opts.get("eos_token_id")), pad_token_id=opts.get("pad_token_id"),
-        seed=opts.get("seed"), no_repeat_ngram_size=ngram, bad_words_ids=bad,
+        length_penalty=length_penalty, early_stopping=early, num_return_sequences=nrs,
+        eos_token_id=_as_eos_tuple(opts.get("eos_token_id")), pad_token_id=pad,
+        seed=seed, no_repeat_ngram_size=ngram, bad_words_ids=bad,
         output_scores=bool(opts.get("output_scores", False)),
         return_dict_in_generate=bool(opts.get("return_dict_in_generate", False)),
     )
@@ -151,7 +201,12 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
 def resolve_blip_generation(text_config, prompt_length: int, **kwargs) -> GenerationSettings:
     """``resolve_generation`` with BLIP's text-decoder conventions: generation ends at ``[SEP]``
     (``sep_token_id``, not ``eos_token_id``), pads with ``pad_token_id``, and the default length
-    is capped by the decoder's position table."""
+    is capped by the decoder's position table. The config's own start token must lie in the
+    vocabulary (a compiled embedding lookup would otherwise read garbage)."""
+    for name in ("bos_token_id", "sep_token_id", "pad_token_id"):
+        value = getattr(text_config, name)
+        if not isinstance(value, (int, np.integer)) or not 0 <= value < text_config.vocab_size:
+            raise ValueError(f"text_config.{name}={value!r} is outside the vocabulary of size {text_config.vocab_size}")
     return resolve_generation(prompt_length,
                               defaults={"eos_token_id": text_config.sep_token_id, "pad_token_id": text_config.pad_token_id},
                               max_positions=text_config.max_position_embeddings, **kwargs)

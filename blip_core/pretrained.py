@@ -115,25 +115,33 @@ def select_weights(state: dict, table: dict, architecture: str, config: _Config,
         if err.missing and strict:
             raise checkpoint.StateDictMismatchError(
                 f"{err}\nPass strict=False to draw the missing weights from the seed instead (with a warning).",
-                err.missing, err.unexpected, err.mismatched) from None
+                err.missing, err.unexpected, err.mismatched, err.wrong_dtype) from None
         raise
 
 
 def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
-    """Canonical state dict from PyTorch-layout weights, else a Hugging Face TF or Flax file."""
+    """Canonical state dict from PyTorch-layout weights, else a Hugging Face TF or Flax file.
+
+    The TF / Flax files are only looked at when the directory holds no PyTorch-layout weights at
+    all: a corrupt ``model.safetensors`` is an error, never silently replaced by a file beside it.
+    """
     try:
-        return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)
+        kind, _ = checkpoint.resolve_checkpoint(path)
     except checkpoint.CheckpointError:
         if not os.path.isdir(path):
             raise
-        tf_file, flax_file = os.path.join(path, "tf_model.h5"), os.path.join(path, "flax_model.msgpack")
-        if os.path.isfile(tf_file):
-            from .formats import read_tf_state_dict
-            return read_tf_state_dict(tf_file, table, architecture)
-        if os.path.isfile(flax_file):
-            from .formats import read_flax_state_dict
-            return read_flax_state_dict(flax_file, table)
-        raise
+        kind = None
+    # A pickle file the caller did not opt into is passed over for a TF / Flax file, as before.
+    if kind is not None and (allow_pickle_bin or not kind.startswith("bin") or not os.path.isdir(path)):
+        return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)
+    tf_file, flax_file = os.path.join(path, "tf_model.h5"), os.path.join(path, "flax_model.msgpack")
+    if os.path.isfile(tf_file):
+        from .formats import read_tf_state_dict
+        return read_tf_state_dict(tf_file, table, architecture)
+    if os.path.isfile(flax_file):
+        from .formats import read_flax_state_dict
+        return read_flax_state_dict(flax_file, table)
+    return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)   # raises the reason
 
 
 def write_pretrained(path: str, config: _Config, architecture: str, backend: str, params: dict,

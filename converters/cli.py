@@ -88,6 +88,10 @@ def run_convert(args) -> int:
     except (CheckpointError, ConversionError, FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"blip convert: error: {flag_message(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:      # read-only or full destination, permissions: one line, nothing left behind
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"blip convert: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(report)
     return 0
 

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from blip_core.weights import weight_table
 from . import components
 from .presets import plan_config
 from .progress import Progress
+from .safety import ConversionError, atomic_exchange, make_partial, recover_destination, refuse_overlap, remove_stale_partials
 from .sinks import TARGETS, stored_rows, write_target
 from .sources import detect_format, open_source
 
@@ -42,10 +42,6 @@ from .sources import detect_format, open_source
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".h5", ".h5.index.json",
                     ".msgpack", ".msgpack.index.json", ".pth", ".pt", ".ckpt")
 _POS_EMB = "embeddings.position_embedding"
-
-
-class ConversionError(RuntimeError):
-    """The conversion could not be done or did not verify; nothing was left at ``dst``."""
 
 
 @dataclass
@@ -127,6 +123,9 @@ def _check(source, table: dict, resize_ok: bool) -> tuple:
             else:
                 mismatched.append(f"{name}: expected {want}, found {got}")
     unexpected = [n for n in source.names() if n not in table] + list(source.unexpected)
+    # Every row is a float parameter: integer or bool data is refused (never copied and "verified").
+    wrong_dtype = [(n, np.dtype(source.dtype(n)).name) for n in sorted(have & set(table))
+                   if not is_floating(source.dtype(n))]
     for name in have & {n for n, s in table.items() if s.tied_to is not None}:
         owner = checkpoint.tie_root(name, table)
         if owner in have and tuple(source.shape(name)) == tuple(source.shape(owner)):
@@ -136,13 +135,14 @@ def _check(source, table: dict, resize_ok: bool) -> tuple:
         elif owner in have:
             mismatched.append(f"{name}: expected {tuple(source.shape(owner))} (tied to {owner}), "
                               f"found {tuple(source.shape(name))}")
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or wrong_dtype:
         parts = [f"{source.format} checkpoint does not match the {len(table)}-row weight table:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+                             ("non-floating weight", [f"{n}: {d}" for n, d in wrong_dtype])):
             if items:
                 parts.append(f"  {len(items)} {title}:")
                 parts += [f"    {i}" for i in items[:50]] + ([f"    ... {len(items) - 50} more"] if len(items) > 50 else [])
-        raise checkpoint.StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
+        raise checkpoint.StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched, wrong_dtype)
     return resized, notes
 
 
@@ -185,20 +185,27 @@ def _verify(target: str, directory: str, table: dict, architecture: str, expecte
 
 
 def _move_into_place(tmp: str, dst: str) -> None:
-    """Rename the finished directory to ``dst``; an existing ``dst`` (overwrite) is swapped out first
-    and restored if the rename fails."""
+    """Put the finished directory at ``dst``.
+
+    A new ``dst`` is a single rename. An existing one (overwrite) is exchanged with the new
+    directory in one atomic ``renameat2(RENAME_EXCHANGE)`` where the system has it (Linux), so a
+    crash at any moment leaves either the old or the new destination, complete; the old data then
+    sits at ``tmp`` (a partial directory of this process) and is removed. Elsewhere the old
+    directory is renamed aside first and ``recover_destination`` puts it back after a crash.
+    """
     if not os.path.lexists(dst):
         os.rename(tmp, dst)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rename(dst, os.path.join(old, "d"))
-    try:
-        os.rename(tmp, dst)
-    except OSError:
-        os.rename(os.path.join(old, "d"), dst)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    if not atomic_exchange(tmp, dst):
+        old = tmp + ".old"
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            os.rename(old, dst)
+            raise
+        os.rename(old, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_pickle_bin: bool = False,
@@ -227,9 +234,12 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
     if dtype is not None and not is_floating(as_dtype(dtype)):
         raise ValueError(f"dtype must be a floating type (float32, float16, bfloat16), got {dtype!r}")
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    recover_destination(dst)
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another destination or pass overwrite=True")
     fmt, weights_path = detect_format(src, source_format)
+    paths = [config, vision_model, qformer, language_model]
+    refuse_overlap([src, weights_path] + [os.fspath(p) for p in paths if isinstance(p, (str, os.PathLike))], dst)
     parts = components.requested(vision_model=vision_model, qformer=qformer, language_model=language_model)
     cfg, arch, plan_notes, state = plan_config(src, fmt, weights_path, config, preset, overrides, architecture,
                                                allow_pickle_bin, components.component_configs(parts), _read_config)
@@ -262,7 +272,8 @@ def convert(src, dst, to: str = "torch", dtype=None, max_shard_size=None, allow_
         total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in rows)
         parent = os.path.dirname(dst)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+        remove_stale_partials(dst)
+        tmp = make_partial(dst)
         bar = Progress(total * (2 if verify else 1), "converting", enabled=progress)
         report.files = write_target(to, tmp, rows, fetch, table, arch, max_shard_size,
                                     on_tensor=lambda arr: bar.update(arr.nbytes))

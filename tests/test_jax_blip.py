@@ -358,7 +358,7 @@ def test_bad_inputs_raise(models):
         lambda: cap(pixel_values=np.zeros((1, 3, 36, 36), np.float32), input_ids=ids[:1],
                     interpolate_pos_encoding=True),                                    # not a patch multiple
         lambda: vqa(input_ids=ids, pixel_values=pv),                                  # no labels / decoder ids
-        lambda: cap.generate(pixel_values=pv, max_new_tokens=40),                     # beyond positions
+        lambda: cap.generate(pixel_values=pv, max_new_tokens=41),                     # beyond positions (1 + 41 - 1 > 40)
         lambda: cap.generate(pixel_values=pv, num_beams=2, num_return_sequences=3),
         lambda: cap.generate(pixel_values=pv, bogus_option=1),
         lambda: J.BlipForConditionalGeneration(BlipVisionConfig()),                   # wrong config class

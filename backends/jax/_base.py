@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
 from blip_core.pretrained import hf_loading_kwargs, read_pretrained, write_pretrained
@@ -24,6 +25,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _JITTED: dict = {}                       # (class, function, config repr, dtype) -> jitted function
 _TRACES: collections.Counter = collections.Counter()
+_VARIANTS: dict = {}                     # same key -> LRU of per-variant jitted functions (generation)
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -133,24 +135,34 @@ class JaxModel:
         self.module = self._module()
         self.params = params
 
-    def _jit(self, name: str, method: str, static_argnames=()):
+    def _jit(self, name: str, method: str, static_argnames=(), variant=None):
         """The jitted ``self.<method>``, shared by every model of this class, config and dtype.
 
         Params are an argument, never a constant, so models that differ only in weights (a fresh
         ``from_pretrained``, a seed) reuse one compiled program; jax then caches it by shapes and static
         arguments. ``trace_count(name)`` tells how often it was traced (recompilation checks).
+
+        With ``variant`` (static settings and input shapes of one ``generate`` call), each variant gets
+        its own jitted function in a bounded ``LRU`` (``blip_core.cache.COMPILE_CACHE_SIZE``): an
+        evicted function takes its compiled program with it.
         """
         key = (type(self).__name__, name, repr(self.config), self.dtype.name)
+        if variant is not None:
+            return _VARIANTS.setdefault(key, LRU(COMPILE_CACHE_SIZE)).get(
+                variant, lambda: self._make_jit(key, method, static_argnames))
         if key not in _JITTED:
-            shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
-            shell.__dict__.update(config=self.config, dtype=self.dtype, module=self.module)
-            fn = getattr(shell, method)
-
-            def counted(*args, **kwargs):
-                _TRACES[key] += 1                       # runs only while tracing
-                return fn(*args, **kwargs)
-            _JITTED[key] = jax.jit(counted, static_argnames=static_argnames)
+            _JITTED[key] = self._make_jit(key, method, static_argnames)
         return _JITTED[key]
+
+    def _make_jit(self, key, method: str, static_argnames):
+        shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
+        shell.__dict__.update(config=self.config, dtype=self.dtype, module=self.module)
+        fn = getattr(shell, method)
+
+        def counted(*args, **kwargs):
+            _TRACES[key] += 1                       # runs only while tracing
+            return fn(*args, **kwargs)
+        return jax.jit(counted, static_argnames=static_argnames)
 
     def trace_count(self, name: str) -> int:
         """How many times the compiled function ``name`` ("forward", "generate", ...) has been traced."""

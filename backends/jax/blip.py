@@ -137,13 +137,11 @@ class _BlipBase(JaxModel):
             raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
         kwargs.pop("use_cache", None)
         settings = resolve_blip_generation(tc, prompt.shape[1], **kwargs)
-        if settings.max_length > tc.max_position_embeddings:
-            raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds "
-                             f"max_position_embeddings ({tc.max_position_embeddings})")
         plan, numbers = decoding.make_plan(settings, tc.vocab_size, settings.output_scores)
         if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
             prompt_mask = decoding.infer_prompt_mask(prompt, settings)
-        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
+        shapes = tuple(None if x is None else tuple(np.shape(x)) for x in (pv, prompt, question))
+        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"), variant=(plan, interpolate, shapes))
         out = fn(params, pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question,
                  question_mask, sampling_key(settings, key), traced_numbers(numbers), plan=plan,
                  interpolate=interpolate)

@@ -66,7 +66,10 @@ class Embedding(nn.Module):
         self.embedding = self.param("embedding", nn.initializers.normal(0.02), (self.num, self.dim))
 
     def __call__(self, ids):
-        return jnp.take(self.embedding, ids, axis=0)
+        # Values of traced ids (a caller's jax.jit) cannot be checked on the host; jnp.take would read
+        # -1 as the last row. Any id outside the table gives a NaN row instead, never a real one.
+        rows = jnp.take(self.embedding, jnp.clip(ids, 0, self.num - 1), axis=0)
+        return jnp.where(((ids >= 0) & (ids < self.num))[..., None], rows, jnp.nan)
 
     def attend(self, x):
         return x @ self.embedding.T.astype(x.dtype)

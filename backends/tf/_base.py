@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from blip_core import pretrained
+from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.generation import check_token_ids
 from blip_core.numerics import MASK_VALUE
 from blip_core.weights import backend_params, owned, random_weights, weight_table
@@ -40,10 +41,23 @@ def as_float(x, dtype: tf.DType, name: str) -> tf.Tensor:
     """A numpy / tf floating input as a tf tensor of the model's dtype."""
     if x is None:
         raise ValueError(f"{name} is required")
-    t = x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(np.asarray(x))
-    if not (t.dtype.is_floating or t.dtype.is_integer):
-        raise ValueError(f"{name} must be a numeric array, got dtype {t.dtype.name}")
-    return tf.cast(t, dtype)
+    if not isinstance(x, (tf.Tensor, tf.Variable)):
+        arr = np.asarray(x)
+        if arr.dtype.name == "bfloat16":
+            arr = arr.astype(np.float32)
+        x = tf.convert_to_tensor(arr) if arr.dtype != object else arr
+    if getattr(x, "dtype", None) is None or not isinstance(x.dtype, tf.DType) or not x.dtype.is_floating:
+        got = getattr(getattr(x, "dtype", None), "name", type(x).__name__)
+        raise ValueError(f"{name} must be a floating-point array, got dtype {got}")
+    return tf.cast(x, dtype)
+
+
+def lookup(table, ids):
+    """Rows of an embedding table; an id outside it (possible only for a caller's traced ids, whose
+    values are not checked on the host) gives a NaN row, where XLA's gather would clamp it."""
+    n = tf.shape(table, out_type=ids.dtype)[0]
+    rows = tf.gather(table, tf.clip_by_value(ids, 0, n - 1))
+    return tf.where(((ids >= 0) & (ids < n))[..., None], rows, tf.constant(float("nan"), rows.dtype))
 
 
 def _symbolic(x) -> bool:
@@ -94,9 +108,9 @@ def as_mask(x, like_shape, name: str = "attention_mask"):
     return tf.cast(t, tf.float32)
 
 
-def as_positions(x):
-    """Explicit position ids (numpy or tf) as int32."""
-    return tf.cast(x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.constant(np.asarray(x)), tf.int32)
+def as_positions(x, max_positions: int):
+    """Explicit position ids (numpy or tf) as int32 (batch, length), checked against the position table."""
+    return as_ids(x, max_positions, "position_ids")
 
 
 def same_dim(a, b) -> bool:
@@ -251,7 +265,7 @@ class BlipTFModel(tf.Module):
             path = spec.backend_path("tf")
             params[path] = tf.Variable(tf.cast(_values[path], self.dtype), name=path, trainable=True)
         self.params = params
-        self._compiled = {}   # generation functions keyed by their static settings
+        self._compiled = LRU(COMPILE_CACHE_SIZE)   # generation programs keyed by settings and input shapes
         self._build()
 
     def _build(self):

@@ -88,7 +88,7 @@ class BlipModel(_BlipBase):
 
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None):
         ids, mask = self._text(input_ids, attention_mask)
-        pos = None if position_ids is None else as_positions(position_ids)
+        pos = None if position_ids is None else as_positions(position_ids, self.config.text_config.max_position_embeddings)
         return self.text_projection(run_text(self.text_model, ids, mask, None, None, False, pos)[1])
 
     def get_multimodal_features(self, input_ids=None, pixel_values=None, attention_mask=None,
@@ -103,7 +103,7 @@ class BlipModel(_BlipBase):
                 output_hidden_states=None, return_dict: bool = True):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
-        pos = None if position_ids is None else as_positions(position_ids)
+        pos = None if position_ids is None else as_positions(position_ids, self.config.text_config.max_position_embeddings)
         v_rec = self._recorder(output_hidden_states, output_attentions)
         t_rec = self._recorder(output_hidden_states, output_attentions)
         v_last, v_pooled = self.vision_model(px, interpolate_pos_encoding, v_rec)
@@ -320,9 +320,6 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
     inside the same compiled function as the search.
     """
     tc = model.config.text_config
-    if settings.max_length > tc.max_position_embeddings:
-        raise ValueError(f"prompt ({settings.prompt_length}) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
-                         f"decoder's max_position_embeddings={tc.max_position_embeddings}")
     if prompt_mask is None:
         prompt_mask = decoding.infer_prompt_mask(prompt, settings)
     plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
@@ -333,7 +330,8 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
         context = (lm.bert.cross_kv(states), None if mask is None else padding_bias(mask))
         return decode(lm.decode_step, context, prompt_ids, prompt_mask, seed, plan, numbers)
 
-    fn = compiled(model, (tag, plan), program)
+    shapes = tuple(tuple(x.shape) if x is not None else None for x in encode_inputs) + (prompt.shape,)
+    fn = compiled(model, (tag, plan), program, shapes)
     out = fn(encode_inputs, tf.constant(prompt, tf.int32), tf.constant(np.asarray(prompt_mask), tf.int32), seed,
              numbers)
     return result(settings, *out)

@@ -71,8 +71,6 @@ def export_captioner(model, out_dir, max_new_tokens: int = 20, num_beams: int = 
     interpolate = (height, width) != (vc.image_size, vc.image_size)
     if interpolate and (height % vc.patch_size or width % vc.patch_size):
         raise ValueError(f"height and width must be multiples of patch_size={vc.patch_size}")
-    if 1 + settings.max_new_tokens > tc.max_position_embeddings:
-        raise ValueError(f"max_new_tokens={settings.max_new_tokens} exceeds max_position_embeddings")
     module = _Captioner(model, settings, height, width, interpolate, jit_compile)
     out_dir = os.fspath(out_dir)
     tf.saved_model.save(module, out_dir, signatures={"serving_default": module.serve})

@@ -231,13 +231,12 @@ def plan_inputs(settings, vocab_size: int):
     return plan, {k: tf.constant(v) for k, v in numbers.items()}, tf.constant([seed, 0], tf.int64)
 
 
-def compiled(model, key, program):
-    """The XLA-compiled ``program`` cached on ``model`` under ``key`` (which holds the plan)."""
-    fn = model._compiled.get(key)
-    if fn is None:
-        fn = tf.function(program, jit_compile=True, autograph=False)   # explicit loops: no AutoGraph
-        model._compiled[key] = fn
-    return fn
+def compiled(model, key, program, shapes=()):
+    """The XLA-compiled ``program`` cached on ``model`` under ``key`` (which holds the plan) and the
+    input ``shapes``: one traced program per entry of the model's bounded ``LRU``
+    (``blip_core.cache.COMPILE_CACHE_SIZE``), so the least recently used is freed."""
+    return model._compiled.get((key, tuple(shapes)),
+                               lambda: tf.function(program, jit_compile=True, autograph=False))   # no AutoGraph
 
 
 def result(settings, seqs, length, seq_scores, scores, steps):

@@ -17,7 +17,7 @@ from blip_core.configs import BlipConfig
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions,
+from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions, lookup,
                     attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
 
 
@@ -100,10 +100,10 @@ class TextTower(tf.Module):
         self.pooler = Dense(params, f"{p}pooler/dense") if pooler else None
 
     def embed(self, input_ids=None, position_ids=None, inputs_embeds=None):
-        x = tf.gather(self.word_embeddings, input_ids) if inputs_embeds is None else inputs_embeds
+        x = lookup(self.word_embeddings, input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = tf.range(tf.shape(x)[1])[None]
-        return self.emb_norm(x + tf.gather(self.position_embeddings, position_ids))
+        return self.emb_norm(x + lookup(self.position_embeddings, position_ids))
 
     def cross_kv(self, states):
         """Cross-attention keys/values of ``states`` for every layer (computed once per generate)."""
@@ -283,7 +283,7 @@ class BlipTextModel(BlipTFModel):
                 raise ValueError(f"encoder_hidden_states must be (batch, length, {cfg.encoder_hidden_size}), "
                                  f"got {tuple(enc.shape)}")
             enc_mask = as_mask(encoder_attention_mask, tuple(enc.shape[:2]), "encoder_attention_mask")
-        pos = None if position_ids is None else as_positions(position_ids)
+        pos = None if position_ids is None else as_positions(position_ids, cfg.max_position_embeddings)
         rec = Recorder.make(flag(output_hidden_states, cfg, "output_hidden_states"),
                             flag(output_attentions, cfg, "output_attentions"))
         seq, pooled = run_text(self.text_model, ids, mask, enc, enc_mask, is_decoder, pos, embeds, enc_embeds, rec)

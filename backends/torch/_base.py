@@ -89,15 +89,13 @@ def as_tensor(x, name: str, *, kind: str, device=None, ndim=None) -> Optional[to
         return None
     if not isinstance(x, torch.Tensor):
         arr = np.asarray(x)
-        if arr.dtype == object:
-            raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}")
+        if arr.dtype.kind not in "biufc" and arr.dtype.name != "bfloat16":
+            raise ValueError(f"{name} must be a numeric array, got {type(x).__name__} of dtype {arr.dtype}")
         if arr.dtype.name == "bfloat16":
             arr = arr.astype(np.float32)
         x = torch.from_numpy(np.ascontiguousarray(arr))
     if kind == "int":
-        if x.dtype == torch.bool:
-            x = x.long()
-        if x.is_floating_point() or x.is_complex():
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
         x = x.long()
     elif kind == "mask":

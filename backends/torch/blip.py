@@ -54,8 +54,8 @@ class _BlipBase(PreTrainedModel):
         if ids is None:
             return None
         ids = as_tensor(ids, name, kind="int", device=self.device, ndim=2)
-        if name != "labels":     # captioning labels may hold -100 (ignored positions)
-            check_ids(ids, self.config.text_config.vocab_size, name)
+        # labels may hold -100 (ignored positions); any other id must lie in the vocabulary
+        check_ids(ids[ids != -100] if name == "labels" else ids, self.config.text_config.vocab_size, name)
         return ids
 
     def _text_inputs(self, pixel_values, ids, mask=None, labels=None, same_batch=True, name="input_ids"):

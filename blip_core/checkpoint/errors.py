@@ -16,10 +16,12 @@ class StateDictMismatchError(CheckpointError):
     missing:    canonical names in the table but not in the state dict.
     unexpected: names in the state dict but not in the table.
     mismatched: (name, expected_shape, found_shape) triples.
+    wrong_dtype: (name, dtype name) of integer or bool data where the table has a float parameter.
     """
 
-    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=(), wrong_dtype=()):
         super().__init__(message)
+        self.wrong_dtype = list(wrong_dtype)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)

@@ -10,6 +10,7 @@ a shard of its own (huggingface_hub's ``split_state_dict_into_shards_factory``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 
 import numpy as np
 
+from ..jsonfile import INDEX_LIMIT, JsonFileError, read_json_file
 from .dtypes import SAFETENSORS_TO_NAME
 from .errors import CheckpointError
 from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
@@ -159,10 +161,9 @@ def _refuse_pickle(path: str):
 def read_index(index_path: str) -> dict:
     """The validated ``weight_map`` of a sharded checkpoint's index file."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index_path}: index is not valid JSON ({exc})") from None
+        index = read_json_file(index_path, limit=INDEX_LIMIT, expect=None, what="index")
+    except JsonFileError as exc:
+        raise CheckpointError(str(exc)) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -216,7 +217,7 @@ def load_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
 
 def _count(info: dict, dtype_name: str, shape: tuple, nbytes: int) -> None:
     row = info["dtypes"].setdefault(dtype_name, {"tensors": 0, "parameters": 0, "bytes": 0})
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    numel = math.prod(shape)
     row["tensors"] += 1
     row["parameters"] += numel
     row["bytes"] += nbytes

@@ -12,6 +12,7 @@ Every malformed input raises ``CheckpointError`` naming the file and the problem
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -42,7 +43,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)   # Python ints: a hostile shape cannot overflow the count
 
 
 @dataclass(frozen=True)

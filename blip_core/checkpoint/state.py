@@ -30,7 +30,7 @@ def _fmt_shape(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _report(source, table_size: int, missing, unexpected, mismatched) -> str:
+def _report(source, table_size: int, missing, unexpected, mismatched, wrong_dtype=()) -> str:
     lines = [f"state dict{f' from {source}' if source else ''} does not match the weight table "
              f"({table_size} rows):"]
     if missing:
@@ -45,7 +45,22 @@ def _report(source, table_size: int, missing, unexpected, mismatched) -> str:
             hint = "  (transposed? check the layout transform)" if (
                 len(want) > 1 and tuple(reversed(want)) == got) else ""
             lines.append(f"    {k}: expected {_fmt_shape(want)}, found {_fmt_shape(got)}{hint}")
+    if wrong_dtype:
+        lines.append(f"  {len(wrong_dtype)} non-floating weight(s) (every row is a float parameter; "
+                     "integer or bool data is refused, not cast):")
+        lines += [f"    {k}: {d}" for k, d in wrong_dtype]
     return "\n".join(lines)
+
+
+def non_floating(state: dict) -> list:
+    """``(name, dtype name)`` of every tensor in ``state`` that is not floating point."""
+    out = []
+    for name, value in state.items():
+        dtype = getattr(value, "dtype", None)
+        dtype = np.asarray(value).dtype if dtype is None else np.dtype(dtype)
+        if not is_floating(dtype):
+            out.append((name, dtype.name))
+    return out
 
 
 def check_state_dict(state: dict, table: dict, fill_ties: bool = True, source: str | None = None) -> dict:
@@ -69,9 +84,10 @@ def check_state_dict(state: dict, table: dict, fill_ties: bool = True, source: s
         elif spec.tied_to is None:
             missing.append(name)
     unexpected = [k for k in state if k not in table]
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(_report(source, len(table), missing, unexpected, mismatched),
-                                     missing, unexpected, mismatched)
+    wrong_dtype = non_floating({k: v for k, v in state.items() if k in table})
+    if missing or unexpected or mismatched or wrong_dtype:
+        raise StateDictMismatchError(_report(source, len(table), missing, unexpected, mismatched, wrong_dtype),
+                                     missing, unexpected, mismatched, wrong_dtype)
     out = {}
     for name, spec in table.items():
         if spec.tied_to is None:

@@ -189,8 +189,8 @@ class FlaxWeights:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {FLAX_WEIGHTS_NAME} or {FLAX_WEIGHTS_INDEX_NAME} at {path}")
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map", {})
+            from ..checkpoint.files import read_index
+            weight_map = read_index(path)
             self.files = [os.path.join(os.path.dirname(path), os.path.basename(s))
                           for s in dict.fromkeys(weight_map.values())]
         else:

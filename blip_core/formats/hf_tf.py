@@ -30,6 +30,8 @@ import re
 
 import numpy as np
 
+from ..checkpoint.errors import CheckpointError
+
 TF_WEIGHTS_NAME = "tf_model.h5"
 TF_WEIGHTS_INDEX_NAME = "tf_model.h5.index.json"
 TOP_LEVEL_GROUP = "top_level_model_weights"   # Keras' group for weights owned by the model itself
@@ -119,8 +121,8 @@ class H5Weights:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {TF_WEIGHTS_NAME} or {TF_WEIGHTS_INDEX_NAME} at {path}")
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map", {})
+            from ..checkpoint.files import read_index
+            weight_map = read_index(path)
             folder = os.path.dirname(path)
             self.files = [os.path.join(folder, os.path.basename(f)) for f in dict.fromkeys(weight_map.values())]
         else:
@@ -128,7 +130,10 @@ class H5Weights:
         self._handles, self._where = [], {}
         try:
             for path_i in self.files:
-                f = h5py.File(path_i, "r")
+                try:
+                    f = h5py.File(path_i, "r")
+                except OSError as exc:   # h5py's message does not name the file
+                    raise CheckpointError(f"{path_i}: not a readable HDF5 (tf_model.h5) file ({exc})") from None
                 self._handles.append(f)
                 for key, dataset in self._datasets(f):
                     if key in self._where:

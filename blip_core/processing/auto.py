@@ -5,10 +5,10 @@ for the classes this library has, so documentation code runs with one changed im
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..configs import Blip2Config, load_config
+from ..jsonfile import read_json_file
 from .processors import PROCESSOR_CONFIG, Blip2Processor, BlipProcessor
 from .tokenizer_kinds import load_tokenizer
 
@@ -18,8 +18,7 @@ _PROCESSORS = {"BlipProcessor": BlipProcessor, "Blip2Processor": Blip2Processor}
 def _processor_class(directory: str):
     path = os.path.join(directory, PROCESSOR_CONFIG)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            name = json.load(fh).get("processor_class")
+        name = read_json_file(path, what=PROCESSOR_CONFIG).get("processor_class")
         if name in _PROCESSORS:
             return _PROCESSORS[name]
     if os.path.isfile(os.path.join(directory, "config.json")):

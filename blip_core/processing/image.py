@@ -23,7 +23,9 @@ from typing import Optional
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
+from ..jsonfile import read_json_file
 from ..registry import TENSOR_TYPE_BACKENDS, tensor_maker, tensor_mover
 
 __all__ = ["BatchFeature", "BlipImageProcessor", "to_framework"]
@@ -132,6 +134,23 @@ def _size_dict(size, default_to_square: bool) -> dict:
     if set(out) != {"height", "width"}:
         raise ValueError(f"size must have exactly the keys 'height' and 'width'; got {sorted(out)}")
     return out
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil_to_8bit(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    """16-bit and 32-bit integer grey images as 8-bit ``L``; PIL's own ``convert`` clips them at 255,
+    which turns every 16-bit photo white."""
+    if image.mode not in _SIXTEEN_BIT + ("I",):
+        return image
+    arr = np.asarray(image, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ValueError(f"Unsupported {image.mode} image: values [{arr.min()}, {arr.max()}] are not 16-bit")
+    if image.mode == "I" and (not arr.size or arr.max() <= 255):
+        return PIL.Image.fromarray(arr.astype(np.uint8))
+    # 65535 -> 255 with rounding, as the 8-bit value nearest the 16-bit intensity.
+    return PIL.Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def _to_array(image) -> np.ndarray:
@@ -246,10 +265,18 @@ def _normalize(arr: np.ndarray, mean, std) -> np.ndarray:
 
 _OPTIONS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
             "image_std", "do_convert_rgb")
+# Not a transformers option: written to the config only when set, so default files stay identical.
+_EXTRA_OPTIONS = ("apply_exif_orientation",)
 
 
 class BlipImageProcessor:
     """PIL/numpy images -> `pixel_values` (N, 3, H, W) float32, exactly as transformers computes them.
+
+    Differences from transformers, where its result is wrong: a PIL image is always read as
+    height x width x channels (transformers takes a PIL image 3 or 1 pixels high for channels-first
+    and transposes it), 16-bit grey images are scaled to 8 bits (PIL clips them, giving white) and an
+    image without pixels is refused. EXIF orientation is ignored by default, as transformers does;
+    ``apply_exif_orientation=True`` rotates photos the way a viewer shows them.
 
     Example::
 
@@ -261,7 +288,8 @@ class BlipImageProcessor:
 
     def __init__(self, do_resize: bool = True, size: Optional[dict] = None, resample: int = PIL.Image.BICUBIC,
                  do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
-                 image_mean=None, image_std=None, do_convert_rgb: bool = True, **kwargs):
+                 image_mean=None, image_std=None, do_convert_rgb: bool = True,
+                 apply_exif_orientation: bool = False, **kwargs):
         self.do_resize = do_resize
         self.size = _size_dict(size if size is not None else {"height": 384, "width": 384}, True)
         self.resample = int(resample)
@@ -271,6 +299,7 @@ class BlipImageProcessor:
         self.image_mean = image_mean if image_mean is not None else list(OPENAI_CLIP_MEAN)
         self.image_std = image_std if image_std is not None else list(OPENAI_CLIP_STD)
         self.do_convert_rgb = do_convert_rgb
+        self.apply_exif_orientation = bool(apply_exif_orientation)
         # Unknown keys of a loaded config (processor_class, ...) are kept and written back.
         kwargs.pop("image_processor_type", None)
         self.extra = dict(kwargs)
@@ -282,12 +311,13 @@ class BlipImageProcessor:
 
     def preprocess(self, images, return_tensors: Optional[str] = None, data_format: str = _CHANNELS_FIRST,
                    input_data_format: Optional[str] = None, **overrides) -> BatchFeature:
-        unknown = set(overrides) - set(_OPTIONS)
+        unknown = set(overrides) - set(_OPTIONS) - set(_EXTRA_OPTIONS)
         if unknown:
             raise TypeError(f"Unknown image processor options: {sorted(unknown)}; valid: {list(_OPTIONS)}")
         if return_tensors not in _TENSOR_TYPES:
             raise ValueError(f"return_tensors must be one of {_TENSOR_TYPES[1:]} or None, got {return_tensors!r}")
-        opt = {k: (overrides[k] if overrides.get(k) is not None else getattr(self, k)) for k in _OPTIONS}
+        opt = {k: (overrides[k] if overrides.get(k) is not None else getattr(self, k))
+               for k in _OPTIONS + _EXTRA_OPTIONS}
         # Like transformers, an int size given per call means "shortest edge", which BLIP cannot resize to.
         size = _size_dict(opt["size"], default_to_square=False) if opt["do_resize"] else None
         if opt["do_rescale"] and opt["rescale_factor"] is None:
@@ -299,20 +329,33 @@ class BlipImageProcessor:
                 raise ValueError(f"{name} must be 'channels_first' or 'channels_last', got {fmt!r}")
 
         images = _flatten_images(images)
+        if opt["apply_exif_orientation"]:
+            images = [PIL.ImageOps.exif_transpose(im) if isinstance(im, PIL.Image.Image) else im for im in images]
         if opt["do_convert_rgb"]:
-            images = [im.convert("RGB") if isinstance(im, PIL.Image.Image) and im.mode != "RGB" else im
-                      for im in images]
+            images = [_pil_to_8bit(im).convert("RGB") if isinstance(im, PIL.Image.Image) and im.mode != "RGB"
+                      else im for im in images]
+        from_pil = [isinstance(im, PIL.Image.Image) for im in images]
         arrays = [_to_array(im) for im in images]
         for arr in arrays:
             _check_dtype(arr)
             if arr.ndim != 3:
                 raise ValueError(f"Unsupported number of image dimensions: {arr.ndim} (shape {arr.shape}); "
                                  "expected 3 (HWC or CHW)")
-        # Like transformers, the first image decides the channel layout of the whole batch.
-        fmt = input_data_format or _infer_channel_format(arrays[0])
+            if arr.size == 0:
+                raise ValueError(f"Image of shape {arr.shape} has no pixels")
+        # Like transformers, the first array decides the channel layout of the whole batch; PIL
+        # images are height x width x channels whatever their size.
+        first = next((a for a, pil in zip(arrays, from_pil) if not pil), None)
+        fmt = input_data_format or (_infer_channel_format(first) if first is not None else _CHANNELS_LAST)
         out = []
-        for arr in arrays:
-            hwc = arr.transpose(1, 2, 0) if fmt == _CHANNELS_FIRST else arr
+        for arr, pil in zip(arrays, from_pil):
+            if pil and input_data_format is None:
+                if arr.shape[-1] not in (1, 3):
+                    raise ValueError(f"A {arr.shape[-1]}-channel PIL image needs do_convert_rgb=True (or convert "
+                                     "it to RGB first)")
+                hwc = arr
+            else:
+                hwc = arr.transpose(1, 2, 0) if fmt == _CHANNELS_FIRST else arr
             if opt["do_resize"]:
                 hwc = _resize_hwc(hwc, size["height"], size["width"], int(opt["resample"]))
             if opt["do_rescale"]:
@@ -327,6 +370,7 @@ class BlipImageProcessor:
     def to_dict(self) -> dict:
         out = dict(self.extra)
         out.update({k: getattr(self, k) for k in _OPTIONS})
+        out.update({k: True for k in _EXTRA_OPTIONS if getattr(self, k)})
         out["image_processor_type"] = "BlipImageProcessor"
         return out
 
@@ -343,8 +387,7 @@ class BlipImageProcessor:
         file = os.path.join(path, PREPROCESSOR_CONFIG) if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"No {PREPROCESSOR_CONFIG} in {path}")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return cls.from_dict(read_json_file(file, what=PREPROCESSOR_CONFIG), **overrides)
 
     def save_pretrained(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)

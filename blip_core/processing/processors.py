@@ -19,6 +19,7 @@ from typing import Optional
 
 from tokenizers import AddedToken
 
+from ..jsonfile import read_json_file
 from .image import BatchFeature, BlipImageProcessor
 from .tokenization import PreTrainedTokenizer
 from .tokenizer_kinds import load_tokenizer
@@ -135,8 +136,7 @@ class BlipProcessor:
         config = {}
         path = os.path.join(directory, PROCESSOR_CONFIG)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json_file(path, what=PROCESSOR_CONFIG)
         # Non-legacy transformers files may nest the sub-processors' configs here; they are read above.
         for key in ("processor_class", "image_processor", "tokenizer", "auto_map"):
             config.pop(key, None)

@@ -20,6 +20,7 @@ from typing import Optional
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
+from ..jsonfile import INDEX_LIMIT, read_json_file
 from .image import BatchFeature
 
 __all__ = ["BatchEncoding", "PreTrainedTokenizer"]
@@ -475,5 +476,4 @@ class PreTrainedTokenizer:
 def _read_json(path: str):
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_file(path, limit=INDEX_LIMIT, expect=None, what=os.path.basename(path))

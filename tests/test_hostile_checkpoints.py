@@ -1,0 +1,84 @@
+"""Hostile weight files: integer weights, absurd header shapes, corrupt files beside other formats."""
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from blip_apps.cli import main
+from blip_core import checkpoint
+from blip_core.checkpoint import CheckpointError, StateDictMismatchError
+from blip_core.checkpoint.files import checkpoint_info
+from converters import convert
+from fixture_utils import fixture
+
+BACKEND_CLASSES = {
+    "torch": lambda: __import__("backends.torch", fromlist=["x"]).BlipTextModel,
+    "tf": lambda: __import__("backends.tf", fromlist=["x"]).BlipTextModel,
+    "jax": lambda: __import__("backends.jax", fromlist=["x"]).BlipTextModel,
+}
+
+
+@pytest.fixture()
+def text_dir(tmp_path):
+    d, _, _ = fixture("BlipTextModel")
+    out = tmp_path / "m"
+    shutil.copytree(d, out)
+    return out
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_integer_or_bool_weights_are_refused_in_every_backend(text_dir, backend, dtype):
+    state = checkpoint.load_state_dict(str(text_dir))
+    name = "embeddings.word_embeddings.weight"
+    state[name] = (state[name] * 100).astype(dtype)
+    checkpoint.save_state_dict(str(text_dir), state)
+    with pytest.raises(StateDictMismatchError, match=f"(?s)non-floating.*{name}: {np.dtype(dtype).name}") as info:
+        BACKEND_CLASSES[backend]().from_pretrained(str(text_dir))
+    assert info.value.wrong_dtype == [(name, np.dtype(dtype).name)]
+
+
+def _header_file(path, shape, dtype="F32", data=b""):
+    header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, len(data)]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("shape", [[2**62, 4], [2**40, 2**40, 2**40], [2**63 - 1, 2]])
+def test_absurd_header_shape_is_named_not_overflowed(tmp_path, shape):
+    f = tmp_path / "model.safetensors"
+    _header_file(f, shape, data=b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'w': data_offsets \[0, 16\] span 16 bytes"):
+        checkpoint.load_state_dict(str(f))
+    with pytest.raises(CheckpointError, match="tensor 'w'"):
+        checkpoint_info(str(f))
+
+
+def test_info_counts_parameters_exactly(tmp_path, capsys):
+    d, _, _ = fixture("BlipTextModel")
+    info = checkpoint_info(d)
+    state = checkpoint.load_state_dict(d)
+    assert info["total_parameters"] == sum(v.size for v in state.values())
+    assert main(["info", d, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == info["total_parameters"]
+
+
+def test_corrupt_safetensors_is_not_skipped_for_a_tf_file_beside_it(text_dir, tmp_path):
+    import backends.torch as bt
+    convert(str(text_dir), str(tmp_path / "tf"), to="tf", progress=False)
+    shutil.copy(tmp_path / "tf" / "tf_model.h5", text_dir / "tf_model.h5")
+    weights = text_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])        # truncated
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        bt.BlipTextModel.from_pretrained(str(text_dir))
+    weights.unlink()                                        # no PyTorch weights at all: the TF file is used
+    assert bt.BlipTextModel.from_pretrained(str(text_dir)) is not None
+
+
+def test_h5_errors_name_the_file(text_dir):
+    import backends.torch as bt
+    (text_dir / "model.safetensors").unlink()
+    (text_dir / "tf_model.h5").write_bytes(b"not hdf5 at all" * 10)
+    with pytest.raises(CheckpointError, match="tf_model.h5: not a readable HDF5"):
+        bt.BlipTextModel.from_pretrained(str(text_dir))

@@ -1,0 +1,122 @@
+"""Hostile config.json files: bounded reading, typed errors, sanity limits before any allocation."""
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from blip_core import architecture_of, load_config
+from blip_core.configs import MAX_LAYERS, BlipTextConfig
+from blip_core.jsonfile import JsonFileError, read_json_file
+from blip_core.pretrained import read_pretrained
+from fixture_utils import fixture
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    d, _, _ = fixture("BlipForConditionalGeneration")
+    out = tmp_path / "m"
+    shutil.copytree(d, out)
+    return out
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[1, 2]", "must hold a JSON object, got array"),
+    ("null", "must hold a JSON object, got null"),
+    ('"blip"', "must hold a JSON object, got string"),
+    ("{", "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply|not valid JSON"),
+])
+def test_config_of_the_wrong_shape_is_a_typed_error(model_dir, content, match):
+    (model_dir / "config.json").write_text(content)
+    with pytest.raises(JsonFileError, match=match) as info:
+        load_config(str(model_dir))
+    assert "config.json" in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        architecture_of(str(model_dir))
+
+
+def test_invalid_utf8_names_the_file(model_dir):
+    (model_dir / "config.json").write_bytes(b'{"model_type": "bl\xffip"}')
+    with pytest.raises(JsonFileError, match="config.json: config file is not UTF-8"):
+        load_config(str(model_dir))
+
+
+def test_dev_zero_and_oversized_files_are_refused_without_reading_them(model_dir, tmp_path):
+    cfg = model_dir / "config.json"
+    cfg.unlink()
+    os.symlink("/dev/zero", cfg)
+    t0 = time.perf_counter()
+    with pytest.raises(JsonFileError, match="not a regular file"):
+        load_config(str(model_dir))
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)     # sparse: costs no disk
+    with pytest.raises(JsonFileError, match="more than the limit"):
+        read_json_file(big)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_fifo_does_not_hang(model_dir):
+    cfg = model_dir / "config.json"
+    cfg.unlink()
+    os.mkfifo(cfg)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_error_of(load_config, str(model_dir))), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "reading a FIFO config hung"
+    assert isinstance(result[0], JsonFileError) and "not a regular file" in str(result[0])
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:   # returned to the test thread
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings"])
+def test_absurd_sizes_are_refused_before_any_table_is_built(model_dir, field):
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"][field] = 10**9
+    (model_dir / "config.json").write_text(json.dumps(data))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=f"invalid config field '{field}'.*sanity limit"):
+        read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_limits_leave_real_sizes_alone():
+    cfg = BlipTextConfig(num_hidden_layers=MAX_LAYERS, vocab_size=250_000, hidden_size=8192, num_attention_heads=64,
+                         intermediate_size=32768)
+    assert cfg.num_hidden_layers == MAX_LAYERS
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        BlipTextConfig(num_hidden_layers=MAX_LAYERS + 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        BlipTextConfig(num_hidden_layers=1e9)
+
+
+def test_nested_config_of_the_wrong_type(model_dir):
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"] = [1, 2]
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_config(str(model_dir))
+
+
+def test_blip_info_gives_one_line_for_hostile_files(model_dir, capsys):
+    from blip_apps.cli import main
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"]["num_hidden_layers"] = 10**9
+    (model_dir / "config.json").write_text(json.dumps(data))
+    assert main(["info", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_hidden_layers" in err and "sanity limit" in err
+    (model_dir / "config.json").write_text("null")
+    assert main(["info", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON object" in err
