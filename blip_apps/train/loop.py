@@ -103,11 +103,12 @@ def evaluate(model, processor, data: data_mod.TaskData, cfg: TrainConfig, traine
     return out
 
 
-def retrieval_scores(model, data: data_mod.TaskData, n: int, k: int = 4) -> dict:
+def retrieval_scores(model, data: data_mod.TaskData, n: int, k: int = 0, batch_size: int = 256) -> dict:
     """Image-to-text recall@1 over the distinct captions of the first ``n`` rows.
 
     As BLIP's retrieval inference: ITC cosine ranks every caption for each image, the ITM head
-    re-ranks the top ``k``. Reports both recalls (``itm_recall@1`` is the task metric).
+    re-ranks the top ``k`` (0: every caption, affordable on small held-out sets). Reports both
+    recalls (``itm_recall@1`` is the task metric).
     """
     texts = list(dict.fromkeys(data.texts[:n]))
     col = {t: j for j, t in enumerate(texts)}
@@ -118,13 +119,15 @@ def retrieval_scores(model, data: data_mod.TaskData, n: int, k: int = 4) -> dict
     pv = data.arrays["pixel_values"][:n]
     itc = np.asarray(to_numpy(model(input_ids=ids, pixel_values=pv, attention_mask=mask,
                                     use_itm_head=False).itm_score), np.float64)
-    k = min(k, len(texts))
+    k = min(k, len(texts)) if k else len(texts)
     top = np.argsort(-itc, axis=1, kind="stable")[:, :k]
-    rows = np.repeat(np.arange(n), k)
-    logits = np.asarray(to_numpy(model(input_ids=ids[top.ravel()], pixel_values=pv[rows],
-                                       attention_mask=mask[top.ravel()], use_itm_head=True).itm_score), np.float64)
+    rows, cols = np.repeat(np.arange(n), k), top.ravel()
+    logits = np.concatenate([np.asarray(to_numpy(model(
+        input_ids=ids[cols[i:i + batch_size]], pixel_values=pv[rows[i:i + batch_size]],
+        attention_mask=mask[cols[i:i + batch_size]], use_itm_head=True).itm_score), np.float64)
+        for i in range(0, len(rows), batch_size)])
     itm = np.full_like(itc, -np.inf)
-    itm[rows, top.ravel()] = logits[:, 1] - logits[:, 0]       # monotone in p(match)
+    itm[rows, cols] = logits[:, 1] - logits[:, 0]       # monotone in p(match)
     return {"itc_recall@1": metrics.recall_at_1(itc, pos), "itm_recall@1": metrics.recall_at_1(itm, pos)}
 
 

@@ -34,7 +34,7 @@ def tiny_config(vocab_file: str, image_size: int = 64):
     n = len(vocab)          # [DEC] and [ENC] come after the vocabulary, as in BLIP
     return BlipConfig(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=image_size, patch_size=16, initializer_range=0.02),
+                           image_size=image_size, patch_size=32, initializer_range=0.02),
         text_config=dict(vocab_size=n + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=32, bos_token_id=n,
                          sep_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]")),
