@@ -24,8 +24,8 @@ SHAPES ?= build/shapes
 bundled-models: install
 	$(VENV)/bin/blip synthetic $(SHAPES) --train 2000 --test 200 --seed 0
 	$(VENV)/bin/blip train --task caption --data $(SHAPES) --out build/models/caption --steps 1500 --batch-size 64 --lr 5e-3 --warmup 100 --seed 0
-	$(VENV)/bin/blip train --task vqa --data $(SHAPES) --out build/models/vqa --steps 1500 --batch-size 64 --lr 5e-3 --warmup 100 --seed 0
-	$(VENV)/bin/blip train --task retrieval --data $(SHAPES) --out build/models/retrieval --steps 700 --batch-size 32 --lr 2e-3 --warmup 50 --seed 0
+	$(VENV)/bin/blip train --task vqa --data $(SHAPES) --out build/models/vqa --steps 1000 --batch-size 64 --lr 1e-3 --warmup 100 --seed 0
+	$(VENV)/bin/blip train --task retrieval --data $(SHAPES) --out build/models/retrieval --steps 600 --batch-size 32 --lr 5e-4 --warmup 50 --seed 0
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -3,7 +3,8 @@
 Loads the three bundled tiny BLIP models (``blip_apps/models/{caption,vqa,retrieval}``, trained with
 ``blip train`` on synthetic shapes) in every requested backend, then on the bundled held-out
 sample images (``assets/samples``: drawn from a stream of the generator that training never saw)
-captions each image, answers its question and ranks the sample captions for it (ITM), printing
+captions each image, answers its question and ranks the sample captions for it (BLIP's score: ITM
+logit of "match" plus ITC cosine), printing
 what each backend says, whether the backends agree, how many answers are right and the time taken.
 
 ``build_demo_model`` still writes a small *random* model over the 105-word demo vocabulary (the
@@ -99,7 +100,9 @@ def _run_backend(backend, rows, images):
                                           attention_mask=t["attention_mask"][txt_idx], use_itm_head=True).itm_score)
     logits = np.asarray(logits, np.float64).reshape(n, n, 2)
     p_match = 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))
-    out["best"] = p_match.argmax(1).tolist()
+    itc = np.asarray(to_numpy(models["retrieval"](input_ids=t["input_ids"], pixel_values=pixels,
+                                                  attention_mask=t["attention_mask"], use_itm_head=False).itm_score))
+    out["best"] = (logits[..., 1] + itc).argmax(1).tolist()       # BLIP's retrieval score: ITM logit + ITC cosine
     out["p_match"] = p_match
     out["run_s"] = time.perf_counter() - t0
     return out
@@ -129,7 +132,7 @@ def run_demo(backends=BACKENDS, out=None) -> int:
         print("    caption   " + " | ".join(f"{b}: {results[b]['captions'][i]}" for b in names))
         print(f"    Q: {row['question']}  (truth: {row['answer']})  "
               + " | ".join(f"{b}: {results[b]['answers'][i]}" for b in names))
-        print("    best match of the sample captions (ITM)  "
+        print("    best match of the sample captions (ITM logit + ITC cosine)  "
               + " | ".join(f"{b}: {texts[results[b]['best'][i]]!r} p={results[b]['p_match'][i].max():.3f}"
                            for b in names))
     first = results[names[0]]

@@ -14,7 +14,7 @@ def test_demo_runs_and_agrees_in_every_backend(capsys):
     assert "backends agree (torch, tf, jax): captions True, answers True, matches True" in out
     for backend in BACKENDS:
         assert f"{backend:>5}: loaded 3 models" in out
-    assert out.count("truth:") == 6
+    assert out.count("  truth: '") == 6                 # six images, each with its true caption
 
 
 def test_demo_assets_and_bundled_models_are_package_data():
