@@ -58,7 +58,7 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=0, help="held-out rows to evaluate (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="framework CPU threads (0: the framework's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; tf and jax keep theirs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)

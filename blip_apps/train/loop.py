@@ -16,7 +16,6 @@ import importlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +49,7 @@ class TrainConfig:
     eval_size: int = 0             # held-out rows evaluated (0: all)
     seed: int = 0                  # data order (and the fresh model's init when none is given)
     itc_temperature: float = 0.07  # retrieval: ITC softmax temperature (BLIP's initial value)
-    threads: int = 0               # CPU threads of the framework (0: its default; 1 is fastest on a busy machine)
+    threads: int = 0               # torch CPU threads (0: its default; 1 is fastest on a busy machine); tf and jax keep theirs
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
