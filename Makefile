@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bundled-models clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,14 @@ test: install
 
 demo: install
 	$(VENV)/bin/blip demo
+
+# Re-train the bundled models (blip_apps/models) from the synthetic data; see README "Training and the bundled models".
+SHAPES ?= build/shapes
+bundled-models: install
+	$(VENV)/bin/blip synthetic $(SHAPES) --train 2000 --test 200 --seed 0
+	$(VENV)/bin/blip train --task caption --data $(SHAPES) --out build/models/caption --steps 1500 --batch-size 64 --lr 5e-3 --warmup 100 --seed 0
+	$(VENV)/bin/blip train --task vqa --data $(SHAPES) --out build/models/vqa --steps 1000 --batch-size 64 --lr 1e-3 --warmup 100 --seed 0
+	$(VENV)/bin/blip train --task retrieval --data $(SHAPES) --out build/models/retrieval --steps 600 --batch-size 32 --lr 5e-4 --warmup 50 --seed 0
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -50,6 +50,19 @@ def _open_image(path: str):
         raise CliError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+
+
+def _model_dir(args, task: str) -> str:
+    """``--model``, or the bundled model for ``task`` (said on stderr)."""
+    if args.model:
+        return args.model
+    path = os.path.join(BUNDLED, task)
+    print(f"no --model: using the bundled {task} model ({path}), a tiny BLIP trained on synthetic shapes",
+          file=sys.stderr)
+    return path
+
+
 def _load(model_path: str, backend: str, dtype=None):
     if not os.path.isdir(model_path):
         raise CliError(f"{model_path}: not a model directory")
@@ -150,6 +163,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_caption(args) -> int:
+    args.model = _model_dir(args, "caption")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "caption", args.model)
     processor = _processor(args.model, model)
@@ -187,6 +201,7 @@ def cmd_caption(args) -> int:
 
 
 def cmd_vqa(args) -> int:
+    args.model = _model_dir(args, "vqa")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "vqa", args.model)
     processor = _processor(args.model, model)
@@ -205,6 +220,7 @@ def cmd_vqa(args) -> int:
 def cmd_match(args) -> int:
     import numpy as np
     from blip_core.numerics import to_numpy
+    args.model = _model_dir(args, "retrieval")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "match", args.model)
     processor = _processor(args.model, model)
@@ -238,7 +254,8 @@ def cmd_demo(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 def _model_args(p, beams=True):
-    p.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer files)")
+    p.add_argument("--model", default=None,
+                   help="model directory (config.json, weights, tokenizer files); default: the bundled model")
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
@@ -276,10 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, beams=False)
     p.set_defaults(func=cmd_match)
 
-    p = sub.add_parser("demo", help="build a small random captioner, caption the bundled image in every backend")
+    p = sub.add_parser("demo", help="caption, question and match held-out synthetic images with the bundled "
+                                    "models in every backend")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--out", default=None, help="keep the demo model in this directory")
     p.set_defaults(func=cmd_demo)
+
+    from .train.cli import add_train_parsers
+    add_train_parsers(sub)
 
     try:
         from converters.cli import add_convert_parser, add_parity_parser
