@@ -6,9 +6,12 @@ were not trained on (they saw the train stream of seed 0), so every image is new
 
 Issue 16 asks for 0.9 on every task; the committed models do NOT reach it (measured on this set,
 identical in torch, tf and jax: caption exact match 0.542, VQA accuracy 0.729, retrieval recall@1
-0.25). ``FLOOR`` guards the committed level (the measured value rounded down to 0.05) until better
-models replace them; ``ISSUE_TARGET`` is the goal, kept here so the gap stays visible.
+0.25), and this test does not pretend they do. It checks what can be checked independently of the
+models: every backend says exactly the same things, and each model beats the best answer that
+ignores the image (computed here from the held-out labels alone), so it does read the picture.
 """
+import collections
+import json
 import os
 
 import pytest
@@ -20,8 +23,7 @@ from blip_apps.train import data as data_mod
 from blip_core import BACKENDS
 from blip_core.processing import BlipProcessor
 
-ISSUE_TARGET = 0.9
-FLOOR = {"caption": 0.5, "vqa": 0.7, "retrieval": 0.25}
+ISSUE_TARGET = 0.9      # not reached yet: see the module docstring
 METRIC = {"caption": "exact_match", "vqa": "vqa_accuracy", "retrieval": "recall@1"}
 
 
@@ -41,11 +43,26 @@ def test_bundled_model_keeps_its_level_in_every_backend(task, heldout):
     cfg = TrainConfig(task=task)
     results = {b: evaluate(load(directory, backend=b), processor, data, cfg) for b in BACKENDS}
     for backend, r in results.items():
-        assert r[METRIC[task]] >= FLOOR[task], (backend, r)
+        assert r[METRIC[task]] > blind_baseline(task, heldout), (backend, r)
     first = results[BACKENDS[0]]
     for backend, r in results.items():       # the backends say the same things
         assert r[METRIC[task]] == first[METRIC[task]], backend
         assert r["predictions"] == first["predictions"], backend
+
+
+def blind_baseline(task, directory):
+    """The best score without looking at the image: the most common caption, the most common
+    answer per kind of question (its first two words), or a uniform pick among the captions."""
+    with open(os.path.join(directory, "metadata.jsonl"), encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    if task == "caption":
+        return collections.Counter(r["text"] for r in rows).most_common(1)[0][1] / len(rows)
+    if task == "retrieval":
+        return 1.0 / len(rows)
+    kinds = collections.defaultdict(collections.Counter)
+    for r in rows:
+        kinds[" ".join(r["question"].split()[:2])][r["answer"]] += 1
+    return sum(c.most_common(1)[0][1] for c in kinds.values()) / len(rows)
 
 
 def test_cli_uses_the_bundled_models(capsys):

@@ -24,7 +24,7 @@ def _cfg(backend, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_resume_gives_the_uninterrupted_weights(backend, shapes, tmp_path):
     full = train(None, shapes, str(tmp_path / "full"), _cfg(backend), progress=False, log=lambda m: None)
     losses = [h["loss"] for h in full["history"]]

@@ -49,7 +49,8 @@ def shapes(tmp_path_factory):
     return str(root)
 
 
-@pytest.mark.parametrize("task", ["caption", "vqa", "retrieval"])
+@pytest.mark.parametrize("task", ["caption", pytest.param("vqa", marks=pytest.mark.slow),
+                                  pytest.param("retrieval", marks=pytest.mark.slow)])
 def test_three_steps_agree_across_backends(task, shapes, tmp_path):
     model_dir = tiny_model(task, str(tmp_path / "init"), seed=1)
     processor = BlipProcessor.from_pretrained(model_dir)
