@@ -157,7 +157,7 @@ print("RESULT" + json.dumps(out))
 @pytest.fixture(scope="module")
 def tf_interop(tmp_path_factory):
     """Run transformers' TF BLIP once for all TF tests: its own h5 files and ours, loaded and run."""
-    pytest.importorskip("tf_keras")
+    require("tf_keras")
     work = tmp_path_factory.mktemp("tf_interop")
     jobs = []
     for name in TF_CLASSES:
@@ -396,7 +396,7 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path):
 
 # -- the msgpack format against flax itself ----------------------------------------------------------------
 def test_flax_msgpack_matches_flax_serialization(tmp_path, monkeypatch):
-    serialization = pytest.importorskip("flax.serialization")
+    serialization = require("flax.serialization")
     src = fx("Blip2QFormerModel")
     convert(src, tmp_path / "jax", to="jax")
     arch, table = table_of(src)
