@@ -159,12 +159,9 @@ def test_transformers_reproduces_the_committed_goldens(runs, name):
     assert got.tolist() == runs.want(name).tolist()
 
 
-def test_rows_are_informative(runs):
-    """The length-penalty and padding rows only test something if their settings change the ids."""
+def test_length_penalty_row_is_informative(runs):
+    """The length-penalty row only tests the penalty if, with the default penalty, transformers picks other ids."""
     plain = Case(CAPTIONER, CAPTIONER, ("pixel_values",), dict(max_new_tokens=6, num_beams=3),
                  config={"sep_token_id": 45})
-    assert runs.generate("transformers", plain, runs.inputs(plain)).tolist() != \
-        runs.want("caption-beam-length-penalty").tolist()
-    case = CASES["vqa-padded-greedy"]
-    ignoring_mask = runs.generate("transformers", case, runs.inputs(case))   # transformers drops the cross mask
-    assert ignoring_mask.tolist() != runs.want("vqa-padded-greedy").tolist()
+    default = runs.generate("transformers", plain, runs.inputs(plain))
+    assert default.tolist() != runs.want("caption-beam-length-penalty").tolist()
