@@ -89,6 +89,23 @@ def test_match_prints_transformers_match_probability_and_cosine(demo, capsys):
     assert not np.allclose(p_match, 1.0 - p_match, atol=10 * atol)
 
 
+def test_match_table_prints_the_same_numbers(demo, capsys):
+    """The plain-text table: p(match) and cosine to 4 decimals, the values of transformers' model."""
+    dirs, processor, image, path = demo
+    d = dirs["BlipForImageTextRetrieval"]
+    assert main(["match", path, *TEXTS, "--model", d]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    enc = processor(images=[image] * len(TEXTS), text=TEXTS, padding=True, return_tensors="np")
+    model = _hf(d, "BlipForImageTextRetrieval")
+    t = _pt(enc, "pixel_values", "input_ids", "attention_mask")
+    with torch.no_grad():
+        p_match = torch.softmax(model(**t, use_itm_head=True).itm_score.double(), -1)[:, 1].numpy()
+        cosine = torch.diagonal(model(**t, use_itm_head=False).itm_score).numpy()
+    assert lines[0].split() == ["ITM", "p(match)", "ITC", "cosine", "text"]
+    for line, text, p, c in zip(lines[1:], TEXTS, p_match, cosine):
+        assert line.split(None, 2) == [f"{p:.4f}", f"{c:.4f}", text]
+
+
 @pytest.mark.parametrize("name", ["BlipForConditionalGeneration", "Blip2ForConditionalGeneration"])
 def test_info_numbers_are_those_of_the_files(name, capsys):
     d, _, _ = fixture(name)

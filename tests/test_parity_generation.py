@@ -141,10 +141,17 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory.mktemp("generation"))
 
 
-ROWS = [(name, backend) for name, case in CASES.items() for backend in SUPPORT[case.cls]]
+# Each compiled engine costs tf and jax 10-25 s of tracing on 2 cores. Their greedy and beam captions and
+# VQA answers are also checked against transformers by tests/test_{tf,jax}_generation.py, so the default
+# run keeps only the rows that add something there (length penalty with eos, a padded question batch
+# under beam search); the others run with ``pytest -m slow tests/test_parity_generation.py``.
+COMPILED_DEFAULT = {"caption-beam-length-penalty", "vqa-padded-beam"}
+ROWS = [pytest.param(name, backend, id=f"{name}-{backend}",
+                     marks=[pytest.mark.slow] if backend in ("tf", "jax") and name not in COMPILED_DEFAULT else [])
+        for name, case in CASES.items() for backend in SUPPORT[case.cls]]
 
 
-@pytest.mark.parametrize("name, backend", ROWS, ids=[f"{n}-{b}" for n, b in ROWS])
+@pytest.mark.parametrize("name, backend", ROWS)
 def test_backend_ids_equal_transformers(runs, name, backend):
     case = CASES[name]
     got = runs.generate(backend, case, runs.inputs(case))
@@ -165,3 +172,15 @@ def test_length_penalty_row_is_informative(runs):
                  config={"sep_token_id": 45})
     default = runs.generate("transformers", plain, runs.inputs(plain))
     assert default.tolist() != runs.want("caption-beam-length-penalty").tolist()
+
+
+@pytest.mark.parametrize("backend", SUPPORT[CAPTIONER])
+def test_length_penalty_prefers_longer_hypotheses(runs, backend):
+    """Behaviour, without a reference: the eos row's beams finish early with no length reward
+    (``length_penalty=0``) and run on when long hypotheses are rewarded (``3.0``)."""
+    case = CASES["caption-beam-length-penalty"]
+    inputs = runs.inputs(case)
+    short = runs.generate(backend, Case(**{**case.__dict__, "kwargs": {**case.kwargs, "length_penalty": 0.0}}), inputs)
+    long = runs.generate(backend, case, inputs)
+    assert short.shape[1] < long.shape[1], (short.tolist(), long.tolist())
+    assert (short[:, -1] == case.config["sep_token_id"]).all(), short.tolist()
