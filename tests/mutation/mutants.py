@@ -52,9 +52,10 @@ MUTANTS = [
            "cmask = jnp.ones(context.shape[:2], jnp.int32) if context_mask is None else context_mask",
            "cmask = jnp.ones(context.shape[:2], jnp.int32)",
            ("tests/test_cross_attention_mask.py",), "jax"),
-    Mutant("jax: layer norm statistics in the input dtype (bfloat16)", "backends/jax/vision.py",
-           "xf = x.astype(jnp.float32)\n", "xf = x\n",
-           ("tests/test_low_precision.py",), "jax", min_failures=1),
+    Mutant("jax: causal mask lost in the text decoder's forward", "backends/jax/text.py",
+           "tri = jnp.tril(jnp.ones((t, t), dtype))", "tri = jnp.ones((t, t), dtype)",
+           ("tests/test_parity_matrix.py", "tests/test_low_precision.py"),
+           "BlipForConditionalGeneration and (float32 or jax)"),
     # -- applications -------------------------------------------------------------------------------
     Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
            '"itm_probability": float(itm[i, 1])', '"itm_probability": float(itm[i, 0])',
