@@ -141,13 +141,13 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory.mktemp("generation"))
 
 
-# Each compiled engine costs tf and jax 10-25 s of tracing on 2 cores. Their greedy and beam captions and
-# VQA answers are also checked against transformers by tests/test_{tf,jax}_generation.py, so the default
-# run keeps only the rows that add something there (length penalty with eos, a padded question batch
-# under beam search); the others run with ``pytest -m slow tests/test_parity_generation.py``.
-COMPILED_DEFAULT = {"caption-beam-length-penalty", "vqa-padded-beam"}
+# Each compiled engine costs tf and jax 10-25 s of tracing on 2 cores. Their plain greedy and beam BLIP
+# captions and VQA answers are also checked against transformers by tests/test_{tf,jax}_generation.py,
+# so in tf and jax those rows run only with ``pytest -m slow tests/test_parity_generation.py``; the
+# length-penalty, padded-beam and every BLIP-2 row run by default.
+COVERED_ELSEWHERE = {"caption-greedy", "caption-beam", "vqa-greedy", "vqa-padded-greedy"}
 ROWS = [pytest.param(name, backend, id=f"{name}-{backend}",
-                     marks=[pytest.mark.slow] if backend in ("tf", "jax") and name not in COMPILED_DEFAULT else [])
+                     marks=[pytest.mark.slow] if backend in ("tf", "jax") and name in COVERED_ELSEWHERE else [])
         for name, case in CASES.items() for backend in SUPPORT[case.cls]]
 
 
