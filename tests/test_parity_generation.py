@@ -17,6 +17,7 @@ Rows:
 - BLIP-2 with OPT (left-padded prompts with image placeholders; committed greedy golden) and with T5
   (the Blip2Model fixture's weights, loaded as Blip2ForConditionalGeneration), greedy and beam.
 """
+import importlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -101,8 +102,8 @@ class Runs:
             if backend == "transformers":
                 self.models[key] = getattr(transformers, case.cls).from_pretrained(key[1]).eval()
             else:
-                import importlib
-                self.models[key] = getattr(importlib.import_module(f"backends.{backend}"), case.cls).from_pretrained(key[1])
+                module = importlib.import_module(f"backends.{backend}")
+                self.models[key] = getattr(module, case.cls).from_pretrained(key[1])
         return self.models[key]
 
     def generate(self, backend: str, case: Case, inputs: dict) -> np.ndarray:
