@@ -73,7 +73,7 @@ SCALE_RELATIVE = frozenset({"bfloat16", "float16"})
 # bfloat16 and 1.6 in float16 (torch); stages of one or a few numbers (loss, itm_score) can land on a lucky
 # transformers rounding (ratios up to 26), so their floor carries them: the largest excess over 3x
 # transformers' error was 0.005 (loss) and 0.018 (itm_score) in bfloat16, 0.0006 (loss) in float16. A fault of the size of a
-# dropped bias (BLIP-2's language_projection: logits move by 0.69, e = 0.13) is 5x transformers'
+# dropped bias (BLIP-2's language_projection: logits move by 0.69, e = 0.13) is 4.6x transformers'
 # bfloat16 error there and fails.
 NOISE_FACTOR = 3.0
 NOISE_FLOOR = {
