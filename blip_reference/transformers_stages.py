@@ -58,8 +58,11 @@ def _run(model, arch: str, t: dict) -> dict:
         lm = o.language_model_outputs
         hidden = lm.hidden_states if getattr(lm, "hidden_states", None) is not None else lm.decoder_hidden_states
         query = o.qformer_outputs.last_hidden_state
+        # transformers keeps the Q-Former in float32 (_keep_in_fp32_modules) and casts its output to
+        # the projection's dtype inside forward; the stage is taken the same way
+        projected = model.language_projection(query.to(model.language_projection.weight.dtype))
         return {"vision": o.vision_outputs.last_hidden_state, "vision_pooled": o.vision_outputs.pooler_output,
-                "qformer": query, "projection": model.language_projection(query), "lm_hidden": hidden[-1],
+                "qformer": query, "projection": projected, "lm_hidden": hidden[-1],
                 "logits": o.logits}
     if arch == "Blip2ForImageTextRetrieval":
         o = model(**t, use_image_text_matching_head=False)

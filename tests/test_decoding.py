@@ -14,7 +14,8 @@ import torch
 from blip_core import decoding
 from blip_core.generation import resolve_generation
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 
 V, POS = 24, 64
 _rng = np.random.default_rng(0)

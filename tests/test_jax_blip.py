@@ -18,8 +18,9 @@ from blip_core.configs import BlipConfig, BlipVisionConfig
 from blip_core.numerics import max_abs_diff, tolerance
 from blip_core.weights import owned, weight_table
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+torch = require("torch")
+transformers = require("transformers")
 
 import backends.jax as J  # noqa: E402
 from backends.jax.vision import interpolate_positions  # noqa: E402

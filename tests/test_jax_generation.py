@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+torch = require("torch")
+transformers = require("transformers")
 
 from test_jax_blip import build, inputs, t  # noqa: E402
 

@@ -13,7 +13,8 @@ import torch
 
 import backends.jax as B
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_configs import blip_config, hf_blip_model  # noqa: E402
 

@@ -17,7 +17,8 @@ import backends.tf as B
 from blip_core.configs import BlipConfig
 from blip_core.numerics import max_abs_diff, tolerance
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_configs import blip_config, hf_blip_model  # noqa: E402
 

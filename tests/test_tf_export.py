@@ -13,7 +13,8 @@ import torch
 import backends.tf as B
 from backends.tf.export import export_captioner
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_configs import blip_config  # noqa: E402
 

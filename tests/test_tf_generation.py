@@ -15,7 +15,8 @@ import torch
 import backends.tf as B
 from backends.tf.generation import trace_count
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_configs import blip_config  # noqa: E402
 

@@ -16,7 +16,8 @@ import torch
 import backends.torch as bt
 from blip_core.numerics import max_abs_diff, tolerance
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_configs import blip_config  # noqa: E402
 

@@ -13,7 +13,8 @@ from backends.torch import generation
 from blip_core import decoding
 from blip_core.generation import resolve_generation
 
-transformers = pytest.importorskip("transformers")
+from fixture_utils import require
+transformers = require("transformers")
 
 EOS, PAD = 2, 1
 

@@ -1,0 +1,66 @@
+"""Planted bugs the test suite must catch: one realistic fault per entry, as a text patch.
+
+Each mutant replaces one exact snippet (it must occur exactly once) in one file of a temporary copy of
+the tree, then runs the few test files (and ``-k`` selection) that should notice, out of the
+default ``-m 'not slow'`` run. A mutant is caught when at least ``min_failures`` tests fail;
+the faults named in issue 21 ask for two. Run them with tests/mutation/run_mutants.py.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str            # file to patch, relative to the repository root
+    old: str             # exact snippet, present once
+    new: str
+    tests: tuple         # test files to run
+    select: str = ""     # pytest -k expression
+    min_failures: int = 2
+
+
+MUTANTS = [
+    # -- spec layer ---------------------------------------------------------------------------------
+    Mutant("spec: length penalty ignored by the decoding rulebook", "blip_core/decoding.py",
+           "lp = (n ** s.length_penalty).astype(np.float32)", "lp = (n ** 1.0).astype(np.float32)",
+           ("tests/test_parity_generation.py",), "length and torch"),
+    Mutant("spec: attention mask value -10 instead of -10000", "blip_core/numerics.py",
+           "MASK_VALUE = -10000.0", "MASK_VALUE = -10.0",
+           ("tests/test_parity_matrix.py",), "float32 and (BlipTextModel or BlipModel)"),
+    # -- torch --------------------------------------------------------------------------------------
+    Mutant("torch: cross-attention mask dropped in the text layers", "backends/torch/text.py",
+           "self.crossattention(h, enc_mask, enc, past,", "self.crossattention(h, None, enc, past,",
+           ("tests/test_cross_attention_mask.py",), "torch"),
+    Mutant("torch: BLIP-2 language_projection bias dropped", "backends/torch/blip2.py",
+           "return self.language_projection(query_output), vision, qformer",
+           "return torch.nn.functional.linear(query_output, self.language_projection.weight), vision, qformer",
+           ("tests/test_low_precision.py",), "Blip2 and torch"),
+    Mutant("torch: OPT positions read without the fairseq offset", "backends/torch/opt.py",
+           "return super().forward(position_ids + self.offset)", "return super().forward(position_ids)",
+           ("tests/test_parity_generation.py", "tests/test_low_precision.py"), "opt or Blip2ForConditionalGeneration"),
+    # -- tf -----------------------------------------------------------------------------------------
+    Mutant("tf: cross-attention mask dropped in the text layers", "backends/tf/text.py",
+           "h = self.crossattention(h, cross[0], cross[1], cross_bias,",
+           "h = self.crossattention(h, cross[0], cross[1], None,",
+           ("tests/test_cross_attention_mask.py",), "tf"),
+    Mutant("tf: beam length penalty ignored by the engine", "backends/tf/generation.py",
+           "return plan, {k: tf.constant(v) for k, v in numbers.items()}",
+           "return plan, {k: tf.constant(np.ones_like(v) if k.endswith('_table') else v) for k, v in numbers.items()}",
+           ("tests/test_parity_generation.py",), "length and tf"),
+    # -- jax ----------------------------------------------------------------------------------------
+    Mutant("jax: cross-attention mask dropped", "backends/jax/text.py",
+           "cmask = jnp.ones(context.shape[:2], jnp.int32) if context_mask is None else context_mask",
+           "cmask = jnp.ones(context.shape[:2], jnp.int32)",
+           ("tests/test_cross_attention_mask.py",), "jax"),
+    Mutant("jax: causal mask lost in the text decoder's forward", "backends/jax/text.py",
+           "tri = jnp.tril(jnp.ones((t, t), dtype))", "tri = jnp.ones((t, t), dtype)",
+           ("tests/test_parity_matrix.py", "tests/test_low_precision.py"),
+           "BlipForConditionalGeneration and (float32 or jax)"),
+    # -- applications -------------------------------------------------------------------------------
+    Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
+           '"itm_probability": float(itm[i, 1])', '"itm_probability": float(itm[i, 0])',
+           ("tests/test_cli_numbers.py",), "match"),
+    Mutant("cli: info counts tied weights twice", "blip_apps/cli.py",
+           "for s in table.values() if s.tied_to is None))", "for s in table.values()))",
+           ("tests/test_cli_numbers.py", "tests/test_cli.py"), "info"),
+]

@@ -1,0 +1,82 @@
+"""The cross-attention mask (``encoder_attention_mask``) from two angles, in every backend.
+
+transformers 4.57 never applies it in PyTorch (REFERENCE.md); we do. That difference is visible only
+when the cross-attended sequence is padded, which the parity matrix's inputs avoid, so it is
+checked here:
+
+- behaviour: BLIP's text decoder ignores masked encoder positions (changing them changes nothing)
+  and gives each row the output it has with the masked positions cut off;
+- parity: BlipForQuestionAnswering over a right-padded question batch gives, row by row, the
+  stages transformers computes for each question alone without its padding (where the mask
+  transformers drops has nothing to hide).
+"""
+import importlib
+
+import numpy as np
+import pytest
+
+from blip_core import to_numpy
+from blip_core.numerics import max_abs_diff
+from converters.parity import compare
+from fixture_utils import fixture, require
+from test_parity_matrix import SUPPORT
+
+require("transformers")
+CUT = 5          # encoder positions masked at the end of the second row
+
+
+def _cls(backend, name):
+    return getattr(importlib.import_module(f"backends.{backend}"), name)
+
+
+@pytest.mark.parametrize("backend", SUPPORT["BlipTextModel"])
+def test_text_decoder_ignores_masked_encoder_positions(backend):
+    d, inp, _ = fixture("BlipTextModel")
+    model = _cls(backend, "BlipTextModel").from_pretrained(d)
+    enc = inp["encoder_hidden_states"]
+    enc_mask = np.ones(enc.shape[:2], np.int64)
+    enc_mask[1, -CUT:] = 0
+    garbage = enc.copy()
+    garbage[1, -CUT:] = 50.0
+
+    def run(states, mask, rows=slice(None)):
+        kw = {} if mask is None else {"encoder_attention_mask": mask[rows]}
+        return to_numpy(model(input_ids=inp["input_ids"][rows], attention_mask=inp["attention_mask"][rows],
+                              encoder_hidden_states=states[rows], **kw).last_hidden_state)
+
+    masked = run(enc, enc_mask)
+    assert max_abs_diff(masked, run(garbage, enc_mask)) == 0.0     # masked positions carry no weight at all
+    cut = run(enc[:, :-CUT], None, slice(1, 2))
+    assert compare("text", cut, masked[1:], "cut", backend).ok
+    unmasked = run(enc, None)
+    assert compare("text", unmasked[:1], masked[:1], "unmasked", backend).ok     # the full row is untouched
+    assert not compare("text", unmasked[1:], masked[1:], "unmasked", backend).ok  # and the mask matters here
+
+
+@pytest.fixture(scope="module")
+def padded_vqa():
+    """The VQA fixture with the second question cut by two tokens and right-padded, and
+    transformers' stages of each question alone, without padding, stacked."""
+    from blip_reference.transformers_stages import reference_stages
+    d, inp, _ = fixture("BlipForQuestionAnswering")
+    inp = {k: inp[k] for k in ("pixel_values", "input_ids", "labels")}
+    mask = np.ones_like(inp["input_ids"])
+    inp["input_ids"] = inp["input_ids"].copy()
+    inp["input_ids"][1, -2:], mask[1, -2:] = 0, 0
+    inp["attention_mask"] = mask
+    rows = []
+    for i, n in enumerate(mask.sum(1)):
+        alone = {"pixel_values": inp["pixel_values"][i:i + 1], "input_ids": inp["input_ids"][i:i + 1, :n],
+                 "attention_mask": mask[i:i + 1, :n], "labels": inp["labels"][i:i + 1]}
+        rows.append(reference_stages(d, alone))
+    want = {k: np.concatenate([r[k] for r in rows], 0) for k in ("vision", "lm_hidden", "logits")}
+    return d, inp, want
+
+
+@pytest.mark.parametrize("backend", SUPPORT["BlipForQuestionAnswering"])
+def test_padded_questions_match_transformers_on_each_question_alone(padded_vqa, backend):
+    d, inp, want = padded_vqa
+    got = _cls(backend, "BlipForQuestionAnswering").from_pretrained(d).stages(**inp)
+    for stage, ref in want.items():
+        c = compare(stage, ref, to_numpy(got[stage]), "transformers", backend)
+        assert c.ok, (stage, c)
