@@ -147,8 +147,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
-@pytest.mark.parametrize("case", sorted(CASES))
+# Every case runs in every engine; the compiled engines (one XLA program per case) run the cases
+# below by default and the rest with -m slow, torch runs them all by default.
+COMPILED_DEFAULT = {"greedy_several_eos", "left_padded", "right_padded", "no_repeat_ngram", "bad_words",
+                    "beam_nrs_length_penalty", "beam_padded_penalties", "scores_beam"}
+ENGINE_CASES = [pytest.param(b, c, marks=[pytest.mark.slow] if b != "torch" and c not in COMPILED_DEFAULT else [])
+                for b in sorted(ENGINES) for c in sorted(CASES)]
+
+
+@pytest.mark.parametrize("backend,case", ENGINE_CASES)
 def test_engines_match_transformers(reference, backend, case):
     kw = dict(CASES[case])
     ids = kw.pop("prompt", PROMPT)
