@@ -73,7 +73,7 @@ def _steps_by_hand(model, px, ids, mask, n):
     return jnp.stack(all_logits, 1), np.asarray(jnp.stack(tokens, 1))
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat", "t5_placeholders"])
+@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("opt_concat", marks=pytest.mark.slow), pytest.param("t5_placeholders", marks=pytest.mark.slow)])
 def test_cached_steps_reproduce_the_full_forward(fixed, built, case):
     _, model, torch_model, px, ids, mask, _, _ = _model_and_prompt(fixed, built, case)
     n = 4
@@ -105,7 +105,7 @@ def _same(ours, ref):
     assert ours.shape == ref.shape and (ours == ref).all(), (ours.tolist(), ref.tolist())
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat", "t5_placeholders"])
+@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("opt_concat", marks=pytest.mark.slow), "t5_placeholders"])
 def test_generate_ids_match_transformers_and_torch(fixed, built, case):
     ref, model, torch_model, px, ids, mask, full_ids, full_mask = _model_and_prompt(fixed, built, case)
     drop = Q if case == "opt_concat" else 0      # the concatenation path returns the given ids + new tokens

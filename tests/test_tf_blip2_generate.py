@@ -16,7 +16,7 @@ from backends.torch import blip2 as torch_blip2
 from test_tf_blip2 import (CASES, IMG, Q, TEXT_INPUT, _case_inputs, _greedy, _is_t5, _pixels, _prompt,  # noqa: F401
                            _reference, _t, close, pair)
 
-@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat", "t5_placeholders", "t5_tied_relu_concat"])
+@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("opt_concat", marks=pytest.mark.slow), "t5_placeholders", pytest.param("t5_tied_relu_concat", marks=pytest.mark.slow)])
 def test_step_contract_matches_full_forward_and_torch_ids(pair, case):
     """Cached steps give the logits of a full forward over the growing sequence; greedy ids equal
     backends.torch's and transformers' generate (batched, left-padded prompts)."""
@@ -106,7 +106,7 @@ def test_generate_right_padded_batch_matches_transformers(pair):
             close(ours[finite], theirs[finite], f"scores {opts}")
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", "t5_tied_relu_concat"])
+@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("t5_tied_relu_concat", marks=pytest.mark.slow)])
 def test_generate_from_inputs_embeds(pair, case):
     """A prompt given as embeddings alone (placeholders found by their embedding): transformers' ids,
     for OPT the new tokens alone."""

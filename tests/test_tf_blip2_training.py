@@ -108,6 +108,7 @@ def test_bfloat16_against_float32(pair, case):
     assert got16.shape[0] == 2 and int(got16.max()) < 99
 
 
+@pytest.mark.slow
 def test_training_steps_in_a_tf_function(pair):
     """A few SGD steps inside a tf.function (graph tensors as inputs) lower the OPT captioning loss."""
     _, _, path = pair("Blip2ForConditionalGeneration", std=0.2, **CASES["opt_placeholders"])
@@ -134,6 +135,7 @@ def test_training_steps_in_a_tf_function(pair):
         step(*map(tf.constant, (px, np.where(ids == IMG, 5, ids), mask, labels)))
 
 
+@pytest.mark.slow      # tests/test_low_precision.py holds the default bfloat16 rows against transformers
 @pytest.mark.parametrize("name", sorted(FIXTURE_OUTPUTS))
 def test_fixture_in_bfloat16(name):
     """Every class loads in bfloat16 and stays within the tolerance table's bfloat16 row of transformers."""
