@@ -233,7 +233,8 @@ class _Blip2WithLanguageModel(_Blip2Base):
 
     def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
-                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 params=None):
         """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions.
         ``inputs_embeds`` replaces ``input_ids``; its placeholders are the rows equal to the image token's
         embedding."""
@@ -245,10 +246,11 @@ class _Blip2WithLanguageModel(_Blip2Base):
         else:
             lm = Seq2SeqLMOutput(logits=o["logits"], decoder_hidden_states=o["lm_hidden"] if hs else None,
                                  encoder_last_hidden_state=o["encoder"])
-        return Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
-                                                        vision_outputs=_vision_output(o["vision"], hs, at),
-                                                        qformer_outputs=_qformer_output(o["qformer"], hs, at),
-                                                        language_model_outputs=lm)
+        out = Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
+                                                     vision_outputs=_vision_output(o["vision"], hs, at),
+                                                     qformer_outputs=_qformer_output(o["qformer"], hs, at),
+                                                     language_model_outputs=lm)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None, **_) -> dict:

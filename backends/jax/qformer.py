@@ -215,7 +215,7 @@ class Blip2QFormerModel(Blip2Weights):
 
     def __call__(self, query_embeds=None, query_length=None, attention_mask=None, head_mask=None,
                  encoder_hidden_states=None, encoder_attention_mask=None, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         if head_mask is not None:
             raise NotImplementedError("head_mask is not supported")
         x, mask, context, context_mask, q = qformer_inputs(self.config, query_embeds, attention_mask,
@@ -223,10 +223,11 @@ class Blip2QFormerModel(Blip2Weights):
                                                            query_length)
         fn = self._jit("forward", "_forward", ("query_length",))
         h, hidden, attentions, crosses = fn(self._params(params), x, mask, context, context_mask, query_length=q)
-        return BaseModelOutputWithPoolingAndCrossAttentions(
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=h, pooler_output=h[:, 0], hidden_states=hidden if output_hidden_states else None,
             attentions=attentions if output_attentions else None,
             cross_attentions=crosses if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs) -> dict:
         return {"qformer": self(**inputs).last_hidden_state}

@@ -366,7 +366,8 @@ class BlipTextModel(JaxModel):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                  encoder_hidden_states=None, encoder_attention_mask=None, is_decoder: bool = False,
-                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 params=None):
         ids, mask = text_inputs(self.config, input_ids, attention_mask, inputs_embeds)
         if position_ids is not None:
             position_ids = token_ids(position_ids, "position_ids", self.config.max_position_embeddings)
@@ -384,9 +385,10 @@ class BlipTextModel(JaxModel):
         h, pooled, hidden, attentions, cross = fn(
             self._params(params), ids, mask, position_ids, embeds, context, context_mask, causal=bool(is_decoder),
             output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled,
-                                                            hidden_states=hidden, attentions=attentions,
-                                                            cross_attentions=cross)
+        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled,
+                                                         hidden_states=hidden, attentions=attentions,
+                                                         cross_attentions=cross)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs) -> dict:
         return {"text": self(**inputs).last_hidden_state}
