@@ -282,7 +282,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
-                 interpolate_pos_encoding: bool = False, generator: Optional[torch.Generator] = None, **kwargs):
+                 interpolate_pos_encoding: bool = False, **generate_kwargs):
+        generator = generate_kwargs.pop("generator", None)   # torch-only: a torch.Generator for sampling
         cfg = self.config
         lm_inputs, _, _ = self._language_inputs(pixel_values, interpolate_pos_encoding)
         b, dev = lm_inputs.shape[0], lm_inputs.device
@@ -290,8 +291,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             input_ids = torch.from_numpy(rules.default_prompt(cfg, b)).to(dev)
         embeds, full_mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         if self.is_decoder_only:
-            return self._generate_decoder_only(input_ids, embeds, full_mask, generator, kwargs)
-        return self._generate_seq2seq(embeds, full_mask, b, generator, kwargs)
+            return self._generate_decoder_only(input_ids, embeds, full_mask, generator, generate_kwargs)
+        return self._generate_seq2seq(embeds, full_mask, b, generator, generate_kwargs)
 
     def _settings(self, prompt_length: int, kwargs: dict):
         return rules.generation_settings(self.config, prompt_length, **kwargs)
