@@ -110,16 +110,19 @@ class Blip2Module(nn.Module):
         placed = jnp.take_along_axis(lm_inputs, rank[..., None], axis=1)
         return jnp.where(slots[..., None], placed, embeds), mask
 
-    def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels):
+    def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels, loss_convention: str = "transformers"):
         """``(loss or None, logits, lm hidden states, encoder states or None)``."""
         lm = self.language_model
         if rules.is_decoder_only(self.config):
             logits, hidden, _ = lm(embeds, mask)
             loss = None
             if labels is not None:   # only the text positions carry labels: the last labels.shape[1] logits
-                logits = logits[:, -rules.labelled_length(logits.shape[1], labels.shape[1]):]
-                loss = lm_loss(logits, labels)
+                window, ignored = rules.loss_window(logits.shape[1], labels.shape[1], loss_convention)
+                scored = jnp.pad(labels, ((0, 0), (ignored, 0)), constant_values=-100) if ignored else labels
+                loss = lm_loss(logits[:, -window:], scored)
+                logits = logits[:, -labels.shape[1]:]
             return loss, logits, hidden, None
+        rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
         tc = self.config.text_config
         if dec_ids is None:
             dec_ids = t5.shift_right(labels, rules.decoder_start_token_id(self.config), tc.pad_token_id)
@@ -208,39 +211,42 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return dec, dec_mask, labels
 
     def _forward(self, params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate, output_hidden_states=False,
-                 output_attentions=False):
+                 output_attentions=False, loss_convention="transformers"):
         qdt = self.qformer_dtype
 
         def run(m, pv, ids, embeds, mask, dec, dec_mask, labels):
             lm_inputs, vision, qformer = m.language_inputs(pv, interpolate, qdt)
             embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
-            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels)
+            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels,
+                                                             loss_convention)
             return dict(loss=loss, logits=logits, lm_hidden=hidden, encoder=enc, vision=vision, qformer=qformer,
                         projection=lm_inputs)
         return self._apply(params, pv, ids, embeds, mask, dec, dec_mask, labels, method=run)
 
     def _run(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-             interpolate_pos_encoding, params, hs=False, at=False, inputs_embeds=None):
+             interpolate_pos_encoding, params, hs=False, at=False, inputs_embeds=None,
+             loss_convention="transformers"):
+        rules.check_loss_convention(loss_convention)
         params = self._params(params)
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, embeds, mask = self._text(input_ids, attention_mask, inputs_embeds, params)
         if mask.shape[0] != pv.shape[0]:
             raise ValueError(f"the text batch ({mask.shape[0]}) and the image batch ({pv.shape[0]}) differ")
         dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, mask.shape)
-        fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
+        fn = self._jit("forward", "_forward", ("interpolate", "loss_convention") + _FLAGS)
         return fn(params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate=bool(interpolate_pos_encoding),
-                  output_hidden_states=bool(hs), output_attentions=bool(at))
+                  output_hidden_states=bool(hs), output_attentions=bool(at), loss_convention=loss_convention)
 
     def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
                  output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                 params=None):
+                 loss_convention: str = "transformers", params=None):
         """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions.
         ``inputs_embeds`` replaces ``input_ids``; its placeholders are the rows equal to the image token's
-        embedding."""
+        embedding. ``loss_convention``: "transformers" (default) or "lavis" (see ``blip_core.blip2.loss_window``)."""
         hs, at = bool(output_hidden_states), bool(output_attentions)
         o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-                      interpolate_pos_encoding, params, hs, at, inputs_embeds)
+                      interpolate_pos_encoding, params, hs, at, inputs_embeds, loss_convention)
         if self.is_decoder_only:
             lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None)
         else:
@@ -265,6 +271,18 @@ class _Blip2WithLanguageModel(_Blip2Base):
 
 class Blip2Model(_Blip2WithLanguageModel):
     """Vision + Q-Former + language model, with feature getters for each part."""
+
+    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, inputs_embeds=None,
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 loss_convention: str = "transformers", params=None):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().__call__(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                inputs_embeds=inputs_embeds, labels=labels,
+                                interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                return_dict=return_dict, loss_convention=loss_convention, params=params)
 
     def _text_features(self, params, ids, mask, dec, dec_mask, labels):
         def run(m, ids, mask, dec, dec_mask, labels):

@@ -147,8 +147,9 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return gen.fuse_queries(lm_inputs, embeds, slots), mask
 
     def _run_language_model(self, embeds, mask, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
-                            rec=None, enc_rec=None):
+                            rec=None, enc_rec=None, loss_convention: str = "transformers"):
         """-> (language-model output, loss, logits) as transformers' Blip2ForConditionalGeneration."""
+        rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
         lm = self.language_model
         tc = self.config.text_config
         if self.is_decoder_only:
@@ -158,8 +159,10 @@ class _Blip2WithLanguageModel(_Blip2Base):
             if labels is not None:
                 lab = as_ids(labels, tc.vocab_size, "labels", allow_ignore=True)
                 # only the text positions carry labels: align on the right, then shift by one
-                logits = full[:, -rules.labelled_length(full.shape[1], lab.shape[1]):]
-                loss = cross_entropy(logits[:, :-1], lab[:, 1:])
+                window, ignored = rules.loss_window(full.shape[1], lab.shape[1], loss_convention)
+                scored = tf.pad(lab, [[0, 0], [ignored, 0]], constant_values=-100) if ignored else lab
+                loss = cross_entropy(full[:, -window:][:, :-1], scored[:, 1:])
+                logits = full[:, -lab.shape[1]:]
             out = CausalLMOutputWithPast(logits=full, hidden_states=_hidden(rec),
                                          attentions=None if rec is None else Recorder.tup(rec.attn))
             return out, loss, logits
@@ -185,14 +188,18 @@ class _Blip2WithLanguageModel(_Blip2Base):
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
-                output_attentions=None, output_hidden_states=None, return_dict: bool = True):
+                output_attentions=None, output_hidden_states=None, return_dict: bool = True,
+                loss_convention: str = "transformers"):
+        """``loss_convention``: "transformers" (default) or "lavis" (LAVIS's OPT captioning loss also
+        scores the first text token from the last query position; see ``blip_core.blip2.loss_window``)."""
+        rules.check_loss_convention(loss_convention)
         # one recorder per tower: vision, Q-Former, language model (decoder), T5 encoder
         v_rec, q_rec, lm_rec, enc_rec = (self._recorder(output_hidden_states, output_attentions) for _ in range(4))
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         lm_inputs, (last, pooled), query = self._language_inputs(px, interpolate_pos_encoding, v_rec, q_rec)
         embeds, mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         out, loss, logits = self._run_language_model(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
-                                                     lm_rec, enc_rec)
+                                                     lm_rec, enc_rec, loss_convention)
         result = Blip2ForConditionalGenerationModelOutput(
             loss=loss, logits=logits, vision_outputs=vision_output(last, pooled, v_rec),
             qformer_outputs=qformer_output(query, q_rec), language_model_outputs=out)
@@ -222,6 +229,18 @@ class Blip2Model(_Blip2WithLanguageModel):
     """Vision + Q-Former + language model, with feature getters for each part."""
 
     architecture = "Blip2Model"
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None, return_dict: bool = True,
+                loss_convention: str = "transformers"):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().forward(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, labels=labels,
+                               interpolate_pos_encoding=interpolate_pos_encoding,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, loss_convention=loss_convention)
 
     def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True):

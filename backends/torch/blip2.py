@@ -240,6 +240,18 @@ class Blip2Model(_Blip2WithLanguageModel):
 
     architecture = "Blip2Model"
 
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, inputs_embeds=None,
+                output_attentions=False, output_hidden_states=False, return_dict=True,
+                loss_convention: str = "transformers"):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().forward(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, labels=labels,
+                               interpolate_pos_encoding=interpolate_pos_encoding,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, loss_convention=loss_convention)
+
     def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True):
         """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
