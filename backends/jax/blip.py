@@ -206,7 +206,7 @@ class BlipModel(_BlipBase):
         return self._apply(params, pv, ids, mask, method=run)
 
     def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                 return_loss: bool = False, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 return_loss=None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
                  output_hidden_states: bool = False, return_dict: bool = True, params=None):
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)

@@ -237,7 +237,7 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return fn(params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate=bool(interpolate_pos_encoding),
                   output_hidden_states=bool(hs), output_attentions=bool(at), loss_convention=loss_convention)
 
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def __call__(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
                  output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
                  loss_convention: str = "transformers", params=None):
@@ -272,7 +272,7 @@ class _Blip2WithLanguageModel(_Blip2Base):
 class Blip2Model(_Blip2WithLanguageModel):
     """Vision + Q-Former + language model, with feature getters for each part."""
 
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def __call__(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, inputs_embeds=None,
                  output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
                  loss_convention: str = "transformers", params=None):
@@ -289,7 +289,7 @@ class Blip2Model(_Blip2WithLanguageModel):
             return m.run_language_model(m.language_model.embed(ids), mask, dec, dec_mask, labels)
         return self._apply(params, ids, mask, dec, dec_mask, labels, method=run)
 
-    def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True, params=None):
         """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
         ids = token_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
@@ -313,7 +313,7 @@ class Blip2Model(_Blip2WithLanguageModel):
             return m.image_queries(pv, interpolate, qdt)[1][0]
         return self._apply(params, pv, method=run)
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                            legacy_output: bool = True, params=None):
         """Vision tower outputs, or its ``pooler_output`` with ``legacy_output=False``."""
         fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
@@ -321,7 +321,7 @@ class Blip2Model(_Blip2WithLanguageModel):
                           interpolate=bool(interpolate_pos_encoding), which="vision")
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled) if legacy_output else pooled
 
-    def get_qformer_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                              legacy_output: bool = True, params=None):
         """Q-Former outputs over the image, or their ``last_hidden_state`` with ``legacy_output=False``."""
         fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
@@ -345,7 +345,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     ``init_cache(rows, total_len, prefix)`` and ``decoding_step(params)`` follow the engine's step contract.
     """
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, return_dict: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False, return_dict: bool = False,
                            params=None):
         """The projected queries (B, Q, D_lm) the language model receives; with ``return_dict`` also the
         vision and Q-Former outputs: ``(projected, vision_outputs, qformer_outputs)``."""
@@ -436,7 +436,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return self._apply(params, ids, key_mask, cache, index, context, method=fn)
         return step
 
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
                  interpolate_pos_encoding: bool = False, **generate_kwargs):
         """Ids (B * num_return_sequences, L); options as transformers' generate (max_new_tokens, num_beams,
         do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, ...), plus ``seed`` or

@@ -65,7 +65,7 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
         return fn(self._params(params), pv, ids, mask, stripped=stripped, itm=bool(itm),
                   output_hidden_states=hs, output_attentions=at)
 
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None,
+    def __call__(self, pixel_values, input_ids, attention_mask=None,
                  use_image_text_matching_head: bool = False, output_attentions: bool = False,
                  output_hidden_states: bool = False, return_dict: bool = True, params=None):
         hs, at = bool(output_hidden_states), bool(output_attentions)
