@@ -209,3 +209,19 @@ def test_blip2_model_positional_call_means_what_it_means_in_transformers():
             kw = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels)
         assert pos.loss is not None, k
         assert float(to_numpy(pos.loss)) == float(to_numpy(kw.loss)), k
+
+
+def test_torch_generate_takes_generator_from_its_keywords():
+    """``generator`` is no parameter of generate (tf and jax have none) but torch still samples with it."""
+    d, inputs, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(d).eval()
+    px = torch.from_numpy(inputs["pixel_values"])
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)              # the global generator differs; the given one decides
+        runs.append(model.generate(px, do_sample=True, max_new_tokens=6,
+                                   generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(1)
+    unseeded = [model.generate(px, do_sample=True, max_new_tokens=6) for _ in range(4)]
+    assert any(not torch.equal(u, unseeded[0]) for u in unseeded[1:])   # sampling does depend on the generator
