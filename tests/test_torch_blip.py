@@ -448,7 +448,7 @@ def test_blip2_vision_config_tower():
                                              num_attention_heads=4, image_size=28, patch_size=7, qkv_bias=qkv_bias)
         torch.manual_seed(0)
         hf = _spread(transformers.Blip2VisionModel(cfg), seed=5).eval()
-        tower = bt.BlipVisionTransformer(config_from_dict(cfg.to_dict()))
+        tower = bt.vision.BlipVisionTransformer(config_from_dict(cfg.to_dict()))
         missing = tower.load_state_dict(hf.state_dict(), strict=True)
         assert not missing.missing_keys and (tower.encoder.layers[0].self_attn.qkv.bias is not None) == qkv_bias
         px = torch.randn(2, 3, 28, 28)

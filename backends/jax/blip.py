@@ -204,8 +204,8 @@ class BlipModel(_BlipBase):
         return self._apply(params, pv, ids, mask, method=run)
 
     def __call__(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                 return_loss: bool = False, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 return_loss=None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         positions = self._positions(position_ids, ids.shape)
@@ -213,14 +213,15 @@ class BlipModel(_BlipBase):
         o = fn(self._params(params), pv, ids, mask, positions, interpolate=bool(interpolate_pos_encoding),
                return_loss=bool(return_loss), output_hidden_states=bool(output_hidden_states),
                output_attentions=bool(output_attentions))
-        return BlipOutput(loss=o["loss"], logits_per_image=o["logits_per_text"].T, logits_per_text=o["logits_per_text"],
-                          text_embeds=o["text_embeds"], image_embeds=o["image_embeds"],
-                          text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
-                              last_hidden_state=o["text"][0], pooler_output=o["text"][1], hidden_states=o["text"][2],
-                              attentions=o["text"][3]),
-                          vision_model_output=BaseModelOutputWithPooling(
-                              last_hidden_state=o["vision"][0], pooler_output=o["vision"][1],
-                              hidden_states=o["vision"][2], attentions=o["vision"][3]))
+        out = BlipOutput(loss=o["loss"], logits_per_image=o["logits_per_text"].T, logits_per_text=o["logits_per_text"],
+                       text_embeds=o["text_embeds"], image_embeds=o["image_embeds"],
+                       text_model_output=BaseModelOutputWithPoolingAndCrossAttentions(
+                           last_hidden_state=o["text"][0], pooler_output=o["text"][1], hidden_states=o["text"][2],
+                           attentions=o["text"][3]),
+                       vision_model_output=BaseModelOutputWithPooling(
+                           last_hidden_state=o["vision"][0], pooler_output=o["vision"][1],
+                           hidden_states=o["vision"][2], attentions=o["vision"][3]))
+        return out if return_dict else out.to_tuple()
 
     def _features(self, params, pv, ids, mask, position_ids, interpolate, which):
         dt = self.dtype
@@ -296,14 +297,15 @@ class BlipForConditionalGeneration(_BlipBase):
 
     def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
                  interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
         o = self._run(pixel_values, input_ids, attention_mask, labels, interpolate_pos_encoding, params,
                       output_hidden_states, output_attentions)
         image = o["image_embeds"]
-        return BlipForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"], image_embeds=image,
-                                                       last_hidden_state=image, hidden_states=o["hidden_states"],
-                                                       attentions=o["attentions"])
+        out = BlipForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"], image_embeds=image,
+                                                    last_hidden_state=image, hidden_states=o["hidden_states"],
+                                                    attentions=o["attentions"])
+        return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
                interpolate_pos_encoding: bool = False, params=None) -> dict:
@@ -366,13 +368,14 @@ class BlipForImageTextRetrieval(_BlipBase):
 
     def __call__(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
                  interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
         o = self._run(input_ids, pixel_values, use_itm_head, attention_mask, interpolate_pos_encoding, params,
                       output_hidden_states, output_attentions)
-        return BlipImageTextMatchingModelOutput(itm_score=o["itm_score"], last_hidden_state=o["vision"],
-                                                hidden_states=o["hidden_states"], attentions=o["attentions"],
-                                                question_embeds=o["text"])
+        out = BlipImageTextMatchingModelOutput(itm_score=o["itm_score"], last_hidden_state=o["vision"],
+                                             hidden_states=o["hidden_states"], attentions=o["attentions"],
+                                             question_embeds=o["text"])
+        return out if return_dict else out.to_tuple()
 
     def stages(self, input_ids=None, pixel_values=None, use_itm_head=True, attention_mask=None,
                interpolate_pos_encoding=False, params=None) -> dict:
@@ -423,13 +426,15 @@ class BlipForQuestionAnswering(_BlipBase):
 
     def __call__(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
                  attention_mask=None, labels=None, interpolate_pos_encoding: bool = False,
-                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 params=None):
         """``hidden_states`` / ``attentions`` are the vision tower's, as in transformers."""
         o = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask, attention_mask, labels,
                       interpolate_pos_encoding, params, output_hidden_states, output_attentions)
-        return BlipTextVisionModelOutput(loss=o["loss"], image_embeds=o["image_embeds"],
-                                         last_hidden_state=o["image_embeds"], hidden_states=o["hidden_states"],
-                                         attentions=o["attentions"])
+        out = BlipTextVisionModelOutput(loss=o["loss"], image_embeds=o["image_embeds"],
+                                      last_hidden_state=o["image_embeds"], hidden_states=o["hidden_states"],
+                                      attentions=o["attentions"])
+        return out if return_dict else out.to_tuple()
 
     def stages(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
                attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None) -> dict:

@@ -110,16 +110,19 @@ class Blip2Module(nn.Module):
         placed = jnp.take_along_axis(lm_inputs, rank[..., None], axis=1)
         return jnp.where(slots[..., None], placed, embeds), mask
 
-    def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels):
+    def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels, loss_convention: str = "transformers"):
         """``(loss or None, logits, lm hidden states, encoder states or None)``."""
         lm = self.language_model
         if rules.is_decoder_only(self.config):
             logits, hidden, _ = lm(embeds, mask)
             loss = None
             if labels is not None:   # only the text positions carry labels: the last labels.shape[1] logits
-                logits = logits[:, -rules.labelled_length(logits.shape[1], labels.shape[1]):]
-                loss = lm_loss(logits, labels)
+                window, ignored = rules.loss_window(logits.shape[1], labels.shape[1], loss_convention)
+                scored = jnp.pad(labels, ((0, 0), (ignored, 0)), constant_values=-100) if ignored else labels
+                loss = lm_loss(logits[:, -window:], scored)
+                logits = logits[:, -labels.shape[1]:]
             return loss, logits, hidden, None
+        rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
         tc = self.config.text_config
         if dec_ids is None:
             dec_ids = t5.shift_right(labels, rules.decoder_start_token_id(self.config), tc.pad_token_id)
@@ -208,47 +211,52 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return dec, dec_mask, labels
 
     def _forward(self, params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate, output_hidden_states=False,
-                 output_attentions=False):
+                 output_attentions=False, loss_convention="transformers"):
         qdt = self.qformer_dtype
 
         def run(m, pv, ids, embeds, mask, dec, dec_mask, labels):
             lm_inputs, vision, qformer = m.language_inputs(pv, interpolate, qdt)
             embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
-            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels)
+            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels,
+                                                             loss_convention)
             return dict(loss=loss, logits=logits, lm_hidden=hidden, encoder=enc, vision=vision, qformer=qformer,
                         projection=lm_inputs)
         return self._apply(params, pv, ids, embeds, mask, dec, dec_mask, labels, method=run)
 
     def _run(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-             interpolate_pos_encoding, params, hs=False, at=False, inputs_embeds=None):
+             interpolate_pos_encoding, params, hs=False, at=False, inputs_embeds=None,
+             loss_convention="transformers"):
+        rules.check_loss_convention(loss_convention)
         params = self._params(params)
         pv = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, embeds, mask = self._text(input_ids, attention_mask, inputs_embeds, params)
         if mask.shape[0] != pv.shape[0]:
             raise ValueError(f"the text batch ({mask.shape[0]}) and the image batch ({pv.shape[0]}) differ")
         dec, dec_mask, labels = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, labels, mask.shape)
-        fn = self._jit("forward", "_forward", ("interpolate",) + _FLAGS)
+        fn = self._jit("forward", "_forward", ("interpolate", "loss_convention") + _FLAGS)
         return fn(params, pv, ids, embeds, mask, dec, dec_mask, labels, interpolate=bool(interpolate_pos_encoding),
-                  output_hidden_states=bool(hs), output_attentions=bool(at))
+                  output_hidden_states=bool(hs), output_attentions=bool(at), loss_convention=loss_convention)
 
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def __call__(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
-                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 loss_convention: str = "transformers", params=None):
         """With ``labels``, OPT's logits are those of the labelled (last ``labels.shape[1]``) positions.
         ``inputs_embeds`` replaces ``input_ids``; its placeholders are the rows equal to the image token's
-        embedding."""
+        embedding. ``loss_convention``: "transformers" (default) or "lavis" (see ``blip_core.blip2.loss_window``)."""
         hs, at = bool(output_hidden_states), bool(output_attentions)
         o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-                      interpolate_pos_encoding, params, hs, at, inputs_embeds)
+                      interpolate_pos_encoding, params, hs, at, inputs_embeds, loss_convention)
         if self.is_decoder_only:
             lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None)
         else:
             lm = Seq2SeqLMOutput(logits=o["logits"], decoder_hidden_states=o["lm_hidden"] if hs else None,
                                  encoder_last_hidden_state=o["encoder"])
-        return Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
-                                                        vision_outputs=_vision_output(o["vision"], hs, at),
-                                                        qformer_outputs=_qformer_output(o["qformer"], hs, at),
-                                                        language_model_outputs=lm)
+        out = Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
+                                                     vision_outputs=_vision_output(o["vision"], hs, at),
+                                                     qformer_outputs=_qformer_output(o["qformer"], hs, at),
+                                                     language_model_outputs=lm)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, params=None, **_) -> dict:
@@ -264,12 +272,24 @@ class _Blip2WithLanguageModel(_Blip2Base):
 class Blip2Model(_Blip2WithLanguageModel):
     """Vision + Q-Former + language model, with feature getters for each part."""
 
+    def __call__(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, inputs_embeds=None,
+                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                 loss_convention: str = "transformers", params=None):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().__call__(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                inputs_embeds=inputs_embeds, labels=labels,
+                                interpolate_pos_encoding=interpolate_pos_encoding,
+                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                return_dict=return_dict, loss_convention=loss_convention, params=params)
+
     def _text_features(self, params, ids, mask, dec, dec_mask, labels):
         def run(m, ids, mask, dec, dec_mask, labels):
             return m.run_language_model(m.language_model.embed(ids), mask, dec, dec_mask, labels)
         return self._apply(params, ids, mask, dec, dec_mask, labels, method=run)
 
-    def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True, params=None):
         """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
         ids = token_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
@@ -293,7 +313,7 @@ class Blip2Model(_Blip2WithLanguageModel):
             return m.image_queries(pv, interpolate, qdt)[1][0]
         return self._apply(params, pv, method=run)
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                            legacy_output: bool = True, params=None):
         """Vision tower outputs, or its ``pooler_output`` with ``legacy_output=False``."""
         fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
@@ -301,7 +321,7 @@ class Blip2Model(_Blip2WithLanguageModel):
                           interpolate=bool(interpolate_pos_encoding), which="vision")
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled) if legacy_output else pooled
 
-    def get_qformer_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                              legacy_output: bool = True, params=None):
         """Q-Former outputs over the image, or their ``last_hidden_state`` with ``legacy_output=False``."""
         fn = self._jit("image_features", "_image_features", ("interpolate", "which"))
@@ -325,7 +345,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     ``init_cache(rows, total_len, prefix)`` and ``decoding_step(params)`` follow the engine's step contract.
     """
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False, return_dict: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False, return_dict: bool = False,
                            params=None):
         """The projected queries (B, Q, D_lm) the language model receives; with ``return_dict`` also the
         vision and Q-Former outputs: ``(projected, vision_outputs, qformer_outputs)``."""
@@ -416,7 +436,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             return self._apply(params, ids, key_mask, cache, index, context, method=fn)
         return step
 
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
                  interpolate_pos_encoding: bool = False, **generate_kwargs):
         """Ids (B * num_return_sequences, L); options as transformers' generate (max_new_tokens, num_beams,
         do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, ...), plus ``seed`` or

@@ -65,15 +65,16 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
         return fn(self._params(params), pv, ids, mask, stripped=stripped, itm=bool(itm),
                   output_hidden_states=hs, output_attentions=at)
 
-    def __call__(self, pixel_values=None, input_ids=None, attention_mask=None,
+    def __call__(self, pixel_values, input_ids, attention_mask=None,
                  use_image_text_matching_head: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         hs, at = bool(output_hidden_states), bool(output_attentions)
         o = self._run(pixel_values, input_ids, attention_mask, use_image_text_matching_head, params, hs, at)
-        return Blip2ImageTextMatchingModelOutput(
+        out = Blip2ImageTextMatchingModelOutput(
             logits_per_image=o["logits"], logits_per_text=o["logits"].T, text_embeds=o["text_embeds"],
             image_embeds=o["image_embeds"], text_model_output=_qformer_output(o["text"], hs, at),
             vision_model_output=_vision_output(o["vision"], hs, at))
+        return out if return_dict else out.to_tuple()
 
     def stages(self, pixel_values=None, input_ids=None, attention_mask=None, use_image_text_matching_head=False,
                params=None, **_) -> dict:
@@ -100,7 +101,7 @@ class Blip2TextModelWithProjection(_Blip2Base):
         return self._apply(params, ids, mask, position_ids, method=run)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         qc = self.config.qformer_config
         ids = token_ids(input_ids, "input_ids", qc.vocab_size, qc.max_position_embeddings)
         if ids is None:
@@ -108,9 +109,10 @@ class Blip2TextModelWithProjection(_Blip2Base):
         pos = token_ids(position_ids, "position_ids", qc.max_position_embeddings)
         embeds, text = self._jit("forward", "_forward")(self._params(params), ids, self._mask(attention_mask, ids.shape),
                                                         pos)
-        return Blip2TextModelOutput(text_embeds=embeds, last_hidden_state=text[0],
-                                    hidden_states=text[1] if output_hidden_states else None,
-                                    attentions=text[2] if output_attentions else None)
+        out = Blip2TextModelOutput(text_embeds=embeds, last_hidden_state=text[0],
+                                 hidden_states=text[1] if output_hidden_states else None,
+                                 attentions=text[2] if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, input_ids=None, attention_mask=None, params=None, **_) -> dict:
         out = self(input_ids=input_ids, attention_mask=attention_mask, params=params)
@@ -131,9 +133,10 @@ class Blip2VisionModelWithProjection(_Blip2Base):
         return self._apply(params, pv, method=run)
 
     def __call__(self, pixel_values=None, output_attentions: bool = False, output_hidden_states: bool = False,
-                 interpolate_pos_encoding: bool = False, params=None):
-        return self._outputs(pixel_values, interpolate_pos_encoding, params, output_hidden_states,
-                             output_attentions)[0]
+                 return_dict: bool = True, interpolate_pos_encoding: bool = False, params=None):
+        out = self._outputs(pixel_values, interpolate_pos_encoding, params, output_hidden_states,
+                          output_attentions)[0]
+        return out if return_dict else out.to_tuple()
 
     def _outputs(self, pixel_values, interpolate, params, hs=False, at=False):
         fn = self._jit("forward", "_forward", ("interpolate",))

@@ -188,11 +188,13 @@ class Blip2Weights(JaxModel):
         return np.dtype(jnp.float32) if keeps_float32(self.dtype.name) else self.dtype
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, **kwargs):
+    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
+                        seed: int = 0, **hf_kwargs):
         """As ``JaxModel.from_pretrained`` (same keywords); loads float32, then applies the float16 rule."""
-        torch_dtype = kwargs.pop("torch_dtype", None)
+        torch_dtype = hf_kwargs.pop("torch_dtype", None)
         dt = blip2_dtype(dtype if torch_dtype is None else hf_loading_kwargs(dtype, None, torch_dtype=torch_dtype)[0])
-        model = super().from_pretrained(path, dtype=None, **kwargs)
+        model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device,
+                                        strict=strict, seed=seed, **hf_kwargs)
         model._cast_to(dt)
         return model
 
@@ -213,9 +215,9 @@ class Blip2QFormerModel(Blip2Weights):
     def _forward(self, params, x, mask, context, context_mask, query_length):
         return self.module.apply({"params": params}, x, mask, context, context_mask, query_length, self.dtype)
 
-    def __call__(self, query_embeds=None, query_length=None, attention_mask=None, head_mask=None,
+    def __call__(self, query_embeds, query_length=None, attention_mask=None, head_mask=None,
                  encoder_hidden_states=None, encoder_attention_mask=None, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         if head_mask is not None:
             raise NotImplementedError("head_mask is not supported")
         x, mask, context, context_mask, q = qformer_inputs(self.config, query_embeds, attention_mask,
@@ -223,10 +225,11 @@ class Blip2QFormerModel(Blip2Weights):
                                                            query_length)
         fn = self._jit("forward", "_forward", ("query_length",))
         h, hidden, attentions, crosses = fn(self._params(params), x, mask, context, context_mask, query_length=q)
-        return BaseModelOutputWithPoolingAndCrossAttentions(
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=h, pooler_output=h[:, 0], hidden_states=hidden if output_hidden_states else None,
             attentions=attentions if output_attentions else None,
             cross_attentions=crosses if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs) -> dict:
         return {"qformer": self(**inputs).last_hidden_state}

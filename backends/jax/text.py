@@ -223,16 +223,17 @@ class TextModel(nn.Module):
         return tuple(layer.crossattention.core.project_kv(context) for layer in self.encoder.layer)
 
     def __call__(self, input_ids, position_ids, self_bias, context=None, cross_bias=None, cross_kv=None,
-                 cache=None, index=None, inputs_embeds=None):
+                 cache=None, index=None, inputs_embeds=None, encoder_embeds=None):
         return self.full(input_ids, position_ids, self_bias, context, cross_bias, cross_kv, cache, index,
-                         inputs_embeds)[:3]
+                         inputs_embeds, encoder_embeds)[:3]
 
     def full(self, input_ids, position_ids, self_bias, context=None, cross_bias=None, cross_kv=None,
-             cache=None, index=None, inputs_embeds=None):
+             cache=None, index=None, inputs_embeds=None, encoder_embeds=None):
         """``(last, pooled, new_cache, hidden_states, attentions, cross_attentions)``: hidden_states are the
         embeddings output and every layer's output; cross_attentions is None without cross-attention input.
-        Under jit the entries a caller drops cost nothing."""
-        h = self.embeddings(input_ids, position_ids, inputs_embeds)
+        ``encoder_embeds`` go to the first layer as they are (no embedding layer). Under jit the entries a
+        caller drops cost nothing."""
+        h = encoder_embeds if encoder_embeds is not None else self.embeddings(input_ids, position_ids, inputs_embeds)
         new_cache = [] if cache is not None else None
         hidden, attentions, crosses = [h], [], []
         for i, layer in enumerate(self.encoder.layer):
@@ -300,7 +301,7 @@ class TextLMHeadModel(nn.Module):
 
 # -- functional entry points used by the public classes ------------------------------------------------
 def encode_text(module, ids, mask, causal: bool, context=None, context_mask=None, position_ids=None,
-                inputs_embeds=None, dtype=jnp.float32, full: bool = False):
+                inputs_embeds=None, dtype=jnp.float32, full: bool = False, encoder_embeds=None):
     """Run a ``TextModel`` / ``TextLMHeadModel`` over a full sequence (no cache).
 
     ``full=True`` (``TextModel`` only) returns ``TextModel.full``'s six entries instead of three."""
@@ -313,6 +314,8 @@ def encode_text(module, ids, mask, causal: bool, context=None, context_mask=None
         cmask = jnp.ones(context.shape[:2], jnp.int32) if context_mask is None else context_mask
         cross = cross_attention_bias(cmask, dtype)
     fn = module.full if full else module
+    if encoder_embeds is not None:
+        return fn(ids, position_ids, bias, context=context, cross_bias=cross, encoder_embeds=encoder_embeds)
     if inputs_embeds is not None:
         return fn(ids, position_ids, bias, context=context, cross_bias=cross, inputs_embeds=inputs_embeds)
     return fn(ids, position_ids, bias, context=context, cross_bias=cross)
@@ -359,23 +362,36 @@ class BlipTextModel(JaxModel):
         return TextModel(self.config, add_pooling_layer=True)
 
     def _forward(self, params, ids, mask, position_ids, embeds, context, context_mask, causal,
-                 output_hidden_states=False, output_attentions=False):
+                 output_hidden_states=False, output_attentions=False, encoder_embeds=None):
         h, pooled, _, hidden, attentions, cross = self.module.apply(
             {"params": params}, ids, mask, causal, context, context_mask, position_ids, embeds, self.dtype, True,
-            method=encode_text)
+            encoder_embeds, method=encode_text)
         if not output_attentions:
             attentions = cross = None
         return h, pooled, hidden if output_hidden_states else None, attentions, cross
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                 encoder_hidden_states=None, encoder_attention_mask=None, is_decoder: bool = False,
-                 output_attentions: bool = False, output_hidden_states: bool = False, params=None):
-        ids, mask = text_inputs(self.config, input_ids, attention_mask, inputs_embeds)
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
+                 use_cache=None, output_attentions: bool = False, output_hidden_states: bool = False,
+                 return_dict: bool = True, is_decoder: bool = False, params=None):
+        """transformers' ``BlipTextModel`` arguments. ``encoder_embeds`` skip the embedding layer. No cache is
+        kept or returned (``use_cache`` is accepted and has no effect): ``generate`` decodes with its own."""
+        if head_mask is not None:
+            raise NotImplementedError("head_mask is not supported")
+        if past_key_values is not None:
+            raise NotImplementedError("past_key_values are not supported by the JAX BlipTextModel; decode with "
+                                      "generate(), which keeps its own cache")
+        if encoder_embeds is not None:
+            encoder_embeds = as_input(encoder_embeds, "encoder_embeds", "f", ndim=3)
+        shape_source = encoder_embeds if input_ids is None and inputs_embeds is None else inputs_embeds
+        ids, mask = text_inputs(self.config, input_ids, attention_mask, shape_source)
         if position_ids is not None:
             position_ids = token_ids(position_ids, "position_ids", self.config.max_position_embeddings)
             if tuple(position_ids.shape) != tuple(ids.shape):
                 raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match {tuple(ids.shape)}")
         embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds).astype(self.dtype)
+        if encoder_embeds is not None:
+            encoder_embeds = jnp.asarray(encoder_embeds).astype(self.dtype)
         context = context_mask = None
         if encoder_hidden_states is not None:
             if not self.config.is_decoder:
@@ -386,10 +402,12 @@ class BlipTextModel(JaxModel):
         fn = self._jit("forward", "_forward", ("causal", "output_hidden_states", "output_attentions"))
         h, pooled, hidden, attentions, cross = fn(
             self._params(params), ids, mask, position_ids, embeds, context, context_mask, causal=bool(is_decoder),
-            output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled,
-                                                            hidden_states=hidden, attentions=attentions,
-                                                            cross_attentions=cross)
+            output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions),
+            encoder_embeds=encoder_embeds)
+        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled,
+                                                         hidden_states=hidden, attentions=attentions,
+                                                         cross_attentions=cross)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs) -> dict:
         return {"text": self(**inputs).last_hidden_state}

@@ -216,14 +216,15 @@ class BlipVisionModel(JaxModel):
                 attentions if output_attentions else None)
 
     def __call__(self, pixel_values=None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                 output_hidden_states: bool = False, params=None):
+                 output_hidden_states: bool = False, return_dict: bool = True, params=None):
         pv = vision_inputs(self.config, pixel_values, interpolate_pos_encoding, self.dtype)
         fn = self._jit("forward", "_forward", ("interpolate", "output_hidden_states", "output_attentions"))
         last, pooled, hidden, attentions = fn(self._params(params), pv, interpolate=bool(interpolate_pos_encoding),
                                               output_hidden_states=bool(output_hidden_states),
                                               output_attentions=bool(output_attentions))
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
-                                          attentions=attentions)
+        out = BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
+                                       attentions=attentions)
+        return out if return_dict else out.to_tuple()
 
     def stages(self, **inputs) -> dict:
         out = self(**inputs)

@@ -99,8 +99,8 @@ class BlipModel(_BlipBase):
         return self.text_projection(run_text(self.text_model, ids, mask, img, None, False)[1])
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                return_loss: bool = False, interpolate_pos_encoding: bool = False, output_attentions=None,
-                output_hidden_states=None, return_dict: bool = True):
+                return_loss=None, interpolate_pos_encoding: bool = False, output_attentions=False,
+                output_hidden_states=False, return_dict: bool = True):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask)
         pos = None if position_ids is None else as_positions(position_ids, self.config.text_config.max_position_embeddings)
@@ -162,7 +162,7 @@ class BlipForConditionalGeneration(_BlipBase):
         return img, hidden, logits, loss
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
-                interpolate_pos_encoding: bool = False, output_attentions=None, output_hidden_states=None,
+                interpolate_pos_encoding: bool = False, output_attentions=False, output_hidden_states=False,
                 return_dict: bool = True):
         # transformers returns the vision tower's hidden states / attentions here (not the decoder's)
         rec = self._recorder(output_hidden_states, output_attentions)
@@ -212,7 +212,7 @@ class BlipForImageTextRetrieval(_BlipBase):
         self.itm_head = Dense(self.params, "itm_head")
 
     def forward(self, input_ids=None, pixel_values=None, use_itm_head: bool = True, attention_mask=None,
-                interpolate_pos_encoding: bool = False, output_attentions=None, output_hidden_states=None,
+                interpolate_pos_encoding: bool = False, output_attentions=False, output_hidden_states=False,
                 return_dict: bool = True):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         ids, mask = self._text(input_ids, attention_mask, px.shape[0] if use_itm_head else None)
@@ -278,8 +278,8 @@ class BlipForQuestionAnswering(_BlipBase):
         return img, question, hidden, logits, loss
 
     def forward(self, input_ids=None, pixel_values=None, decoder_input_ids=None, decoder_attention_mask=None,
-                attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, output_attentions=None,
-                output_hidden_states=None, return_dict: bool = True):
+                attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, output_attentions=False,
+                output_hidden_states=False, return_dict: bool = True):
         rec = self._recorder(output_hidden_states, output_attentions)   # vision tower only, as transformers
         img, _, _, _, loss = self._run(input_ids, pixel_values, decoder_input_ids, decoder_attention_mask,
                                        attention_mask, labels, interpolate_pos_encoding, rec)

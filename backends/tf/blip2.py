@@ -147,8 +147,9 @@ class _Blip2WithLanguageModel(_Blip2Base):
         return gen.fuse_queries(lm_inputs, embeds, slots), mask
 
     def _run_language_model(self, embeds, mask, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
-                            rec=None, enc_rec=None):
+                            rec=None, enc_rec=None, loss_convention: str = "transformers"):
         """-> (language-model output, loss, logits) as transformers' Blip2ForConditionalGeneration."""
+        rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
         lm = self.language_model
         tc = self.config.text_config
         if self.is_decoder_only:
@@ -158,8 +159,10 @@ class _Blip2WithLanguageModel(_Blip2Base):
             if labels is not None:
                 lab = as_ids(labels, tc.vocab_size, "labels", allow_ignore=True)
                 # only the text positions carry labels: align on the right, then shift by one
-                logits = full[:, -rules.labelled_length(full.shape[1], lab.shape[1]):]
-                loss = cross_entropy(logits[:, :-1], lab[:, 1:])
+                window, ignored = rules.loss_window(full.shape[1], lab.shape[1], loss_convention)
+                scored = tf.pad(lab, [[0, 0], [ignored, 0]], constant_values=-100) if ignored else lab
+                loss = cross_entropy(full[:, -window:][:, :-1], scored[:, 1:])
+                logits = full[:, -lab.shape[1]:]
             out = CausalLMOutputWithPast(logits=full, hidden_states=_hidden(rec),
                                          attentions=None if rec is None else Recorder.tup(rec.attn))
             return out, loss, logits
@@ -183,16 +186,20 @@ class _Blip2WithLanguageModel(_Blip2Base):
                               encoder_attentions=None if enc_rec is None else Recorder.tup(enc_rec.attn))
         return out, loss, logits
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding: bool = False,
-                output_attentions=None, output_hidden_states=None, return_dict: bool = True):
+                output_attentions=False, output_hidden_states=False, return_dict: bool = True,
+                loss_convention: str = "transformers"):
+        """``loss_convention``: "transformers" (default) or "lavis" (LAVIS's OPT captioning loss also
+        scores the first text token from the last query position; see ``blip_core.blip2.loss_window``)."""
+        rules.check_loss_convention(loss_convention)
         # one recorder per tower: vision, Q-Former, language model (decoder), T5 encoder
         v_rec, q_rec, lm_rec, enc_rec = (self._recorder(output_hidden_states, output_attentions) for _ in range(4))
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         lm_inputs, (last, pooled), query = self._language_inputs(px, interpolate_pos_encoding, v_rec, q_rec)
         embeds, mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         out, loss, logits = self._run_language_model(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
-                                                     lm_rec, enc_rec)
+                                                     lm_rec, enc_rec, loss_convention)
         result = Blip2ForConditionalGenerationModelOutput(
             loss=loss, logits=logits, vision_outputs=vision_output(last, pooled, v_rec),
             qformer_outputs=qformer_output(query, q_rec), language_model_outputs=out)
@@ -223,7 +230,19 @@ class Blip2Model(_Blip2WithLanguageModel):
 
     architecture = "Blip2Model"
 
-    def get_text_features(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, interpolate_pos_encoding: bool = False, inputs_embeds=None,
+                output_attentions=False, output_hidden_states=False, return_dict: bool = True,
+                loss_convention: str = "transformers"):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().forward(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, labels=labels,
+                               interpolate_pos_encoding=interpolate_pos_encoding,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, loss_convention=loss_convention)
+
+    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True):
         """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
         ids = self._ids(input_ids, self.config.text_config.vocab_size)
@@ -233,13 +252,13 @@ class Blip2Model(_Blip2WithLanguageModel):
                                        decoder_attention_mask, labels)[0]
         return out if legacy_output else out.logits
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                            legacy_output: bool = True):
         """Vision tower outputs, or its ``pooler_output`` with ``legacy_output=False``."""
         last, pooled = self.vision_model(self._pixels(pixel_values, interpolate_pos_encoding), interpolate_pos_encoding)
         return vision_output(last, pooled) if legacy_output else pooled
 
-    def get_qformer_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                              legacy_output: bool = True):
         """Q-Former outputs over the image, or their ``last_hidden_state`` with ``legacy_output=False``."""
         _, query = self._image_queries(self._pixels(pixel_values, interpolate_pos_encoding), interpolate_pos_encoding)
@@ -256,7 +275,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
     architecture = "Blip2ForConditionalGeneration"
 
-    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False,
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                            return_dict: bool = False):
         px = self._pixels(pixel_values, interpolate_pos_encoding)
         lm_inputs, (last, pooled), query = self._language_inputs(px, interpolate_pos_encoding)
@@ -274,7 +293,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
                            interpolate_pos_encoding: bool = False):
         return gen.generation_context(self, pixel_values, input_ids, attention_mask, slots, interpolate_pos_encoding)
 
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
                  interpolate_pos_encoding: bool = False, **generate_kwargs):
         """ids as transformers 4.57 (int64): OPT the given ids + new tokens (the new tokens alone for a
         prompt given as ``inputs_embeds`` only), T5 the decoder ids.
@@ -320,8 +339,8 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
         with tf.control_dependencies([check]):
             return raw, tf.identity(raw[:, q:]), True
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None,
-                use_image_text_matching_head: bool = False, output_attentions=None, output_hidden_states=None,
+    def forward(self, pixel_values, input_ids, attention_mask=None,
+                use_image_text_matching_head: bool = False, output_attentions=False, output_hidden_states=False,
                 return_dict: bool = True):
         cfg = self.config
         raw, ids, stripped = self._strip_placeholders(input_ids)
@@ -375,8 +394,8 @@ class Blip2TextModelWithProjection(_Blip2Base):
         self.embeddings = QFormerTextEmbeddings(self.params, self.config.qformer_config)
         self.text_projection = Dense(self.params, "text_projection")
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
-                output_hidden_states=None, return_dict: bool = True):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=False,
+                output_hidden_states=False, return_dict: bool = True):
         ids = self._ids(input_ids, self.config.qformer_config.vocab_size)
         mask = as_mask(attention_mask, tuple(ids.shape))
         pos = None if position_ids is None else as_positions(position_ids)
@@ -406,7 +425,7 @@ class Blip2VisionModelWithProjection(_Blip2Base):
         (last, pooled), query = self._image_queries(px, interpolate_pos_encoding, v_rec)
         return last, pooled, query, normalize(self.vision_projection(query))
 
-    def forward(self, pixel_values=None, output_attentions=None, output_hidden_states=None, return_dict: bool = True,
+    def forward(self, pixel_values=None, output_attentions=False, output_hidden_states=False, return_dict: bool = True,
                 interpolate_pos_encoding: bool = False):
         v_rec = self._recorder(output_hidden_states, output_attentions)
         last, _, _, embeds = self._run(pixel_values, interpolate_pos_encoding, v_rec)

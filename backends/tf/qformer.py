@@ -170,9 +170,9 @@ class Blip2QFormerModel(BlipTFModel):
             self.config = self.config.qformer_config
         self.qformer = QFormerTower(self.params, "", self.config)
 
-    def forward(self, query_embeds=None, query_length=None, attention_mask=None, head_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=None,
-                output_hidden_states=None, return_dict: bool = True):
+    def forward(self, query_embeds, query_length=None, attention_mask=None, head_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False,
+                output_hidden_states=False, return_dict: bool = True):
         cfg = self.config
         if head_mask is not None:
             raise NotImplementedError("head_mask is not supported")

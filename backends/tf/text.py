@@ -259,10 +259,17 @@ class BlipTextModel(BlipTFModel):
             self.config = self.config.text_config
         self.text_model = TextTower(self.params, "", self.config, pooler=True)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                is_decoder: bool = False, output_attentions=None, output_hidden_states=None,
-                return_dict: bool = True):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
+                use_cache=None, output_attentions=False, output_hidden_states=False, return_dict: bool = True,
+                is_decoder: bool = False):
+        """transformers' ``BlipTextModel`` arguments. ``encoder_embeds`` skip the embedding layer. No cache is
+        kept or returned (``use_cache`` is accepted and has no effect): ``generate`` decodes with its own."""
+        if head_mask is not None:
+            raise NotImplementedError("head_mask is not supported")
+        if past_key_values is not None:
+            raise NotImplementedError("past_key_values are not supported by the TF BlipTextModel; decode with "
+                                      "generate(), which keeps its own cache")
         cfg = self.config
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both")

@@ -126,8 +126,8 @@ class BlipVisionModel(BlipTFModel):
     def _build(self):
         self.vision_model = VisionTower(self.params, "", self.config)
 
-    def forward(self, pixel_values=None, interpolate_pos_encoding: bool = False, output_attentions=None,
-                output_hidden_states=None, return_dict: bool = True):
+    def forward(self, pixel_values=None, interpolate_pos_encoding: bool = False, output_attentions=False,
+                output_hidden_states=False, return_dict: bool = True):
         px = as_float(pixel_values, self.dtype, "pixel_values")
         self.vision_model.check(px, interpolate_pos_encoding)
         rec = Recorder.make(flag(output_hidden_states, self.config, "output_hidden_states"),

@@ -175,7 +175,8 @@ class BlipForConditionalGeneration(_BlipBase):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding=False,
-                 generator=None, **generate_kwargs):
+                 **generate_kwargs):
+        generator = generate_kwargs.pop("generator", None)   # torch-only: a torch.Generator for sampling
         # Every input and option is checked before the image tower runs.
         pixel_values = self.vision_model.check_pixel_values(pixel_values, interpolate_pos_encoding)
         tc = self.config.text_config
@@ -303,7 +304,8 @@ class BlipForQuestionAnswering(_BlipBase):
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
-                 generator=None, **generate_kwargs):
+                 **generate_kwargs):
+        generator = generate_kwargs.pop("generator", None)   # torch-only: a torch.Generator for sampling
         settings = resolve_blip_generation(self.config.text_config, 1, **generate_kwargs)
         _, question = self._question(input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
         b = question.shape[0]

@@ -240,6 +240,18 @@ class Blip2Model(_Blip2WithLanguageModel):
 
     architecture = "Blip2Model"
 
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, inputs_embeds=None,
+                output_attentions=False, output_hidden_states=False, return_dict=True,
+                loss_convention: str = "transformers"):
+        """As ``Blip2ForConditionalGeneration``; ``inputs_embeds`` comes after transformers' parameters, which
+        have no ``inputs_embeds`` here, so that positional calls mean what they mean there."""
+        return super().forward(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, labels=labels,
+                               interpolate_pos_encoding=interpolate_pos_encoding,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, loss_convention=loss_convention)
+
     def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
                           decoder_attention_mask=None, labels=None, legacy_output: bool = True):
         """Language model on text alone: its output object, or its logits with ``legacy_output=False``."""
@@ -282,7 +294,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, inputs_embeds=None,
-                 interpolate_pos_encoding: bool = False, generator: Optional[torch.Generator] = None, **kwargs):
+                 interpolate_pos_encoding: bool = False, **generate_kwargs):
+        generator = generate_kwargs.pop("generator", None)   # torch-only: a torch.Generator for sampling
         cfg = self.config
         lm_inputs, _, _ = self._language_inputs(pixel_values, interpolate_pos_encoding)
         b, dev = lm_inputs.shape[0], lm_inputs.device
@@ -290,8 +303,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             input_ids = torch.from_numpy(rules.default_prompt(cfg, b)).to(dev)
         embeds, full_mask = self._fuse(lm_inputs, input_ids, attention_mask, inputs_embeds)
         if self.is_decoder_only:
-            return self._generate_decoder_only(input_ids, embeds, full_mask, generator, kwargs)
-        return self._generate_seq2seq(embeds, full_mask, b, generator, kwargs)
+            return self._generate_decoder_only(input_ids, embeds, full_mask, generator, generate_kwargs)
+        return self._generate_seq2seq(embeds, full_mask, b, generator, generate_kwargs)
 
     def _settings(self, prompt_length: int, kwargs: dict):
         return rules.generation_settings(self.config, prompt_length, **kwargs)

@@ -150,8 +150,8 @@ class BlipVisionTransformer(nn.Module):
                            bool(interpolate_pos_encoding))
         return pixel_values
 
-    def forward(self, pixel_values, output_attentions: bool = False, output_hidden_states: bool = False,
-                interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+    def forward(self, pixel_values, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         enc = self.encoder(x, output_attentions=bool(output_attentions),
@@ -175,9 +175,10 @@ class BlipVisionModel(BlipVisionTransformer, PreTrainedModel):
         BlipVisionTransformer.__init__(self, config)
         self.post_init(seed, dtype)
 
-    def forward(self, pixel_values=None, output_attentions=False, output_hidden_states=False,
-                interpolate_pos_encoding=False, return_dict=True):
-        out = super().forward(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, output_attentions=False,
+                output_hidden_states=False, return_dict=True):
+        out = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         return out if return_dict or return_dict is None else out.to_tuple()
 
     def stages(self, pixel_values, interpolate_pos_encoding=False, **_):
