@@ -19,10 +19,10 @@ from flax import traverse_util
 
 from blip_core.numerics import effective_tolerance, max_abs_diff, tolerance
 from blip_core.weights import owned, weight_table
-from fixture_utils import fixture
+from fixture_utils import fixture, require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import backends.jax as J  # noqa: E402
 import backends.torch as TB  # noqa: E402

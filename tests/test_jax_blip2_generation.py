@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixture_utils import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import backends.torch as TB  # noqa: E402
 from test_jax_blip2 import CASES, Q, _case_inputs, _pixels, _prompt, close, make_built, make_fixed, t  # noqa: E402
