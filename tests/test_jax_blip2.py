@@ -314,7 +314,8 @@ def test_forward_and_loss_match_transformers_and_torch(built, case):
             ours(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "opt_concat" else c
+                                  for c in sorted(CASES)])
 def test_loss_gradients_match_transformers(built, case):
     ref_model, ours, _, _ = built(case)
     px, ids, mask, full_ids, full_mask, labels = _case_inputs(case, seed=1)

@@ -75,6 +75,7 @@ def test_beam_caption_and_no_recompile(cap):
             assert ours.trace_count("generate") == before
 
 
+@pytest.mark.slow      # engine options: tests/test_decoding.py; model ids: tests/test_parity_generation.py
 def test_prompted_batched_caption(cap):
     hf, ours = cap
     pv, _, _ = inputs(batch=3)
@@ -84,6 +85,7 @@ def test_prompted_batched_caption(cap):
         same(ours.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, **kw), ref)
 
 
+@pytest.mark.slow
 def test_penalties_min_length_and_no_recompile(cap):
     hf, ours = cap
     pv, _, _ = inputs(batch=3)
@@ -122,6 +124,7 @@ def test_vqa_ignores_masked_question_tokens(vqa):
     assert float(np.abs(np.asarray(la) - np.asarray(lb)).max()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_sampling(cap):
     _, ours = cap
     pv, _, _ = inputs(batch=3)

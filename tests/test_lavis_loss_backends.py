@@ -55,7 +55,8 @@ def _run(module, cfg, inputs, convention):
     return float(to_numpy(out.loss)), np.asarray(to_numpy(out.logits))
 
 
-@pytest.mark.parametrize("image_token_index", [None, 98], ids=["concatenated", "placeholders"])
+@pytest.mark.parametrize("image_token_index", [pytest.param(None, marks=pytest.mark.slow), 98],
+                         ids=["concatenated", "placeholders"])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_lavis_loss_matches_torch(backend, image_token_index):
     cfg = _config(image_token_index)
