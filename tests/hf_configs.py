@@ -49,3 +49,14 @@ def hf_blip_model(cls_name, cfg, seed=0, spread=0.25):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * spread)
     return model.eval()
+
+
+def randomize(model, seed, std=0.5):
+    """Give every parameter of a transformers model a seeded, non-trivial value (its default init
+    leaves norms at 1, biases and BLIP-2's query tokens at 0)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()

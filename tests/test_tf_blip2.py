@@ -20,6 +20,7 @@ from backends.torch import blip2 as torch_blip2
 from blip_core.numerics import max_abs_diff, tolerance
 from fixture_utils import fixture
 from hf_configs import OPT_TEXT, T5_TEXT, blip2_config
+from hf_configs import randomize as _randomize
 
 ATOL = tolerance("default", "float32")[0]
 IMG = 90          # image placeholder id of the placeholder-path configs built here
@@ -44,14 +45,6 @@ CASES = {
     "flan_t5_exact_gelu": dict(text=dict(T5_GELU, dense_act_fn="gelu"), image_token_index=IMG),
 }
 
-
-def _randomize(model, seed, std):
-    """Seeded non-trivial weights everywhere (transformers zero-fills query tokens and biases)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import transformers
 from backends.torch import blip2 as ours
 from blip_core.numerics import max_abs_diff, tolerance
 from hf_configs import OPT_TEXT, T5_TEXT, blip2_config
+from hf_configs import randomize as _randomize  # std 0.5: gelu and gelu_new differ by > 1e-4
 
 ATOL = tolerance("default", "float32")[0]
 IMG = 90          # image placeholder id used by the placeholder-path configs
@@ -33,17 +34,6 @@ WIDE = dict(vision=dict(hidden_size=48, num_hidden_layers=1, num_attention_heads
                          hidden_act="gelu_new"),
             num_query_tokens=3)
 TEXT_INPUT = dict(qformer=dict(use_qformer_text_input=True))
-
-
-def _randomize(model, seed, std):
-    """Seeded non-trivial weights everywhere (transformers zero-fills query tokens and biases).
-
-    std 0.5 makes activations large enough that gelu and gelu_new differ by more than 1e-4."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +238,10 @@ def test_generate_right_padded_batch_matches_transformers(pair):
         got = me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
         assert torch.equal(got.sequences, ref.sequences), (opts, got.sequences, ref.sequences)
         assert len(got.scores) == len(ref.scores)
-        for ours, theirs in zip(got.scores, ref.scores):      # every step's scores, the first one included
+        for mine, theirs in zip(got.scores, ref.scores):      # every step's scores, the first one included
             finite = torch.isfinite(theirs)
-            assert torch.equal(torch.isfinite(ours), finite)
-            _close(ours[finite], theirs[finite])
+            assert torch.equal(torch.isfinite(mine), finite)
+            _close(mine[finite], theirs[finite])
 
 
 def test_generate_from_inputs_embeds_alone_matches_transformers(pair):

@@ -12,17 +12,9 @@ from backends.torch.opt import OPTForCausalLM
 from backends.torch.t5 import T5ForConditionalGeneration, relative_position_bucket
 from blip_core.configs import config_from_dict
 from blip_core.numerics import max_abs_diff, tolerance
+from hf_configs import randomize as _randomize
 
 ATOL = tolerance("default", "float32")[0]
-
-
-def _randomize(model, seed, std=0.5):
-    """Give every parameter a seeded, non-trivial value (default init leaves norms at 1 and biases at 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
 
 
 def _pair(hf_cls, ours_cls, hf_config, seed=0):
