@@ -134,3 +134,14 @@ def loss_window(num_logits: int, num_labels: int, convention: str = "transformer
     if convention == "lavis" and n < num_logits:
         return n + 1, 1
     return n, 0
+
+
+def retrieval_stages(out, use_image_text_matching_head: bool) -> dict:
+    """The named stages of a ``Blip2ForImageTextRetrieval`` output, for the parity harness."""
+    st = {"vision": out.vision_model_output.last_hidden_state, "text": out.text_model_output.last_hidden_state}
+    if use_image_text_matching_head:
+        st["itm_score"] = out.logits_per_image
+    else:
+        st.update(image_embeds=out.image_embeds, text_embeds=out.text_embeds, logits_per_image=out.logits_per_image)
+    return st
+

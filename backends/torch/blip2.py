@@ -418,13 +418,7 @@ class Blip2ForImageTextRetrieval(_Blip2PreTrained):
 
     def stages(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False, **_):
         out = self.forward(pixel_values, input_ids, attention_mask, use_image_text_matching_head)
-        st = {"vision": out.vision_model_output.last_hidden_state, "text": out.text_model_output.last_hidden_state}
-        if use_image_text_matching_head:
-            st["itm_score"] = out.logits_per_image
-        else:
-            st.update(image_embeds=out.image_embeds, text_embeds=out.text_embeds,
-                      logits_per_image=out.logits_per_image)
-        return st
+        return rules.retrieval_stages(out, use_image_text_matching_head)
 
 
 class Blip2TextModelWithProjection(_Blip2PreTrained):
