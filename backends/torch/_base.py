@@ -226,14 +226,32 @@ class PreTrainedModel(nn.Module):
 _SKIP_INIT = [False]
 
 
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+             "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+def _no_init(tensor, *args, **kwargs):
+    return tensor
+
+
 @contextlib.contextmanager
 def _skip_init():
-    """Build modules without the (discarded) random init and without torch's default init."""
+    """Build modules without the (discarded) random init and without torch's default init.
+
+    Modules are built on the meta device, and ``torch.nn.init``'s fills are no-ops meanwhile: on
+    meta tensors they would only cost time (a first ``normal_`` on meta imports torch._dynamo:
+    seconds and a hundred MB of a load).
+    """
     _SKIP_INIT[0] = True
+    saved = {name: getattr(nn.init, name) for name in _INIT_FNS if hasattr(nn.init, name)}
     try:
+        for name in saved:
+            setattr(nn.init, name, _no_init)
         with torch.device("meta"):
             yield
     finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
         _SKIP_INIT[0] = False
 
 

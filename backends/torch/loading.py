@@ -1,30 +1,31 @@
 """Checkpoint tensors -> torch parameters, one tensor at a time (see ``blip_core.checkpoint.mapped``).
 
-Each parameter is allocated once, in its final dtype and on its final device, and filled from
-the memory-mapped checkpoint by ``Tensor.copy_`` (which casts and moves to the device in the same
-pass); the tensor's mapped pages are then dropped, so the peak is the model plus about one tensor.
-
-Parameters own their memory. transformers' loader (through ``safetensors``) keeps parameters
-whose dtype matches the file as views of a private file mapping; that saves one memory copy per
-byte but ties the model to the file for its whole life: a file rewritten in place under it (as a
-non-atomic ``save_pretrained`` to the same directory does) changes the weights, and a truncated
-one is a ``SIGBUS`` on the next read. A copy from the page cache costs little next to that.
-Arrays already read for this load alone (h5 datasets, msgpack leaves, ``.bin`` tensors) are
-taken over without a copy when their dtype matches.
+* A tensor stored in the dtype asked for, loaded to the CPU, becomes a view of the memory-mapped
+  file, as transformers' loader (through ``safetensors``) does: no copy, no new memory, pages
+  read from the page cache as the model first touches them. The mapping is private
+  (copy-on-write), so writing to a parameter (training) copies that page and never reaches the
+  file. The price, the same as transformers': the model keeps the file mapped for its life, and
+  a program that rewrites the file *in place* under a live model changes its weights (a truncated
+  file is a ``SIGBUS`` on the next read). Our ``save_pretrained`` writes a new file and renames
+  it over the old one, so saving into the directory a model was loaded from is safe.
+* Any other tensor is allocated once, in its final dtype and on its final device, and filled by
+  ``Tensor.copy_`` (which casts and moves to the device in the same pass); its mapped pages are
+  then dropped from this process, so the peak is the model plus about one tensor.
+* Arrays read for this load alone (h5 datasets, msgpack leaves, ``.bin`` tensors) are taken over
+  when their dtype matches.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from blip_core.checkpoint import MappedRef, in_order
+from blip_core.checkpoint import in_order
 
 
-def as_torch(arr: np.ndarray) -> torch.Tensor:
-    """A numpy array (bfloat16 through ml_dtypes included) as a torch tensor sharing its memory."""
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(arr)
+def as_torch(ref) -> torch.Tensor:
+    """A ref's data as a torch tensor sharing its memory (bfloat16 without ml_dtypes)."""
+    t = torch.from_numpy(ref.raw())
+    return t.view(torch.bfloat16) if ref.dtype_name == "bfloat16" else t
 
 
 def load_params(items: list, dtype: torch.dtype, device=None) -> dict:
@@ -32,16 +33,13 @@ def load_params(items: list, dtype: torch.dtype, device=None) -> dict:
     device = torch.device(device) if device is not None else torch.device("cpu")
     out = {}
     for name, ref, _ in in_order(items, ref=lambda item: item[1]):
-        arr = ref.view()
-        src = as_torch(arr)
-        if (src.dtype == dtype and device.type == "cpu" and arr.flags.writeable and arr.flags.c_contiguous
-                and not isinstance(ref, MappedRef)):
-            out[name] = src                  # read for this load alone: take it over
+        src = as_torch(ref)
+        if src.dtype == dtype and device.type == "cpu" and src.is_contiguous() and ref.raw().flags.writeable:
+            out[name] = src                  # the file mapping itself, or an array read for us alone
             continue
         dst = torch.empty(src.shape, dtype=dtype, device=device)
         dst.copy_(src)
         out[name] = dst
-        del src, arr
+        del src
         ref.release()
     return out
-

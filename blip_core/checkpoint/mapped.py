@@ -34,19 +34,35 @@ from .safetensors_io import read_safetensors_header
 _PAGE = mmap.PAGESIZE
 
 
+# Stored dtypes numpy lacks, and the plain dtype of the same width their bits are viewed as.
+_RAW = {"bfloat16": np.dtype(np.uint16), "float8_e4m3fn": np.dtype(np.uint8), "float8_e5m2": np.dtype(np.uint8)}
+
+
 class TensorRef:
-    """One stored tensor, not yet read: ``shape``, ``dtype`` (as stored), ``view()``, ``release()``."""
+    """One stored tensor, not yet read: ``shape``, ``dtype_name`` / ``dtype`` (as stored), ``view()``,
+    ``raw()``, ``release()``."""
 
     shape: tuple = ()
-    dtype: np.dtype = np.dtype(np.float32)
+    dtype_name: str = "float32"
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype (bfloat16 and float8 through ml_dtypes, imported only here)."""
+        return numpy_dtype(self.dtype_name, f"tensor of shape {self.shape}")
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        itemsize = _RAW[self.dtype_name].itemsize if self.dtype_name in _RAW else np.dtype(self.dtype_name).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     def view(self) -> np.ndarray:
         """The data in canonical layout; may share memory with a file mapping (see ``release``)."""
         raise NotImplementedError
+
+    def raw(self) -> np.ndarray:
+        """As ``view()``, with bfloat16 / float8 data seen as uint16 / uint8 (needs no ml_dtypes)."""
+        arr = self.view()
+        return arr.view(_RAW[self.dtype_name]) if self.dtype_name in _RAW else arr
 
     def load(self) -> np.ndarray:
         """The data as an array that owns its memory."""
@@ -64,7 +80,7 @@ class TensorRef:
         return arr if dtype is None else arr.astype(dtype)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype_name})"
 
 
 class ArrayRef(TensorRef):
@@ -72,7 +88,7 @@ class ArrayRef(TensorRef):
 
     def __init__(self, array):
         self._array = np.asarray(array)
-        self.shape, self.dtype = tuple(self._array.shape), self._array.dtype
+        self.shape, self.dtype_name = tuple(self._array.shape), self._array.dtype.name
 
     def view(self) -> np.ndarray:
         return self._array
@@ -85,7 +101,7 @@ class ReaderRef(TensorRef):
     """A tensor read by a callable on each ``view()`` (one h5 dataset, one msgpack leaf)."""
 
     def __init__(self, shape, dtype, read):
-        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+        self.shape, self.dtype_name, self._read = tuple(shape), np.dtype(dtype).name, read
 
     def view(self) -> np.ndarray:
         return self._read()
@@ -135,16 +151,26 @@ class MappedRef(TensorRef):
     def __init__(self, file: MappedFile, entry):
         self._file, self._entry = file, entry
         self.shape = tuple(entry.shape)
-        self.dtype = numpy_dtype(SAFETENSORS_TO_NAME[entry.dtype], f"{file.path}: tensor {entry.name!r}")
+        self.dtype_name = SAFETENSORS_TO_NAME[entry.dtype]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.dtype_name, f"{self._file.path}: tensor {self._entry.name!r}")
 
     def view(self) -> np.ndarray:
+        return self._array(self.dtype)
+
+    def raw(self) -> np.ndarray:
+        return self._array(_RAW[self.dtype_name]) if self.dtype_name in _RAW else self.view()
+
+    def _array(self, dtype: np.dtype) -> np.ndarray:
         e = self._entry
         if e.end == e.begin:
-            return np.zeros(self.shape, self.dtype)
-        little = self.dtype.newbyteorder("<") if self.dtype.itemsize > 1 and self.dtype.kind in "fiub" else self.dtype
+            return np.zeros(self.shape, dtype)
+        little = dtype.newbyteorder("<") if dtype.itemsize > 1 and dtype.kind in "fiub" else dtype
         arr = self._file.span(e.begin, e.end).view(little).reshape(self.shape)
         if sys.byteorder != "little" and arr.dtype.itemsize > 1:   # pragma: no cover - big-endian hosts
-            arr = arr.astype(self.dtype)
+            arr = arr.astype(dtype)
         return arr
 
     def load(self) -> np.ndarray:
