@@ -32,6 +32,8 @@ from .errors import CheckpointError
 from .safetensors_io import read_safetensors_header
 
 _PAGE = mmap.PAGESIZE
+# Linux / macOS advice; without them (Windows) loading works the same, holding more pages meanwhile.
+_DONTNEED, _WILLNEED = getattr(mmap, "MADV_DONTNEED", None), getattr(mmap, "MADV_WILLNEED", None)
 
 
 # Stored dtypes numpy lacks, and the plain dtype of the same width their bits are viewed as.
@@ -179,10 +181,12 @@ class MappedRef(TensorRef):
         return arr
 
     def release(self) -> None:
-        self._file.advise(mmap.MADV_DONTNEED, self._entry.begin, self._entry.end, inward=True)
+        if _DONTNEED is not None:
+            self._file.advise(_DONTNEED, self._entry.begin, self._entry.end, inward=True)
 
     def prefetch(self) -> None:
-        self._file.advise(mmap.MADV_WILLNEED, self._entry.begin, self._entry.end, inward=False)
+        if _WILLNEED is not None:
+            self._file.advise(_WILLNEED, self._entry.begin, self._entry.end, inward=False)
 
 
 def map_safetensors(files) -> dict:
