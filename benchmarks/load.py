@@ -298,6 +298,28 @@ def targets(rows) -> list:
     return out
 
 
+def markdown(results: dict) -> str:
+    """The README table of a results dict (``--out`` JSON)."""
+    env = results["environment"]
+    lines = [f"Machine: {env['machine']}, {env['cpus']} CPUs; load average {env['load_average_start'][0]:.1f} at the "
+             f"start, {env.get('load_average_end', [float('nan')])[0]:.1f} at the end; "
+             + ", ".join(f"{k} {v}" for k, v in env["packages"].items()), "",
+             "| checkpoint | impl | dtype | load s | x transformers | model GB | peak GB | peak / model "
+             "| extra / model | logits max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        name = f"{r['model']} ({results['models'][r['model']]['bytes'] / 1e9:.1f} GB {results['models'][r['model']]['stored_dtype']})"
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {r['impl']} | {r['dtype']} | {r['status']}: {r.get('error', '')[:60]} |||||||")
+            continue
+        ref = next((x for x in results["rows"] if x["impl"] == "hf-torch" and x["model"] == r["model"]
+                    and x["dtype"] == r["dtype"] and x["status"] == "ok"), None)
+        ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        diff = f"{r['logits_max_abs_diff']:.1e}" if "logits_max_abs_diff" in r else "-"
+        lines.append(f"| {name} | {r['impl']} | {r['dtype']} | {r['seconds']:.2f} | {ratio} | {r['model_bytes'] / 1e9:.2f} "
+                     f"| {r['peak_bytes'] / 1e9:.2f} | {r['peak_over_model']:.3f} | {r['extra_over_model']:.3f} | {diff} |")
+    return "\n".join(lines)
+
+
 def _print_row(row, log) -> None:
     if row["status"] != "ok":
         log(f"   {row['impl']:<9}{row['dtype']:<10}{row['status']}: {row.get('error', '')[-600:]}")
@@ -339,8 +361,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits)
+    print("\n" + markdown(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,6 +3,9 @@
 Backends call ``read_pretrained`` and ``write_pretrained`` with their own name; they receive and
 hand back flat ``{backend_path: numpy array}`` dicts holding only the rows that own storage
 (tied rows are shared inside each backend and filled in from their targets when reading).
+``open_pretrained`` + ``load_items`` are the streaming form every backend's ``from_pretrained``
+uses: checked ``TensorRef``s (memory-mapped safetensors) that the backend turns into its own
+arrays one tensor at a time.
 """
 from __future__ import annotations
 
