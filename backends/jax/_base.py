@@ -18,8 +18,10 @@ from flax import traverse_util
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
-from blip_core.pretrained import hf_loading_kwargs, read_pretrained, write_pretrained
+from blip_core.pretrained import hf_loading_kwargs, load_items, open_pretrained, write_pretrained
 from blip_core.weights import backend_params, random_weights, weight_table
+
+from .loading import load_params, resolve_device
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -177,16 +179,18 @@ class JaxModel:
                         seed: int = 0, **hf_kwargs):
         """Load a Hugging Face directory (config.json + safetensors, or .bin when allowed).
 
-        Cross-class loading, ``strict`` and ``seed`` as in every backend (``blip_core.pretrained``);
-        ``device`` / ``device_map`` other than the default ("auto", "cpu") are not supported here.
+        Cross-class loading, ``strict`` and ``seed`` as in every backend (``blip_core.pretrained``).
+        Tensors stream from the memory-mapped files to ``device`` (jax's default device, or one named
+        ``"cpu"`` / ``"gpu"`` / ``"cuda:1"``) one at a time, cast and laid out there
+        (``backends.jax.loading``): peak host memory is about one tensor above the model.
         """
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
-        _default_device_only(device)
         dt = resolve_dtype(dtype)
-        config, _, flat = read_pretrained(path, cls.__name__, "jax", dtype=dt.name, allow_pickle_bin=allow_pickle_bin,
-                                          strict=strict, seed=seed)
+        config, table, refs = open_pretrained(path, cls.__name__, allow_pickle_bin=allow_pickle_bin, strict=strict,
+                                              seed=seed)
+        flat = load_params(load_items(table, refs, "jax"), dt, resolve_device(device))
         model = cls.__new__(cls)
-        model._setup(config, unflatten(flat), dt)
+        model._setup(config, traverse_util.unflatten_dict(flat), dt)
         return model
 
     def save_pretrained(self, path: str, max_shard_size="5GB") -> None:
@@ -230,10 +234,3 @@ def activation(name: str):
 def softmax(scores):
     """Softmax over the last axis in float32, returned in the input dtype."""
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-
-
-def _default_device_only(device) -> None:
-    """jax places arrays on its default device; a named one is refused rather than ignored."""
-    if device not in (None, "auto", "cpu") or (device == "cpu" and jax.default_backend() != "cpu"):
-        raise NotImplementedError(f"device={device!r}: the jax backend loads onto jax's default device "
-                                  f"({jax.default_backend()}); use jax.device_put on model.params to move it")
