@@ -1,10 +1,11 @@
 """Run by tests/test_jax_sharding.py in a subprocess with 4 fake CPU devices (XLA_FLAGS must be set before jax
-starts): loads tiny BLIP-2 models once on one device and once split over a 4-device "model" axis, and prints
-one JSON object of what the test asserts (shardings, per-device bytes, logits differences, ids).
+starts): loads tiny BLIP-2 models once on one device and once split over a 4-device "model" axis, and
+writes one JSON object of what the test asserts (shardings, per-device bytes, logits differences, ids).
 
 ``python tests/mesh_check.py OUT.json CASE...`` with cases ``opt`` (forward, greedy), ``t5`` (greedy),
-``opt_beam``, ``t5_full`` (forward, beam), ``blip`` (BLIP captioning, greedy). The models are the committed fixtures' configs with
-one layer per tower and feed-forward widths / vocabularies that divide by 4, and seeded random weights.
+``opt_beam``, ``t5_full`` (forward, beam), ``blip`` (BLIP captioning, greedy). The models are the committed
+fixtures' configs with one layer per tower, feed-forward widths and vocabularies that divide by 4, and
+seeded random weights.
 """
 import json
 import os
@@ -61,7 +62,8 @@ def _leaf(params, path):
 
 def _sharding(arr):
     shards = sorted(arr.addressable_shards, key=lambda s: s.device.id)
-    return {"spec": [None if a is None else str(a) for a in arr.sharding.spec] + [None] * (arr.ndim - len(arr.sharding.spec)),
+    spec = [None if a is None else str(a) for a in arr.sharding.spec]
+    return {"spec": spec + [None] * (arr.ndim - len(spec)),
             "shard_shapes": [list(s.data.shape) for s in shards], "devices": sorted(s.device.id for s in shards),
             "global_shape": list(arr.shape)}
 
