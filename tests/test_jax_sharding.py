@@ -161,3 +161,23 @@ def test_mesh_errors():
                                           mesh=Mesh(np.array(jax.devices()[:1]), ("model",)))
     one = model.shard(Mesh(np.array(jax.devices()[:1]), ("model",)))   # a 1-device mesh is a valid mesh
     assert one.mesh is not None and one.astype("bfloat16").mesh is one.mesh
+
+
+def test_half_precision_loading_onto_a_mesh_casts_on_the_host():
+    """float16 BLIP-2 keeps the Q-Former and query tokens float32 (transformers' rule) on the mesh path too."""
+    jax = require("jax")
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import backends.jax as J
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    path = os.path.join(MODELS, "Blip2ForConditionalGeneration")
+    for dtype, kept in (("float16", "float32"), ("bfloat16", "bfloat16")):
+        model = J.Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, mesh=mesh)
+        plain = J.Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        for top, leaves in model.params.items():
+            want = kept if top in ("qformer", "query_tokens") else dtype
+            for a, b in zip(jax.tree_util.tree_leaves(leaves), jax.tree_util.tree_leaves(plain.params[top])):
+                assert a.dtype == np.dtype(want) == b.dtype, top
+                assert isinstance(a.sharding, jax.sharding.NamedSharding)
+                np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

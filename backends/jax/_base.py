@@ -184,6 +184,7 @@ class JaxModel:
         devices as ``shard`` does, each read from the file straight onto its shards.
         """
         mesh = hf_kwargs.pop("mesh", None)
+        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype): cast on the host before placing
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if mesh is not None and device not in (None, "auto"):
             raise ValueError(f"pass mesh or device, not both (device={device!r})")
@@ -196,7 +197,7 @@ class JaxModel:
             model._setup(config, unflatten(flat), dt)
         else:
             from .sharding import param_shardings, place
-            model._setup(config, place(flat, param_shardings(cls.__name__, config, mesh)), dt)
+            model._setup(config, place(flat, param_shardings(cls.__name__, config, mesh), leaf_dtype), dt)
             model.mesh = mesh
         return model
 

@@ -125,9 +125,8 @@ class Blip2Module(nn.Module):
                 logits = logits[:, -labels.shape[1]:]
             return loss, logits, hidden, None, {"attentions": attentions}
         rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
-        tc = self.config.text_config
         if dec_ids is None:
-            dec_ids = t5.shift_right(labels, rules.decoder_start_token_id(self.config), tc.pad_token_id)
+            dec_ids = t5.shift_right(labels, *rules.label_shift_ids(self.config))
         dec_mask = jnp.ones(dec_ids.shape, jnp.int32) if dec_mask is None else dec_mask
         o = lm(embeds, mask, dec_ids, dec_mask)
         maps = {k: o[k] for k in ("decoder_attentions", "cross_attentions", "encoder_attentions",

@@ -46,16 +46,18 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def place(flat: dict, shardings: dict, dtype=None) -> dict:
+def place(flat: dict, shardings: dict, leaf_dtype=None) -> dict:
     """``{path: host or device array}`` -> nested params, each leaf put straight onto its sharding (a host
-    array is split on the host, so no device ever holds a whole split parameter)."""
+    array is split on the host, so no device ever holds a whole split parameter); ``leaf_dtype(path)``, if
+    given, is the dtype a leaf is cast to first (on the host for a host array)."""
     missing = sorted("/".join(p) for p in flat if p not in shardings)
     if missing:
         raise ValueError(f"no sharding rule for params {missing[:5]} (the weight table does not list them)")
     out = {}
     for path, arr in flat.items():
-        if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
-            arr = np.asarray(arr).astype(dtype) if not isinstance(arr, jax.Array) else arr.astype(dtype)
+        dtype = None if leaf_dtype is None else np.dtype(leaf_dtype(path))
+        if dtype is not None and np.dtype(arr.dtype) != dtype:
+            arr = arr.astype(dtype) if isinstance(arr, jax.Array) else np.asarray(arr).astype(dtype)
         out[path] = jax.device_put(arr, shardings[path])
     return traverse_util.unflatten_dict(out)
 

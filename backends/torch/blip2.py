@@ -199,6 +199,8 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
         labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
         if dec_ids is None and labels is None:
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
+        if dec_ids is None:
+            rules.label_shift_ids(self.config)           # the ids it embeds lie in the vocabulary
         out = lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec_ids,
                  decoder_attention_mask=dec_mask, labels=labels, output_attentions=output_attentions,
                  output_hidden_states=output_hidden_states)
