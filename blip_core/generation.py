@@ -255,6 +255,12 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -
         raise ValueError(f"{name} contains token id {bad}, outside the vocabulary of size {vocab_size}")
 
 
+def check_label_ids(labels: np.ndarray, vocab_size: int, name: str = "labels") -> None:
+    """Labels are token ids of the vocabulary or -100 (an ignored position)."""
+    labels = np.asarray(labels)
+    check_token_ids(labels[labels != -100], vocab_size, name)
+
+
 def check_pixel_values(shape: Sequence[int], image_size: int, patch_size: int, interpolate_pos_encoding: bool) -> None:
     """Validate an NCHW ``pixel_values`` shape against the vision config."""
     if len(shape) != 4 or shape[1] != 3:
