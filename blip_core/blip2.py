@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from .configs import Blip2Config, OPTConfig
-from .generation import GenerationSettings, resolve_generation
+from .generation import GenerationSettings, check_special_token_id, resolve_generation
 
 # transformers' ``_keep_in_fp32_modules`` for BLIP-2. In 4.57 the rule applies to float16 only: in
 # bfloat16 the whole model is bfloat16.
@@ -75,7 +75,8 @@ def default_prompt(config: Blip2Config, batch_size: int) -> np.ndarray:
     them), then OPT's bos. T5 gets the placeholders only (its decoder starts on its own)."""
     start = [config.image_token_index] * config.num_query_tokens if uses_placeholders(config) else []
     if is_decoder_only(config) and getattr(config.text_config, "bos_token_id", None) is not None:
-        start.append(config.text_config.bos_token_id)
+        start.append(check_special_token_id(config.text_config.bos_token_id, "text_config.bos_token_id",
+                                            config.text_config.vocab_size))
     if not start:
         raise ValueError("pass input_ids: this config has neither image_token_index nor a bos token")
     return np.tile(np.asarray([start], dtype=np.int64), (batch_size, 1))
@@ -86,7 +87,16 @@ def decoder_start_token_id(config: Blip2Config, override: Optional[int] = None) 
     start = config.text_config.decoder_start_token_id if override is None else override
     if start is None:
         raise ValueError("text_config.decoder_start_token_id is not set; pass decoder_start_token_id")
-    return int(start)
+    name = "decoder_start_token_id" if override is not None else "text_config.decoder_start_token_id"
+    return check_special_token_id(start, name, config.text_config.vocab_size)
+
+
+def label_shift_ids(config: Blip2Config) -> tuple:
+    """T5's decoder inputs made from ``labels``: ``(start id in front, pad id for the -100 slots)``, both
+    checked against the vocabulary (they are embedded)."""
+    tc = config.text_config
+    return decoder_start_token_id(config), check_special_token_id(tc.pad_token_id, "text_config.pad_token_id",
+                                                                  tc.vocab_size)
 
 
 def generation_settings(config: Blip2Config, prompt_length: int, **kwargs) -> GenerationSettings:

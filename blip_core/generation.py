@@ -204,9 +204,7 @@ def resolve_blip_generation(text_config, prompt_length: int, **kwargs) -> Genera
     is capped by the decoder's position table. The config's own start token must lie in the
     vocabulary (a compiled embedding lookup would otherwise read garbage)."""
     for name in ("bos_token_id", "sep_token_id", "pad_token_id"):
-        value = getattr(text_config, name)
-        if not isinstance(value, (int, np.integer)) or not 0 <= value < text_config.vocab_size:
-            raise ValueError(f"text_config.{name}={value!r} is outside the vocabulary of size {text_config.vocab_size}")
+        check_special_token_id(getattr(text_config, name), f"text_config.{name}", text_config.vocab_size)
     return resolve_generation(prompt_length,
                               defaults={"eos_token_id": text_config.sep_token_id, "pad_token_id": text_config.pad_token_id},
                               max_positions=text_config.max_position_embeddings, **kwargs)
@@ -242,11 +240,25 @@ def blip_caption_prompt(input_ids: Optional[np.ndarray], attention_mask: Optiona
     return ids[:, :-1], mask
 
 
+def check_special_token_id(value, name: str, vocab_size: int) -> int:
+    """A special token id (from a config or an option) that the model embeds must index its table: a compiled
+    lookup would read a NaN or clamped row instead of failing. Returns it as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name}={value!r} is outside the vocabulary of size {vocab_size}")
+    return int(value)
+
+
 def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -> None:
     """Raise a clear error for ids outside the vocabulary (instead of an index error deep inside)."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
         raise ValueError(f"{name} contains token id {bad}, outside the vocabulary of size {vocab_size}")
+
+
+def check_label_ids(labels: np.ndarray, vocab_size: int, name: str = "labels") -> None:
+    """Labels are token ids of the vocabulary or -100 (an ignored position)."""
+    labels = np.asarray(labels)
+    check_token_ids(labels[labels != -100], vocab_size, name)
 
 
 def check_pixel_values(shape: Sequence[int], image_size: int, patch_size: int, interpolate_pos_encoding: bool) -> None:

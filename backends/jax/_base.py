@@ -115,6 +115,7 @@ class JaxModel:
     """
 
     config_class = _Config
+    mesh = None          # the jax.sharding.Mesh the params are split over (``shard``), or None: one device
 
     def __init__(self, config, seed: int = 0, dtype=None):
         config = self._check_config(config)
@@ -183,15 +184,43 @@ class JaxModel:
         Tensors stream from the memory-mapped files to ``device`` (jax's default device, or one named
         ``"cpu"`` / ``"gpu"`` / ``"cuda:1"``) one at a time, cast and laid out there
         (``backends.jax.loading``): peak host memory is about one tensor above the model.
+        ``mesh=`` (a ``jax.sharding.Mesh`` with a "model" axis) splits the params tensor-parallel over its
+        devices as ``shard`` does, each tensor read from the file straight onto its shards.
         """
+        mesh = hf_kwargs.pop("mesh", None)
+        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype): cast on the host before placing
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
+        if mesh is not None and device not in (None, "auto"):
+            raise ValueError(f"pass mesh or device, not both (device={device!r})")
         dt = resolve_dtype(dtype)
         config, table, refs = open_pretrained(path, cls.__name__, allow_pickle_bin=allow_pickle_bin, strict=strict,
                                               seed=seed)
-        flat = load_params(load_items(table, refs, "jax"), dt, resolve_device(device))
+        items = load_items(table, refs, "jax")
+        if mesh is None:
+            flat = load_params(items, dt, resolve_device(device))
+        else:
+            from .sharding import load_sharded, param_shardings
+            flat = load_sharded(items, param_shardings(cls.__name__, config, mesh), dt, leaf_dtype)
         model = cls.__new__(cls)
-        model._setup(config, traverse_util.unflatten_dict(flat), dt)
+        if mesh is None:
+            model._setup(config, traverse_util.unflatten_dict(flat), dt)
+        else:
+            model._setup(config, flat, dt)
+            model.mesh = mesh
         return model
+
+    def shard(self, mesh, axis: str = "model"):
+        """Split the params tensor-parallel over ``mesh``'s axis ``axis`` and return the model.
+
+        The rule is ``blip_core.sharding``'s (column-parallel q/k/v and first feed-forward layers, row-parallel
+        attention outputs and second feed-forward layers, vocabulary-split embeddings and LM heads, the rest
+        replicated). Every compiled call then runs as one program over the mesh (XLA's SPMD partitioner adds
+        the collectives); results are the single-device ones up to float32 rounding.
+        """
+        from .sharding import shard_params
+        self.params = shard_params(self.params, type(self).__name__, self.config, mesh, axis)
+        self.mesh = mesh
+        return self
 
     def save_pretrained(self, path: str, max_shard_size="5GB") -> None:
         """Write config.json + safetensors that transformers and the other backends load."""
@@ -203,6 +232,7 @@ class JaxModel:
         dt = resolve_dtype(dtype)
         model = type(self).__new__(type(self))
         model._setup(self.config, jax.tree_util.tree_map(lambda a: a.astype(dt), self.params), dt)
+        model.mesh = self.mesh           # a cast keeps every array's sharding
         return model
 
     def num_parameters(self) -> int:

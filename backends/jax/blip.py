@@ -26,7 +26,7 @@ import numpy as np
 
 from blip_core import decoding
 from blip_core.configs import BlipConfig
-from blip_core.generation import blip_caption_prompt, resolve_blip_generation
+from blip_core.generation import blip_caption_prompt, check_label_ids, resolve_blip_generation
 from blip_core.numerics import NORM_EPS
 from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
                                BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
@@ -466,8 +466,5 @@ def _labels(labels, shape, vocab_size):
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the decoder input shape {tuple(shape)}")
     if is_concrete(labels):
-        values = np.asarray(labels)
-        bad = values[(values != -100) & ((values < 0) | (values >= vocab_size))]
-        if bad.size:
-            raise ValueError(f"labels contain {int(bad[0])}: expected ids below {vocab_size} or -100 (ignored)")
+        check_label_ids(np.asarray(labels), vocab_size)
     return jnp.asarray(labels, jnp.int32)

@@ -111,24 +111,28 @@ class Blip2Module(nn.Module):
         return jnp.where(slots[..., None], placed, embeds), mask
 
     def run_language_model(self, embeds, mask, dec_ids, dec_mask, labels, loss_convention: str = "transformers"):
-        """``(loss or None, logits, lm hidden states, encoder states or None)``."""
+        """``(loss or None, logits, lm hidden states, encoder states or None, maps)``; ``maps`` holds the
+        attention maps (OPT ``attentions``; T5 ``decoder_attentions``, ``cross_attentions``,
+        ``encoder_attentions``) and T5's ``encoder_hidden_states``: under jit, what a caller drops is not computed."""
         lm = self.language_model
         if rules.is_decoder_only(self.config):
-            logits, hidden, _ = lm(embeds, mask)
+            logits, hidden, _, attentions = lm(embeds, mask)
             loss = None
             if labels is not None:   # only the text positions carry labels: the last labels.shape[1] logits
                 window, ignored = rules.loss_window(logits.shape[1], labels.shape[1], loss_convention)
                 scored = jnp.pad(labels, ((0, 0), (ignored, 0)), constant_values=-100) if ignored else labels
                 loss = lm_loss(logits[:, -window:], scored)
                 logits = logits[:, -labels.shape[1]:]
-            return loss, logits, hidden, None
+            return loss, logits, hidden, None, {"attentions": attentions}
         rules.check_loss_convention(loss_convention)     # T5's loss is the same under both
-        tc = self.config.text_config
         if dec_ids is None:
-            dec_ids = t5.shift_right(labels, rules.decoder_start_token_id(self.config), tc.pad_token_id)
+            dec_ids = t5.shift_right(labels, *rules.label_shift_ids(self.config))
         dec_mask = jnp.ones(dec_ids.shape, jnp.int32) if dec_mask is None else dec_mask
-        logits, hidden, enc = lm(embeds, mask, dec_ids, dec_mask)
-        return (t5.token_loss(logits, labels) if labels is not None else None), logits, hidden, enc
+        o = lm(embeds, mask, dec_ids, dec_mask)
+        maps = {k: o[k] for k in ("decoder_attentions", "cross_attentions", "encoder_attentions",
+                                  "encoder_hidden_states")}
+        loss = t5.token_loss(o["logits"], labels) if labels is not None else None
+        return loss, o["logits"], o["decoder_hidden_states"], o["encoder_last_hidden_state"], maps
 
 
 _FLAGS = ("output_hidden_states", "output_attentions")
@@ -217,10 +221,13 @@ class _Blip2WithLanguageModel(_Blip2Base):
         def run(m, pv, ids, embeds, mask, dec, dec_mask, labels):
             lm_inputs, vision, qformer = m.language_inputs(pv, interpolate, qdt)
             embeds, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
-            loss, logits, hidden, enc = m.run_language_model(embeds, full_mask, dec, dec_mask, labels,
-                                                             loss_convention)
+            loss, logits, hidden, enc, maps = m.run_language_model(embeds, full_mask, dec, dec_mask, labels,
+                                                                   loss_convention)
+            maps = {k: v for k, v in maps.items() if output_attentions or k == "encoder_hidden_states"}
+            if not output_hidden_states:
+                maps.pop("encoder_hidden_states", None)
             return dict(loss=loss, logits=logits, lm_hidden=hidden, encoder=enc, vision=vision, qformer=qformer,
-                        projection=lm_inputs)
+                        projection=lm_inputs, lm_maps=maps)
         return self._apply(params, pv, ids, embeds, mask, dec, dec_mask, labels, method=run)
 
     def _run(self, pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
@@ -247,11 +254,17 @@ class _Blip2WithLanguageModel(_Blip2Base):
         hs, at = bool(output_hidden_states), bool(output_attentions)
         o = self._run(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
                       interpolate_pos_encoding, params, hs, at, inputs_embeds, loss_convention)
+        maps = o["lm_maps"]
         if self.is_decoder_only:
-            lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None)
+            lm = CausalLMOutputWithPast(logits=o["logits"], hidden_states=o["lm_hidden"] if hs else None,
+                                        attentions=maps.get("attentions"))
         else:
             lm = Seq2SeqLMOutput(logits=o["logits"], decoder_hidden_states=o["lm_hidden"] if hs else None,
-                                 encoder_last_hidden_state=o["encoder"])
+                                 decoder_attentions=maps.get("decoder_attentions"),
+                                 cross_attentions=maps.get("cross_attentions"),
+                                 encoder_last_hidden_state=o["encoder"],
+                                 encoder_hidden_states=maps.get("encoder_hidden_states"),
+                                 encoder_attentions=maps.get("encoder_attentions"))
         out = Blip2ForConditionalGenerationModelOutput(loss=o["loss"], logits=o["logits"],
                                                      vision_outputs=_vision_output(o["vision"], hs, at),
                                                      qformer_outputs=_qformer_output(o["qformer"], hs, at),
@@ -286,7 +299,7 @@ class Blip2Model(_Blip2WithLanguageModel):
 
     def _text_features(self, params, ids, mask, dec, dec_mask, labels):
         def run(m, ids, mask, dec, dec_mask, labels):
-            return m.run_language_model(m.language_model.embed(ids), mask, dec, dec_mask, labels)
+            return m.run_language_model(m.language_model.embed(ids), mask, dec, dec_mask, labels)[:4]
         return self._apply(params, ids, mask, dec, dec_mask, labels, method=run)
 
     def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
@@ -375,7 +388,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             lm_inputs = m.language_inputs(pv, interpolate, qdt)[0]
             fused, full_mask = m.fuse(lm_inputs, ids, mask, embeds)
             if not self.is_decoder_only:
-                enc, _ = m.language_model.encode(fused, full_mask)
+                enc = m.language_model.encode(fused, full_mask)[0]
                 return {"cross_kv": m.language_model.cross_kv(enc), "encoder_mask": full_mask}
             if ids is None:          # embeddings alone: all of them sit in front of an empty token buffer
                 return {"prefix": fused, "prefix_mask": full_mask}
@@ -422,12 +435,12 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
                 embeds, start = jnp.concatenate([context["prefix"], prompt], axis=1), 0
             else:
                 embeds, start = m.language_model.embed(ids), index + prefix
-            logits, _, cache = m.language_model(embeds, key_mask, start, cache, pad_position=1)
+            logits, _, cache, _ = m.language_model(embeds, key_mask, start, cache, pad_position=1)
             return logits[:, -1].astype(jnp.float32), cache
 
         def t5_step(m, ids, key_mask, cache, index, context):
-            logits, _, cache = m.language_model.decode(ids, key_mask, context["cross_kv"], context["encoder_mask"],
-                                                       index, cache)
+            logits, _, cache, _, _ = m.language_model.decode(ids, key_mask, context["cross_kv"],
+                                                             context["encoder_mask"], index, cache)
             return logits[:, -1].astype(jnp.float32), cache
 
         fn = opt_step if self.is_decoder_only else t5_step

@@ -19,7 +19,7 @@ import numpy as np
 from blip_core import blip2 as rules
 from blip_core.outputs import Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput
 
-from ._base import token_ids
+from ._base import as_input, token_ids
 from .blip import _normalize
 from .blip2 import _FLAGS, _Blip2Base, _qformer_output, _vision_output
 
@@ -53,7 +53,7 @@ class Blip2ForImageTextRetrieval(_Blip2Base):
 
     def _run(self, pixel_values, input_ids, attention_mask, itm, params, hs=False, at=False):
         pv = self._pixels(pixel_values, False)
-        raw = token_ids(input_ids, "input_ids", np.iinfo(np.int32).max)
+        raw = as_input(input_ids, "input_ids", "iu", ndim=2)   # values: after the placeholders are dropped
         if raw is None:
             raise ValueError("input_ids is required")
         mask = self._mask(attention_mask, raw.shape)

@@ -15,7 +15,7 @@ Example (``params`` being the ``language_model`` subtree of a BLIP-2 model)::
 
     lm = OPTForCausalLM(config)
     embeds = lm.apply({"params": params}, ids, method=OPTForCausalLM.embed)      # ids (B, L)
-    logits, hidden_states, _ = lm.apply({"params": params}, embeds, mask)        # logits (B, L, V)
+    logits, hidden_states, _, attentions = lm.apply({"params": params}, embeds, mask)   # logits (B, L, V)
 """
 from __future__ import annotations
 
@@ -55,13 +55,14 @@ def write_cache(cache, new, start):
 def attend(q, k, v, bias):
     """Multi-head attention of (B, s, H, hd) queries over (B, L, H, hd) keys/values; softmax in float32.
 
-    Returns the (B, s, H * hd) context. OPT scales the query before the product and T5 not at all, so
-    scaling is the caller's."""
+    Returns the (B, s, H * hd) context and the attention map (B, H, s, L). OPT scales the query before the
+    product and T5 not at all, so scaling is the caller's."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
-    return ctx.reshape(ctx.shape[0], ctx.shape[1], -1)
+    probs = softmax(scores)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return ctx.reshape(ctx.shape[0], ctx.shape[1], -1), probs
 
 
 def split_heads(x, heads: int):
@@ -93,7 +94,8 @@ class OPTAttention(nn.Module):
         if cache is not None:
             k, v = write_cache(cache[0], k, start), write_cache(cache[1], v, start)
             cache = (k, v)
-        return self.out_proj(attend(q, k, v, bias)), cache
+        ctx, probs = attend(q, k, v, bias)
+        return self.out_proj(ctx), cache, probs
 
 
 class OPTDecoderLayer(nn.Module):
@@ -108,8 +110,9 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(1e-5)
 
     def __call__(self, h, bias, cache=None, start=0):
+        """Returns ``(h, cache, attention map)``."""
         pre = self.config.do_layer_norm_before
-        x, cache = self.self_attn(self.self_attn_layer_norm(h) if pre else h, bias, cache, start)
+        x, cache, probs = self.self_attn(self.self_attn_layer_norm(h) if pre else h, bias, cache, start)
         h = h + x
         if not pre:
             h = self.self_attn_layer_norm(h)
@@ -117,7 +120,7 @@ class OPTDecoderLayer(nn.Module):
         h = h + self.fc2(activation(self.config.activation_function)(self.fc1(x)))
         if not pre:
             h = self.final_layer_norm(h)
-        return h, cache
+        return h, cache, probs
 
 
 class OPTDecoder(nn.Module):
@@ -138,23 +141,24 @@ class OPTDecoder(nn.Module):
         self.layers = [OPTDecoderLayer(c) for _ in range(c.num_hidden_layers)]
 
     def __call__(self, embeds, key_mask, start=0, cache=None, pad_position=-1):
-        """Returns ``(last_hidden_state, hidden_states, new_cache)``."""
+        """Returns ``(last_hidden_state, hidden_states, new_cache, attentions)``."""
         c = self.config
         s = embeds.shape[1]
         x = self.project_in(embeds) if c.word_embed_proj_dim != c.hidden_size else embeds
         h = x + self.embed_positions(positions(key_mask, start, s, pad_position) + 2).astype(x.dtype)
         bias = causal_bias(key_mask, start, s, h.dtype)
-        hidden, new_cache = [], []
+        hidden, new_cache, attentions = [], [], []
         for i, layer in enumerate(self.layers):
             hidden.append(h)
-            h, layer_cache = layer(h, bias, None if cache is None else cache[i], start)
+            h, layer_cache, probs = layer(h, bias, None if cache is None else cache[i], start)
             new_cache.append(layer_cache)
+            attentions.append(probs)
         if c.do_layer_norm_before and not c._remove_final_layer_norm:
             h = self.final_layer_norm(h)
         if c.word_embed_proj_dim != c.hidden_size:
             h = self.project_out(h)
         hidden.append(h)
-        return h, tuple(hidden), (tuple(new_cache) if cache is not None else None)
+        return h, tuple(hidden), (tuple(new_cache) if cache is not None else None), tuple(attentions)
 
 
 class OPTModel(nn.Module):
@@ -183,9 +187,10 @@ class OPTForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, embeds, key_mask, start=0, cache=None, pad_position=-1):
-        """Returns ``(logits, hidden_states, new_cache)``; ``hidden_states[-1]`` is the final hidden state."""
-        h, hidden, cache = self.model.decoder(embeds, key_mask, start, cache, pad_position)
-        return self.logits(h), hidden, cache
+        """Returns ``(logits, hidden_states, new_cache, attentions)``; ``hidden_states[-1]`` is the final hidden
+        state, ``attentions`` one (B, H, s, L) map per layer (unused outputs cost nothing under jit)."""
+        h, hidden, cache, attentions = self.model.decoder(embeds, key_mask, start, cache, pad_position)
+        return self.logits(h), hidden, cache, attentions
 
 
 def init_cache(config, rows: int, length: int, dtype):

@@ -79,7 +79,9 @@ class T5Attention(nn.Module):
         return split_heads(self.k(states), self.config.num_heads), split_heads(self.v(states), self.config.num_heads)
 
     def __call__(self, x, bias, kv):
-        return self.o(attend(split_heads(self.q(x), self.config.num_heads), kv[0], kv[1], bias))
+        """``(output, attention map (B, H, s, L))``."""
+        ctx, probs = attend(split_heads(self.q(x), self.config.num_heads), kv[0], kv[1], bias)
+        return self.o(ctx), probs
 
 
 class T5DenseReluDense(nn.Module):
@@ -151,17 +153,20 @@ class T5Block(nn.Module):
         self.layer = layers + [T5LayerFF(self.config)]
 
     def __call__(self, h, self_bias, cache=None, start=0, cross_kv=None, cross_bias=None):
+        """``(h, cache, self-attention map, cross-attention map or None)``."""
         sa = self.layer[0]
         x = sa.layer_norm(h)
         k, v = sa.SelfAttention.project_kv(x)
         if cache is not None:
             k, v = write_cache(cache[0], k, start), write_cache(cache[1], v, start)
             cache = (k, v)
-        h = _clamp_fp16(h + sa.SelfAttention(x, self_bias, (k, v)))
+        x, probs = sa.SelfAttention(x, self_bias, (k, v))
+        h, cross = _clamp_fp16(h + x), None
         if self.is_decoder:
             ca = self.layer[1]
-            h = _clamp_fp16(h + ca.EncDecAttention(ca.layer_norm(h), cross_bias, cross_kv))
-        return _clamp_fp16(self.layer[-1](h)), cache
+            x, cross = ca.EncDecAttention(ca.layer_norm(h), cross_bias, cross_kv)
+            h = _clamp_fp16(h + x)
+        return _clamp_fp16(self.layer[-1](h)), cache, probs, cross
 
 
 def padding_bias(mask, dtype):
@@ -180,22 +185,26 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5LayerNorm(c.layer_norm_epsilon)
 
     def __call__(self, h, key_mask, start=0, cache=None, cross_kv=None, cross_mask=None):
-        """Returns ``(last_hidden_state, hidden_states, new_cache)``; ``h`` is the embedded chunk at ``start``."""
+        """Returns ``(last_hidden_state, hidden_states, new_cache, attentions, cross_attentions)``; ``h`` is the
+        embedded chunk at ``start``; the attention maps are one per block (cross: decoder only, else ())."""
         s, total = h.shape[1], key_mask.shape[1]
         query_pos = start + jnp.arange(s)
         pos_bias = self.block[0].layer[0].SelfAttention.position_bias(query_pos, total).astype(h.dtype)
         mask_bias = causal_bias(key_mask, start, s, h.dtype) if self.is_decoder else padding_bias(key_mask, h.dtype)
         self_bias = pos_bias + mask_bias
         cross_bias = padding_bias(cross_mask, h.dtype) if self.is_decoder else None
-        hidden, new_cache = [], []
+        hidden, new_cache, attentions, crosses = [], [], [], []
         for i, block in enumerate(self.block):
             hidden.append(h)
-            h, c = block(h, self_bias, None if cache is None else cache[i], start,
-                         None if cross_kv is None else cross_kv[i], cross_bias)
+            h, c, probs, cross = block(h, self_bias, None if cache is None else cache[i], start,
+                                       None if cross_kv is None else cross_kv[i], cross_bias)
             new_cache.append(c)
+            attentions.append(probs)
+            if cross is not None:
+                crosses.append(cross)
         h = self.final_layer_norm(h)
         hidden.append(h)
-        return h, tuple(hidden), (tuple(new_cache) if cache is not None else None)
+        return h, tuple(hidden), (tuple(new_cache) if cache is not None else None), tuple(attentions), tuple(crosses)
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -215,8 +224,9 @@ class T5ForConditionalGeneration(nn.Module):
         return self.shared(ids)
 
     def encode(self, embeds, mask):
-        """Encoder ``(last_hidden_state, hidden_states)`` of embedded inputs."""
-        return self.encoder(embeds, mask)[:2]
+        """Encoder ``(last_hidden_state, hidden_states, attentions)`` of embedded inputs."""
+        h, hidden, _, attentions, _ = self.encoder(embeds, mask)
+        return h, hidden, attentions
 
     def cross_kv(self, encoder_states):
         """Per-block cross-attention (keys, values), computed once per input."""
@@ -228,15 +238,21 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(h)
 
     def decode(self, ids, key_mask, cross_kv, cross_mask, start=0, cache=None):
-        """Returns ``(logits, decoder hidden_states, new_cache)`` of the decoder chunk ``ids`` at ``start``."""
-        h, hidden, cache = self.decoder(self.shared(ids), key_mask, start, cache, cross_kv, cross_mask)
-        return self.logits(h), hidden, cache
+        """Returns ``(logits, decoder hidden_states, new_cache, attentions, cross_attentions)`` of the decoder
+        chunk ``ids`` at ``start``."""
+        h, hidden, cache, attentions, crosses = self.decoder(self.shared(ids), key_mask, start, cache, cross_kv,
+                                                             cross_mask)
+        return self.logits(h), hidden, cache, attentions, crosses
 
     def __call__(self, embeds, mask, decoder_ids, decoder_mask):
-        """Full forward: ``(logits, decoder hidden_states, encoder last_hidden_state)``."""
-        enc, _ = self.encode(embeds, mask)
-        logits, hidden, _ = self.decode(decoder_ids, decoder_mask, self.cross_kv(enc), mask)
-        return logits, hidden, enc
+        """Full forward: a dict of ``logits``, ``decoder_hidden_states``, ``decoder_attentions``,
+        ``cross_attentions``, ``encoder_last_hidden_state``, ``encoder_hidden_states``, ``encoder_attentions``
+        (under jit, the ones a caller drops are never computed)."""
+        enc, enc_hidden, enc_attentions = self.encode(embeds, mask)
+        logits, hidden, _, attentions, crosses = self.decode(decoder_ids, decoder_mask, self.cross_kv(enc), mask)
+        return dict(logits=logits, decoder_hidden_states=hidden, decoder_attentions=attentions,
+                    cross_attentions=crosses, encoder_last_hidden_state=enc, encoder_hidden_states=enc_hidden,
+                    encoder_attentions=enc_attentions)
 
 
 def shift_right(labels, start: int, pad: int):

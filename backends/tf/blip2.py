@@ -171,6 +171,7 @@ class _Blip2WithLanguageModel(_Blip2Base):
         if dec_ids is None and lab is None:
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
         if dec_ids is None:
+            rules.label_shift_ids(self.config)           # the ids it embeds lie in the vocabulary
             dec_ids = lm.shift_right(lab)
         dec_mask = as_mask(decoder_attention_mask, tuple(dec_ids.shape), "decoder_attention_mask")
         if dec_mask is None:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
-from blip_core.generation import check_token_ids
+from blip_core.generation import check_label_ids, check_token_ids
 from blip_core.numerics import NORM_EPS
 from blip_core.pretrained import hf_loading_kwargs
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
@@ -179,6 +179,9 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
                             output_attentions, output_hidden_states, loss_convention="transformers"):
         lm = self.language_model
         tc = self.config.text_config
+        if labels is not None:      # checked before the language model runs
+            labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
+            check_label_ids(labels.cpu().numpy(), tc.vocab_size)
         if self.is_decoder_only:
             out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=output_attentions,
                      output_hidden_states=output_hidden_states)
@@ -199,6 +202,8 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
         labels = as_tensor(labels, "labels", kind="int", device=embeds.device, ndim=2)
         if dec_ids is None and labels is None:
             raise ValueError("a T5 language model needs decoder_input_ids or labels")
+        if dec_ids is None:
+            rules.label_shift_ids(self.config)           # the ids it embeds lie in the vocabulary
         out = lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec_ids,
                  decoder_attention_mask=dec_mask, labels=labels, output_attentions=output_attentions,
                  output_hidden_states=output_hidden_states)
