@@ -18,10 +18,13 @@ Sampling uses the Gumbel-max trick on stateless random numbers: a ``seed`` repro
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
-from blip_core import decoding
+from blip_core import decoding, persistent_cache
+from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
 _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
@@ -205,7 +208,7 @@ def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePl
     ids = repeat_rows(tf.cast(prompt_ids, tf.int32), plan.expand)
     mask = repeat_rows(tf.cast(prompt_mask, tf.int32), plan.expand)
     context = repeat_rows(context, plan.expand)
-    state = decoding.init_state(xp, plan, ids, mask, seed)
+    state = decoding.init_state(xp, plan, ids, mask, seed, numbers.get("rows"))
     cache = None if init_cache is None else init_cache(xp.rows(ids), plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
     state, rows = decoding.choose(xp, plan, numbers, state, logits)
@@ -224,28 +227,78 @@ def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePl
     return seqs, length, seq_scores, state.get("scores"), steps
 
 
+def _seed(settings):
+    seed = settings.seed if settings.seed is not None else int(np.random.randint(0, 2 ** 31 - 1))
+    return tf.constant([seed, 0], tf.int64)
+
+
 def plan_inputs(settings, vocab_size: int):
     """``(plan, numbers as tensors, seed tensor)`` of one call."""
     plan, numbers = decoding.make_plan(settings, vocab_size, settings.output_scores)
-    seed = settings.seed if settings.seed is not None else int(np.random.randint(0, 2 ** 31 - 1))
-    return plan, {k: tf.constant(v) for k, v in numbers.items()}, tf.constant([seed, 0], tf.int64)
+    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings)
+
+
+def bucketed_inputs(settings, vocab_size: int, batch: int, max_new_limit=None):
+    """``(plan, numbers as tensors, seed tensor, padded batch)`` of one call whose batch and length are
+    rounded up to the spec layer's buckets (``blip_core.decoding.bucketed_plan``)."""
+    plan, numbers, padded = decoding.bucketed_plan(settings, vocab_size, batch, max_new_limit)
+    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings), padded
+
+
+_PERSISTENT: dict = {}      # "dir": the persistent cache folder applied (None: off), once per process
+_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def apply_persistent_cache():
+    """Point XLA's persistent cache at the spec layer's folder (``blip_core.persistent_cache``) through
+    ``TF_XLA_FLAGS``, once, before the first program is compiled (TensorFlow parses the flags on its
+    first XLA compilation; a directory the caller put in the flags stays)."""
+    if "dir" not in _PERSISTENT:
+        flags = os.environ.get("TF_XLA_FLAGS", "")
+        path = None
+        if _CACHE_FLAG not in flags:
+            path = persistent_cache.cache_dir("tf", tf.__version__)
+            if path is not None:
+                os.environ["TF_XLA_FLAGS"] = f"{flags} {_CACHE_FLAG}={path}".strip()
+        _PERSISTENT["dir"] = path
+    return _PERSISTENT["dir"]
+
+
+def shape_signature(nest) -> tuple:
+    """Shapes and dtypes of a nest of tensors / arrays (None kept): with the plan, what makes a program."""
+    return tuple(None if x is None else (tuple(x.shape), str(getattr(x.dtype, "name", x.dtype)))
+                 for x in tf.nest.flatten(nest, expand_composites=False))
 
 
 def compiled(model, key, program, shapes=()):
     """The XLA-compiled ``program`` cached on ``model`` under ``key`` (which holds the plan) and the
     input ``shapes``: one traced program per entry of the model's bounded ``LRU``
     (``blip_core.cache.COMPILE_CACHE_SIZE``), so the least recently used is freed."""
-    return model._compiled.get((key, tuple(shapes)),
-                               lambda: tf.function(program, jit_compile=True, autograph=False))   # no AutoGraph
+    def make():
+        apply_persistent_cache()
+        return tf.function(program, jit_compile=True, autograph=False)   # no AutoGraph
+    return model._compiled.get((key, tuple(shapes)), make)
 
 
-def result(settings, seqs, length, seq_scores, scores, steps):
-    """Trim the compiled program's buffers into int64 ids or a ``GenerateOutput``."""
-    seqs = tf.cast(seqs[:, : int(length)], tf.int64)
+def pad_batch(nest, batch: int, padded: int):
+    """Rows-first inputs padded from ``batch`` to ``padded`` rows by the spec layer's rule (``padding_rows``)."""
+    if padded == batch:
+        return nest
+    rows = padding_rows(batch, padded)
+    return tf.nest.map_structure(lambda x: None if x is None else
+                                 (x[rows] if isinstance(x, np.ndarray) else tf.gather(x, rows)), nest)
+
+
+def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
+    """Trim the compiled program's buffers into int64 ids or a ``GenerateOutput``; with ``batch`` (the
+    real input rows of a padded call) only the rows of those inputs are returned."""
+    n = None if batch is None else batch * settings.num_return_sequences
+    seqs = tf.cast(seqs[:n, : int(length)], tf.int64)
     if not settings.return_dict_in_generate:
         return seqs
-    score_steps = None if scores is None else tuple(scores[:, i] for i in range(int(steps)))
-    return GenerateOutput(sequences=seqs, scores=score_steps, sequences_scores=seq_scores)
+    score_steps = None if scores is None else tuple(scores[:n, i] for i in range(int(steps)))
+    return GenerateOutput(sequences=seqs, scores=score_steps,
+                          sequences_scores=None if seq_scores is None else seq_scores[:n])
 
 
 def trace_count(model) -> int:
