@@ -163,6 +163,8 @@ def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
     seqs = seqs[:n, : int(length)]
     if not settings.return_dict_in_generate:
         return seqs
-    score_steps = None if scores is None else tuple(scores[:n, i] for i in range(int(steps)))
+    per_row = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences   # score rows
+    m = None if batch is None else batch * per_row
+    score_steps = None if scores is None else tuple(scores[:m, i] for i in range(int(steps)))
     return GenerateOutput(sequences=seqs, scores=score_steps,
                           sequences_scores=None if seq_scores is None else seq_scores[:n])

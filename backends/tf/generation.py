@@ -18,12 +18,10 @@ Sampling uses the Gumbel-max trick on stateless random numbers: a ``seed`` repro
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import tensorflow as tf
 
-from blip_core import decoding, persistent_cache
+from blip_core import decoding
 from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
@@ -245,25 +243,6 @@ def bucketed_inputs(settings, vocab_size: int, batch: int, max_new_limit=None):
     return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings), padded
 
 
-_PERSISTENT: dict = {}      # "dir": the persistent cache folder applied (None: off), once per process
-_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
-
-
-def apply_persistent_cache():
-    """Point XLA's persistent cache at the spec layer's folder (``blip_core.persistent_cache``) through
-    ``TF_XLA_FLAGS``, once, before the first program is compiled (TensorFlow parses the flags on its
-    first XLA compilation; a directory the caller put in the flags stays)."""
-    if "dir" not in _PERSISTENT:
-        flags = os.environ.get("TF_XLA_FLAGS", "")
-        path = None
-        if _CACHE_FLAG not in flags:
-            path = persistent_cache.cache_dir("tf", tf.__version__)
-            if path is not None:
-                os.environ["TF_XLA_FLAGS"] = f"{flags} {_CACHE_FLAG}={path}".strip()
-        _PERSISTENT["dir"] = path
-    return _PERSISTENT["dir"]
-
-
 def shape_signature(nest) -> tuple:
     """Shapes and dtypes of a nest of tensors / arrays (None kept): with the plan, what makes a program."""
     return tuple(None if x is None else (tuple(x.shape), str(getattr(x.dtype, "name", x.dtype)))
@@ -274,10 +253,8 @@ def compiled(model, key, program, shapes=()):
     """The XLA-compiled ``program`` cached on ``model`` under ``key`` (which holds the plan) and the
     input ``shapes``: one traced program per entry of the model's bounded ``LRU``
     (``blip_core.cache.COMPILE_CACHE_SIZE``), so the least recently used is freed."""
-    def make():
-        apply_persistent_cache()
-        return tf.function(program, jit_compile=True, autograph=False)   # no AutoGraph
-    return model._compiled.get((key, tuple(shapes)), make)
+    return model._compiled.get((key, tuple(shapes)),
+                               lambda: tf.function(program, jit_compile=True, autograph=False))   # no AutoGraph
 
 
 def pad_batch(nest, batch: int, padded: int):
@@ -296,7 +273,9 @@ def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
     seqs = tf.cast(seqs[:n, : int(length)], tf.int64)
     if not settings.return_dict_in_generate:
         return seqs
-    score_steps = None if scores is None else tuple(scores[:n, i] for i in range(int(steps)))
+    per_row = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences   # score rows
+    m = None if batch is None else batch * per_row
+    score_steps = None if scores is None else tuple(scores[:m, i] for i in range(int(steps)))
     return GenerateOutput(sequences=seqs, scores=score_steps,
                           sequences_scores=None if seq_scores is None else seq_scores[:n])
 
