@@ -178,7 +178,7 @@ class _BlipBase(JaxModel):
             return logits[:, -1], cache
 
         return decode(step, init_cache, (cross_kv, cross_attention_bias(states_mask, dt)), prompt, prompt_mask,
-                      key, plan, numbers)
+                      key, plan, numbers, context_per_input=True)
 
 
 # -- public classes ------------------------------------------------------------------------------------

@@ -105,13 +105,18 @@ def repeat_rows(tree, n: int):
     return tree if n == 1 else jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def decode(step, init_cache, context, prompt_ids, prompt_mask, key, plan: decoding.DecodePlan, numbers: dict):
+def decode(step, init_cache, context, prompt_ids, prompt_mask, key, plan: decoding.DecodePlan, numbers: dict,
+           context_per_input: bool = False):
     """Run the search inside a traced function. Returns ``(sequences (rows, T), length,
-    sequences_scores or None, scores buffer or None, steps)``; the caller trims."""
+    sequences_scores or None, scores buffer or None, steps)``; the caller trims.
+
+    ``context_per_input``: the context keeps one row per input and the model's step shares it among
+    that input's ``plan.expand`` consecutive rows (BLIP's cross-attention keys/values: not copied per
+    beam, which would multiply the largest buffer of beam search by the beam count)."""
     xp = JaxOps
     ids = repeat_rows(jnp.asarray(prompt_ids, jnp.int32), plan.expand)
     mask = repeat_rows(jnp.asarray(prompt_mask, jnp.int32), plan.expand)
-    context = repeat_rows(context, plan.expand)
+    context = context if context_per_input else repeat_rows(context, plan.expand)
     state = decoding.init_state(xp, plan, ids, mask, key, numbers.get("rows"))
     cache = init_cache(ids.shape[0], plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
