@@ -27,7 +27,8 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
 from . import common   # noqa: E402
 from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
 
-WORKLOADS = ("vision", "caption", "itm", "blip2")
+WORKLOADS = ("vision", "caption", "itm", "blip2", "coldstart")
+NOT_QUICK = ("coldstart",)   # fresh processes (coldstart.py): left out of --quick unless named
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -45,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny configs and few repetitions (smoke run)")
     p.add_argument("--backends", type=_csv(IMPLS), default=list(IMPLS),
                    help=f"comma-separated impls (default: {','.join(IMPLS)})")
-    p.add_argument("--only", type=_csv(WORKLOADS), default=list(WORKLOADS),
-                   help=f"comma-separated workloads (default: {','.join(WORKLOADS)})")
+    p.add_argument("--only", type=_csv(WORKLOADS), default=None,
+                   help=f"comma-separated workloads (default: {','.join(WORKLOADS)}; --quick: without "
+                        f"{','.join(NOT_QUICK)})")
     p.add_argument("--threads", type=int, default=None, help="threads per framework (default: the frameworks' own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--budget", type=float, default=None,
@@ -101,6 +103,14 @@ def evaluate_targets(cases) -> list:
         for b in ("jax", "tf"):
             t = _median(case, b)
             add(f"caption {mode} batch 1: time relative to our PyTorch", b, t / base if t and base else None, 1.0, True)
+    warm = next((c for c in cases if c["workload"] == "coldstart" and c["mode"] == "warm"), None)
+    for b in OURS:   # issue 19: new process, model loaded, compile cache warm
+        if warm is not None:
+            add("first caption of a new process, warm compile cache (s)", b, _median(warm, b), 2.5, True)
+    step = next((c for c in cases if c["workload"] == "coldstart" and c["mode"] == "per_token"), None)
+    if step is not None:
+        j, t = _median(step, "jax"), _median(step, "tf")
+        add("decode per token: jax relative to tf", "jax", j / t if j and t else None, 1.2, True)
     return out
 
 
@@ -147,6 +157,8 @@ def print_summary(ctx, env, targets, log=print) -> None:
 # -- main ---------------------------------------------------------------------------------------
 def run(args) -> int:
     common.configure_environment(args.threads, args.backends)
+    if args.only is None:
+        args.only = [w for w in WORKLOADS if not (args.quick and w in NOT_QUICK)]
     from .harness import Context   # after the environment is set: it may import frameworks
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 30.0)
     max_reps = args.max_reps if args.max_reps is not None else (2 if args.quick else 10)

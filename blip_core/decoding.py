@@ -24,11 +24,12 @@ heuristic, the beam filler ``pad or eos[0]`` and the output trimmed to the longe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import numpy as np
 
+from .cache import batch_bucket, new_tokens_bucket
 from .generation import GenerationSettings
 
 NEG = -1.0e9      # transformers' "never pick" offset in beam search bookkeeping
@@ -110,8 +111,27 @@ def make_plan(settings: GenerationSettings, vocab_size: int, output_scores: bool
     numbers = dict(eos=np.asarray(eos if eos else (-1,), np.int32), pad=np.int32(pad),
                    temperature=np.float32(s.temperature), top_k=np.int32(top_k),
                    top_p_cut=np.float32(1.0 - s.top_p), penalty=np.float32(s.repetition_penalty),
-                   min_new=np.int32(s.min_new_tokens), lp_table=lp, heuristic_table=heuristic)
+                   min_new=np.int32(s.min_new_tokens), lp_table=lp, heuristic_table=heuristic,
+                   limit=np.int32(plan.total))
     return plan, numbers
+
+
+def bucketed_plan(settings: GenerationSettings, vocab_size: int, batch: int, max_new_limit: Optional[int] = None):
+    """``make_plan`` for a compiled engine that shares programs between calls (``blip_core.cache``).
+
+    The plan's buffer holds ``new_tokens_bucket(max_new_tokens, max_new_limit)`` new tokens while
+    ``numbers["limit"]`` stops the loop at the requested length; ``numbers["rows"]`` counts the real
+    input rows, the rest of the ``batch_bucket(batch)`` rows (copies of row 0, ``padding_rows``) start
+    finished and never keep the loop going. Returns ``(plan, numbers, padded batch)``; the engine
+    returns the first ``batch * num_return_sequences`` rows, which equal the unpadded call's.
+    """
+    plan, numbers = make_plan(settings, vocab_size, settings.output_scores)
+    new = new_tokens_bucket(plan.max_new_tokens, max_new_limit)
+    extra = new - plan.max_new_tokens
+    numbers = dict(numbers, rows=np.int32(batch),   # the tables are read up to the real length only
+                   lp_table=np.pad(numbers["lp_table"], (0, extra), mode="edge"),
+                   heuristic_table=np.pad(numbers["heuristic_table"], (0, extra), mode="edge"))
+    return replace(plan, max_new_tokens=new), numbers, batch_bucket(batch)
 
 
 # -- masks and positions -------------------------------------------------------------------------------
@@ -129,9 +149,14 @@ def prefill_positions(xp, mask):
     return xp.where(mask == 0, 1, xp.cumsum(mask, axis=1) - 1)
 
 
-def init_state(xp, plan: DecodePlan, ids, mask, rng):
-    """The state before the first step; ``ids``/``mask`` (N, P) are already expanded per beam/sample."""
+def init_state(xp, plan: DecodePlan, ids, mask, rng, rows=None):
+    """The state before the first step; ``ids``/``mask`` (N, P) are already expanded per beam/sample.
+
+    ``rows`` (a scalar, possibly traced) counts the real input rows when the batch was padded to a
+    bucket: the rows after them start finished (greedy/sampling) or not improvable (beam search), so
+    they neither produce results nor keep the loop going."""
     n, p = xp.rows(ids), plan.prompt_length
+    live = None if rows is None else xp.arange(n // plan.expand) < rows          # per input row
     fill = plan.fill_value if plan.beam else 0
     seqs = xp.concat([xp.cast(ids, "int32"), xp.full((n, plan.max_new_tokens), fill, "int32")], axis=1)
     key_mask = xp.concat([xp.cast(mask, "int32"), xp.zeros((n, plan.max_new_tokens), "int32")], axis=1)
@@ -142,12 +167,15 @@ def init_state(xp, plan: DecodePlan, ids, mask, rng):
     if plan.beam:
         b, k = n // plan.num_beams, plan.num_beams
         first = xp.concat([xp.zeros((b, 1), "float32"), xp.full((b, k - 1), NEG, "float32")], axis=1)
+        live = xp.ones((b, 1), "bool") if live is None else xp.reshape(live, (b, 1))
         state.update(running_scores=first, beam_scores=xp.full((b, k), NEG, "float32"),
                      finished=xp.zeros((b, k), "bool"), lengths=xp.zeros((b, k), "int32"),
-                     done_seqs=xp.reshape(seqs, (b, k, plan.total)), improvable=xp.ones((b, 1), "bool"),
+                     done_seqs=xp.reshape(seqs, (b, k, plan.total)), improvable=live, live=live,
                      go=xp.scalar(True))
-    else:
+    elif live is None:
         state["unfinished"] = xp.ones((n,), "bool")
+    else:
+        state["unfinished"] = xp.reshape(xp.broadcast(live[:, None], (n // plan.expand, plan.expand)), (n,))
     return state
 
 
@@ -269,7 +297,7 @@ def _token_choose(xp, plan, num, state, logits):
     n = xp.rows(tokens)
     state = dict(state, seqs=xp.write(state["seqs"], tokens[:, None], state["cur"], axis=1))
     state = _open_slot(xp, state, n)
-    hit = xp.broadcast(state["cur"] >= plan.total, (n,))
+    hit = xp.broadcast(state["cur"] >= num["limit"], (n,))
     if plan.n_eos:
         hit = _is_eos(xp, tokens, num["eos"]) | hit
     return dict(state, unfinished=state["unfinished"] & ~hit)
@@ -297,7 +325,7 @@ def _beam_choose(xp, plan, num, state, logits):
     src, tokens = idx // v, xp.cast(idx % v, "int32")
     running = xp.reshape(state["seqs"], (b, k, total))
     top_seqs = xp.write(_gather(xp, running, src), tokens[:, :, None], cur, axis=2)
-    hits = xp.broadcast(cur + 1 >= total, (b, keep))
+    hits = xp.broadcast(cur + 1 >= num["limit"], (b, keep))
     if plan.n_eos:
         hits = _is_eos(xp, tokens, num["eos"]) | hits
 
@@ -334,9 +362,10 @@ def _beam_choose(xp, plan, num, state, logits):
     best = running_scores[:, :1] / xp.at(num["heuristic_table"], cur + 1 - p)
     worst = xp.where(finished, xp.min(beam_scores, axis=1, keepdims=True), NEG)
     improvable = state["improvable"] & xp.any(best > worst, axis=1, keepdims=True)
-    go = xp.any(improvable) & ~xp.all(hits)
+    dead = ~state["live"]                      # padding rows of a bucketed batch take no part in the decision
+    go = xp.any(improvable) & ~xp.all(hits | dead)
     if plan.early_stopping is True:
-        go = go & ~xp.all(finished)
+        go = go & ~xp.all(finished | dead)
     state = dict(state, running_scores=running_scores, beam_scores=beam_scores, finished=finished,
                  lengths=lengths, done_seqs=done_seqs, improvable=improvable, go=go)
     return state, rows

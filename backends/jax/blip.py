@@ -33,7 +33,7 @@ from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPo
                                BlipTextVisionModelOutput)
 
 from ._base import JaxModel, is_concrete, token_ids
-from .generation import decode, result, sampling_key, traced_numbers
+from .generation import decode, pad_batch, result, sampling_key, traced_numbers
 from .text import (TextLMHeadModel, TextModel, cross_attention_bias, decoder_bias, encode_text, lm_loss,
                    text_inputs)
 from .vision import VisionTransformer, vision_inputs
@@ -137,15 +137,18 @@ class _BlipBase(JaxModel):
             raise ValueError("generator is a torch option; pass prng_key (a jax PRNG key) or seed to the JAX backend")
         kwargs.pop("use_cache", None)
         settings = resolve_blip_generation(tc, prompt.shape[1], **kwargs)
-        plan, numbers = decoding.make_plan(settings, tc.vocab_size, settings.output_scores)
+        batch = pv.shape[0]
+        plan, numbers, padded = decoding.bucketed_plan(settings, tc.vocab_size, batch,
+                                                       tc.max_position_embeddings + 1 - prompt.shape[1])
         if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
             prompt_mask = decoding.infer_prompt_mask(prompt, settings)
-        shapes = tuple(None if x is None else tuple(np.shape(x)) for x in (pv, prompt, question))
-        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"), variant=(plan, interpolate, shapes))
-        out = fn(params, pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question,
-                 question_mask, sampling_key(settings, key), traced_numbers(numbers), plan=plan,
-                 interpolate=interpolate)
-        return result(settings, *out)
+        pv, prompt, prompt_mask, question, question_mask = pad_batch(
+            (pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question, question_mask),
+            batch, padded)
+        args = (params, pv, prompt, prompt_mask, question, question_mask, sampling_key(settings, key),
+                traced_numbers(numbers))
+        fn = self._program("generate", "_generate_program", args, plan=plan, interpolate=interpolate)
+        return result(settings, *fn(*args, plan=plan, interpolate=interpolate), batch=batch)
 
     def _generate_program(self, params, pv, prompt, prompt_mask, question, question_mask, key, numbers, plan,
                           interpolate):
@@ -175,7 +178,7 @@ class _BlipBase(JaxModel):
             return logits[:, -1], cache
 
         return decode(step, init_cache, (cross_kv, cross_attention_bias(states_mask, dt)), prompt, prompt_mask,
-                      key, plan, numbers)
+                      key, plan, numbers, context_per_input=True)
 
 
 # -- public classes ------------------------------------------------------------------------------------

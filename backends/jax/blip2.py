@@ -38,7 +38,7 @@ from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPo
 from . import opt, t5
 from ._base import as_input, is_concrete, mask_like, token_ids
 from .blip import _labels
-from .generation import decode, result, sampling_key, traced_numbers
+from .generation import decode, pad_batch, result, sampling_key, traced_numbers
 from .qformer import Blip2QFormerModel, Blip2Weights, QFormer, TextEmbeddings
 from .text import lm_loss
 from .vision import BlipVisionModel, VisionTransformer, vision_inputs
@@ -471,11 +471,26 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             settings = rules.generation_settings(self.config, 1, **kwargs)
             prompt = jnp.full((mask.shape[0], 1), start, jnp.int32)
             prompt_mask = jnp.ones_like(prompt)
-        plan, numbers = decoding.make_plan(settings, self.config.text_config.vocab_size, settings.output_scores)
-        fn = self._jit("generate", "_generate_program", ("plan", "interpolate"))
-        out = fn(params, pv, ids, embeds, mask, prompt, prompt_mask, sampling_key(settings, key),
-                 traced_numbers(numbers), plan=plan, interpolate=bool(interpolate_pos_encoding))
-        return result(settings, *out)
+        batch = mask.shape[0]
+        plan, numbers, padded = decoding.bucketed_plan(settings, self.config.text_config.vocab_size, batch,
+                                                       self._new_tokens_limit(prompt.shape[1], ids, embeds))
+        args = ((params,) + pad_batch((pv, ids, embeds, mask, prompt, prompt_mask), batch, padded)
+                + (sampling_key(settings, key), traced_numbers(numbers)))
+        static = dict(plan=plan, interpolate=bool(interpolate_pos_encoding))
+        return result(settings, *self._program("generate", "_generate_program", args, **static)(*args, **static),
+                      batch=batch)
+
+    def _new_tokens_limit(self, prompt_length: int, ids, embeds):
+        """The most new tokens OPT's position table holds after the prompt (and what sits in front of its
+        token buffer); None for T5, whose positions are relative."""
+        if not self.is_decoder_only:
+            return None
+        tc = self.config.text_config
+        if ids is None:
+            front = embeds.shape[1] + (0 if rules.uses_placeholders(self.config) else self.config.num_query_tokens)
+        else:
+            front = 0 if rules.uses_placeholders(self.config) else self.config.num_query_tokens
+        return tc.max_position_embeddings - front - prompt_length
 
     def _generate_program(self, params, pv, ids, embeds, mask, prompt, prompt_mask, key, numbers, plan, interpolate):
         """Towers and language-model prefix once, then the decoding loop: one XLA program."""

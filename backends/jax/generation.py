@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_core import decoding
+from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
 _DTYPES = {"int32": jnp.int32, "float32": jnp.float32, "bool": jnp.bool_}
@@ -104,14 +105,19 @@ def repeat_rows(tree, n: int):
     return tree if n == 1 else jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def decode(step, init_cache, context, prompt_ids, prompt_mask, key, plan: decoding.DecodePlan, numbers: dict):
+def decode(step, init_cache, context, prompt_ids, prompt_mask, key, plan: decoding.DecodePlan, numbers: dict,
+           context_per_input: bool = False):
     """Run the search inside a traced function. Returns ``(sequences (rows, T), length,
-    sequences_scores or None, scores buffer or None, steps)``; the caller trims."""
+    sequences_scores or None, scores buffer or None, steps)``; the caller trims.
+
+    ``context_per_input``: the context keeps one row per input and the model's step shares it among
+    that input's ``plan.expand`` consecutive rows (BLIP's cross-attention keys/values: not copied per
+    beam, which would multiply the largest buffer of beam search by the beam count)."""
     xp = JaxOps
     ids = repeat_rows(jnp.asarray(prompt_ids, jnp.int32), plan.expand)
     mask = repeat_rows(jnp.asarray(prompt_mask, jnp.int32), plan.expand)
-    context = repeat_rows(context, plan.expand)
-    state = decoding.init_state(xp, plan, ids, mask, key)
+    context = context if context_per_input else repeat_rows(context, plan.expand)
+    state = decoding.init_state(xp, plan, ids, mask, key, numbers.get("rows"))
     cache = init_cache(ids.shape[0], plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
     state, rows = decoding.choose(xp, plan, numbers, state, logits)
@@ -147,10 +153,23 @@ def sampling_key(settings, key):
     return jax.random.key(0)     # unused without sampling; keeps one compiled signature
 
 
-def result(settings, seqs, length, seq_scores, scores, steps):
-    """Trim the compiled program's buffers into ids or a ``GenerateOutput``."""
-    seqs = seqs[:, : int(length)]
+def pad_batch(tree, batch: int, padded: int):
+    """Rows-first inputs padded from ``batch`` to ``padded`` rows by the spec layer's rule (``padding_rows``)."""
+    if padded == batch:
+        return tree
+    rows = padding_rows(batch, padded)
+    return jax.tree_util.tree_map(lambda x: x[rows], tree)
+
+
+def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
+    """Trim the compiled program's buffers into ids or a ``GenerateOutput``; with ``batch`` (the real
+    input rows of a padded call) only the rows of those inputs are returned."""
+    n = None if batch is None else batch * settings.num_return_sequences
+    seqs = seqs[:n, : int(length)]
     if not settings.return_dict_in_generate:
         return seqs
-    score_steps = None if scores is None else tuple(scores[:, i] for i in range(int(steps)))
-    return GenerateOutput(sequences=seqs, scores=score_steps, sequences_scores=seq_scores)
+    per_row = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences   # score rows
+    m = None if batch is None else batch * per_row
+    score_steps = None if scores is None else tuple(scores[:m, i] for i in range(int(steps)))
+    return GenerateOutput(sequences=seqs, scores=score_steps,
+                          sequences_scores=None if seq_scores is None else seq_scores[:n])

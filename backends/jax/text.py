@@ -115,6 +115,9 @@ class SelfAttention(nn.Module):
                            for c, new in zip(cache, kv))
                 cache = kv
         k, v = kv
+        group = b // k.shape[0]      # decoding: the beams of one input share its cross keys/values (and bias)
+        if group != 1:
+            q = q.reshape((k.shape[0], group * t) + q.shape[2:])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.config.num_attention_heads)
         if bias is not None:
             scores = scores + bias.astype(scores.dtype)

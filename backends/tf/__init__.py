@@ -29,6 +29,9 @@ def _import_tensorflow_without_jax():
             del _sys.modules["jax"]
 
 
+from . import xla_cache as _xla_cache  # noqa: E402  (imports no TensorFlow)
+
+_xla_cache.apply_persistent_cache()     # before TensorFlow parses its XLA flags (blip_core.persistent_cache)
 _import_tensorflow_without_jax()
 
 from . import arrays  # noqa: E402,F401  registers return_tensors="tf" with the processors

@@ -20,7 +20,7 @@ from blip_core.outputs import (BlipOutput, BlipForConditionalGenerationModelOutp
                                BlipTextVisionModelOutput)
 
 from ._base import BlipTFModel, Dense, Recorder, padding_bias, as_float, as_ids, as_mask, as_positions, cross_entropy, flag, same_dim
-from .generation import compiled, decode, plan_inputs, result
+from .generation import bucketed_inputs, compiled, decode, pad_batch, result
 from .text import TextLMHeadModel, TextTower, check_length, run_text, text_output
 from .vision import VisionTower, vision_output
 
@@ -322,7 +322,10 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
     tc = model.config.text_config
     if prompt_mask is None:
         prompt_mask = decoding.infer_prompt_mask(prompt, settings)
-    plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
+    batch = int(encode_inputs[0].shape[0])
+    plan, numbers, seed, padded = bucketed_inputs(settings, tc.vocab_size, batch,
+                                                  tc.max_position_embeddings + 1 - prompt.shape[1])
+    encode_inputs, prompt, prompt_mask = pad_batch((encode_inputs, prompt, np.asarray(prompt_mask)), batch, padded)
     lm = model.text_decoder
 
     def program(inputs, prompt_ids, prompt_mask, seed, numbers):
@@ -334,4 +337,4 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
     fn = compiled(model, (tag, plan), program, shapes)
     out = fn(encode_inputs, tf.constant(prompt, tf.int32), tf.constant(np.asarray(prompt_mask), tf.int32), seed,
              numbers)
-    return result(settings, *out)
+    return result(settings, *out, batch=batch)

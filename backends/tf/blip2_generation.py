@@ -20,7 +20,7 @@ import tensorflow as tf
 from blip_core import blip2 as rules
 
 from ._base import as_float
-from .generation import compiled, decode, plan_inputs, result
+from .generation import bucketed_inputs, compiled, decode, pad_batch, result, shape_signature
 from .opt import with_slot_written
 
 
@@ -144,7 +144,11 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, inputs_em
         start = rules.decoder_start_token_id(cfg, kwargs.pop("decoder_start_token_id", None))
         settings = rules.generation_settings(cfg, 1, **kwargs)
         prompt, prompt_mask = np.full((b, 1), start, np.int32), np.ones((b, 1), np.int32)
-    plan, numbers, seed = plan_inputs(settings, tc.vocab_size)
+    limit = None                 # T5's positions are relative: any buffer fits
+    if rules.is_decoder_only(cfg):
+        front = prefix_length(cfg) if cache_prefix is None else cache_prefix
+        limit = tc.max_position_embeddings - front - prompt.shape[1]
+    plan, numbers, seed, padded = bucketed_inputs(settings, tc.vocab_size, b, limit)
     embeds_only = ids is None
 
     def make_cache(rows, total):
@@ -156,11 +160,13 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, inputs_em
                                      text_embeds, embeds_only)
         return decode(model.step, context, prompt_ids, prompt_mask, seed, plan, numbers, init_cache=make_cache)
 
-    fn = compiled(model, ("blip2", interpolate_pos_encoding, embeds_only, embeds is not None, plan), program)
     inputs = (px, tf.zeros(shape, tf.int32) if ids is None else tf.constant(ids, tf.int32),
               tf.constant(mask, tf.int32), tf.constant(np.zeros(shape, bool) if slots is None else slots), embeds)
+    inputs, prompt, prompt_mask = pad_batch((inputs, prompt, prompt_mask), b, padded)
+    fn = compiled(model, ("blip2", interpolate_pos_encoding, embeds_only, embeds is not None, plan), program,
+                  shape_signature((inputs, prompt)))
     out = fn(inputs, tf.constant(prompt, tf.int32), tf.constant(prompt_mask, tf.int32), seed, numbers)
-    return result(settings, *out)
+    return result(settings, *out, batch=b)
 
 
 def _slots(model, ids, embeds):

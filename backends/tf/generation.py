@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from blip_core import decoding
+from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
 _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
@@ -205,7 +206,7 @@ def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePl
     ids = repeat_rows(tf.cast(prompt_ids, tf.int32), plan.expand)
     mask = repeat_rows(tf.cast(prompt_mask, tf.int32), plan.expand)
     context = repeat_rows(context, plan.expand)
-    state = decoding.init_state(xp, plan, ids, mask, seed)
+    state = decoding.init_state(xp, plan, ids, mask, seed, numbers.get("rows"))
     cache = None if init_cache is None else init_cache(xp.rows(ids), plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
     state, rows = decoding.choose(xp, plan, numbers, state, logits)
@@ -224,11 +225,28 @@ def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePl
     return seqs, length, seq_scores, state.get("scores"), steps
 
 
+def _seed(settings):
+    seed = settings.seed if settings.seed is not None else int(np.random.randint(0, 2 ** 31 - 1))
+    return tf.constant([seed, 0], tf.int64)
+
+
 def plan_inputs(settings, vocab_size: int):
     """``(plan, numbers as tensors, seed tensor)`` of one call."""
     plan, numbers = decoding.make_plan(settings, vocab_size, settings.output_scores)
-    seed = settings.seed if settings.seed is not None else int(np.random.randint(0, 2 ** 31 - 1))
-    return plan, {k: tf.constant(v) for k, v in numbers.items()}, tf.constant([seed, 0], tf.int64)
+    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings)
+
+
+def bucketed_inputs(settings, vocab_size: int, batch: int, max_new_limit=None):
+    """``(plan, numbers as tensors, seed tensor, padded batch)`` of one call whose batch and length are
+    rounded up to the spec layer's buckets (``blip_core.decoding.bucketed_plan``)."""
+    plan, numbers, padded = decoding.bucketed_plan(settings, vocab_size, batch, max_new_limit)
+    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings), padded
+
+
+def shape_signature(nest) -> tuple:
+    """Shapes and dtypes of a nest of tensors / arrays (None kept): with the plan, what makes a program."""
+    return tuple(None if x is None else (tuple(x.shape), str(getattr(x.dtype, "name", x.dtype)))
+                 for x in tf.nest.flatten(nest, expand_composites=False))
 
 
 def compiled(model, key, program, shapes=()):
@@ -239,13 +257,27 @@ def compiled(model, key, program, shapes=()):
                                lambda: tf.function(program, jit_compile=True, autograph=False))   # no AutoGraph
 
 
-def result(settings, seqs, length, seq_scores, scores, steps):
-    """Trim the compiled program's buffers into int64 ids or a ``GenerateOutput``."""
-    seqs = tf.cast(seqs[:, : int(length)], tf.int64)
+def pad_batch(nest, batch: int, padded: int):
+    """Rows-first inputs padded from ``batch`` to ``padded`` rows by the spec layer's rule (``padding_rows``)."""
+    if padded == batch:
+        return nest
+    rows = padding_rows(batch, padded)
+    return tf.nest.map_structure(lambda x: None if x is None else
+                                 (x[rows] if isinstance(x, np.ndarray) else tf.gather(x, rows)), nest)
+
+
+def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
+    """Trim the compiled program's buffers into int64 ids or a ``GenerateOutput``; with ``batch`` (the
+    real input rows of a padded call) only the rows of those inputs are returned."""
+    n = None if batch is None else batch * settings.num_return_sequences
+    seqs = tf.cast(seqs[:n, : int(length)], tf.int64)
     if not settings.return_dict_in_generate:
         return seqs
-    score_steps = None if scores is None else tuple(scores[:, i] for i in range(int(steps)))
-    return GenerateOutput(sequences=seqs, scores=score_steps, sequences_scores=seq_scores)
+    per_row = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences   # score rows
+    m = None if batch is None else batch * per_row
+    score_steps = None if scores is None else tuple(scores[:m, i] for i in range(int(steps)))
+    return GenerateOutput(sequences=seqs, scores=score_steps,
+                          sequences_scores=None if seq_scores is None else seq_scores[:n])
 
 
 def trace_count(model) -> int:
