@@ -28,6 +28,7 @@ from . import common   # noqa: E402
 from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
 
 WORKLOADS = ("vision", "caption", "itm", "blip2")
+OPTIONAL = ("onnx",)      # --only onnx: ONNX Runtime captioning against our torch (benchmarks/onnx.py)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -45,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny configs and few repetitions (smoke run)")
     p.add_argument("--backends", type=_csv(IMPLS), default=list(IMPLS),
                    help=f"comma-separated impls (default: {','.join(IMPLS)})")
-    p.add_argument("--only", type=_csv(WORKLOADS), default=list(WORKLOADS),
+    p.add_argument("--only", type=_csv(WORKLOADS + OPTIONAL), default=list(WORKLOADS),
                    help=f"comma-separated workloads (default: {','.join(WORKLOADS)})")
     p.add_argument("--threads", type=int, default=None, help="threads per framework (default: the frameworks' own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
