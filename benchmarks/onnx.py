@@ -61,9 +61,10 @@ def run(ctx) -> None:
             flops = caption_flops(cfg, batch, beams, NEW_TOKENS)
             total = float(sum(flops.values()))
             case = f"{mode}, batch {batch}, {NEW_TOKENS} tokens"
-            ctx.log(f"\n== caption-onnx | {case} | {total / 1e9:.2f} GFLOP | float32 | threads {ctx.threads or 'default'}")
-            calls = {"torch": ctx.wrap("torch", lambda: model.generate(pixel_values=pixels, **kw)),
-                     IMPL: lambda: runner.generate(pixels, **kw)}
+            ctx.log(f"\n== caption-onnx | {case} | {total / 1e9:.2f} GFLOP | float32 | "
+                    f"threads {ctx.threads or 'default'}")
+            calls = {"torch": ctx.wrap("torch", lambda x=pixels, o=kw: model.generate(pixel_values=x, **o)),
+                     IMPL: lambda x=pixels, o=kw: runner.generate(x, **o)}
             stats = common.measure(calls, ctx.budget_s, ctx.max_reps, log=ctx.log)
             results = {"torch": _result(stats["torch"], total, "torch", torch_info.get("version"),
                                         torch_info.get("threads")),
@@ -87,7 +88,6 @@ def run(ctx) -> None:
                 ctx.log(f"  {impl:<12} {text}" + (f"  ids == torch: {r['check']['ids_equal']}" if "check" in r else ""))
             if ratios:
                 ctx.log(f"  onnxruntime / torch: {ratios[f'{IMPL}/torch']:.2f}")
-    del model, runner
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _onnx(artifact, model, arch, inp):
     if arch == "BlipForConditionalGeneration":
         cross = runner.run("cross_kv", encoder_hidden_states=last)
         positions = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)
-        logits, _ = runner._step(False)(ids, positions, mask, None, 0, (cross, None))
+        logits, _ = runner.step_function(masked=False)(ids, positions, mask, None, 0, (cross, None))
         want = model.text_decoder(ids, mask, encoder_hidden_states=ref.last_hidden_state, position_ids=positions)
         rows.append(_array_row("decoder_step.logits", logits, want.logits[:, -1], "float32"))
         n = _new_tokens(model.config)
@@ -121,7 +121,8 @@ def _stablehlo(artifact, model, arch, inp, meta):
     runner = StableHLOBlip(artifact)
     px = inp["pixel_values"]
     if arch == "BlipForConditionalGeneration":
-        return [_ids_row("caption.sequences", runner.generate(px), model.generate(pixel_values=px, **meta["generation"]))]
+        return [_ids_row("caption.sequences", runner.generate(px),
+                         model.generate(pixel_values=px, **meta["generation"]))]
     ids, mask = inp["input_ids"], inp["attention_mask"]
     return [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px), meta["dtype"]),
             _array_row("text_features", runner.get_text_features(ids, mask), model.get_text_features(ids, mask),

@@ -102,7 +102,9 @@ class OnnxBlip:
         return ids, mask
 
     # -- generation ----------------------------------------------------------------------------
-    def _step(self, masked: bool):
+    def step_function(self, masked: bool):
+        """The decoder step of ``numpy_engine.generate`` on the ONNX graphs; ``masked``: the graph takes
+        ``encoder_attention_mask`` (VQA). ``context`` = (cross keys/values per layer, that mask or None)."""
         m = self.manifest
         layers, heads, hd = m["decoder_layers"], m["decoder_heads"], m["decoder_head_dim"]
         past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
@@ -129,8 +131,9 @@ class OnnxBlip:
         masked = self.manifest["decoder_cross_mask"]
         if masked and states_mask is None:
             states_mask = np.ones(states.shape[:2], np.int64)
-        return numpy_engine.generate(self._step(masked), prompt, settings, vocab_size=self.config.text_config.vocab_size,
-                                     attention_mask=mask, context=(list(cross), states_mask))
+        return numpy_engine.generate(self.step_function(masked), prompt, settings,
+                                     vocab_size=self.config.text_config.vocab_size, attention_mask=mask,
+                                     context=(list(cross), states_mask))
 
     def generate(self, *args, **kwargs):
         """Captioning: ``generate(pixel_values, input_ids=None, attention_mask=None, **options)``;

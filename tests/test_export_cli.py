@@ -68,7 +68,8 @@ def test_parity_catches_a_perturbed_export(tmp_path, capsys):
     name = "BlipForQuestionAnswering"
     model = bt.BlipForQuestionAnswering.from_pretrained(fixture(name)[0])
     with torch.no_grad():
-        model.text_encoder.encoder.layer[0].output.dense.bias[0] += 0.5   # one coordinate: LayerNorm would undo a uniform shift
+        # one coordinate: the LayerNorm after it would undo a uniform shift
+        model.text_encoder.encoder.layer[0].output.dense.bias[0] += 0.5
     bad = tmp_path / "bad"
     model.save_pretrained(str(bad))
     assert main(["export", str(bad), str(tmp_path / "out"), "--format", "onnx"]) == 0

@@ -59,7 +59,7 @@ def test_caption_stages(caption):
     _close(pooled, ref.pooler_output)
     # the decoder step on the whole text as a prompt: logits of the last position, and the cache it returns
     cross = runner.run("cross_kv", encoder_hidden_states=last)
-    step = runner._step(False)
+    step = runner.step_function(masked=False)
     positions = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)
     logits, cache = step(ids, positions, mask, None, 0, (cross, None))
     want = model.text_decoder(ids, mask, encoder_hidden_states=ref.last_hidden_state, position_ids=positions)

@@ -36,7 +36,8 @@ from PIL import Image
 from blip_runtime import OnnxBlip
 runner = OnnxBlip(sys.argv[1], threads=1)
 samples = sys.argv[2]
-images = [Image.open(os.path.join(samples, f)).convert("RGB") for f in sorted(os.listdir(samples)) if f.endswith(".png")]
+images = [Image.open(os.path.join(samples, f)).convert("RGB")
+          for f in sorted(os.listdir(samples)) if f.endswith(".png")]
 px = runner.processor(images=images, return_tensors="np")["pixel_values"]
 out = {"greedy": runner.generate(px, max_new_tokens=20).tolist(),
        "beam": runner.generate(px, max_new_tokens=20, num_beams=3).tolist(),

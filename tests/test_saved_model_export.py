@@ -37,7 +37,8 @@ def _feeds(name, pad_row=0):
 
 
 def _call(loaded, signature, **arrays):
-    return {k: v.numpy() for k, v in loaded.signatures[signature](**{k: tf.constant(v) for k, v in arrays.items()}).items()}
+    out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in arrays.items()})
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def _vqa_case(tmp_path_factory, options, model_dir=None, inputs=None, jit_compile=False):
