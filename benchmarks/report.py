@@ -24,6 +24,8 @@ def _cell(r: dict) -> str:
 
 
 def render(results: dict) -> str:
+    # the onnxruntime column appears when the run has it (run_all.py --only ...,onnx)
+    IMPL_ORDER = IMPLS + tuple(i for i in ("onnxruntime",) if any(i in c["results"] for c in results["cases"]))
     env = results["environment"]
     fw = env["frameworks"]
     lines = [

@@ -27,8 +27,8 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
 from . import common   # noqa: E402
 from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
 
-WORKLOADS = ("vision", "caption", "itm", "blip2", "coldstart")
-NOT_QUICK = ("coldstart",)   # fresh processes (coldstart.py): left out of --quick unless named
+WORKLOADS = ("vision", "caption", "itm", "blip2", "onnx", "coldstart")
+NOT_QUICK = ("onnx", "coldstart")   # exports, fresh processes: left out of --quick unless named
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train.cli import add_train_parsers
     add_train_parsers(sub)
+    from .export import add_export_parsers
+    add_export_parsers(sub)
 
     try:
         from converters.cli import add_convert_parser, add_parity_parser

@@ -1,0 +1,151 @@
+"""``blip export``: deployable artifacts (ONNX, TensorFlow SavedModel, StableHLO) from a checkpoint.
+
+    blip export MODEL_DIR OUT --format onnx|savedmodel|stablehlo [--task caption|vqa|itm|embed]
+                [--dtype float32|bfloat16|float16] [--num-beams N] [--max-new-tokens N] [--prompt-length N]
+    blip export-parity ARTIFACT MODEL_DIR [--seed S] [--json]
+
+Which backend writes which format: ONNX from torch (``backends/torch/onnx_export.py``; run with
+``blip_runtime.OnnxBlip``), SavedModel from TensorFlow (``backends/tf/export.py``,
+``saved_model_export.py``, ``blip2_export.py``), StableHLO from JAX (``backends/jax/stablehlo_export.py``;
+run with ``blip_runtime.stablehlo_runner.StableHLOBlip``). The task is the checkpoint's class;
+``--task`` states the expectation and fails on a mismatch. Generating artifacts (captioning, VQA)
+fix ``--num-beams`` / ``--max-new-tokens`` at export, except ONNX, whose runner takes any option.
+Every artifact directory gets ``blip_export.json`` (format, architecture, task, options), the
+checkpoint's ``config.json`` and processor files; ``blip export-parity`` compares it with the library.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from blip_core import architecture_of
+
+FORMATS = {"onnx": "torch", "savedmodel": "tf", "stablehlo": "jax"}
+TASK_OF = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
+           "BlipForImageTextRetrieval": "itm", "BlipModel": "embed", "Blip2ForConditionalGeneration": "caption"}
+SUPPORTED = {"onnx": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
+                      "BlipModel"},
+             "savedmodel": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
+                            "BlipModel", "Blip2ForConditionalGeneration"},
+             "stablehlo": {"BlipForConditionalGeneration", "BlipModel"}}
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
+                   "vocab.json", "spiece.model", "added_tokens.json", "preprocessor_config.json",
+                   "processor_config.json")
+META = "blip_export.json"
+
+
+def _generation_options(arch, num_beams, max_new_tokens) -> dict:
+    return dict(num_beams=num_beams, max_new_tokens=max_new_tokens) if TASK_OF.get(arch) in ("caption", "vqa") else {}
+
+
+def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: str | None = None,
+           num_beams: int = 1, max_new_tokens: int = 20, prompt_length: int | None = None) -> dict:
+    """Write the artifact; returns the metadata written to ``OUT/blip_export.json``."""
+    import blip_apps
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    arch = architecture_of(model_dir)
+    if task is not None and TASK_OF.get(arch) != task:
+        raise ValueError(f"{model_dir} holds a {arch} (task {TASK_OF.get(arch, 'none')}), not a {task} model")
+    if arch not in SUPPORTED[fmt]:
+        raise ValueError(f"--format {fmt} supports {', '.join(sorted(SUPPORTED[fmt]))}; {model_dir} holds {arch}")
+    if fmt == "onnx" and dtype not in (None, "float32"):
+        raise ValueError("ONNX graphs are exported in float32 (onnxruntime's CPU kernels)")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"{out} exists and is not an empty directory")
+    model = blip_apps.load(model_dir, backend=FORMATS[fmt], **({"dtype": dtype} if dtype else {}))
+    options = _generation_options(arch, num_beams, max_new_tokens)
+    if fmt == "onnx":
+        from backends.torch.onnx_export import export_onnx
+        export_onnx(model, out, processor_dir=model_dir)
+        options = {}                                    # the runner takes any generation option
+    elif fmt == "stablehlo":
+        from backends.jax.stablehlo_export import export_stablehlo
+        export_stablehlo(model, out, processor_dir=model_dir, **options)
+    elif arch == "Blip2ForConditionalGeneration":
+        from backends.tf.blip2_export import export_blip2_captioner
+        if prompt_length is None:
+            raise ValueError("BLIP-2 SavedModels take prompts of one length: pass --prompt-length "
+                             "(placeholders included)")
+        export_blip2_captioner(model, out, prompt_length=prompt_length, **options)
+        options["prompt_length"] = prompt_length
+    else:
+        from backends.tf.saved_model_export import export_saved_model
+        export_saved_model(model, out, **options)
+    for name in PROCESSOR_FILES + ("config.json",):
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(src, os.path.join(out, name))
+    meta = {"format": fmt, "architecture": arch, "task": TASK_OF[arch], "dtype": dtype or "float32",
+            "generation": options}
+    with open(os.path.join(out, META), "w") as fh:
+        json.dump(meta, fh, indent=2)
+    return meta
+
+
+def read_meta(artifact: str) -> dict:
+    path = os.path.join(artifact, META)
+    if not os.path.isfile(path):
+        raise ValueError(f"{artifact}: no {META} (not written by blip export)")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _fail(exc) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_export(args) -> int:
+    try:
+        meta = export(args.model_dir, args.out, args.format, args.task, args.dtype, args.num_beams,
+                      args.max_new_tokens, args.prompt_length)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        return _fail(exc)
+    print(f"wrote {args.format} {meta['task']} artifact of {meta['architecture']} to {args.out}")
+    return 0
+
+
+def cmd_export_parity(args) -> int:
+    from .export_parity import compare
+    try:
+        rows = compare(args.artifact, args.model_dir, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(exc)
+    failed = [r for r in rows if not r["ok"]]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(f"{'stage':<28} {'max |diff|':>12} {'tolerance':>10}  result")
+        for r in rows:
+            diff = "ids" if r["kind"] == "ids" else f"{r['max_abs_diff']:.3e}"
+            tol = "equal" if r["kind"] == "ids" else f"{r['atol']:.0e}"
+            print(f"{r['stage']:<28} {diff:>12} {tol:>10}  {'ok' if r['ok'] else 'FAIL'}")
+        print(f"{len(rows) - len(failed)}/{len(rows)} stages agree")
+    return 1 if failed else 0
+
+
+def add_export_parsers(sub) -> None:
+    from .cli import _positive_int
+    p = sub.add_parser("export", help="write an ONNX, SavedModel or StableHLO artifact of a checkpoint")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--task", default=None, choices=["caption", "vqa", "itm", "embed"],
+                   help="the task the checkpoint must hold (default: whatever it holds)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-beams", type=_positive_int, default=1, help="generating SavedModel / StableHLO only")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="generating SavedModel / StableHLO only")
+    p.add_argument("--prompt-length", type=_positive_int, default=None, help="BLIP-2 SavedModel: prompt length")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-parity", help="compare an exported artifact with the library, stage by stage and ids")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    p.set_defaults(func=cmd_export_parity)

@@ -1,0 +1,148 @@
+"""ONNX export (backends/torch/onnx_export.py) run by blip_runtime's onnxruntime runner, against the torch backend.
+
+Every exported BLIP task on the committed random fixtures and the bundled captioning model: each
+stage within the float32 row of the tolerance table (``blip_core.numerics``), generated ids
+identical to the torch backend's ``generate`` (greedy, beam, returned sequences, padded prompts and
+questions). The reference is the library's torch model, an independent implementation of the
+graphs' consumer (the runner's loop is numpy, the graphs are onnxruntime's kernels).
+"""
+import os
+
+import numpy as np
+import pytest
+
+from blip_core import to_numpy
+from blip_core.numerics import tolerance
+
+from fixture_utils import ROOT, fixture, require
+
+require("onnxruntime")
+torch = require("torch")
+
+ATOL, RTOL = tolerance("default", "float32")
+GENERATE = [dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3),
+            dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, length_penalty=0.6, repetition_penalty=1.3)]
+
+
+def _close(got, want):
+    np.testing.assert_allclose(got, to_numpy(want), atol=ATOL, rtol=RTOL)
+
+
+def _same_ids(got, want):
+    want = to_numpy(want)
+    assert got.shape == want.shape and got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+
+
+def _bundle(tmp_path_factory, name, model_dir=None):
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    model_dir = model_dir or fixture(name)[0]
+    model = getattr(bt, name).from_pretrained(model_dir)
+    out = export_onnx(model, tmp_path_factory.mktemp(name), processor_dir=model_dir)
+    return model, OnnxBlip(out, threads=1)
+
+
+@pytest.fixture(scope="module")
+def caption(tmp_path_factory):
+    return _bundle(tmp_path_factory, "BlipForConditionalGeneration")
+
+
+def test_caption_stages(caption):
+    model, runner = caption
+    _, inp, _ = fixture("BlipForConditionalGeneration")
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    last, pooled = runner.vision(px)
+    ref = model.vision_model(px)
+    _close(last, ref.last_hidden_state)
+    _close(pooled, ref.pooler_output)
+    # the decoder step on the whole text as a prompt: logits of the last position, and the cache it returns
+    cross = runner.run("cross_kv", encoder_hidden_states=last)
+    step = runner.step_function(masked=False)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)
+    logits, cache = step(ids, positions, mask, None, 0, (cross, None))
+    want = model.text_decoder(ids, mask, encoder_hidden_states=ref.last_hidden_state, position_ids=positions)
+    _close(logits, want.logits[:, -1])
+    assert cache[0].shape == (ids.shape[0], model.config.text_config.num_attention_heads, ids.shape[1],
+                              model.config.text_config.hidden_size // model.config.text_config.num_attention_heads)
+
+
+@pytest.mark.parametrize("options", GENERATE, ids=["greedy", "beam3", "beam3_nrs2_penalties"])
+def test_caption_ids(caption, options):
+    model, runner = caption
+    _, inp, _ = fixture("BlipForConditionalGeneration")
+    px = inp["pixel_values"]
+    _same_ids(runner.generate(px, **options), model.generate(pixel_values=px, **options))
+
+
+def test_caption_padded_prompt_ids(caption):
+    model, runner = caption
+    _, inp, _ = fixture("BlipForConditionalGeneration")
+    ids, mask = inp["input_ids"].copy(), inp["attention_mask"].copy()
+    mask[1, -3:] = 0
+    ids[1, -3:] = 0
+    for options in GENERATE[:2]:
+        _same_ids(runner.generate(inp["pixel_values"], input_ids=ids, attention_mask=mask, **options),
+                  model.generate(pixel_values=inp["pixel_values"], input_ids=ids, attention_mask=mask, **options))
+
+
+def test_vqa_stages_and_ids(tmp_path_factory):
+    model, runner = _bundle(tmp_path_factory, "BlipForQuestionAnswering")
+    _, inp, _ = fixture("BlipForQuestionAnswering")
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"].copy()
+    mask[0, -2:] = 0                                  # a padded question: the library applies its mask
+    st = model.stages(ids, px, mask)
+    _close(runner.vision(px)[0], st["vision"])
+    _close(runner.question_embeds(ids, px, mask), st["text"])
+    for options in GENERATE:
+        _same_ids(runner.generate(ids, px, mask, **options),
+                  model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, **options))
+
+
+def test_retrieval_itm_and_itc(tmp_path_factory):
+    model, runner = _bundle(tmp_path_factory, "BlipForImageTextRetrieval")
+    _, inp, _ = fixture("BlipForImageTextRetrieval")
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"].copy()
+    mask[1, -2:] = 0
+    for use_itm_head in (True, False):
+        _close(runner.itm(ids, px, mask, use_itm_head=use_itm_head),
+               model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=use_itm_head).itm_score)
+
+
+def test_embed_features(tmp_path_factory):
+    model, runner = _bundle(tmp_path_factory, "BlipModel")
+    _, inp, _ = fixture("BlipModel")
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    _close(runner.get_image_features(px), model.get_image_features(px))
+    _close(runner.get_text_features(ids, mask), model.get_text_features(ids, mask))
+    assert runner.manifest["logit_scale"] == pytest.approx(float(model.logit_scale.detach()))
+
+
+def test_bundled_caption_model(tmp_path_factory):
+    """The demo model: captions of the bundled held-out pictures, ids equal to the library's."""
+    from PIL import Image
+    model_dir = os.path.join(ROOT, "blip_apps", "models", "caption")
+    model, runner = _bundle(tmp_path_factory, "BlipForConditionalGeneration", model_dir)
+    samples = os.path.join(ROOT, "blip_apps", "assets", "samples")
+    images = [Image.open(os.path.join(samples, f)).convert("RGB") for f in sorted(os.listdir(samples))
+              if f.endswith(".png")]
+    px = runner.processor(images=images, return_tensors="np")["pixel_values"]
+    for options in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)):
+        got = runner.generate(px, **options)
+        _same_ids(got, model.generate(pixel_values=px, **options))
+    captions = runner.caption(images, num_beams=3, max_new_tokens=20)
+    assert captions == runner.processor.batch_decode(got, skip_special_tokens=True)
+    assert all(c.strip() for c in captions)
+
+
+def test_export_refuses_other_dtypes_and_classes(tmp_path):
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    model = bt.BlipForConditionalGeneration.from_pretrained(fixture("BlipForConditionalGeneration")[0],
+                                                            dtype="bfloat16")
+    with pytest.raises(ValueError, match="float32"):
+        export_onnx(model, tmp_path / "a")
+    vision = bt.BlipVisionModel.from_pretrained(fixture("BlipVisionModel")[0])
+    with pytest.raises(ValueError, match="supports"):
+        export_onnx(vision, tmp_path / "b")

@@ -1,0 +1,109 @@
+"""StableHLO export (backends/jax/stablehlo_export.py): serialized ``jax.export`` programs that run without Flax.
+
+The artifacts are reloaded in a separate process where flax, this library's backends, torch,
+tensorflow and transformers cannot be imported (``blip_runtime.stablehlo_runner`` with jax and
+numpy); caption ids must equal the library's ``generate`` (greedy and beam, two batch sizes: the
+batch axis is symbolic; the reference is the torch backend's eager ``generate``, whose ids equal the
+JAX backend's by tests/test_parity_generation.py, so that no second XLA program is compiled) and
+features must be within the float32 tolerance of the JAX library model.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blip_core import to_numpy
+from blip_core.numerics import tolerance
+
+from fixture_utils import ROOT, fixture, require
+
+jax = require("jax")
+
+ATOL, RTOL = tolerance("default", "float32")
+BLOCKED = ("flax", "backends", "converters", "blip_apps", "torch", "tensorflow", "transformers")
+
+SCRIPT = r"""
+import json, sys
+sys.modules.update({m: None for m in %(blocked)r})       # importing any of them now fails
+import numpy as np
+from blip_runtime.stablehlo_runner import StableHLOBlip
+inputs = dict(np.load(sys.argv[1]))
+out = {}
+for path in sys.argv[2:]:
+    model = StableHLOBlip(path)
+    if "caption" in model.programs:       # greedy on one image, beam on all: the batch axis is symbolic
+        px = inputs["pixel_values"][:1] if "greedy" in path else inputs["pixel_values"]
+        out[path] = model.generate(px).tolist()
+    else:
+        out[path] = {"image": model.get_image_features(inputs["pixel_values"]).tolist(),
+                     "text": model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).tolist()}
+print(json.dumps(out))
+"""
+
+
+def _run_elsewhere(tmp_path, inputs, paths):
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", SCRIPT % {"blocked": BLOCKED}, str(tmp_path / "inputs.npz"), *paths],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_caption_and_features_run_without_flax(tmp_path):
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    _, cap_inputs, _ = fixture("BlipForConditionalGeneration")
+    captioner = J.BlipForConditionalGeneration.from_pretrained(fixture("BlipForConditionalGeneration")[0])
+    options = {"greedy": dict(max_new_tokens=8), "beam": dict(max_new_tokens=8, num_beams=3)}
+    paths = {k: export_stablehlo(captioner, tmp_path / k, **kw) for k, kw in options.items()}
+    model_dir, emb_inputs, _ = fixture("BlipModel")
+    embedder = J.BlipModel.from_pretrained(model_dir)
+    paths["embed"] = export_stablehlo(embedder, tmp_path / "embed")
+    inputs = {"pixel_values": cap_inputs["pixel_values"], "input_ids": emb_inputs["input_ids"],
+              "attention_mask": emb_inputs["attention_mask"]}
+    assert emb_inputs["pixel_values"].shape == cap_inputs["pixel_values"].shape
+    got = _run_elsewhere(tmp_path, inputs, list(paths.values()))
+
+    from backends.torch import BlipForConditionalGeneration
+    reference = BlipForConditionalGeneration.from_pretrained(fixture("BlipForConditionalGeneration")[0])
+    px = cap_inputs["pixel_values"]
+    np.testing.assert_array_equal(np.array(got[paths["greedy"]]),
+                                  to_numpy(reference.generate(pixel_values=px[:1], **options["greedy"])))
+    np.testing.assert_array_equal(np.array(got[paths["beam"]]),
+                                  to_numpy(reference.generate(pixel_values=px, **options["beam"])))
+    out = got[paths["embed"]]
+    np.testing.assert_allclose(np.array(out["image"]), to_numpy(embedder.get_image_features(px)), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.array(out["text"]),
+                               to_numpy(embedder.get_text_features(inputs["input_ids"], inputs["attention_mask"])),
+                               atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_bundled_caption_model(tmp_path):
+    from PIL import Image
+
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    model_dir = os.path.join(ROOT, "blip_apps", "models", "caption")
+    model = J.BlipForConditionalGeneration.from_pretrained(model_dir)
+    samples = os.path.join(ROOT, "blip_apps", "assets", "samples")
+    images = [Image.open(os.path.join(samples, f)).convert("RGB") for f in sorted(os.listdir(samples))
+              if f.endswith(".png")]
+    for kw in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)):
+        runner = StableHLOBlip(export_stablehlo(model, tmp_path / str(len(kw)), processor_dir=model_dir, **kw))
+        px = runner.processor(images=images, return_tensors="np")["pixel_values"]
+        np.testing.assert_array_equal(runner.generate(px), to_numpy(model.generate(pixel_values=px, **kw)))
+        assert all(c.strip() for c in runner.caption(images))
+
+
+def test_refuses_other_classes(tmp_path):
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    model = J.BlipForImageTextRetrieval.from_pretrained(fixture("BlipForImageTextRetrieval")[0])
+    with pytest.raises(ValueError, match="supports"):
+        export_stablehlo(model, tmp_path)
