@@ -31,6 +31,17 @@ VQA = os.path.join(BUNDLED, "vqa")
 SETTINGS = ["--batch-size", "16", "--part-size", "32", "--no-progress"]
 
 
+def _text(path) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _image(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def _png(scene) -> bytes:
     buf = io.BytesIO()
     synthetic.render(scene).save(buf, format="PNG")
@@ -101,23 +112,21 @@ def test_sources_every_kind(tmp_path):
         sources.plan([str(tmp_path / "t.csv")], bytes_column="img")
 
 
-def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path):
+def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path, capsys):
     require("ray")
     import ray
     root, good = data200
     rows = list(read_rows(local_caption))
     assert [r["id"] for r in rows] == good                 # 197 + 3 = 200 good ones, sorted, once each
     assert all(r["caption"] and r["backend"] == "torch" and r["model"] == CAPTION for r in rows)
-    errors = [json.loads(line) for line in open(local_caption.replace(".parquet", ".errors.jsonl"))]
+    errors = [json.loads(line) for line in _text(local_caption.replace(".parquet", ".errors.jsonl")).splitlines()]
     assert sorted(e["id"] for e in errors) == ["bad_empty.jpg", "bad_garbage.png", "sub/bad_truncated.png"]
     assert all("cannot decode image" in e["error"] for e in errors)
     # The captions are those of the single-image command (an independent path through the model).
-    single = tmp_path / "single.jsonl"
     some = good[:3]
-    out = subprocess.run([sys.executable, "-m", "blip_apps.cli", "caption", *[os.path.join(root, g) for g in some],
-                          "--json"], cwd=ROOT, capture_output=True, text=True)
-    single.write_text(out.stdout)
-    assert [json.loads(x)["caption"] for x in out.stdout.splitlines()] == [r["caption"] for r in rows[:3]]
+    capsys.readouterr()
+    assert main(["caption", *[os.path.join(root, g) for g in some], "--json"]) == 0
+    assert [json.loads(x)["caption"] for x in capsys.readouterr().out.splitlines()] == [r["caption"] for r in rows[:3]]
 
     ray_out = str(tmp_path / "ray.parquet")
     try:
@@ -125,8 +134,7 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
     finally:
         ray.shutdown()
     assert pq.read_table(ray_out).equals(pq.read_table(local_caption))
-    assert open(ray_out.replace(".parquet", ".errors.jsonl")).read() == \
-        open(local_caption.replace(".parquet", ".errors.jsonl")).read()
+    assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(local_caption.replace(".parquet", ".errors.jsonl"))
 
 
 def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path):
@@ -150,8 +158,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
     ids = final.column("id").to_pylist()
     assert ids == good and len(set(ids)) == len(ids)                           # no duplicates, none missing
     assert final.equals(pq.read_table(local_caption))
-    assert open(out.replace(".parquet", ".errors.jsonl")).read() == \
-        open(local_caption.replace(".parquet", ".errors.jsonl")).read()
+    assert _text(out.replace(".parquet", ".errors.jsonl")) == _text(local_caption.replace(".parquet", ".errors.jsonl"))
     assert not os.path.exists(parts)
     # Resuming a finished run does nothing; starting again without --overwrite is refused.
     assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
@@ -205,10 +212,9 @@ def test_embed_vqa_match_agree_with_the_single_image_commands(tmp_path, capsys):
     import backends.torch as bt
     from blip_core.numerics import to_numpy
     from blip_core.processing import BlipProcessor
-    from PIL import Image
     model = bt.BlipForImageTextRetrieval.from_pretrained(RETRIEVAL)
     proc = BlipProcessor.from_pretrained(RETRIEVAL)
-    enc = proc(images=[Image.open(tmp_path / r["file_name"]) for _, r in rows], text=[r["text"] for _, r in rows],
+    enc = proc(images=[_image(tmp_path / r["file_name"]) for _, r in rows], text=[r["text"] for _, r in rows],
                padding=True, return_tensors="np")
     itc = to_numpy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                          pixel_values=enc["pixel_values"], use_itm_head=False).itm_score)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import queue
 import sys
@@ -165,7 +166,8 @@ def ray_init(address=None, num_cpus=None):
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    kwargs = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                  logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
         return
@@ -179,6 +181,7 @@ def run_ray(spec, units, parts, total, *, part_size=512, num_workers=1, address=
     import ray
     import ray.data
     ray_init(address, num_cpus=None)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -191,9 +194,11 @@ def run_ray(spec, units, parts, total, *, part_size=512, num_workers=1, address=
             ds = ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref},
                                 num_cpus=0.25)
             ds = ds.map_batches(_PrepareStage, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                                batch_format="pyarrow", concurrency=(1, max(1, num_workers)), num_cpus=0.25)
+                                batch_format="pyarrow", num_cpus=0.25,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_workers)))
             ds = ds.map_batches(_ModelActor, fn_constructor_kwargs={"spec": spec, "dim": dim},
-                                batch_size=spec.batch_size, batch_format="numpy", concurrency=num_workers, num_cpus=cpus_per_worker)
+                                batch_size=spec.batch_size, batch_format="numpy", num_cpus=cpus_per_worker,
+                                compute=ray.data.ActorPoolStrategy(size=num_workers))
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 sink.add(table.to_pylist())
     finally:
