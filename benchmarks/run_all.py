@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of timed calls per case before repetitions stop (default 30, quick 0.2)")
     p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
+    p.add_argument("--dataset", action="store_true",
+                   help="also the data-set engines' images/s on the bundled models (benchmarks/dataset.py --quick, ~2 min)")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------
@@ -168,6 +170,13 @@ def run(args) -> int:
                 print(f"\n!! workload {name} failed: {errors[name]}")
             walls[name] = round(time.time() - t0, 1)
         ctx.refresh_rates(frameworks)
+        if getattr(args, "dataset", False):
+            from . import dataset
+            print("\n== data-set engines (benchmarks/dataset.py --quick)")
+            t0 = time.time()
+            dataset_result = dataset.run_suite(quick=True)
+            walls["dataset"] = round(time.time() - t0, 1)
+            print(dataset.table(dataset_result))
     finally:
         ctx.close()
     ctx.finalize()
@@ -182,6 +191,8 @@ def run(args) -> int:
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
             "workload_errors": errors, "targets": targets}
+    if getattr(args, "dataset", False):
+        data["dataset"] = dataset_result
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
     return 1 if errors else 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -161,7 +162,8 @@ class _ModelActor:
 
 
 def ray_init(address=None, num_cpus=None):
-    """Join ``address`` or start a small local Ray instance (this checkout on the workers' path)."""
+    """Join ``address`` or start a local Ray instance of ``num_cpus`` logical CPUs (default: the
+    machine's), with this checkout on the workers' path."""
     import ray
     if ray.is_initialized():
         return
@@ -180,7 +182,8 @@ def run_ray(spec, units, parts, total, *, part_size=512, num_workers=1, address=
             progress=True, dim=None):
     import ray
     import ray.data
-    ray_init(address, num_cpus=None)
+    # the model actors' CPUs plus room for the read and prepare stages, or those could never start
+    ray_init(address, num_cpus=max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 1))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
