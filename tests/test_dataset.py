@@ -166,6 +166,17 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
     assert main(["caption", root, "--out", out, *SETTINGS]) == 1
 
 
+def test_ray_batches_with_null_columns():
+    """Ray hands a column of nulls to numpy as NaN floats: those are no texts and no errors."""
+    from blip_apps.dataset.engines import records_from_numpy
+    pixels = np.zeros((2, 3, 4, 4), np.float32)
+    batch = {"id": np.array(["a", "b"], dtype=object), "text": np.array([np.nan, np.nan]),
+             "error": np.array([np.nan, "cannot decode image"], dtype=object), "pixels": pixels}
+    a, b = records_from_numpy(batch)
+    assert a["text"] is None and a["error"] is None and a["pixels"].shape == (3, 4, 4)
+    assert b["error"] == "cannot decode image" and "pixels" not in b
+
+
 def test_resume_refuses_other_settings(tmp_path, capsys):
     img = tmp_path / "img"
     img.mkdir()
@@ -176,6 +187,10 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
         json.dump({"task": "caption", "settings": {"num_beams": 3}, "format": ".jsonl"}, fh)
     assert main(["caption", str(img), "--out", out, "--resume", "--no-progress"]) == 1
     assert "other settings" in capsys.readouterr().err
+    # A model of the wrong class is one line before any engine starts.
+    assert main(["embed", str(img), "--out", str(tmp_path / "e.parquet"), "--model", CAPTION,
+                 "--engine", "ray"]) == 1
+    assert "'embed' needs a BlipForImageTextRetrieval checkpoint" in capsys.readouterr().err
 
 
 def test_embed_vqa_match_agree_with_the_single_image_commands(tmp_path, capsys):

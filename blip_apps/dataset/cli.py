@@ -61,6 +61,8 @@ def run_from_args(args, task: str, inputs, out=None, **spec_kwargs) -> int:
                       progress=not args.no_progress)
     except (SourceError, OutputError) as exc:
         raise CliError(str(exc)) from None
+    except ValueError as exc:      # a wrong model class, a bad setting
+        raise CliError(str(exc)) from None
     print(f"{summary.results} result(s) in {summary.out}; {summary.errors} error(s) in {summary.errors_file}",
           file=sys.stderr)
     return 1 if summary.errors else 0

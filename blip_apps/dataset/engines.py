@@ -143,6 +143,22 @@ class _PrepareStage:
                 "pixels": np.stack([r["pixels"] if r.get("pixels") is not None else blank for r in out])}
 
 
+def records_from_numpy(batch):
+    """Ray's numpy batch (columns id, text, error, pixels) -> records for ``Worker.run``.
+
+    A column of nulls may reach numpy as NaN floats: only a ``str`` is a text or an error.
+    """
+    def text(v):
+        return v if isinstance(v, str) else None
+    records = []
+    for i in range(len(batch["id"])):
+        r = {"id": str(batch["id"][i]), "text": text(batch["text"][i]), "error": text(batch["error"][i])}
+        if r["error"] is None:
+            r["pixels"] = batch["pixels"][i]
+        records.append(r)
+    return records
+
+
 class _ModelActor:
     """Ray model stage: one ``Worker`` (one model) per actor."""
 
@@ -151,13 +167,8 @@ class _ModelActor:
         self.dim = dim
 
     def __call__(self, batch):
-        from .output import _table
-        records = [{"id": batch["id"][i], "text": batch["text"][i], "error": batch["error"][i],
-                    "pixels": batch["pixels"][i]} for i in range(len(batch["id"]))]
-        for r in records:
-            if r["error"] is not None:
-                r.pop("pixels")
-        from .output import schema
+        from .output import _table, schema
+        records = records_from_numpy(batch)
         return _table(self.worker.run(records), schema(self.worker.spec.task, self.dim))
 
 
