@@ -54,7 +54,8 @@ def run(spec: TaskSpec, inputs, out: str, *, engine="local", resume=False, overw
     dim = embedding_dim(spec.model) if spec.task == "embed" else None
     parts = Parts(out, spec.task, spec.settings(), dim=dim, resume=resume, overwrite=overwrite)
     units, total = plan(list(inputs), path_column=path_column, bytes_column=bytes_column, id_column=id_column,
-                        text_column=text_column, skip=parts.done)
+                        text_column=text_column, skip=parts.done,
+                        files_per_unit=min(1024, max(16, 2 * spec.batch_size)))
     if parts.finished_before:
         units = []
     if units:

@@ -31,7 +31,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv")
 LIST_EXTENSIONS = (".txt", ".lst")
 TEXT_EXTENSIONS = (".txt", ".caption", ".question")
-FILES_PER_UNIT = 256
+FILES_PER_UNIT = 256      # files per unit of work (run() uses 2 batches)
 
 
 class SourceError(ValueError):
@@ -65,13 +65,17 @@ def _read_list(path: str):
     return out
 
 
-def _file_units(pairs, skip):
+def _file_units(pairs, skip, size):
     pairs = [p for p in pairs if p[0] not in skip]
-    return [{"kind": "files", "items": pairs[i:i + FILES_PER_UNIT]} for i in range(0, len(pairs), FILES_PER_UNIT)]
+    return [{"kind": "files", "items": pairs[i:i + size]} for i in range(0, len(pairs), size)]
 
 
-def plan(inputs, *, path_column=None, bytes_column=None, id_column=None, text_column=None, skip=frozenset()):
+def plan(inputs, *, path_column=None, bytes_column=None, id_column=None, text_column=None, skip=frozenset(),
+         files_per_unit=FILES_PER_UNIT):
     """The units of work for ``inputs`` (paths, globs), leaving out file items whose id is in ``skip``.
+
+    Loose files are cut into units of ``files_per_unit``; in Ray a unit is a block, and blocks are
+    what the model actors share out, so a unit should hold a few batches, not the whole data set.
 
     Returns ``(units, total)`` where ``total`` is the number of items, those in ``skip`` included,
     if known without reading (None when a tar shard or a CSV file is among the inputs).
@@ -116,7 +120,7 @@ def plan(inputs, *, path_column=None, bytes_column=None, id_column=None, text_co
         if pair[0] not in seen:
             seen.add(pair[0])
             unique.append(pair)
-    units = _file_units(unique, skip) + units
+    units = _file_units(unique, skip, max(1, files_per_unit)) + units
     if total is not None:
         total += len(unique)
     return units, total
