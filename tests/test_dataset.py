@@ -327,3 +327,27 @@ def test_search_recall_bundled(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["id"] == top1[0]
     print(f"search recall@1 on 48 held-out images: {recall:.3f}")
     assert recall >= 0.9, f"recall@1 {recall:.3f} < 0.9 with the bundled retrieval model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tf", "jax"])
+def test_other_backends_local_and_ray(data200, local_caption, tmp_path, backend):
+    """Every backend runs in both engines; the captions of the first 40 images are torch's."""
+    require("ray")
+    import ray
+    root, good = data200
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(os.path.join(root, g) + "\n" for g in good[:40]))
+    want = {os.path.join(root, r["id"]): r["caption"] for r in read_rows(local_caption)}
+    outs = {}
+    try:
+        for engine in ("local", "ray"):
+            outs[engine] = str(tmp_path / f"{engine}.jsonl")
+            assert main(["caption", str(listing), "--out", outs[engine], "--backend", backend, "--engine", engine,
+                         *SETTINGS]) == 0
+    finally:
+        ray.shutdown()
+    assert _text(outs["local"]) == _text(outs["ray"])
+    rows = list(read_rows(outs["local"]))
+    assert len(rows) == 40 and all(r["backend"] == backend for r in rows)
+    assert {r["id"]: r["caption"] for r in rows} == {k: want[k] for k in (r["id"] for r in rows)}

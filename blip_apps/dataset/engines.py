@@ -7,11 +7,12 @@ local: a producer thread reads units and submits each record's decoding and prep
 thread pool; prepared batches wait in a queue of at most ``prefetch`` batches (the memory bound:
 about ``(prefetch + 1) * batch_size`` decoded images) while the main thread runs the model.
 
-ray: ``from_items(units)`` -> ``map_batches(read)`` (tasks: bytes of each item) ->
-``map_batches(prepare)`` (tasks: decode and preprocess, pixels as a tensor column) ->
-``map_batches(ModelActor, concurrency=num_workers)`` (an actor pool, one model per actor, any
-backend) -> the driver streams the rows into parts. Ray's streaming executor overlaps the stages
-and bounds the data in flight. Without ``--address`` a local Ray instance is started.
+ray: ``from_items(units)`` -> ``map_batches(read and prepare)`` (tasks, one per unit: read the
+bytes, decode and preprocess; pixels as a tensor column) -> ``map_batches(ModelActor,
+compute=ActorPoolStrategy(size=num_workers))`` (an actor pool, one model per actor, any backend)
+-> the driver streams the rows into parts. Ray's streaming executor overlaps the stages (decoding
+runs while the actors run the model) and bounds the data in flight. Without ``--address`` a local
+Ray instance is started.
 """
 from __future__ import annotations
 
@@ -117,30 +118,28 @@ def run_local(spec, units, parts, total, *, part_size=512, threads=2, prefetch=4
 
 
 # -- ray --------------------------------------------------------------------------------------------
-def _read_batch(batch, skip_ref=None):
-    """Ray read stage: a batch of units (JSON strings) -> a table of records."""
-    import pyarrow as pa
+_PREPARERS: dict = {}
+
+
+def _read_and_prepare(batch, spec, skip_ref=None):
+    """Ray read stage (tasks): units (JSON strings) -> decoded, preprocessed records.
+
+    One task per unit, so each unit becomes its own block and the model actors share the blocks
+    out; a failed item keeps a zero image so that the pixel column stays one dense tensor.
+    """
     import ray
     skip = ray.get(skip_ref) if skip_ref is not None else frozenset()
-    rows = [r for u in batch["unit"].to_pylist() for r in read_unit(json.loads(u), skip)]
-    return pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("data", pa.binary()),
-                                                        ("text", pa.string()), ("error", pa.string())]))
-
-
-class _PrepareStage:
-    """Ray prepare stage: decode + preprocess; errors keep a zero image so the pixel column stays dense."""
-
-    def __init__(self, spec):
-        self.preparer = Preparer(spec)
-
-    def __call__(self, batch):
-        records = batch.to_pylist()
-        out = [self.preparer.prepare(r) for r in records]
-        blank = np.zeros(self.preparer.pixel_shape, np.float32)
-        return {"id": np.array([r["id"] for r in out], dtype=object),
-                "text": np.array([r.get("text") for r in out], dtype=object),
-                "error": np.array([r.get("error") for r in out], dtype=object),
-                "pixels": np.stack([r["pixels"] if r.get("pixels") is not None else blank for r in out])}
+    key = repr(spec)
+    if key not in _PREPARERS:                     # one processor per worker process
+        _PREPARERS[key] = Preparer(spec)
+    preparer = _PREPARERS[key]
+    out = [preparer.prepare(r) for u in batch["unit"] for r in read_unit(json.loads(str(u)), skip)]
+    blank = np.zeros(preparer.pixel_shape, np.float32)
+    return {"id": np.array([r["id"] for r in out], dtype=object),
+            "text": np.array([r.get("text") for r in out], dtype=object),
+            "error": np.array([r.get("error") for r in out], dtype=object),
+            "pixels": np.stack([r["pixels"] if r.get("pixels") is not None else blank for r in out])
+            if out else np.zeros((0,) + preparer.pixel_shape, np.float32)}
 
 
 def records_from_numpy(batch):
@@ -205,11 +204,8 @@ def run_ray(spec, units, parts, total, *, part_size=512, num_workers=1, address=
     try:
         if units:
             ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-            ds = ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"skip_ref": skip_ref},
-                                num_cpus=0.25)
-            ds = ds.map_batches(_PrepareStage, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                                batch_format="pyarrow", num_cpus=0.25,
-                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_workers)))
+            ds = ds.map_batches(_read_and_prepare, batch_size=1, batch_format="numpy", num_cpus=0.25,
+                                fn_kwargs={"spec": spec, "skip_ref": skip_ref})
             ds = ds.map_batches(_ModelActor, fn_constructor_kwargs={"spec": spec, "dim": dim},
                                 batch_size=spec.batch_size, batch_format="numpy", num_cpus=cpus_per_worker,
                                 compute=ray.data.ActorPoolStrategy(size=num_workers))
