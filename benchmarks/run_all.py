@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
     p.add_argument("--dataset", action="store_true",
-                   help="also the data-set engines' images/s on the bundled models (benchmarks/dataset.py --quick, ~2 min)")
+                   help="also the data-set engines' images/s, bundled models (benchmarks/dataset.py --quick, ~2 min)")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------

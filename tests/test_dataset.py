@@ -134,7 +134,8 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
     finally:
         ray.shutdown()
     assert pq.read_table(ray_out).equals(pq.read_table(local_caption))
-    assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(local_caption.replace(".parquet", ".errors.jsonl"))
+    errors_file = local_caption.replace(".parquet", ".errors.jsonl")
+    assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(errors_file)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path):

@@ -121,7 +121,6 @@ def _is_embeddings(path, read_rows):
 def cmd_search(args) -> int:
     from ..cli import CliError
     from .index import Index
-    from .sources import SourceError
     try:
         index = Index(args.index)
     except ValueError as exc:

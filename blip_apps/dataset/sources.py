@@ -208,7 +208,8 @@ def _table_batches(unit):
         pf = pq.ParquetFile(unit["path"])
         missing = [c for c in cols if c not in pf.schema_arrow.names]
         if missing:
-            raise SourceError(f"{unit['path']}: no column {', '.join(missing)} (has {', '.join(pf.schema_arrow.names)})")
+            names = ", ".join(pf.schema_arrow.names)
+            raise SourceError(f"{unit['path']}: no column {', '.join(missing)} (has {names})")
         yield from pf.iter_batches(batch_size=256, row_groups=[unit["row_group"]], columns=sorted(set(cols)))
     else:
         import pyarrow as pa

@@ -129,8 +129,8 @@ class Worker:
         if type(self.model).__name__.removeprefix("TF") != "BlipForImageTextRetrieval":
             raise ValueError(f"{self.spec.model}: 'embed' needs a BlipForImageTextRetrieval checkpoint")
         state = load_state_dict(self.spec.model)
-        self.proj = {k: (np.asarray(state[f"{k}_proj.weight"], np.float32), np.asarray(state[f"{k}_proj.bias"], np.float32))
-                     for k in ("vision", "text")}
+        self.proj = {k: (np.asarray(state[f"{k}_proj.weight"], np.float32),
+                         np.asarray(state[f"{k}_proj.bias"], np.float32)) for k in ("vision", "text")}
         self.eps = NORM_EPS
         del state
 
