@@ -87,7 +87,8 @@ def time_run(task, model, images, out_dir, engine, workers, batch, cpus):
             "errors": summary.errors}
 
 
-def run_suite(quick=False, log=print) -> dict:
+def run_suite(quick=False, log=print, models=("bundled", "blip-base"), partial=None) -> dict:
+    """Every (model, task, engine) row; ``partial(result)`` is called after each row (results so far)."""
     import ray
     from blip_apps.dataset.engines import ray_init
     cpus = os.cpu_count() or 1
@@ -96,10 +97,12 @@ def run_suite(quick=False, log=print) -> dict:
     rows = []
     try:
         ray_init(num_cpus=cpus + 1)
-        models = {"bundled": {t: _bundled(t) for t in ("caption", "embed")}}
-        if not quick:
-            models["blip-base"] = make_base_models(tmp)
-        for label, by_task in models.items():
+        chosen = {}
+        if "bundled" in models:
+            chosen["bundled"] = {t: _bundled(t) for t in ("caption", "embed")}
+        if "blip-base" in models and not quick:
+            chosen["blip-base"] = make_base_models(tmp)
+        for label, by_task in chosen.items():
             plan = PLAN[label]
             n = plan["quick_images"] if quick and "quick_images" in plan else plan["images"]
             images = make_images(os.path.join(tmp, f"images-{label}"), n, 64 if label == "bundled" else 384)
@@ -108,6 +111,9 @@ def run_suite(quick=False, log=print) -> dict:
                     r = time_run(task, model, images, tmp, engine, workers, plan["batch"], cpus)
                     r.update(model=label, task=task, engine=engine, workers=workers, batch=plan["batch"])
                     rows.append(r)
+                    if partial:
+                        partial({"rows": rows, "cpus": cpus, "quick": quick, "load_average_start": list(load_start),
+                                 "load_average_now": list(os.getloadavg()), "complete": False})
                     log(f"  {label:<10} {task:<8} {engine:<6} {workers} worker(s): {r['images']} images in "
                         f"{r['seconds']:.1f} s = {r['images_per_s']:.2f} images/s")
     finally:
@@ -136,21 +142,27 @@ def table(result) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dataset.py", description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="bundled models only, fewer images")
+    p.add_argument("--models", default="bundled,blip-base", help="comma-separated: bundled, blip-base")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<date>-dataset.json)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.time()
     print(f"data-set throughput, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-    result = run_suite(quick=args.quick)
-    result.update(created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  command=" ".join(["python"] + sys.argv), wall_s=round(time.time() - started, 1))
-    print(table(result))
-    print(f"load average start {result['load_average_start'][0]:.2f}, end {result['load_average_end'][0]:.2f}")
     out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-dataset"
                                                 f"{'-quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    stamp = {"created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "command": " ".join(["python"] + sys.argv)}
+
+    def save(result):          # after every row, so an interrupted run keeps what it measured
+        with open(out, "w") as fh:
+            json.dump(dict(result, **stamp), fh, indent=1)
+
+    result = run_suite(quick=args.quick, models=tuple(args.models.split(",")), partial=save)
+    result.update(complete=True, wall_s=round(time.time() - started, 1))
+    save(result)
+    print(table(result))
+    print(f"load average start {result['load_average_start'][0]:.2f}, end {result['load_average_end'][0]:.2f}")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     return 0
 
