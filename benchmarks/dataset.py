@@ -87,7 +87,8 @@ def time_run(task, model, images, out_dir, engine, workers, batch, cpus):
             "errors": summary.errors}
 
 
-def run_suite(quick=False, log=print, models=("bundled", "blip-base"), partial=None) -> dict:
+def run_suite(quick=False, log=print, models=("bundled", "blip-base"), partial=None, tasks=("caption", "embed"),
+              base_images=None) -> dict:
     """Every (model, task, engine) row; ``partial(result)`` is called after each row (results so far)."""
     import ray
     from blip_apps.dataset.engines import ray_init
@@ -105,8 +106,9 @@ def run_suite(quick=False, log=print, models=("bundled", "blip-base"), partial=N
         for label, by_task in chosen.items():
             plan = PLAN[label]
             n = plan["quick_images"] if quick and "quick_images" in plan else plan["images"]
+            n = base_images if label == "blip-base" and base_images else n
             images = make_images(os.path.join(tmp, f"images-{label}"), n, 64 if label == "bundled" else 384)
-            for task, model in by_task.items():
+            for task, model in ((t, m) for t, m in by_task.items() if t in tasks):
                 for engine, workers in ENGINES:
                     r = time_run(task, model, images, tmp, engine, workers, plan["batch"], cpus)
                     r.update(model=label, task=task, engine=engine, workers=workers, batch=plan["batch"])
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dataset.py", description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="bundled models only, fewer images")
     p.add_argument("--models", default="bundled,blip-base", help="comma-separated: bundled, blip-base")
+    p.add_argument("--tasks", default="caption,embed", help="comma-separated: caption, embed")
+    p.add_argument("--base-images", type=int, default=None, help="images for the BLIP-base rows (default 24)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<date>-dataset.json)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -158,7 +162,8 @@ def main(argv=None) -> int:
         with open(out, "w") as fh:
             json.dump(dict(result, **stamp), fh, indent=1)
 
-    result = run_suite(quick=args.quick, models=tuple(args.models.split(",")), partial=save)
+    result = run_suite(quick=args.quick, models=tuple(args.models.split(",")), partial=save,
+                       tasks=tuple(args.tasks.split(",")), base_images=args.base_images)
     result.update(complete=True, wall_s=round(time.time() - started, 1))
     save(result)
     print(table(result))
