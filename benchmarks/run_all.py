@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~8 GB of disk and ~19 GB of memory; not part of the default run)")
     from . import load as load_bench
     load_bench.add_arguments(p, prefix="load-")
+    p.add_argument("--dataset", action="store_true",
+                   help="also the data-set engines' images/s, bundled models (benchmarks/dataset.py --quick, ~2 min)")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------
@@ -185,6 +187,13 @@ def run(args) -> int:
                 print(f"\n!! workload {name} failed: {errors[name]}")
             walls[name] = round(time.time() - t0, 1)
         ctx.refresh_rates(frameworks)
+        if getattr(args, "dataset", False):
+            from . import dataset
+            print("\n== data-set engines (benchmarks/dataset.py --quick)")
+            t0 = time.time()
+            dataset_result = dataset.run_suite(quick=True)
+            walls["dataset"] = round(time.time() - t0, 1)
+            print(dataset.table(dataset_result))
     finally:
         ctx.close()
     ctx.finalize()
@@ -205,6 +214,8 @@ def run(args) -> int:
                                       args.load_keep, args.load_check_logits)
         if not all(t["met"] for t in data["load"]["targets"]):
             errors["load"] = "load targets missed (see data['load']['targets'])"
+    if getattr(args, "dataset", False):
+        data["dataset"] = dataset_result
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
     return 1 if errors else 0
 

@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from blip_core import BACKENDS, __version__
 
 from . import load
+from .dataset.cli import add_dataset_args, add_dataset_parsers
 
 
 class CliError(Exception):
@@ -163,6 +164,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_caption(args) -> int:
+    if args.out:        # a data set (blip_apps/dataset)
+        from .dataset.cli import dataset_caption
+        return dataset_caption(args)
     args.model = _model_dir(args, "caption")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "caption", args.model)
@@ -201,6 +205,11 @@ def cmd_caption(args) -> int:
 
 
 def cmd_vqa(args) -> int:
+    if args.out:
+        from .dataset.cli import dataset_vqa
+        return dataset_vqa(args)
+    if args.question is None:
+        raise CliError("vqa needs a QUESTION")
     args.model = _model_dir(args, "vqa")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "vqa", args.model)
@@ -220,6 +229,11 @@ def cmd_vqa(args) -> int:
 def cmd_match(args) -> int:
     import numpy as np
     from blip_core.numerics import to_numpy
+    if args.out:
+        from .dataset.cli import dataset_match
+        return dataset_match(args)
+    if not args.texts:
+        raise CliError("match needs at least one TEXT")
     args.model = _model_dir(args, "retrieval")
     model = _load(args.model, args.backend, args.dtype)
     _check_class(model, "match", args.model)
@@ -279,19 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--prompt", default=None, help="text the caption starts with")
     _model_args(p)
+    add_dataset_args(p)
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("vqa", help="answer a question about an image")
+    p = sub.add_parser("vqa", help="answer a question about an image (or a data set, with --out)")
     p.add_argument("image")
-    p.add_argument("question")
+    p.add_argument("question", nargs="?", default=None)
     _model_args(p)
+    add_dataset_args(p)
     p.set_defaults(func=cmd_vqa)
 
     p = sub.add_parser("match", help="image-text matching probabilities and ITC scores")
     p.add_argument("image")
-    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
     _model_args(p, beams=False)
+    add_dataset_args(p)
     p.set_defaults(func=cmd_match)
+    add_dataset_parsers(sub)      # embed, index, search
 
     p = sub.add_parser("demo", help="caption, question and match held-out synthetic images with the bundled "
                                     "models in every backend")

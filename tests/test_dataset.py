@@ -1,0 +1,354 @@
+"""Data-set commands (blip_apps/dataset): sources, outputs, resume after SIGKILL, both engines, search.
+
+The acceptance checks of issue 17 are ``test_200_images_3_corrupt_local_and_ray_identical``,
+``test_sigkill_then_resume_equals_uninterrupted`` and ``test_search_recall_bundled``.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from fixture_utils import ROOT, require
+
+pa = require("pyarrow")
+pq = require("pyarrow.parquet")
+
+from blip_apps import synthetic  # noqa: E402
+from blip_apps.cli import BUNDLED, main  # noqa: E402
+from blip_apps.dataset import sources  # noqa: E402
+from blip_apps.dataset.output import read_rows  # noqa: E402
+
+CAPTION = os.path.join(BUNDLED, "caption")
+RETRIEVAL = os.path.join(BUNDLED, "retrieval")
+VQA = os.path.join(BUNDLED, "vqa")
+SETTINGS = ["--batch-size", "16", "--part-size", "32", "--no-progress"]
+
+
+def _text(path) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _image(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _png(scene) -> bytes:
+    buf = io.BytesIO()
+    synthetic.render(scene).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data200(tmp_path_factory):
+    """200 synthetic images (a third in a sub-directory) and 3 corrupt files."""
+    root = tmp_path_factory.mktemp("data200")
+    (root / "sub").mkdir()
+    good = []
+    for i, (scene, _) in enumerate(synthetic.rows(200, 7, "test")):
+        name = f"{'sub/' if i % 3 == 0 else ''}{i:04d}.png"
+        (root / name).write_bytes(_png(scene))
+        good.append(name)
+    (root / "bad_garbage.png").write_bytes(b"this is not an image")
+    (root / "sub" / "bad_truncated.png").write_bytes(_png(synthetic.rows(1, 8, "test")[0][0])[:120])
+    (root / "bad_empty.jpg").write_bytes(b"")
+    (root / "notes.json").write_text("{}")           # not an image: not an item
+    return str(root), sorted(good)
+
+
+@pytest.fixture(scope="module")
+def local_caption(data200, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("local") / "captions.parquet")
+    assert main(["caption", data200[0], "--out", out, *SETTINGS]) == 1    # some items failed -> 1
+    return out
+
+
+def test_sources_every_kind(tmp_path):
+    imgs = [_png(s) for s, _ in synthetic.rows(3, 3, "test")]
+    for i, b in enumerate(imgs):
+        (tmp_path / f"{i}.png").write_bytes(b)
+    (tmp_path / "list.txt").write_text("0.png\n# comment\n2.png\n")
+    pq.write_table(pa.table({"key": ["a", "b"], "img": [imgs[0], imgs[1]], "caption": ["x", "y"]}),
+                   tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("path,caption\n1.png,one\n2.png,two\n")
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for key, data in (("k1", imgs[0]), ("k2", imgs[2])):
+            for ext, payload in ((".png", data), (".txt", f"text {key}".encode())):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+    def read(inputs, **kw):
+        units, total = sources.plan(inputs, **kw)
+        recs = [r for u in units for r in sources.read_unit(json.loads(json.dumps(u)))]   # units are JSON-able
+        return [(r["id"], r["text"], r["data"] == imgs[0]) for r in recs], total
+
+    assert read([str(tmp_path / "list.txt")])[0] == [("0.png", None, True), ("2.png", None, False)]
+    assert read([str(tmp_path / "[01].png")])[0] == [(str(tmp_path / "0.png"), None, True),
+                                                    (str(tmp_path / "1.png"), None, False)]
+    recs, total = read([str(tmp_path / "t.parquet")], bytes_column="img", id_column="key", text_column="caption")
+    assert recs == [("a", "x", True), ("b", "y", False)] and total == 2
+    recs, _ = read([str(tmp_path / "t.parquet")], bytes_column="img")
+    assert [r[0] for r in recs] == ["t.parquet#000000000", "t.parquet#000000001"]
+    assert read([str(tmp_path / "t.csv")], path_column="path", text_column="caption")[0] == [
+        ("1.png", "one", False), ("2.png", "two", False)]
+    assert read([str(tmp_path / "shard-000.tar")])[0] == [("shard-000.tar/k1", "text k1", True),
+                                                          ("shard-000.tar/k2", "text k2", False)]
+    ids, total = read([str(tmp_path)])
+    assert [i for i, _, _ in ids] == ["0.png", "1.png", "2.png"] and total == 3
+    assert [i for i, _, _ in read([str(tmp_path)], skip={"1.png"})[0]] == ["0.png", "2.png"]
+    with pytest.raises(sources.SourceError, match="no such file"):
+        sources.plan([str(tmp_path / "missing*.png")])
+    with pytest.raises(sources.SourceError, match="needs Parquet"):
+        sources.plan([str(tmp_path / "t.csv")], bytes_column="img")
+
+
+def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path, capsys):
+    require("ray")
+    import ray
+    root, good = data200
+    rows = list(read_rows(local_caption))
+    assert [r["id"] for r in rows] == good                 # 197 + 3 = 200 good ones, sorted, once each
+    assert all(r["caption"] and r["backend"] == "torch" and r["model"] == CAPTION for r in rows)
+    errors = [json.loads(line) for line in _text(local_caption.replace(".parquet", ".errors.jsonl")).splitlines()]
+    assert sorted(e["id"] for e in errors) == ["bad_empty.jpg", "bad_garbage.png", "sub/bad_truncated.png"]
+    assert all("cannot decode image" in e["error"] for e in errors)
+    # The captions are those of the single-image command (an independent path through the model).
+    some = good[:3]
+    capsys.readouterr()
+    assert main(["caption", *[os.path.join(root, g) for g in some], "--json"]) == 0
+    assert [json.loads(x)["caption"] for x in capsys.readouterr().out.splitlines()] == [r["caption"] for r in rows[:3]]
+
+    ray_out = str(tmp_path / "ray.parquet")
+    try:
+        assert main(["caption", root, "--out", ray_out, "--engine", "ray", "--num-workers", "1", *SETTINGS]) == 1
+    finally:
+        ray.shutdown()
+    assert pq.read_table(ray_out).equals(pq.read_table(local_caption))
+    errors_file = local_caption.replace(".parquet", ".errors.jsonl")
+    assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(errors_file)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path):
+    root, good = data200
+    out = str(tmp_path / "killed.parquet")
+    proc = subprocess.Popen([sys.executable, "-m", "blip_apps.cli", "caption", root, "--out", out, *SETTINGS],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out + ".parts"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and sum(n.startswith("part-") for n in os.listdir(parts)) >= 3:   # ~half of 7
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    done = sorted(i for n in os.listdir(parts) if n.startswith("part-")
+                  for i in pq.read_table(os.path.join(parts, n), columns=["id"]).column("id").to_pylist())
+    assert 0 < len(done) < 203 and not os.path.exists(out)
+    assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
+    final = pq.read_table(out)
+    ids = final.column("id").to_pylist()
+    assert ids == good and len(set(ids)) == len(ids)                           # no duplicates, none missing
+    assert final.equals(pq.read_table(local_caption))
+    assert _text(out.replace(".parquet", ".errors.jsonl")) == _text(local_caption.replace(".parquet", ".errors.jsonl"))
+    assert not os.path.exists(parts)
+    # Resuming a finished run does nothing; starting again without --overwrite is refused.
+    assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
+    assert pq.read_table(out).equals(final)
+    assert main(["caption", root, "--out", out, *SETTINGS]) == 1
+
+
+def test_ray_batches_with_null_columns():
+    """Ray hands a column of nulls to numpy as NaN floats: those are no texts and no errors."""
+    from blip_apps.dataset.engines import records_from_numpy
+    pixels = np.zeros((2, 3, 4, 4), np.float32)
+    batch = {"id": np.array(["a", "b"], dtype=object), "text": np.array([np.nan, np.nan]),
+             "error": np.array([np.nan, "cannot decode image"], dtype=object), "pixels": pixels}
+    a, b = records_from_numpy(batch)
+    assert a["text"] is None and a["error"] is None and a["pixels"].shape == (3, 4, 4)
+    assert b["error"] == "cannot decode image" and "pixels" not in b
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "a.png").write_bytes(_png(synthetic.rows(1, 1, "test")[0][0]))
+    out = str(tmp_path / "o.jsonl")
+    os.makedirs(out + ".parts")
+    with open(os.path.join(out + ".parts", "run.json"), "w") as fh:
+        json.dump({"task": "caption", "settings": {"num_beams": 3}, "format": ".jsonl"}, fh)
+    assert main(["caption", str(img), "--out", out, "--resume", "--no-progress"]) == 1
+    assert "other settings" in capsys.readouterr().err
+    # A model of the wrong class is one line before any engine starts.
+    assert main(["embed", str(img), "--out", str(tmp_path / "e.parquet"), "--model", CAPTION,
+                 "--engine", "ray"]) == 1
+    assert "'embed' needs a BlipForImageTextRetrieval checkpoint" in capsys.readouterr().err
+
+
+def test_embed_vqa_match_agree_with_the_single_image_commands(tmp_path, capsys):
+    rows = synthetic.rows(5, 11, "test")
+    for scene, row in rows:
+        (tmp_path / row["file_name"]).write_bytes(_png(scene))
+    pq.write_table(pa.table({"file": [r["file_name"] for _, r in rows], "caption": [r["text"] for _, r in rows],
+                             "question": [r["question"] for _, r in rows]}), tmp_path / "meta.parquet")
+    table = str(tmp_path / "meta.parquet")
+    opts = ["--path-column", "file", "--no-progress", "--batch-size", "4"]
+
+    assert main(["vqa", table, "--text-column", "question", "--out", str(tmp_path / "vqa.jsonl"), *opts]) == 0
+    vqa = list(read_rows(str(tmp_path / "vqa.jsonl")))
+    capsys.readouterr()
+    assert main(["vqa", str(tmp_path / rows[0][1]["file_name"]), rows[0][1]["question"]]) == 0
+    assert capsys.readouterr().out.strip() == vqa[0]["answer"] and vqa[0]["question"] == rows[0][1]["question"]
+
+    texts = ["a small red circle on the left", "a large blue square at the top"]
+    assert main(["match", table, *texts, "--out", str(tmp_path / "m.jsonl"), *opts]) == 0
+    match = list(read_rows(str(tmp_path / "m.jsonl")))
+    capsys.readouterr()
+    assert main(["match", str(tmp_path / rows[1][1]["file_name"]), *texts, "--json"]) == 0
+    single = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert match[1]["texts"] == texts
+    np.testing.assert_allclose(match[1]["itm_probability"], [s["itm_probability"] for s in single], atol=1e-6)
+    np.testing.assert_allclose(match[1]["itc_score"], [s["itc_score"] for s in single], atol=1e-6)
+
+    assert main(["embed", table, "--text-column", "caption", "--out", str(tmp_path / "e.parquet"), *opts]) == 0
+    emb = pq.read_table(str(tmp_path / "e.parquet"))
+    assert emb.schema.field("image_embedding").type == pa.list_(pa.float32(), 32)
+    img = np.asarray(emb.column("image_embedding").to_pylist(), np.float32)
+    txt = np.asarray(emb.column("text_embedding").to_pylist(), np.float32)
+    # The embeddings' cosines are the model's own ITC scores (computed inside the backend).
+    import backends.torch as bt
+    from blip_core.numerics import to_numpy
+    from blip_core.processing import BlipProcessor
+    model = bt.BlipForImageTextRetrieval.from_pretrained(RETRIEVAL)
+    proc = BlipProcessor.from_pretrained(RETRIEVAL)
+    enc = proc(images=[_image(tmp_path / r["file_name"]) for _, r in rows], text=[r["text"] for _, r in rows],
+               padding=True, return_tensors="np")
+    itc = to_numpy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         pixel_values=enc["pixel_values"], use_itm_head=False).itm_score)
+    np.testing.assert_allclose(img @ txt.T, itc, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+
+
+class _FakeFaiss:
+    """A stand-in with faiss's calls (exact inner products), to test the faiss branch without faiss."""
+    METRIC_INNER_PRODUCT = 0
+
+    class IndexHNSWFlat:
+        def __init__(self, d, m, metric):
+            self.vecs = np.zeros((0, d), np.float32)
+
+        def add(self, x):
+            self.vecs = np.concatenate([self.vecs, x])
+
+        def search(self, q, k):
+            s = q @ self.vecs.T
+            idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(s, idx, 1), idx
+
+    @staticmethod
+    def write_index(index, path):
+        with open(path, "wb") as fh:
+            np.save(fh, index.vecs)
+
+    @classmethod
+    def read_index(cls, path):
+        index = cls.IndexHNSWFlat(1, 0, 0)
+        with open(path, "rb") as fh:
+            index.vecs = np.load(fh)
+        return index
+
+
+def test_index_numpy_and_faiss_branch(tmp_path, monkeypatch):
+    from blip_apps.dataset import index as ix
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    sch = pa.schema([("id", pa.string()), ("model", pa.string()), ("backend", pa.string()),
+                     ("image_embedding", pa.list_(pa.float32(), 8)), ("text", pa.string()),
+                     ("text_embedding", pa.list_(pa.float32(), 8))])
+    ids = [f"{i:03d}" for i in range(50)]
+    pq.write_table(pa.Table.from_pylist([{"id": i, "model": "m", "backend": "torch", "image_embedding": v.tolist(),
+                                          "text": f"t{i}", "text_embedding": v.tolist()} for i, v in zip(ids, vecs)],
+                                        schema=sch), tmp_path / "e.parquet")
+    monkeypatch.setitem(sys.modules, "faiss", None)            # not installed
+    assert ix.choose_kind("auto", 10 ** 9) == "numpy"
+    with pytest.raises(ValueError, match="needs faiss"):
+        ix.choose_kind("faiss", 10)
+    info = ix.build_index(str(tmp_path / "e.parquet"), str(tmp_path / "np"))
+    assert info["kind"] == "numpy" and info["images"] == 50 and info["texts"] == 50
+    index = ix.Index(str(tmp_path / "np"))
+    q = vecs[7]
+    hits = index.search_images(q, 3)
+    expect = np.argsort(-(vecs @ q), kind="stable")[:3]
+    assert [h[0] for h in hits] == [ids[i] for i in expect] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert index.search_texts(q, 1)[0][:2] == ("007", "t007")
+
+    monkeypatch.setitem(sys.modules, "faiss", _FakeFaiss)
+    monkeypatch.setattr(ix, "FAISS_MIN_ROWS", 40)
+    assert ix.choose_kind("auto", 39) == "numpy" and ix.choose_kind("auto", 40) == "faiss"
+    info = ix.build_index(str(tmp_path / "e.parquet"), str(tmp_path / "fa"))
+    assert info["kind"] == "faiss" and os.path.exists(tmp_path / "fa" / "images.faiss")
+    fa = ix.Index(str(tmp_path / "fa"))
+    assert [h[0] for h in fa.search_images(q, 3)] == [h[0] for h in hits]
+
+
+def test_search_recall_bundled(tmp_path, capsys):
+    """Issue 17: text -> image search with the bundled retrieval model, top-1 right for >= 90% of a held-out set.
+
+    48 fresh synthetic images (seed 1234, test stream; the bundled models trained on seed 0's train
+    stream). A query is each image's caption; a hit is right when the top-1 image has that caption
+    (images with equal captions differ only by jitter, so either is right).
+    """
+    rows = synthetic.rows(48, 1234, "test")
+    for scene, row in rows:
+        (tmp_path / row["file_name"]).write_bytes(_png(scene))
+    caption = {r["file_name"]: r["text"] for _, r in rows}
+    index = str(tmp_path / "index")
+    assert main(["index", str(tmp_path), "--out", index, "--batch-size", "16", "--no-progress"]) == 0
+    from blip_apps.dataset.index import Index
+    from blip_apps.dataset.tasks import TaskSpec, Worker
+    idx = Index(index)
+    worker = Worker(TaskSpec(task="embed", model=RETRIEVAL, batch_size=1))
+    queries = [caption[i] for i in idx.ids]
+    vecs = worker.embed_texts(queries)
+    top1 = [idx.search_images(v, 1)[0][0] for v in vecs]
+    recall = float(np.mean([caption[t] == q for t, q in zip(top1, queries)]))
+    # The command line gives the same top-1 as the Python search.
+    capsys.readouterr()
+    assert main(["search", index, queries[0], "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == top1[0]
+    print(f"search recall@1 on 48 held-out images: {recall:.3f}")
+    assert recall >= 0.9, f"recall@1 {recall:.3f} < 0.9 with the bundled retrieval model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tf", "jax"])
+def test_other_backends_local_and_ray(data200, local_caption, tmp_path, backend):
+    """Every backend runs in both engines; the captions of the first 40 images are torch's."""
+    require("ray")
+    import ray
+    root, good = data200
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(os.path.join(root, g) + "\n" for g in good[:40]))
+    want = {os.path.join(root, r["id"]): r["caption"] for r in read_rows(local_caption)}
+    outs = {}
+    try:
+        for engine in ("local", "ray"):
+            outs[engine] = str(tmp_path / f"{engine}.jsonl")
+            assert main(["caption", str(listing), "--out", outs[engine], "--backend", backend, "--engine", engine,
+                         *SETTINGS]) == 0
+    finally:
+        ray.shutdown()
+    assert _text(outs["local"]) == _text(outs["ray"])
+    rows = list(read_rows(outs["local"]))
+    assert len(rows) == 40 and all(r["backend"] == backend for r in rows)
+    assert {r["id"]: r["caption"] for r in rows} == {k: want[k] for k in (r["id"] for r in rows)}
