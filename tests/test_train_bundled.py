@@ -10,7 +10,9 @@ Retrieval recall@1 is BLIP's inference (``blip_apps.train.loop.retrieval_scores`
 the distinct captions, the ITM head re-ranks them by ``itm_logit + itc_cosine``; the ITC ranking
 alone (what ``blip search`` uses) is held to the same target, image to text and text to image.
 """
+import json
 import os
+import shlex
 
 import pytest
 
@@ -20,6 +22,7 @@ from blip_apps.train import TrainConfig, evaluate
 from blip_apps.train import data as data_mod
 from blip_core import BACKENDS
 from blip_core.processing import BlipProcessor
+from fixture_utils import ROOT
 
 HELDOUT_SIZE, HELDOUT_SEED = 48, 1234
 TARGET = 0.9            # issue 16
@@ -71,3 +74,56 @@ def test_cli_uses_the_bundled_models(capsys):
     assert "bundled retrieval model" in out.err
     rows = [line.split() for line in out.out.splitlines()[1:]]
     assert len(rows) == 2 and all(0.0 <= float(r[0]) <= 1.0 for r in rows)
+
+
+def _record(task):
+    with open(os.path.join(BUNDLED, task, "training.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _blip_args(command, **paths):
+    """``blip train ...`` / ``blip synthetic ...`` as the argument list of ``main``, with the named
+    data and model paths of the record replaced by ``paths`` (record name -> path here)."""
+    args = shlex.split(command)
+    assert args[0] == "blip"
+    return [paths.get(a, a) for a in args[1:]]
+
+
+def test_training_records_match_the_readme_and_makefile():
+    """The commands that made the bundled models (their ``training.json``) are the README's and the
+    Makefile's, and the bundled architectures are the ones ``blip train`` builds."""
+    from blip_apps.train.run import tiny_config
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as fh:
+        makefile = fh.read()
+    fresh = tiny_config(synthetic.VOCAB_FILE).to_dict()
+    for task in ("caption", "vqa", "retrieval"):
+        record = _record(task)
+        assert record["command"] in readme, task
+        make = (record["command"].replace("blip ", "$(VENV)/bin/blip ", 1).replace("--data shapes", "--data $(SHAPES)")
+                .replace("--model caption", "--model build/models/caption").replace(f"--out {task}", f"--out build/models/{task}"))
+        assert make in makefile, task
+        with open(os.path.join(BUNDLED, task, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+        for tower in ("vision_config", "text_config"):
+            for key in ("hidden_size", "num_hidden_layers", "patch_size", "image_size", "vocab_size"):
+                if key in fresh[tower]:
+                    assert config[tower][key] == fresh[tower][key], (task, tower, key)
+    data = _record("caption")["data"]
+    assert data in readme and data.replace("blip ", "$(VENV)/bin/blip ", 1).replace(" shapes ", " $(SHAPES) ") in makefile
+
+
+@pytest.mark.slow
+def test_readme_command_reproduces_the_bundled_captioner(tmp_path):
+    """Re-running the captioner's recorded command (README, Makefile) with its seed gives its held-out
+    metrics within 1 point (about 12 minutes of one core)."""
+    record = _record("caption")
+    data, out = str(tmp_path / "shapes"), str(tmp_path / "caption")
+    assert main(_blip_args(record["data"], shapes=data)) == 0
+    assert main(_blip_args(record["command"], shapes=data, caption=out) + ["--no-progress"]) == 0
+    with open(os.path.join(out, "training_log.json"), encoding="utf-8") as fh:
+        final = json.load(fh)["final"]
+    want = record[f"heldout_first_{record['config']['eval_size']}_of_seed_0_test"][str(record["steps"])]
+    for metric in ("exact_match", "bleu4"):
+        assert abs(final[metric] - want[metric]) <= 0.01, (metric, final[metric], want[metric])
