@@ -82,11 +82,17 @@ def _record(task):
 
 
 def _blip_args(command, **paths):
-    """``blip train ...`` / ``blip synthetic ...`` as the argument list of ``main``, with the named
-    data and model paths of the record replaced by ``paths`` (record name -> path here)."""
+    """``blip train ...`` / ``blip synthetic ...`` as the argument list of ``main``, with the values of
+    the options named in ``paths`` (``data="..."`` for ``--data``) and synthetic's output replaced."""
     args = shlex.split(command)
     assert args[0] == "blip"
-    return [paths.get(a, a) for a in args[1:]]
+    args = args[1:]
+    if args[0] == "synthetic":
+        args[1] = paths["data"]
+    for i in range(len(args) - 1):
+        if args[i].startswith("--") and args[i][2:] in paths:
+            args[i + 1] = paths[args[i][2:]]
+    return args
 
 
 def test_training_records_match_the_readme_and_makefile():
@@ -120,8 +126,8 @@ def test_readme_command_reproduces_the_bundled_captioner(tmp_path):
     metrics within 1 point (about 12 minutes of one core)."""
     record = _record("caption")
     data, out = str(tmp_path / "shapes"), str(tmp_path / "caption")
-    assert main(_blip_args(record["data"], shapes=data)) == 0
-    assert main(_blip_args(record["command"], shapes=data, caption=out) + ["--no-progress"]) == 0
+    assert main(_blip_args(record["data"], data=data)) == 0
+    assert main(_blip_args(record["command"], data=data, out=out) + ["--no-progress"]) == 0
     with open(os.path.join(out, "training_log.json"), encoding="utf-8") as fh:
         final = json.load(fh)["final"]
     want = record[f"heldout_first_{record['config']['eval_size']}_of_seed_0_test"][str(record["steps"])]
