@@ -23,9 +23,9 @@ demo: install
 SHAPES ?= build/shapes
 bundled-models: install
 	$(VENV)/bin/blip synthetic $(SHAPES) --train 2000 --test 200 --seed 0
-	$(VENV)/bin/blip train --task caption --data $(SHAPES) --out build/models/caption --steps 1500 --batch-size 64 --lr 5e-3 --warmup 100 --seed 0
-	$(VENV)/bin/blip train --task vqa --data $(SHAPES) --out build/models/vqa --steps 1000 --batch-size 64 --lr 1e-3 --warmup 100 --seed 0
-	$(VENV)/bin/blip train --task retrieval --data $(SHAPES) --out build/models/retrieval --steps 600 --batch-size 32 --lr 5e-4 --warmup 50 --seed 0
+	$(VENV)/bin/blip train --task caption --data $(SHAPES) --out build/models/caption --steps 1500 --batch-size 64 --lr 2e-3 --warmup 50 --eval-every 500 --eval-size 200 --seed 0 --threads 1
+	$(VENV)/bin/blip train --task retrieval --model build/models/caption --data $(SHAPES) --out build/models/retrieval --steps 800 --batch-size 32 --lr 1e-3 --warmup 50 --eval-every 200 --eval-size 100 --seed 0 --threads 1
+	$(VENV)/bin/blip train --task vqa --model build/models/caption --data $(SHAPES) --out build/models/vqa --steps 2000 --batch-size 64 --lr 2e-3 --warmup 50 --eval-every 500 --eval-size 200 --seed 0 --threads 1
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -1,7 +1,12 @@
 """The training loop: a tiny run lowers the loss, an interrupted run resumed from its checkpoint
-ends with the same weights as an uninterrupted one, and ``blip train`` / ``blip synthetic`` work."""
+ends with the same weights as an uninterrupted one (a ``blip train`` process really killed with
+SIGKILL in torch; stopped in-process in tf and jax), and ``blip train`` / ``blip synthetic`` work."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from safetensors.numpy import load_file
 from blip_apps import synthetic
 from blip_apps.cli import main
 from blip_apps.train import TrainConfig, train
+from fixture_utils import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +30,47 @@ def _cfg(backend, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
+def _same_weights(dir_a, dir_b):
+    a = load_file(os.path.join(dir_a, "model.safetensors"))
+    b = load_file(os.path.join(dir_b, "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k                      # bit for bit
+
+
+KILL_STEPS, KILL_AFTER = 40, 3     # steps of the run; the checkpoint after which it is killed
+
+
+def test_killed_cli_run_resumes_to_the_uninterrupted_weights(shapes, tmp_path):
+    """``blip train`` killed with SIGKILL once ``checkpoint-3`` is on disk, then ``blip train --resume``:
+    the final weights equal an uninterrupted run's bit for bit, and the loss curve step for step."""
+    args = ["--task", "caption", "--backend", "torch", "--data", shapes, "--steps", str(KILL_STEPS),
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--seed", "2", "--save-every", str(KILL_AFTER),
+            "--eval-size", "4", "--threads", "1", "--no-progress"]
+    part = str(tmp_path / "part")
+    cmd = [sys.executable, "-m", "blip_apps.cli", "train", *args, "--out", part]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = os.path.join(part, f"checkpoint-{KILL_AFTER}", "trainer_state.json")
+    deadline = time.monotonic() + 300
+    while not os.path.exists(state) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way (exit {proc.returncode}): {err}"
+    assert os.path.exists(state) and not os.path.exists(os.path.join(part, "model.safetensors"))
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    full = train(None, shapes, str(tmp_path / "full"), _cfg("torch", steps=KILL_STEPS, grad_accum=1),
+                 progress=False, log=lambda m: None)
+    with open(os.path.join(part, "training_log.json")) as fh:
+        log = json.load(fh)
+    assert [h["loss"] for h in log["history"]] == [h["loss"] for h in full["history"]]
+    _same_weights(str(tmp_path / "full"), part)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=pytest.mark.slow),
+                                     pytest.param("jax", marks=pytest.mark.slow)])
 def test_resume_gives_the_uninterrupted_weights(backend, shapes, tmp_path):
     full = train(None, shapes, str(tmp_path / "full"), _cfg(backend), progress=False, log=lambda m: None)
     losses = [h["loss"] for h in full["history"]]
@@ -34,11 +80,7 @@ def test_resume_gives_the_uninterrupted_weights(backend, shapes, tmp_path):
     assert first["final"] is None and os.path.isdir(os.path.join(part, "checkpoint-3"))
     rest = train(None, shapes, part, _cfg(backend), resume=True, progress=False, log=lambda m: None)
     assert [h["loss"] for h in rest["history"]] == losses          # same loss curve, step for step
-    a = load_file(os.path.join(tmp_path / "full", "model.safetensors"))
-    b = load_file(os.path.join(part, "model.safetensors"))
-    assert set(a) == set(b)
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k                      # bit for bit
+    _same_weights(str(tmp_path / "full"), part)
 
 
 def test_resume_refuses_other_settings(shapes, tmp_path):

@@ -20,7 +20,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(task=args.task, backend=args.backend, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                       clip=args.clip, freeze_vision=args.freeze_vision, eval_every=args.eval_every,
-                      save_every=args.save_every, eval_size=args.eval_size, seed=args.seed, threads=args.threads)
+                      save_every=args.save_every, eval_size=args.eval_size, seed=args.seed, threads=args.threads,
+                      mixed_precision="bf16" if args.bf16 else "no")
     from blip_apps.cli import CliError
     try:
         result = train(args.model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress,
@@ -59,6 +60,8 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--eval-size", type=int, default=0, help="held-out rows to evaluate (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; tf and jax keep theirs)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 mixed precision: bfloat16 compute, float32 master weights and optimizer state")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)

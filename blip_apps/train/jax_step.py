@@ -5,6 +5,12 @@ own), differentiated by ``jax.value_and_grad`` and compiled once per batch shape
 of each step is set through ``optax.inject_hyperparams``. With ``freeze_vision`` the optimizer only
 sees the parameters outside ``vision_model`` (the frozen ones are passed as a constant). The
 retrieval loss is the one documented in ``torch_step``.
+
+Mixed precision (``TrainConfig(mixed_precision="bf16")``, the recipe of DeepMind's ``jmp``): the
+float32 master parameters are cast to bfloat16 inside the differentiated function and the forward
+runs on a bfloat16 copy of the model (same config, no weights of its own), so activations are
+bfloat16; the loss is taken in float32 and the gradients come back float32 through the cast, where
+clipping and ``optax.adamw`` see only float32.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ _INPUTS = {"caption": ("pixel_values", "input_ids", "attention_mask", "labels"),
 def retrieval_loss(model, params, batch: dict, temperature: float):
     pv, ids, mask, group = batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["text_group"]
     sim = model(input_ids=ids, pixel_values=pv, attention_mask=mask, use_itm_head=False,
-                params=params).itm_score / temperature
+                params=params).itm_score.astype(jnp.float32) / temperature
     same = (group[:, None] == group[None, :]).astype(sim.dtype)
     targets = same / same.sum(1, keepdims=True)
     itc = (-(jax.nn.log_softmax(sim, 1) * targets).sum(1).mean()
@@ -46,7 +52,19 @@ def retrieval_loss(model, params, batch: dict, temperature: float):
 def task_loss(model, task: str, params, batch: dict, temperature: float):
     if task == "retrieval":
         return retrieval_loss(model, params, batch, temperature)
-    return model(**{k: batch[k] for k in _INPUTS[task]}, params=params).loss
+    return model(**{k: batch[k] for k in _INPUTS[task]}, params=params).loss.astype(jnp.float32)
+
+
+def half_precision_model(model):
+    """A weightless bfloat16 twin of ``model`` (same class and config): its forward takes ``params=``."""
+    twin = object.__new__(type(model))
+    twin._setup(model.config, None, jnp.bfloat16)
+    return twin
+
+
+def to_bfloat16(params):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  params)
 
 
 class Trainer:
@@ -60,8 +78,12 @@ class Trainer:
         self.trainable = trainable
         self.opt_state = self.tx.init(trainable)
 
+        bf16 = cfg.mixed_precision == "bf16"
+        compute = half_precision_model(model) if bf16 else model
+
         def loss_fn(trainable, frozen, batch):
-            return task_loss(model, cfg.task, {**frozen, **trainable}, batch, cfg.itc_temperature)
+            params = {**frozen, **trainable}
+            return task_loss(compute, cfg.task, to_bfloat16(params) if bf16 else params, batch, cfg.itc_temperature)
 
         def update(trainable, opt_state, grads, lr):
             opt_state[-1].hyperparams["learning_rate"] = lr

@@ -28,6 +28,7 @@ from . import metrics
 ARCHITECTURE = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering",
                 "retrieval": "BlipForImageTextRetrieval"}
 STATE_FILE = "trainer_state.json"
+MIXED_PRECISION = ("no", "bf16")
 
 
 @dataclass
@@ -50,6 +51,11 @@ class TrainConfig:
     seed: int = 0                  # data order (and the fresh model's init when none is given)
     itc_temperature: float = 0.07  # retrieval: ITC softmax temperature (BLIP's initial value)
     threads: int = 0               # torch CPU threads (0: its default; 1 is fastest on a busy machine); tf and jax keep theirs
+    mixed_precision: str = "no"    # "no" (float32) | "bf16": bfloat16 compute, float32 master weights and optimizer
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -98,7 +104,7 @@ def evaluate(model, processor, data: data_mod.TaskData, cfg: TrainConfig, traine
         out["vqa_accuracy"] = metrics.vqa_accuracy(preds, data.answers[:n])
     else:
         out.update(retrieval_scores(model, data, n))
-    out["predictions"] = preds[:8] if cfg.task != "retrieval" else None
+    out["predictions"] = preds if cfg.task != "retrieval" else None
     return out
 
 
@@ -108,7 +114,9 @@ def retrieval_scores(model, data: data_mod.TaskData, n: int, k: int = 0, batch_s
     As BLIP's retrieval inference: ITC cosine ranks every caption for each image, the ITM head
     re-ranks the top ``k`` (0: every caption, affordable on small held-out sets) by BLIP's score
     ``itm_logit[match] + itc_cosine`` (``recall@1``, the task metric). ``itc_recall@1`` and
-    ``itm_recall@1`` rank by each part alone.
+    ``itm_recall@1`` rank by each part alone; ``itc_text_to_image_recall@1`` is the other direction
+    (each distinct caption's best image by ITC cosine, right when the image carries that caption).
+    ``top1`` / ``itc_top1`` are the chosen caption indices (into the distinct captions) per image.
     """
     texts = list(dict.fromkeys(data.texts[:n]))
     col = {t: j for j, t in enumerate(texts)}
@@ -130,8 +138,11 @@ def retrieval_scores(model, data: data_mod.TaskData, n: int, k: int = 0, batch_s
     itm[rows, cols] = logits[:, 1] - logits[:, 0]       # monotone in p(match)
     blip = np.full_like(itc, -np.inf)
     blip[rows, cols] = logits[:, 1] + itc[rows, cols]
+    positive = np.arange(len(texts))[None, :] == pos[:, None]          # (images, captions)
     return {"recall@1": metrics.recall_at_1(blip, pos), "itc_recall@1": metrics.recall_at_1(itc, pos),
-            "itm_recall@1": metrics.recall_at_1(itm, pos)}
+            "itm_recall@1": metrics.recall_at_1(itm, pos),
+            "itc_text_to_image_recall@1": metrics.recall_at_1(itc.T, positive.T),
+            "top1": blip.argmax(1).tolist(), "itc_top1": itc.argmax(1).tolist()}
 
 
 TASK_METRIC = {"caption": "exact_match", "vqa": "vqa_accuracy", "retrieval": "recall@1"}
@@ -143,9 +154,15 @@ def save_checkpoint(directory, trainer, processor, step: int, cfg: TrainConfig, 
     trainer.model.save_pretrained(directory)
     processor.save_pretrained(directory)
     trainer.save_state(directory)
-    with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as fh:
+    # written last and renamed into place: a run killed while saving leaves no trainer_state.json,
+    # so ``latest_checkpoint`` never picks a half-written checkpoint
+    tmp = os.path.join(directory, STATE_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"step": step, "samples_seen": step * cfg.batch_size * cfg.grad_accum,
                    "config": dataclasses.asdict(cfg), "history": history}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(directory, STATE_FILE))
     return directory
 
 

@@ -6,6 +6,12 @@ torch and optax after: ``m_hat / (sqrt(v_hat) + eps)``. Keras' rule equals that 
 epsilon is ``eps * sqrt(1 - beta_2^t)`` at step t, so each step sets it so before applying (without
 this the weights of the backends drift apart by ~1e-5 in three steps on the tiny models).
 The retrieval loss is the one documented in ``torch_step``.
+
+Mixed precision (``TrainConfig(mixed_precision="bf16")``), with explicit casts as Keras' ``mixed_bfloat16``
+policy does them (our models are ``tf.Module``s, not Keras layers, so the policy itself does not
+reach them): a bfloat16 twin of the model computes the loss; before each micro-batch its variables
+are assigned the bfloat16 casts of the float32 master variables, and its gradients are cast to
+float32 before accumulation, clipping and ``keras.optimizers.AdamW`` on the masters.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ _INPUTS = {"caption": ("pixel_values", "input_ids", "attention_mask", "labels"),
 
 def retrieval_loss(model, batch: dict, temperature: float):
     pv, ids, mask, group = batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["text_group"]
-    sim = model(input_ids=ids, pixel_values=pv, attention_mask=mask, use_itm_head=False).itm_score / temperature
+    sim = tf.cast(model(input_ids=ids, pixel_values=pv, attention_mask=mask, use_itm_head=False).itm_score,
+                  tf.float32) / temperature
     same = tf.cast(tf.equal(group[:, None], group[None, :]), sim.dtype)
     targets = same / tf.reduce_sum(same, 1, keepdims=True)
     itc = (-tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(sim, 1) * targets, 1))
@@ -44,14 +51,20 @@ def retrieval_loss(model, batch: dict, temperature: float):
 def task_loss(model, task: str, batch: dict, temperature: float):
     if task == "retrieval":
         return retrieval_loss(model, batch, temperature)
-    return model(**{k: batch[k] for k in _INPUTS[task]}).loss
+    return tf.cast(model(**{k: batch[k] for k in _INPUTS[task]}).loss, tf.float32)
 
 
 class Trainer:
     def __init__(self, model, cfg):
         self.model, self.cfg = model, cfg
-        self.variables = [v for path, v in model.params.items()
-                          if not (cfg.freeze_vision and path.startswith("vision_model/"))]
+        self.paths = [path for path in model.params if not (cfg.freeze_vision and path.startswith("vision_model/"))]
+        self.variables = [model.params[path] for path in self.paths]
+        self.bf16 = cfg.mixed_precision == "bf16"
+        # the model the loss runs on: the float32 model itself, or its bfloat16 twin
+        compute = (type(model)(model.config, dtype="bfloat16", _values={p: v.numpy() for p, v in model.params.items()})
+                   if self.bf16 else model)
+        self.compute = compute
+        watched = [compute.params[path] for path in self.paths]
         self.optimizer = keras.optimizers.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
                                                 beta_1=cfg.betas[0], beta_2=cfg.betas[1], epsilon=cfg.eps)
         self.optimizer.build(self.variables)
@@ -59,13 +72,19 @@ class Trainer:
         @tf.function(reduce_retracing=True)
         def grad_fn(batch):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(self.variables)
-                loss = task_loss(model, cfg.task, batch, cfg.itc_temperature)
-            return loss, tape.gradient(loss, self.variables)
+                tape.watch(watched)
+                loss = task_loss(compute, cfg.task, batch, cfg.itc_temperature)
+            return loss, tape.gradient(loss, watched)
 
         self._grad = grad_fn
-        self._loss = tf.function(lambda batch: task_loss(model, cfg.task, batch, cfg.itc_temperature),
+        self._loss = tf.function(lambda batch: task_loss(compute, cfg.task, batch, cfg.itc_temperature),
                                  reduce_retracing=True)
+
+    def _sync(self):
+        """bfloat16: the twin's variables take the bfloat16 casts of the float32 masters."""
+        if self.bf16:
+            for path, v in self.model.params.items():
+                self.compute.params[path].assign(tf.cast(v, tf.bfloat16))
 
     @staticmethod
     def _tensors(batch):
@@ -73,9 +92,11 @@ class Trainer:
 
     def step(self, batches, lr: float) -> float:
         grads, total = None, 0.0
+        self._sync()
         for batch in batches:
             loss, g = self._grad(self._tensors(batch))
-            g = [tf.zeros_like(v) if x is None else tf.convert_to_tensor(x) for x, v in zip(g, self.variables)]
+            g = [tf.zeros_like(v) if x is None else tf.cast(tf.convert_to_tensor(x), v.dtype)
+                 for x, v in zip(g, self.variables)]
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
             total += float(loss)
         if len(batches) > 1:
@@ -89,6 +110,7 @@ class Trainer:
         return total / len(batches)
 
     def loss(self, batch) -> float:
+        self._sync()
         return float(self._loss(self._tensors(batch)))
 
     def save_state(self, directory: str) -> None:

@@ -17,6 +17,10 @@ pairs with caption groups g (equal captions are positives of each other):
   cross entropy over the positives and the negatives that exist (a row whose batch holds only its
   own group has no negative).
 - ``loss = L_itc + L_itm``.
+
+Mixed precision (``TrainConfig(mixed_precision="bf16")``): the forward and the loss run under
+``torch.autocast("cpu", torch.bfloat16)`` (matmuls and convolutions in bfloat16, reductions and
+softmax as autocast decides), the parameters, gradients and AdamW moments stay float32.
 """
 from __future__ import annotations
 
@@ -55,11 +59,14 @@ def retrieval_loss(model, batch: dict, temperature: float):
     return itc + itm
 
 
-def task_loss(model, task: str, batch: dict, temperature: float):
+def task_loss(model, task: str, batch: dict, temperature: float, mixed_precision: str = "no"):
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-    if task == "retrieval":
-        return retrieval_loss(model, batch, temperature)
-    return model(**{k: batch[k] for k in _INPUTS[task]}).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+        if task == "retrieval":
+            loss = retrieval_loss(model, batch, temperature)
+        else:
+            loss = model(**{k: batch[k] for k in _INPUTS[task]}).loss
+    return loss.float()
 
 
 class Trainer:
@@ -81,7 +88,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for batch in batches:
-            loss = task_loss(self.model, self.cfg.task, batch, self.cfg.itc_temperature)
+            loss = task_loss(self.model, self.cfg.task, batch, self.cfg.itc_temperature, self.cfg.mixed_precision)
             (loss / len(batches)).backward()
             total += float(loss.detach())
         if self.cfg.clip:
@@ -93,7 +100,8 @@ class Trainer:
 
     @torch.no_grad()
     def loss(self, batch) -> float:
-        return float(task_loss(self.model, self.cfg.task, batch, self.cfg.itc_temperature))
+        return float(task_loss(self.model, self.cfg.task, batch, self.cfg.itc_temperature,
+                                self.cfg.mixed_precision))
 
     def save_state(self, directory: str) -> None:
         torch.save(self.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
