@@ -29,7 +29,7 @@ SUPPORTED = {"onnx": {"BlipForConditionalGeneration", "BlipForQuestionAnswering"
                       "BlipModel"},
              "savedmodel": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
                             "BlipModel", "Blip2ForConditionalGeneration"},
-             "stablehlo": {"BlipForConditionalGeneration", "BlipModel"}}
+             "stablehlo": {"BlipForConditionalGeneration", "BlipModel", "Blip2ForConditionalGeneration"}}
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
                    "vocab.json", "spiece.model", "added_tokens.json", "preprocessor_config.json",
                    "processor_config.json")
@@ -63,6 +63,11 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
         options = {}                                    # the runner takes any generation option
     elif fmt == "stablehlo":
         from backends.jax.stablehlo_export import export_stablehlo
+        if arch == "Blip2ForConditionalGeneration":
+            if prompt_length is None:
+                raise ValueError("BLIP-2 programs take prompts of one length: pass --prompt-length "
+                                 "(placeholders included)")
+            options["prompt_length"] = prompt_length
         export_stablehlo(model, out, processor_dir=model_dir, **options)
     elif arch == "Blip2ForConditionalGeneration":
         from backends.tf.blip2_export import export_blip2_captioner

@@ -120,9 +120,16 @@ def _stablehlo(artifact, model, arch, inp, meta):
     from blip_runtime.stablehlo_runner import StableHLOBlip
     runner = StableHLOBlip(artifact)
     px = inp["pixel_values"]
+    options = {k: v for k, v in meta["generation"].items() if k != "prompt_length"}
     if arch == "BlipForConditionalGeneration":
-        return [_ids_row("caption.sequences", runner.generate(px),
-                         model.generate(pixel_values=px, **meta["generation"]))]
+        return [_ids_row("caption.sequences", runner.generate(px), model.generate(pixel_values=px, **options))]
+    if arch == "Blip2ForConditionalGeneration":
+        ids, mask = inp["input_ids"], inp["attention_mask"]
+        if ids.shape[1] != meta["generation"]["prompt_length"]:
+            raise ValueError(f"this BLIP-2 program takes prompts of {meta['generation']['prompt_length']} tokens; "
+                             f"the parity inputs have {ids.shape[1]}: export with --prompt-length {ids.shape[1]}")
+        return [_ids_row("caption.sequences", runner.generate(px, ids, mask),
+                         model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **options))]
     ids, mask = inp["input_ids"], inp["attention_mask"]
     return [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px), meta["dtype"]),
             _array_row("text_features", runner.get_text_features(ids, mask), model.get_text_features(ids, mask),

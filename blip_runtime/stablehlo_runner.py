@@ -57,9 +57,17 @@ class StableHLOBlip:
         check_pixel_values(px.shape, vc.image_size, vc.patch_size, False)
         return px
 
-    def generate(self, pixel_values):
-        """Caption ids (B * num_return_sequences, L), int64, starting with bos."""
-        seqs, length = self._call("caption", self._pixels(pixel_values))
+    def generate(self, pixel_values, input_ids=None, attention_mask=None):
+        """Caption ids (B * num_return_sequences, L), int64 (BLIP: starting with bos; BLIP-2: the prompt
+        ids of the export's length and its mask are required)."""
+        inputs = [self._pixels(pixel_values)]
+        if "input_ids" in self.manifest["programs"]["caption"]["inputs"]:
+            if input_ids is None:
+                raise ValueError("this BLIP-2 program needs input_ids and attention_mask")
+            ids = np.asarray(input_ids, np.int32)
+            mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+            inputs += [ids, mask]
+        seqs, length = self._call("caption", *inputs)
         return np.asarray(seqs)[:, : int(length)].astype(np.int64)
 
     def get_image_features(self, pixel_values):

@@ -54,12 +54,14 @@ def test_other_formats(tmp_path, capsys, name, fmt, extra):
 
 
 @pytest.mark.slow
-def test_blip2_savedmodel(tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["savedmodel", "stablehlo"])
+def test_blip2_captioner(tmp_path, capsys, fmt):
     from blip_core.configs import load_config
     from converters.inputs import make_inputs
     name = "Blip2ForConditionalGeneration"
     length = make_inputs(name, load_config(fixture(name)[0]))["input_ids"].shape[1]
-    _export_and_check(tmp_path, capsys, name, "savedmodel", "--max-new-tokens", "5", "--prompt-length", str(length))
+    _export_and_check(tmp_path, capsys, name, fmt, "--max-new-tokens", "5", "--num-beams", "2",
+                      "--prompt-length", str(length))
 
 
 def test_parity_catches_a_perturbed_export(tmp_path, capsys):

@@ -107,3 +107,23 @@ def test_refuses_other_classes(tmp_path):
     model = J.BlipForImageTextRetrieval.from_pretrained(fixture("BlipForImageTextRetrieval")[0])
     with pytest.raises(ValueError, match="supports"):
         export_stablehlo(model, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_of", ["Blip2ForConditionalGeneration", "Blip2Model"])   # OPT, T5
+def test_blip2_captioner(tmp_path, config_of):
+    """BLIP-2 OPT (the fixture) and T5 (the Blip2Model fixture's config, random weights): beam ids."""
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_core.configs import load_config
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    from converters.inputs import make_inputs
+    cfg = load_config(fixture(config_of)[0])
+    model = J.Blip2ForConditionalGeneration(cfg, seed=0)
+    inp = make_inputs("Blip2ForConditionalGeneration", cfg, 0)
+    ids, mask, px = inp["input_ids"], inp["attention_mask"], inp["pixel_values"]
+    options = dict(max_new_tokens=5, num_beams=2)
+    runner = StableHLOBlip(export_stablehlo(model, tmp_path, prompt_length=ids.shape[1], **options))
+    np.testing.assert_array_equal(runner.generate(px, ids, mask),
+                                  to_numpy(model.generate(pixel_values=px, input_ids=ids, attention_mask=mask,
+                                                          **options)))

@@ -14,6 +14,9 @@ Programs (batch and text length symbolic; the image size is the config's):
 * ``BlipForConditionalGeneration``: ``caption(leaves, pixel_values) -> (sequences (B*R, T) int32,
   length)``: the vision tower, the cross keys/values and the whole decoding loop of the library's
   ``generate`` in one program; generation options are fixed at export.
+* ``Blip2ForConditionalGeneration`` (OPT or T5): ``caption(leaves, pixel_values, input_ids,
+  attention_mask) -> (sequences, length)``, the prompt length fixed at export (``prompt_length``,
+  placeholders included), ids as the library's ``generate`` returns them.
 * ``BlipModel``: ``image_features(leaves, pixel_values)`` and ``text_features(leaves, input_ids,
   attention_mask)`` (``get_image_features`` / ``get_text_features``).
 
@@ -78,6 +81,35 @@ def export_stablehlo(model, out_dir, processor_dir=None, **generate_kwargs) -> s
         _write(jax.export.export(jax.jit(caption))(leaf_specs, pixels), out, "caption")
         manifest["programs"]["caption"] = {"inputs": ["pixel_values"], "outputs": ["sequences", "length"]}
         manifest["generation"] = {k: v for k, v in generate_kwargs.items()}
+    elif arch == "Blip2ForConditionalGeneration":
+        from blip_core import blip2 as rules
+        prompt_length = generate_kwargs.pop("prompt_length", None)
+        if prompt_length is None:
+            raise ValueError("BLIP-2 programs take prompts of one length: pass prompt_length (placeholders included)")
+        decoder_only = model.is_decoder_only
+        settings = rules.generation_settings(cfg, prompt_length if decoder_only else 1, **generate_kwargs)
+        if settings.do_sample and settings.seed is None:
+            raise ValueError("pass seed=... to export a sampling captioner (the seed is baked into the program)")
+        plan, numbers = decoding.make_plan(settings, tc.vocab_size)
+        start = None if decoder_only else rules.decoder_start_token_id(cfg)
+
+        def caption(flat, pv, input_ids, attention_mask):
+            if decoder_only:
+                prompt, prompt_mask = input_ids, attention_mask
+            else:
+                prompt = jnp.full((pv.shape[0], 1), start, jnp.int32)
+                prompt_mask = jnp.ones_like(prompt)
+            seqs, length, _, _, _ = model._generate_program(
+                params_of(flat), pv, input_ids, None, attention_mask, prompt, prompt_mask,
+                jax.random.key(settings.seed or 0), {k: jnp.asarray(v) for k, v in numbers.items()}, plan=plan,
+                interpolate=False)
+            return seqs, length
+
+        text = jax.ShapeDtypeStruct((b, prompt_length), jnp.int32)
+        _write(jax.export.export(jax.jit(caption))(leaf_specs, pixels, text, text), out, "caption")
+        manifest["programs"]["caption"] = {"inputs": ["pixel_values", "input_ids", "attention_mask"],
+                                           "outputs": ["sequences", "length"]}
+        manifest["generation"] = dict(generate_kwargs, prompt_length=prompt_length)
     elif arch == "BlipModel":
         if generate_kwargs:
             raise ValueError(f"generation options do not apply to {arch}")
@@ -95,7 +127,8 @@ def export_stablehlo(model, out_dir, processor_dir=None, **generate_kwargs) -> s
         manifest["programs"]["text_features"] = {"inputs": ["input_ids", "attention_mask"],
                                                  "outputs": ["text_features"]}
     else:
-        raise ValueError(f"StableHLO export supports BlipForConditionalGeneration and BlipModel; got {arch}")
+        raise ValueError(f"StableHLO export supports BlipForConditionalGeneration, Blip2ForConditionalGeneration "
+                         f"and BlipModel; got {arch}")
     np.savez(os.path.join(out, "params.npz"), **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
     cfg.save_pretrained(out)
     if processor_dir is not None:
