@@ -15,6 +15,7 @@ import os
 import shlex
 
 import pytest
+from fixture_utils import ROOT
 
 from blip_apps import load, synthetic
 from blip_apps.cli import BUNDLED, main
@@ -22,7 +23,6 @@ from blip_apps.train import TrainConfig, evaluate
 from blip_apps.train import data as data_mod
 from blip_core import BACKENDS
 from blip_core.processing import BlipProcessor
-from fixture_utils import ROOT
 
 HELDOUT_SIZE, HELDOUT_SEED = 48, 1234
 TARGET = 0.9            # issue 16

@@ -108,6 +108,7 @@ def _load_model(directory: str, task: str, backend: str, seed: int = 0, log=None
     from ``seed`` (the library's seeded draw)."""
     import importlib
     import warnings
+
     from blip_core import architecture_of
     arch, want = architecture_of(directory), ARCHITECTURE[task]
     cls = getattr(importlib.import_module(f"backends.{backend}"), want)
