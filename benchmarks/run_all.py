@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of timed calls per case before repetitions stop (default 30, quick 0.2)")
     p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
+    p.add_argument("--load", action="store_true",
+                   help="also run the load benchmark (benchmarks/load.py: full-size synthetic checkpoints, "
+                        "~8 GB of disk and ~19 GB of memory; not part of the default run)")
+    from . import load as load_bench
+    load_bench.add_arguments(p, prefix="load-")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------
@@ -182,6 +187,12 @@ def run(args) -> int:
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
             "workload_errors": errors, "targets": targets}
+    if args.load:   # heavy: full-size checkpoints, one fresh process per measurement
+        from . import load as load_bench
+        data["load"] = load_bench.run(args.load_models, args.load_impls, args.load_dtypes, args.load_workdir,
+                                      args.load_keep, args.load_check_logits)
+        if not all(t["met"] for t in data["load"]["targets"]):
+            errors["load"] = "load targets missed (see data['load']['targets'])"
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
     return 1 if errors else 0
 

@@ -3,6 +3,9 @@
 Backends call ``read_pretrained`` and ``write_pretrained`` with their own name; they receive and
 hand back flat ``{backend_path: numpy array}`` dicts holding only the rows that own storage
 (tied rows are shared inside each backend and filled in from their targets when reading).
+``open_pretrained`` + ``load_items`` are the streaming form every backend's ``from_pretrained``
+uses: checked ``TensorRef``s (memory-mapped safetensors) that the backend turns into its own
+arrays one tensor at a time.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import warnings
 
 from . import checkpoint
 from .configs import _Config, load_config
-from .weights import backend_params, canonical_state, random_weights, weight_table
+from .weights import backend_params, backend_perm, canonical_state, owned, random_weights, weight_table
 
 log = logging.getLogger("blip")
 
@@ -52,16 +55,40 @@ def read_pretrained(path: str, architecture: str, backend: str, dtype=None, allo
     lacks raise unless ``strict=False``, which draws them from ``seed`` and warns. Shape
     mismatches and checkpoints of another family always raise.
     """
+    config, table, refs = open_pretrained(path, architecture, allow_pickle_bin=allow_pickle_bin, strict=strict,
+                                          seed=seed)
+    state = {name: ref.load() for name, ref in refs.items()}
+    if dtype is not None:
+        state = checkpoint.cast_state_dict(state, dtype)
+    return config, table, backend_params(table, state, backend)
+
+
+def open_pretrained(path: str, architecture: str, allow_pickle_bin: bool = False, strict: bool = True,
+                    seed: int = 0):
+    """``(config, table, {canonical name: TensorRef})``, checked strictly, no tensor data read yet.
+
+    What ``read_pretrained`` does, minus reading: the backends build their arrays from the refs
+    one tensor at a time (``load_items``), so loading never holds the checkpoint beside the model.
+    Tied rows are filled with their owner's ref (the same object).
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path}")
     full_config = load_config(path)
     config = config_for(architecture, full_config)
     table = weight_table(architecture, config)
-    state = _read_any(path, table, architecture, allow_pickle_bin)
+    state = _open_any(path, table, architecture, allow_pickle_bin)
     state = select_weights(state, table, architecture, config, full_config, strict=strict, seed=seed, source=path)
-    if dtype is not None:
-        state = checkpoint.cast_state_dict(state, dtype)
-    return config, table, backend_params(table, state, backend)
+    return config, table, {k: v if isinstance(v, checkpoint.TensorRef) else checkpoint.ArrayRef(v)
+                           for k, v in state.items()}
+
+
+def load_items(table: dict, refs: dict, backend: str) -> list:
+    """``[(backend path, ref, perm)]`` for the rows that own storage, in table order.
+
+    ``perm`` is the axis permutation from the canonical layout to the backend's (None: none), which
+    the backend applies with its own transpose after the data is in its arrays.
+    """
+    return [(spec.backend_path(backend), refs[spec.name], backend_perm(spec, backend)) for spec in owned(table)]
 
 
 def family_keys(full_config: _Config) -> set:
@@ -119,8 +146,8 @@ def select_weights(state: dict, table: dict, architecture: str, config: _Config,
         raise
 
 
-def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
-    """Canonical state dict from PyTorch-layout weights, else a Hugging Face TF or Flax file.
+def _open_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool) -> dict:
+    """Canonical ``{name: TensorRef}`` from PyTorch-layout weights, else a Hugging Face TF or Flax file.
 
     The TF / Flax files are only looked at when the directory holds no PyTorch-layout weights at
     all: a corrupt ``model.safetensors`` is an error, never silently replaced by a file beside it.
@@ -133,15 +160,15 @@ def _read_any(path: str, table: dict, architecture: str, allow_pickle_bin: bool)
         kind = None
     # A pickle file the caller did not opt into is passed over for a TF / Flax file, as before.
     if kind is not None and (allow_pickle_bin or not kind.startswith("bin") or not os.path.isdir(path)):
-        return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)
+        return checkpoint.open_state_dict(path, allow_pickle_bin=allow_pickle_bin)
     tf_file, flax_file = os.path.join(path, "tf_model.h5"), os.path.join(path, "flax_model.msgpack")
     if os.path.isfile(tf_file):
-        from .formats import read_tf_state_dict
-        return read_tf_state_dict(tf_file, table, architecture)
+        from .formats import open_tf_state
+        return open_tf_state(tf_file, table, architecture)
     if os.path.isfile(flax_file):
-        from .formats import read_flax_state_dict
-        return read_flax_state_dict(flax_file, table)
-    return checkpoint.load_state_dict(path, allow_pickle_bin=allow_pickle_bin)   # raises the reason
+        from .formats import open_flax_state
+        return open_flax_state(flax_file, table)
+    return checkpoint.open_state_dict(path, allow_pickle_bin=allow_pickle_bin)   # raises the reason
 
 
 def write_pretrained(path: str, config: _Config, architecture: str, backend: str, params: dict,

@@ -460,4 +460,4 @@ def test_progress_bar_only_on_a_terminal():
         bar.update(1000)
         bar.update(1000)
         bar.close()
-    assert "100.0%" in terminal.getvalue() and pipe.getvalue() == ""
+    assert "100%" in terminal.getvalue() and "converting" in terminal.getvalue() and pipe.getvalue() == ""

@@ -18,8 +18,10 @@ from flax import traverse_util
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
-from blip_core.pretrained import hf_loading_kwargs, read_pretrained, write_pretrained
+from blip_core.pretrained import hf_loading_kwargs, load_items, open_pretrained, write_pretrained
 from blip_core.weights import backend_params, random_weights, weight_table
+
+from .loading import load_params, resolve_device
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -178,26 +180,30 @@ class JaxModel:
                         seed: int = 0, **hf_kwargs):
         """Load a Hugging Face directory (config.json + safetensors, or .bin when allowed).
 
-        Cross-class loading, ``strict`` and ``seed`` as in every backend (``blip_core.pretrained``);
-        ``device`` / ``device_map`` other than the default ("auto", "cpu") are not supported here.
-        ``mesh=`` (a ``jax.sharding.Mesh`` with a "model" axis) splits the params tensor-parallel over its
-        devices as ``shard`` does, each read from the file straight onto its shards.
+        Cross-class loading, ``strict`` and ``seed`` as in every backend (``blip_core.pretrained``).
+        Tensors stream from the memory-mapped files to ``device`` (jax's default device, or one named
+        ``"cpu"`` / ``"gpu"`` / ``"cuda:1"``) one at a time, cast and laid out there
+        (``backends.jax.loading``): peak host memory is about one tensor above the model.
+        ``mesh=`` (a ``jax.sharding.Mesh`` with a "model" axis) instead splits the params tensor-parallel
+        over its devices as ``shard`` does, each tensor streamed from the file straight onto its shards.
         """
         mesh = hf_kwargs.pop("mesh", None)
-        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype): cast on the host before placing
+        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype), for the mesh path
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if mesh is not None and device not in (None, "auto"):
             raise ValueError(f"pass mesh or device, not both (device={device!r})")
-        _default_device_only(device)
         dt = resolve_dtype(dtype)
-        config, _, flat = read_pretrained(path, cls.__name__, "jax", dtype=dt.name, allow_pickle_bin=allow_pickle_bin,
-                                          strict=strict, seed=seed)
+        config, table, refs = open_pretrained(path, cls.__name__, allow_pickle_bin=allow_pickle_bin, strict=strict,
+                                              seed=seed)
+        items = load_items(table, refs, "jax")
         model = cls.__new__(cls)
         if mesh is None:
-            model._setup(config, unflatten(flat), dt)
+            model._setup(config, traverse_util.unflatten_dict(load_params(items, dt, resolve_device(device))), dt)
         else:
-            from .sharding import param_shardings, place
-            model._setup(config, place(flat, param_shardings(cls.__name__, config, mesh), leaf_dtype), dt)
+            from .sharding import load_sharded, param_shardings
+            shardings = param_shardings(cls.__name__, config, mesh)
+            flat = load_sharded(items, shardings, leaf_dtype or (lambda _: dt))
+            model._setup(config, traverse_util.unflatten_dict(flat), dt)
             model.mesh = mesh
         return model
 
@@ -256,10 +262,3 @@ def activation(name: str):
 def softmax(scores):
     """Softmax over the last axis in float32, returned in the input dtype."""
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-
-
-def _default_device_only(device) -> None:
-    """jax places arrays on its default device; a named one is refused rather than ignored."""
-    if device not in (None, "auto", "cpu") or (device == "cpu" and jax.default_backend() != "cpu"):
-        raise NotImplementedError(f"device={device!r}: the jax backend loads onto jax's default device "
-                                  f"({jax.default_backend()}); use jax.device_put on model.params to move it")

@@ -20,6 +20,8 @@ from blip_core.generation import check_token_ids
 from blip_core.numerics import MASK_VALUE
 from blip_core.weights import backend_params, owned, random_weights, weight_table
 
+from .loading import LazyValues
+
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
@@ -288,14 +290,16 @@ class BlipTFModel(tf.Module):
         """Load a Hugging Face directory: safetensors (single or sharded), opt-in
         ``pytorch_model.bin``, or (when there are no PyTorch-layout weights) ``tf_model.h5`` /
         ``flax_model.msgpack`` through the spec layer. ``dtype`` defaults to float32 as in transformers.
+        Tensors stream from the memory-mapped files into the variables one at a time
+        (``backends.tf.loading``): peak memory is the model plus about one tensor.
         Cross-class loading, ``strict`` and ``seed`` as in every backend; ``device`` is a TF device
         name (``"/GPU:0"``) under which the variables are created.
         """
         dtype, device = pretrained.hf_loading_kwargs(dtype, device, **hf_kwargs)
-        config, _, values = pretrained.read_pretrained(os.fspath(path), cls.architecture, "tf",
-                                                       allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
-        # every parameter is floating; float16 / bfloat16 files upcast exactly, then cast to ``dtype``
-        values = {k: np.asarray(v).astype(np.float32) for k, v in values.items()}
+        config, table, refs = pretrained.open_pretrained(os.fspath(path), cls.architecture,
+                                                         allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
+        # values are made one at a time as the variables are created, on the device, in the final dtype
+        values = LazyValues(pretrained.load_items(table, refs, "tf"), resolve_dtype(dtype), device)
         if device in (None, "auto"):
             return cls(config, dtype=dtype, _values=values)
         with tf.device(device):

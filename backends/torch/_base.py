@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip_core.pretrained import config_for, hf_loading_kwargs, read_pretrained, write_pretrained
+from blip_core.pretrained import config_for, hf_loading_kwargs, load_items, open_pretrained, write_pretrained
 from blip_core.weights import iter_random_weights, weight_table
+
+from .loading import load_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
@@ -186,16 +188,18 @@ class PreTrainedModel(nn.Module):
         A checkpoint of another class of the family loads when it holds every weight this class
         needs (unused ones are dropped and named); ``strict=False`` draws missing ones from ``seed``.
         transformers' ``torch_dtype`` / ``device_map`` / ``low_cpu_mem_usage`` are understood.
+        Weights stream from the memory-mapped files straight into parameters of the final dtype on
+        the final device (``backends.torch.loading``): peak memory is the model plus about one tensor.
         """
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else None
         torch_dtype = resolve_dtype(dtype) or torch.float32
-        config, table, params = read_pretrained(str(path), cls.architecture, "torch",
-                                                allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
+        config, table, refs = open_pretrained(str(path), cls.architecture, allow_pickle_bin=allow_pickle_bin,
+                                              strict=strict, seed=seed)
         with _skip_init():
             model = cls(config, seed=None)
-        state = {k: _from_numpy(v) for k, v in params.items()}
+        state = load_params(load_items(table, refs, "torch"), torch_dtype, device)
         for name, spec in table.items():
             if spec.tied_to is not None:
                 state[name] = state[spec.tied_to]
@@ -222,14 +226,32 @@ class PreTrainedModel(nn.Module):
 _SKIP_INIT = [False]
 
 
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+             "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+def _no_init(tensor, *args, **kwargs):
+    return tensor
+
+
 @contextlib.contextmanager
 def _skip_init():
-    """Build modules without the (discarded) random init and without torch's default init."""
+    """Build modules without the (discarded) random init and without torch's default init.
+
+    Modules are built on the meta device, and ``torch.nn.init``'s fills are no-ops meanwhile: on
+    meta tensors they would only cost time (a first ``normal_`` on meta imports torch._dynamo:
+    seconds and a hundred MB of a load).
+    """
     _SKIP_INIT[0] = True
+    saved = {name: getattr(nn.init, name) for name in _INIT_FNS if hasattr(nn.init, name)}
     try:
+        for name in saved:
+            setattr(nn.init, name, _no_init)
         with torch.device("meta"):
             yield
     finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
         _SKIP_INIT[0] = False
 
 

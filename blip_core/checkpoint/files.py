@@ -215,6 +215,37 @@ def load_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
     return _load_sharded(path, load_torch_state_dict)
 
 
+def open_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
+    """``{name: TensorRef}`` from a checkpoint directory or weights file, reading no tensor data.
+
+    safetensors files (single or sharded) are memory-mapped (``blip_core.checkpoint.mapped``);
+    an opted-in ``pytorch_model.bin`` has no random access and is read a shard at a time.
+    """
+    from .mapped import ArrayRef, map_safetensors
+    kind, path = resolve_checkpoint(dir_or_file)
+    if kind == "safetensors":
+        return map_safetensors([path])
+    if kind == "safetensors_index":
+        weight_map = read_index(path)
+        folder = os.path.dirname(path)
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if absent:
+            raise CheckpointError(f"{path}: missing shard file(s) {', '.join(absent)} in {folder}")
+        refs, found_in = {}, {}
+        for shard in shards:
+            for name, ref in map_safetensors([os.path.join(folder, shard)]).items():
+                if name in refs:
+                    raise CheckpointError(f"{path}: tensor {name!r} is stored in both {found_in[name]} and {shard}")
+                refs[name], found_in[name] = ref, shard
+        wrong = [f"{k} (listed in {f}, found in {found_in.get(k, 'no shard')})"
+                 for k, f in weight_map.items() if found_in.get(k) != f]
+        if wrong:
+            raise CheckpointError(f"{path}: index and shards disagree: {'; '.join(wrong)}")
+        return refs
+    return {name: ArrayRef(arr) for name, arr in load_state_dict(dir_or_file, allow_pickle_bin).items()}
+
+
 def _count(info: dict, dtype_name: str, shape: tuple, nbytes: int) -> None:
     row = info["dtypes"].setdefault(dtype_name, {"tensors": 0, "parameters": 0, "bytes": 0})
     numel = math.prod(shape)

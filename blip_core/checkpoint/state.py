@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dtypes import as_dtype, is_floating
+from .dtypes import FLOAT_NAMES, as_dtype, is_floating
 from .errors import StateDictMismatchError
 
 
@@ -56,6 +56,10 @@ def non_floating(state: dict) -> list:
     """``(name, dtype name)`` of every tensor in ``state`` that is not floating point."""
     out = []
     for name, value in state.items():
+        if isinstance(getattr(value, "dtype_name", None), str):    # a TensorRef: no ml_dtypes import needed
+            if value.dtype_name not in FLOAT_NAMES:
+                out.append((name, value.dtype_name))
+            continue
         dtype = getattr(value, "dtype", None)
         dtype = np.asarray(value).dtype if dtype is None else np.dtype(dtype)
         if not is_floating(dtype):

@@ -10,13 +10,13 @@
 h5py and msgpack are imported lazily, inside the functions that need them, so ``blip_core``
 keeps its import-time dependencies to numpy. Nothing here imports a deep-learning framework.
 """
-from .flax_msgpack import (FLAX_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, FlaxWeights, flax_paths, read_flax_state_dict,
+from .flax_msgpack import (FLAX_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, FlaxWeights, flax_paths, open_flax_state, read_flax_state_dict,
                            read_flax_weights, write_flax_weights)
-from .hf_tf import (TF_WEIGHTS_INDEX_NAME, TF_WEIGHTS_NAME, H5Weights, hf_tf_name, open_tf_weights, read_tf_state_dict,
+from .hf_tf import (TF_WEIGHTS_INDEX_NAME, TF_WEIGHTS_NAME, H5Weights, hf_tf_name, open_tf_state, open_tf_weights, read_tf_state_dict,
                     tf_model_name, tf_names, write_tf_weights)
 from .original import load_original_state_dict, rename_original, resize_position_embedding
 
 __all__ = ["FLAX_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME", "TF_WEIGHTS_INDEX_NAME", "TF_WEIGHTS_NAME", "FlaxWeights",
-           "H5Weights", "flax_paths", "hf_tf_name", "load_original_state_dict", "open_tf_weights",
+           "H5Weights", "flax_paths", "hf_tf_name", "load_original_state_dict", "open_flax_state", "open_tf_state", "open_tf_weights",
            "read_flax_state_dict", "read_flax_weights", "read_tf_state_dict", "rename_original",
            "resize_position_embedding", "tf_model_name", "tf_names", "write_flax_weights", "write_tf_weights"]

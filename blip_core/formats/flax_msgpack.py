@@ -322,3 +322,23 @@ def read_flax_state_dict(path, table: dict) -> dict:
     if unknown:
         raise ValueError(f"{path}: msgpack leaves the table has no place for: {unknown[:10]}")
     return {name: table[name].from_backend("jax", weights.read(p)) for name, p in paths.items() if p in weights}
+
+
+def open_flax_state(path, table: dict) -> dict:
+    """As ``read_flax_state_dict``, but ``{canonical name: TensorRef}`` read one leaf at a time."""
+    from ..checkpoint.mapped import ReaderRef
+    weights = FlaxWeights(path)
+    paths = flax_paths(table)
+    known = set(paths.values())
+    unknown = ["/".join(k) for k in weights.keys() if k not in known]
+    if unknown:
+        raise ValueError(f"{path}: msgpack leaves the table has no place for: {unknown[:10]}")
+    refs = {}
+    for name, p in paths.items():
+        if p in weights:
+            spec = table[name]
+            shape = weights.shape(p)
+            if spec.transform.perm is not None and len(shape) == len(spec.transform.perm):
+                shape = tuple(shape[i] for i in spec.transform.inverse_perm)
+            refs[name] = ReaderRef(shape, weights.dtype(p), lambda s=spec, k=p: s.from_backend("jax", weights.read(k)))
+    return refs

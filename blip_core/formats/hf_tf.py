@@ -272,3 +272,24 @@ def read_tf_state_dict(path, table: dict, architecture: str) -> dict:
         if unknown:
             raise ValueError(f"{path}: TF weights the {architecture} table has no place for: {unknown[:10]}")
         return {name: table[name].from_backend("tf", h5.read(key)) for name, key in names.items() if key in h5}
+
+
+def open_tf_state(path, table: dict, architecture: str) -> dict:
+    """As ``read_tf_state_dict``, but ``{canonical name: TensorRef}`` read one dataset at a time."""
+    from ..checkpoint.mapped import ReaderRef
+    names = tf_names(table, architecture)
+    h5 = H5Weights(path)   # closed when the last reference goes
+    known = set(names.values())
+    unknown = [k for k in h5.keys() if k not in known]
+    if unknown:
+        h5.close()
+        raise ValueError(f"{path}: TF weights the {architecture} table has no place for: {unknown[:10]}")
+    refs = {}
+    for name, key in names.items():
+        if key in h5:
+            spec = table[name]
+            shape = h5.shape(key)
+            if spec.transform.perm is not None and len(shape) == len(spec.transform.perm):
+                shape = tuple(shape[i] for i in spec.transform.inverse_perm)
+            refs[name] = ReaderRef(shape, h5.dtype(key), lambda s=spec, k=key: s.from_backend("tf", h5.read(k)))
+    return refs

@@ -31,6 +31,13 @@ class Transform:
     name: str
     forward: Callable[[np.ndarray], np.ndarray]   # canonical -> jax/tf
     inverse: Callable[[np.ndarray], np.ndarray]   # jax/tf -> canonical
+    # The same change as an axis permutation (``forward(a) == a.transpose(perm)``), so a backend can
+    # run it with its own (multithreaded, on-device) transpose while loading; None for the identity.
+    perm: Optional[tuple] = None
+
+    @property
+    def inverse_perm(self) -> Optional[tuple]:
+        return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
 
     def __repr__(self) -> str:
         return f"Transform({self.name})"
@@ -38,12 +45,13 @@ class Transform:
 
 IDENTITY = Transform("identity", lambda a: a, lambda a: a)
 # nn.Linear weight (out, in) <-> Dense kernel (in, out)
-LINEAR = Transform("linear", lambda a: np.ascontiguousarray(a.T), lambda a: np.ascontiguousarray(a.T))
+LINEAR = Transform("linear", lambda a: np.ascontiguousarray(a.T), lambda a: np.ascontiguousarray(a.T), (1, 0))
 # Conv2d weight OIHW <-> HWIO
 CONV2D = Transform(
     "conv2d",
     lambda a: np.ascontiguousarray(a.transpose(2, 3, 1, 0)),
     lambda a: np.ascontiguousarray(a.transpose(3, 2, 0, 1)),
+    (2, 3, 1, 0),
 )
 TRANSFORMS = {t.name: t for t in (IDENTITY, LINEAR, CONV2D)}
 
@@ -141,6 +149,11 @@ def expected_shapes(table: WeightTable) -> dict:
 def backend_params(table: WeightTable, state: dict, backend: str) -> dict:
     """Canonical ``{name: array}`` -> ``{backend path: array in the backend's layout}`` (owned rows)."""
     return {spec.backend_path(backend): spec.to_backend(backend, state[spec.name]) for spec in owned(table)}
+
+
+def backend_perm(spec: WeightSpec, backend: str) -> Optional[tuple]:
+    """The axis permutation that takes the row's canonical layout to ``backend``'s (None: unchanged)."""
+    return None if backend == "torch" else spec.transform.perm
 
 
 def canonical_state(table: WeightTable, params: dict, backend: str) -> dict:

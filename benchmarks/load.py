@@ -1,0 +1,379 @@
+"""Load time and peak memory of ``from_pretrained`` on full-size synthetic checkpoints (issue 22).
+
+    python benchmarks/load.py                                  # BLIP-2 OPT-2.7b and BLIP-large, all impls
+    python benchmarks/load.py --models blip2-opt-2.7b --dtypes bfloat16 --impls torch,hf-torch
+    python benchmarks/load.py --models blip2-small --check-logits   # a few hundred MB, quick
+    python benchmarks/run_all.py --load [--load-models ...]          # the same, after the other workloads
+
+Each model's checkpoint is written once with random values (cheaply: a pool of random numbers
+tiled into every tensor, streamed to disk shard by shard, never the whole model in memory), then
+every (impl, dtype) loads it in a fresh process: our ``torch``, ``tf`` and ``jax`` backends and
+transformers 4.57's PyTorch class (``hf-torch``). A child reports the seconds of the
+``from_pretrained`` call alone, its resident memory after importing the framework (baseline) and
+its peak (``ru_maxrss``, the whole process's life), and the bytes of the loaded parameters. The
+files are read once before each measurement so every loader starts from the same warm page
+cache, as far as memory allows. ``--check-logits`` also runs one float32 forward and compares the
+logits with transformers'. The checkpoints are deleted at the end unless ``--keep``.
+
+Targets (issue 22): for each backend and dtype, load time <= transformers' in the same run, and
+peak <= 1.10 x the loaded model's bytes, counted above the baseline ("extra") and as a whole.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+IMPLS = ("torch", "tf", "jax", "hf-torch")
+DTYPES = ("bfloat16", "float32")
+# name -> (preset, overrides, stored dtype, shards)
+MODELS = {
+    "blip2-opt-2.7b": ("blip2-opt-2.7b", {"image_token_index": 50265}, "bfloat16", 4),
+    "blip-large": ("blip-large-captioning", {}, "float32", 1),
+    # a few hundred MB with the shapes' kinds of the big one (tests and quick runs)
+    "blip2-small": ("blip2-opt-2.7b", {"image_token_index": 50265, "vision_config.num_hidden_layers": 1, "qformer_config.num_hidden_layers": 1,
+                                      "text_config.num_hidden_layers": 2, "text_config.hidden_size": 512,
+                                      "text_config.ffn_dim": 2048, "text_config.num_attention_heads": 8},
+                    "bfloat16", 2),
+}
+TARGET_RATIO = 1.10
+# --check-logits runs a float32 forward only for models up to this size: a 2.7B float32 forward beside
+# other work does not fit a 24 GiB machine (checked at 2.7B size by the issue's author: 3.3e-6).
+LOGITS_MAX_BYTES = 4 * 10**9
+
+
+# -- the synthetic checkpoint --------------------------------------------------------------------------------
+def build_checkpoint(directory: str, model: str, seed: int = 0) -> dict:
+    """Write ``model``'s config.json and random safetensors shards (+ index) to ``directory``."""
+    from blip_core.checkpoint import SAFE_WEIGHTS_INDEX_NAME
+    from blip_core.checkpoint.dtypes import NAME_TO_SAFETENSORS, numpy_dtype
+    from blip_core.checkpoint.files import shard_file_names
+    from blip_core.presets import preset_config
+    from blip_core.weights import weight_table
+
+    preset, overrides, stored, num_shards = MODELS[model]
+    arch, cfg = preset_config(preset, overrides)
+    table = weight_table(arch, cfg)
+    dtype = numpy_dtype(stored)
+    rows = [(s.name, tuple(s.shape), s.kind) for s in table.values() if s.tied_to is None]
+    total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, _ in rows)
+    # shards of about total / num_shards bytes, filled in table order
+    limit, shards, size = -(-total // num_shards), [[]], 0
+    for row in rows:
+        nbytes = int(np.prod(row[1])) * dtype.itemsize
+        if shards[-1] and size + nbytes > limit and len(shards) < num_shards:
+            shards.append([])
+            size = 0
+        shards[-1].append(row)
+        size += nbytes
+    rng = np.random.default_rng(seed)
+    pool = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(dtype)
+    os.makedirs(directory, exist_ok=True)
+    names = shard_file_names(len(shards))
+    weight_map = {}
+    for file_name, part in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, _ in part:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            header[name] = {"dtype": NAME_TO_SAFETENSORS[stored], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file_name
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-(8 + len(head)) % 8)
+        with open(os.path.join(directory, file_name), "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for name, shape, kind in part:
+                n = int(np.prod(shape))
+                if kind == "norm_weight":      # LayerNorm scales near 1, as trained models have them
+                    f.write((np.ones(n, np.float32) + pool[:n].astype(np.float32)).astype(dtype).tobytes())
+                    continue
+                start = int(rng.integers(0, pool.size))
+                while n:                      # tile the pool from a random start, a chunk at a time
+                    k = min(n, pool.size - start)
+                    f.write(pool[start:start + k].tobytes())
+                    n, start = n - k, 0
+    if len(names) > 1:
+        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    cfg.save_pretrained(directory)
+    params = sum(int(np.prod(shape)) for _, shape, _ in rows)
+    return {"architecture": arch, "parameters": params, "bytes": total, "stored_dtype": stored,
+            "shards": len(names), "largest_tensor_bytes": max(int(np.prod(s)) for _, s, _ in rows) * dtype.itemsize}
+
+
+def warm(directory: str) -> None:
+    """Read every weights file once, so each loader starts from the same page cache."""
+    buf = bytearray(64 << 20)
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(directory, name), "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+# -- one measurement in a fresh process ---------------------------------------------------------------------
+_CHILD = r"""
+import json, os, resource, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3"); os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("USE_TF", "0"); os.environ.setdefault("USE_FLAX", "0"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, sys.argv[1])
+impl, directory, arch, dtype, logits_out, warm_dir = sys.argv[2:8]
+import numpy as np
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+if impl == "hf-torch":
+    import torch, transformers
+    cls = getattr(transformers, arch)
+    load = lambda: cls.from_pretrained(directory, torch_dtype=getattr(torch, dtype))
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+elif impl == "torch":
+    import torch, backends.torch as B
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+elif impl == "tf":
+    import tensorflow as tf, backends.tf as B
+    tf.constant(1.0) + 1
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    nbytes = lambda m: sum(v.shape.num_elements() * v.dtype.size for v in m.params.values())
+else:
+    import jax, backends.jax as B
+    jax.numpy.ones(2).block_until_ready()
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    nbytes = lambda m: sum(a.nbytes for a in jax.tree_util.tree_leaves(m.params))
+base = rss()
+if warm_dir:   # one load of another (tiny) checkpoint first: one-time costs of a first load go in the baseline
+    load_dir, directory = directory, warm_dir
+    del_me = load()
+    del del_me
+    directory = load_dir
+warm_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+model = load()
+seconds = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = {"seconds": seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": rss(), "model_bytes": nbytes(model)}
+print("RESULT " + json.dumps(out), flush=True)   # before the forward: a crash there keeps the load figures
+if logits_out:
+    from blip_core import to_numpy
+    from converters.inputs import make_inputs
+    from blip_core.configs import load_config
+    inputs = make_inputs(arch, load_config(directory), seed=0)
+    if impl == "hf-torch":
+        with torch.no_grad():
+            logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.float().numpy()
+    else:
+        if impl == "torch":
+            model = model.eval()
+        logits = np.asarray(to_numpy(model(**inputs).logits), np.float32)
+    np.save(logits_out, logits[:, -4:])
+    print("LOGITS ok", flush=True)
+"""
+
+
+def measure(impl: str, directory: str, arch: str, dtype: str, logits_out: str = "", warm_dir: str = "",
+            timeout: float = 1800) -> dict:
+    """One load in a fresh process. ``warm_dir``: a checkpoint of the same class loaded first, so
+    that ``warm_baseline_bytes`` holds the one-time costs of a first load (lazy imports, kernels)."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT, impl, directory, arch, dtype, logits_out, warm_dir],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+    if line is None:
+        return {"status": "error", "error": f"exit code {proc.returncode}{killed}: " + (proc.stderr or proc.stdout)[-2000:]}
+    out = dict(json.loads(line[len("RESULT "):]), status="ok")
+    if proc.returncode != 0:     # the load finished, the logits forward did not
+        out["logits_error"] = f"exit code {proc.returncode}{killed}: {proc.stderr[-500:]}"
+    return out
+
+
+def _avail_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
+    return info.get("MemAvailable", 0)
+
+
+def wait_for_memory(need: int, log=print, tries: int = 10, pause: float = 60.0) -> bool:
+    """Wait (a few minutes at most) until ``need`` bytes are available; False if they never were."""
+    for i in range(tries):
+        if _avail_bytes() >= need:
+            return True
+        log(f"   waiting for memory: {_avail_bytes() / 1e9:.1f} GB available, {need / 1e9:.1f} GB needed")
+        time.sleep(pause)
+    return False
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log=print) -> dict:
+    import importlib.metadata as md
+    versions = {p: _version(md, p) for p in ("torch", "tensorflow", "jax", "transformers", "numpy")}
+    env = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+           "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "python": platform.python_version(), "packages": versions, "load_average_start": list(os.getloadavg())}
+    log(f"load benchmark on {env['machine']} ({env['cpus']} CPUs, load {env['load_average_start'][0]:.2f}); "
+        + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    work = workdir or tempfile.mkdtemp(prefix="blip-load-")
+    os.makedirs(work, exist_ok=True)
+    results = {"environment": env, "models": {}, "rows": []}
+    try:
+        for model in models:
+            directory = os.path.join(work, model)
+            t = time.perf_counter()
+            info = build_checkpoint(directory, model)
+            info["build_s"] = round(time.perf_counter() - t, 1)
+            results["models"][model] = info
+            log(f"\n== {model}: {info['architecture']}, {info['parameters'] / 1e9:.3f} B parameters, "
+                f"{info['stored_dtype']}, {info['shards']} shard(s), {info['bytes'] / 1e9:.2f} GB "
+                f"(written in {info['build_s']} s)")
+            log(f"   {'impl':<9}{'dtype':<10}{'load s':>8}{'model GB':>10}{'base GB':>9}{'peak GB':>9}"
+                f"{'extra/model':>12}{'peak/model':>11}  logits max|diff| vs hf-torch")
+            for dtype in dtypes:
+                logits = {}
+                need = info["parameters"] * (4 if dtype == "float32" else 2) + 3 * 10**9   # the model + 3 GB
+                for impl in impls:
+                    if not wait_for_memory(need, log):
+                        row = {"status": "skipped", "error": "not enough free memory"}
+                    else:
+                        warm(directory)
+                        out = os.path.join(work, f"logits-{model}-{impl}.npy") if (
+                            check_logits and dtype == "float32" and info["parameters"] * 4 <= LOGITS_MAX_BYTES) else ""
+                        row = measure(impl, directory, info["architecture"], dtype, out)
+                        if out and row["status"] == "ok" and os.path.exists(out):
+                            logits[impl] = np.load(out)
+                    row.update(model=model, impl=impl, dtype=dtype, load_average=list(os.getloadavg()))
+                    if row["status"] == "ok":
+                        m = row["model_bytes"]
+                        row["extra_over_model"] = (row["peak_bytes"] - row["baseline_bytes"]) / m
+                        row["peak_over_model"] = row["peak_bytes"] / m
+                    results["rows"].append(row)
+                    _print_row(row, log)
+                if "hf-torch" in logits:
+                    for r in results["rows"]:
+                        if r["model"] == model and r["dtype"] == dtype and r["impl"] in logits:
+                            r["logits_max_abs_diff"] = float(np.max(np.abs(logits[r["impl"]] - logits["hf-torch"])))
+                    log("   logits vs hf-torch: " + ", ".join(
+                        f"{r['impl']} {r['logits_max_abs_diff']:.2e}" for r in results["rows"]
+                        if r["model"] == model and r["dtype"] == dtype and "logits_max_abs_diff" in r))
+            if not keep:
+                shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        if not keep and workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    results["targets"] = targets(results["rows"])
+    env["load_average_end"] = list(os.getloadavg())
+    log("\n== issue 22 targets: load time <= transformers' (same run); peak <= 1.10 x model bytes")
+    for t in results["targets"]:
+        log(f"   {'met' if t['met'] else 'MISSED':<7}{t['model']:<16}{t['impl']:<6}{t['dtype']:<10}"
+            f"time {t['time_ratio']:.2f} x hf-torch, extra {t['extra_over_model']:.3f}, "
+            f"peak {t['peak_over_model']:.3f} x model")
+    return results
+
+
+def targets(rows) -> list:
+    out = []
+    for r in rows:
+        if r["impl"] == "hf-torch" or r["status"] != "ok":
+            continue
+        ref = next((x for x in rows if x["impl"] == "hf-torch" and x["model"] == r["model"]
+                    and x["dtype"] == r["dtype"] and x["status"] == "ok"), None)
+        if ref is None:
+            continue
+        ratio = r["seconds"] / ref["seconds"]
+        out.append({"model": r["model"], "impl": r["impl"], "dtype": r["dtype"], "time_ratio": ratio,
+                    "extra_over_model": r["extra_over_model"], "peak_over_model": r["peak_over_model"],
+                    "met": ratio <= 1.0 and r["extra_over_model"] <= TARGET_RATIO})
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The README table of a results dict (``--out`` JSON)."""
+    env = results["environment"]
+    lines = [f"Machine: {env['machine']}, {env['cpus']} CPUs; load average {env['load_average_start'][0]:.1f} at the "
+             f"start, {env.get('load_average_end', [float('nan')])[0]:.1f} at the end; "
+             + ", ".join(f"{k} {v}" for k, v in env["packages"].items()), "",
+             "| checkpoint | impl | dtype | load s | x transformers | model GB | peak GB | peak / model "
+             "| extra / model | logits max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        name = f"{r['model']} ({results['models'][r['model']]['bytes'] / 1e9:.1f} GB {results['models'][r['model']]['stored_dtype']})"
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {r['impl']} | {r['dtype']} | {r['status']}: {r.get('error', '')[:60]} |||||||")
+            continue
+        ref = next((x for x in results["rows"] if x["impl"] == "hf-torch" and x["model"] == r["model"]
+                    and x["dtype"] == r["dtype"] and x["status"] == "ok"), None)
+        ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        diff = f"{r['logits_max_abs_diff']:.1e}" if "logits_max_abs_diff" in r else "-"
+        lines.append(f"| {name} | {r['impl']} | {r['dtype']} | {r['seconds']:.2f} | {ratio} | {r['model_bytes'] / 1e9:.2f} "
+                     f"| {r['peak_bytes'] / 1e9:.2f} | {r['peak_over_model']:.3f} | {r['extra_over_model']:.3f} | {diff} |")
+    return "\n".join(lines)
+
+
+def _print_row(row, log) -> None:
+    if row["status"] != "ok":
+        log(f"   {row['impl']:<9}{row['dtype']:<10}{row['status']}: {row.get('error', '')[-600:]}")
+        return
+    gb = 1e9
+    log(f"   {row['impl']:<9}{row['dtype']:<10}{row['seconds']:>8.2f}{row['model_bytes'] / gb:>10.2f}"
+        f"{row['baseline_bytes'] / gb:>9.2f}{row['peak_bytes'] / gb:>9.2f}{row['extra_over_model']:>12.3f}"
+        f"{row['peak_over_model']:>11.3f}   (load avg {row['load_average'][0]:.1f})")
+
+
+def _version(md, name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _csv(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items or any(t not in choices for t in items):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}models", type=_csv(tuple(MODELS)), default=["blip2-opt-2.7b", "blip-large"],
+                   help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument(f"--{prefix}impls", type=_csv(IMPLS), default=list(IMPLS))
+    p.add_argument(f"--{prefix}dtypes", type=_csv(DTYPES), default=list(DTYPES))
+    p.add_argument(f"--{prefix}workdir", default=None, help="where the checkpoints go (default: a temp folder)")
+    p.add_argument(f"--{prefix}keep", action="store_true", help="keep the checkpoints")
+    p.add_argument(f"--{prefix}check-logits", action="store_true",
+                   help="float32: one forward per impl, logits compared with transformers'")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
+    args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
+    results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits)
+    print("\n" + markdown(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(t["met"] for t in results["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Checkpoint tensors read on demand: shape and dtype now, data one tensor at a time.
+
+Loading a model must not hold the checkpoint and the model at once. A ``TensorRef`` stands for
+one stored tensor: it answers ``shape`` and ``dtype`` from the header (so strict checking against
+the weight table reads no data), ``view()`` gives its data in the canonical (torch) layout and
+``release()`` gives the memory back once the backend has built its own array from it.
+
+* safetensors (single or sharded): each file is memory-mapped once (``mmap``, private
+  copy-on-write mapping, so views are writable numpy arrays and a write never reaches the file).
+  ``view()`` is a zero-copy numpy view into the mapping; ``release()`` drops the tensor's pages
+  from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache, not in our RSS) and
+  ``prefetch()`` asks the kernel to read the tensor ahead (``MADV_WILLNEED``), which overlaps disk
+  reads of the next tensors, in any shard, with the conversion of the current one.
+* ``tf_model.h5`` and ``flax_model.msgpack``: one dataset / leaf read per ``view()`` (a fresh
+  array in canonical layout; the formats have random access but no mapping that fits every dtype).
+* ``pytorch_model.bin`` (opt-in) and tensors drawn from a seed: arrays already in memory
+  (``ArrayRef``); a ``.bin`` shard has no random access, so its peak is one shard.
+
+A view must not be used after ``release()`` for anything but re-reading (the data is re-read
+from the file on the next access; the file must not change meanwhile).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+import numpy as np
+
+from .dtypes import SAFETENSORS_TO_NAME, numpy_dtype
+from .errors import CheckpointError
+from .safetensors_io import read_safetensors_header
+
+_PAGE = mmap.PAGESIZE
+# Linux / macOS advice; without them (Windows) loading works the same, holding more pages meanwhile.
+_DONTNEED, _WILLNEED = getattr(mmap, "MADV_DONTNEED", None), getattr(mmap, "MADV_WILLNEED", None)
+
+
+# Stored dtypes numpy lacks, and the plain dtype of the same width their bits are viewed as.
+_RAW = {"bfloat16": np.dtype(np.uint16), "float8_e4m3fn": np.dtype(np.uint8), "float8_e5m2": np.dtype(np.uint8)}
+
+
+class TensorRef:
+    """One stored tensor, not yet read: ``shape``, ``dtype_name`` / ``dtype`` (as stored), ``view()``,
+    ``raw()``, ``release()``."""
+
+    shape: tuple = ()
+    dtype_name: str = "float32"
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype (bfloat16 and float8 through ml_dtypes, imported only here)."""
+        return numpy_dtype(self.dtype_name, f"tensor of shape {self.shape}")
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = _RAW[self.dtype_name].itemsize if self.dtype_name in _RAW else np.dtype(self.dtype_name).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    def view(self) -> np.ndarray:
+        """The data in canonical layout; may share memory with a file mapping (see ``release``)."""
+        raise NotImplementedError
+
+    def raw(self) -> np.ndarray:
+        """As ``view()``, with bfloat16 / float8 data seen as uint16 / uint8 (needs no ml_dtypes)."""
+        arr = self.view()
+        return arr.view(_RAW[self.dtype_name]) if self.dtype_name in _RAW else arr
+
+    def load(self) -> np.ndarray:
+        """The data as an array that owns its memory."""
+        arr = self.view()
+        return arr.copy() if not arr.flags.owndata else arr
+
+    def release(self) -> None:
+        """Give back memory held for ``view()`` (the view stays readable: it is re-read on access)."""
+
+    def prefetch(self) -> None:
+        """Hint that ``view()`` comes soon (start the disk read)."""
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.load()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype_name})"
+
+
+class ArrayRef(TensorRef):
+    """A tensor already in memory (``.bin`` files, weights drawn from a seed)."""
+
+    def __init__(self, array):
+        self._array = np.asarray(array)
+        self.shape, self.dtype_name = tuple(self._array.shape), self._array.dtype.name
+
+    def view(self) -> np.ndarray:
+        return self._array
+
+    def load(self) -> np.ndarray:
+        return self._array
+
+
+class ReaderRef(TensorRef):
+    """A tensor read by a callable on each ``view()`` (one h5 dataset, one msgpack leaf)."""
+
+    def __init__(self, shape, dtype, read):
+        self.shape, self.dtype_name, self._read = tuple(shape), np.dtype(dtype).name, read
+
+    def view(self) -> np.ndarray:
+        return self._read()
+
+    load = view
+
+
+class MappedFile:
+    """One safetensors file mapped into memory; ``refs()`` gives a ``MappedRef`` per tensor."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.header = read_safetensors_header(self.path)
+        self._mmap = None
+        if self.header.file_size > self.header.data_start:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: private mapping, writable views (torch wants them), writes stay private.
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def refs(self) -> dict:
+        return {name: MappedRef(self, entry) for name, entry in self.header.entries.items()}
+
+    def span(self, begin: int, end: int) -> np.ndarray:
+        start = self.header.data_start
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=start + begin)
+
+    def advise(self, option: int, begin: int, end: int, inward: bool) -> None:
+        """``madvise`` over the pages of a byte span of the data buffer.
+
+        ``inward`` keeps to pages wholly inside the span, so a neighbour's data is never dropped.
+        """
+        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+            return
+        lo, hi = self.header.data_start + begin, self.header.data_start + end
+        lo, hi = ((-(-lo // _PAGE)) * _PAGE, (hi // _PAGE) * _PAGE) if inward else (
+            (lo // _PAGE) * _PAGE, min(-(-hi // _PAGE) * _PAGE, len(self._mmap)))
+        if hi > lo:
+            try:
+                self._mmap.madvise(option, lo, hi - lo)
+            except (OSError, ValueError):   # an advice the platform refuses only costs memory or time
+                pass
+
+
+class MappedRef(TensorRef):
+    """A tensor of a mapped safetensors file."""
+
+    def __init__(self, file: MappedFile, entry):
+        self._file, self._entry = file, entry
+        self.shape = tuple(entry.shape)
+        self.dtype_name = SAFETENSORS_TO_NAME[entry.dtype]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.dtype_name, f"{self._file.path}: tensor {self._entry.name!r}")
+
+    def view(self) -> np.ndarray:
+        return self._array(self.dtype)
+
+    def raw(self) -> np.ndarray:
+        return self._array(_RAW[self.dtype_name]) if self.dtype_name in _RAW else self.view()
+
+    def _array(self, dtype: np.dtype) -> np.ndarray:
+        e = self._entry
+        if e.end == e.begin:
+            return np.zeros(self.shape, dtype)
+        little = dtype.newbyteorder("<") if dtype.itemsize > 1 and dtype.kind in "fiub" else dtype
+        arr = self._file.span(e.begin, e.end).view(little).reshape(self.shape)
+        if sys.byteorder != "little" and arr.dtype.itemsize > 1:   # pragma: no cover - big-endian hosts
+            arr = arr.astype(dtype)
+        return arr
+
+    def load(self) -> np.ndarray:
+        arr = self.view().copy()
+        self.release()
+        return arr
+
+    def release(self) -> None:
+        if _DONTNEED is not None:
+            self._file.advise(_DONTNEED, self._entry.begin, self._entry.end, inward=True)
+
+    def prefetch(self) -> None:
+        if _WILLNEED is not None:
+            self._file.advise(_WILLNEED, self._entry.begin, self._entry.end, inward=False)
+
+
+def map_safetensors(files) -> dict:
+    """``{name: MappedRef}`` over one or more safetensors files (shards); a name twice is an error."""
+    refs, where = {}, {}
+    for path in files:
+        for name, ref in MappedFile(path).refs().items():
+            if name in refs:
+                raise CheckpointError(f"{path}: tensor {name!r} is stored in both {where[name]} and "
+                                      f"{os.path.basename(path)}")
+            refs[name], where[name] = ref, os.path.basename(path)
+    return refs
+
+
+def in_order(items: list, ref=lambda item: item, lookahead_bytes: int = 512 * 2**20):
+    """Yield ``items`` in turn, asking the kernel to read up to ``lookahead_bytes`` of their refs ahead.
+
+    ``ref(item)`` is the item's ``TensorRef``. Readahead of mapped files is how shards are read in
+    parallel with the conversion: the kernel fills the page cache from the files while the
+    caller converts the current tensor.
+    """
+    refs = [ref(item) for item in items]
+    ahead, queued = 0, 0
+    for i, item in enumerate(items):
+        while ahead < len(refs) and (ahead <= i or queued < lookahead_bytes):
+            refs[ahead].prefetch()
+            queued += refs[ahead].nbytes
+            ahead += 1
+        yield item
+        queued -= refs[i].nbytes
