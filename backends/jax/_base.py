@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from blip_core import persistent_cache
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
@@ -29,23 +28,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _JITTED: dict = {}                       # (class, function, config repr, dtype) -> jitted function
 _TRACES: collections.Counter = collections.Counter()
 _VARIANTS: dict = {}                     # same key -> LRU of per-variant jitted functions (generation)
-
-
-_PERSISTENT: dict = {}                   # "dir": the persistent cache folder applied (None: off), once per process
-
-
-def apply_persistent_cache():
-    """Point jax's persistent compilation cache at the spec layer's folder (``blip_core.persistent_cache``),
-    once, before the first program is compiled; a folder the caller configured stays."""
-    if "dir" not in _PERSISTENT:
-        _PERSISTENT["dir"] = jax.config.jax_compilation_cache_dir
-        if _PERSISTENT["dir"] is None:
-            path = persistent_cache.cache_dir("jax", jax.__version__)
-            if path is not None:
-                jax.config.update("jax_compilation_cache_dir", path)
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", persistent_cache.MIN_COMPILE_SECONDS)
-            _PERSISTENT["dir"] = path
-    return _PERSISTENT["dir"]
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -175,16 +157,6 @@ class JaxModel:
             _JITTED[key] = self._make_jit(key, method, static_argnames)
         return _JITTED[key]
 
-    def _program(self, name: str, method: str, args: tuple, **static):
-        """The jitted ``self.<method>`` for positional ``args`` and keyword ``static`` arguments, from the
-        bounded ``LRU`` of compiled generation programs. The key holds the static values and the shape
-        and dtype of every argument, so each entry holds exactly one XLA program (callers round shapes
-        to ``blip_core.cache`` buckets first, so that typical calls share one)."""
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        signature = (tuple(sorted(static.items())), tree,
-                     tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
-        return self._jit(name, method, tuple(sorted(static)), variant=signature)
-
     def _make_jit(self, key, method: str, static_argnames):
         shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
         shell.__dict__.update(config=self.config, dtype=self.dtype, module=self.module)
@@ -193,7 +165,6 @@ class JaxModel:
         def counted(*args, **kwargs):
             _TRACES[key] += 1                       # runs only while tracing
             return fn(*args, **kwargs)
-        apply_persistent_cache()
         return jax.jit(counted, static_argnames=static_argnames)
 
     def trace_count(self, name: str) -> int:
@@ -213,11 +184,11 @@ class JaxModel:
         Tensors stream from the memory-mapped files to ``device`` (jax's default device, or one named
         ``"cpu"`` / ``"gpu"`` / ``"cuda:1"``) one at a time, cast and laid out there
         (``backends.jax.loading``): peak host memory is about one tensor above the model.
-        ``mesh=`` (a ``jax.sharding.Mesh`` with a "model" axis) splits the params tensor-parallel over its
-        devices as ``shard`` does, each tensor read from the file straight onto its shards.
+        ``mesh=`` (a ``jax.sharding.Mesh`` with a "model" axis) instead splits the params tensor-parallel
+        over its devices as ``shard`` does, each tensor streamed from the file straight onto its shards.
         """
         mesh = hf_kwargs.pop("mesh", None)
-        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype): cast on the host before placing
+        leaf_dtype = hf_kwargs.pop("_leaf_dtype", None)     # (path -> dtype), for the mesh path
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if mesh is not None and device not in (None, "auto"):
             raise ValueError(f"pass mesh or device, not both (device={device!r})")
@@ -225,16 +196,14 @@ class JaxModel:
         config, table, refs = open_pretrained(path, cls.__name__, allow_pickle_bin=allow_pickle_bin, strict=strict,
                                               seed=seed)
         items = load_items(table, refs, "jax")
-        if mesh is None:
-            flat = load_params(items, dt, resolve_device(device))
-        else:
-            from .sharding import load_sharded, param_shardings
-            flat = load_sharded(items, param_shardings(cls.__name__, config, mesh), dt, leaf_dtype)
         model = cls.__new__(cls)
         if mesh is None:
-            model._setup(config, traverse_util.unflatten_dict(flat), dt)
+            model._setup(config, traverse_util.unflatten_dict(load_params(items, dt, resolve_device(device))), dt)
         else:
-            model._setup(config, flat, dt)
+            from .sharding import load_sharded, param_shardings
+            shardings = param_shardings(cls.__name__, config, mesh)
+            flat = load_sharded(items, shardings, leaf_dtype or (lambda _: dt))
+            model._setup(config, traverse_util.unflatten_dict(flat), dt)
             model.mesh = mesh
         return model
 

@@ -194,18 +194,13 @@ class Blip2Weights(JaxModel):
         (the kept parameters never pass through float16); other dtypes load straight in that dtype."""
         torch_dtype = hf_kwargs.pop("torch_dtype", None)
         dt = blip2_dtype(dtype if torch_dtype is None else hf_loading_kwargs(dtype, None, torch_dtype=torch_dtype)[0])
-        if hf_kwargs.get("mesh") is not None:     # cast on the host: no float32 copy on the devices first
-            keep = keeps_float32(dt.name)
-            hf_kwargs["_leaf_dtype"] = lambda p: jnp.float32 if keep and p[0] in cls.kept_float32 else dt
-            model = super().from_pretrained(path, dtype=None, allow_pickle_bin=allow_pickle_bin, device=device,
-                                            strict=strict, seed=seed, **hf_kwargs)
-            model._cast_to(dt)                      # (a no-op after the host cast)
-            return model
         direct = None if keeps_float32(dt.name) else dt
+        if direct is None and hf_kwargs.get("mesh") is not None:   # the float16 rule per tensor while placing
+            hf_kwargs["_leaf_dtype"] = lambda p: jnp.float32 if p[0] in cls.kept_float32 else dt
         model = super().from_pretrained(path, dtype=direct, allow_pickle_bin=allow_pickle_bin, device=device,
                                         strict=strict, seed=seed, **hf_kwargs)
         if direct is None:
-            model._cast_to(dt)
+            model._cast_to(dt)                      # (a no-op after the mesh path's per-tensor casts)
         return model
 
     def astype(self, dtype):

@@ -48,9 +48,8 @@ def auto_axes(mesh: Mesh) -> Mesh:
 
 
 def place(flat: dict, shardings: dict, leaf_dtype=None) -> dict:
-    """``{path: host or device array}`` -> nested params, each leaf put straight onto its sharding (a host
-    array is split on the host, so no device ever holds a whole split parameter); ``leaf_dtype(path)``, if
-    given, is the dtype a leaf is cast to first (on the host for a host array)."""
+    """``{path: array}`` -> nested params, each leaf put onto its sharding (cast to ``leaf_dtype(path)`` first
+    when given)."""
     missing = sorted("/".join(p) for p in flat if p not in shardings)
     if missing:
         raise ValueError(f"no sharding rule for params {missing[:5]} (the weight table does not list them)")
@@ -63,23 +62,21 @@ def place(flat: dict, shardings: dict, leaf_dtype=None) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
-def load_sharded(items: list, shardings: dict, dtype, leaf_dtype=None) -> dict:
-    """Checkpoint rows (``blip_core.pretrained.load_items``) -> nested params over the mesh, one tensor at a
-    time: each is laid out and cast on the host, put onto its shards and its mapped pages dropped before
-    the next one, so neither the host nor any device ever holds the whole model twice."""
-    missing = sorted("/".join(path) for path, _, _ in items if path not in shardings)
-    if missing:
-        raise ValueError(f"no sharding rule for params {missing[:5]} (the weight table does not list them)")
+def load_sharded(items: list, shardings: dict, leaf_dtype) -> dict:
+    """``{path: array}`` over the mesh from ``blip_core.pretrained.load_items`` rows, one tensor at a time: laid
+    out on the host (a transposed view of the mapped file), split into its shards by ``jax.device_put``, cast
+    there to ``leaf_dtype(path)``, then its mapped pages released (as ``backends.jax.loading.load_params``)."""
     out = {}
     for path, ref, perm in in_order(items, ref=lambda item: item[1]):
-        arr = ref.view()
-        if perm is not None:
-            arr = np.transpose(arr, perm)
-        want = np.dtype(leaf_dtype(path) if leaf_dtype is not None else dtype)
-        out[path] = jax.device_put(np.ascontiguousarray(arr, dtype=want), shardings[path])
+        if path not in shardings:
+            raise ValueError(f"no sharding rule for param {'/'.join(path)} (the weight table does not list it)")
+        host = ref.view()
+        x = jax.device_put(host if perm is None else np.transpose(host, perm), shardings[path])
+        want = np.dtype(leaf_dtype(path))
+        out[path] = x if x.dtype == want else x.astype(want)
         out[path].block_until_ready()    # the host data must be read before its pages are dropped
         ref.release()
-    return traverse_util.unflatten_dict(out)
+    return out
 
 
 def shard_params(params: dict, arch: str, config, mesh: Mesh, axis: str = MODEL_AXIS) -> dict:
