@@ -115,7 +115,7 @@ class SelfAttention(nn.Module):
                            for c, new in zip(cache, kv))
                 cache = kv
         k, v = kv
-        group = b // k.shape[0]      # decoding: the beams of one input share its cross keys/values (and bias)
+        group = b // k.shape[0] if k.shape[0] else 1   # decoding: an input's beams share its cross keys/values
         if group != 1:
             q = q.reshape((k.shape[0], group * t) + q.shape[2:])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.config.num_attention_heads)
