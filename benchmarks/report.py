@@ -57,7 +57,38 @@ def render(results: dict) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {t['impl']} | {value} | {t['comparison']} {t['threshold']} | {met} |")
+    lines += _sections(results.get("sections", {}))
     return "\n".join(lines) + "\n"
+
+
+def _f(v, fmt="{:.3f}"):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _sections(sections: dict) -> list:
+    """Tables of the workloads that record their own rows (``lowprec``, ``coldstart``)."""
+    lines = []
+    low = sections.get("lowprec")
+    if low:
+        lines += ["", f"{low['title']}; load average {low['load_average'][0]:.1f}:", "",
+                  "| variant | generate s | vision s | decode ms/token | speed-up (generate) | speed-up (decode) "
+                  f"| captions equal to float32 ({low['heldout_images']} held-out images) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in low["rows"]:
+            lines.append(f"| {r['variant']} | {_f(r['generate_s'])} | {_f(r['vision_s'])} | "
+                         f"{_f(r['decode_per_token_s'] and 1e3 * r['decode_per_token_s'], '{:.1f}')} | "
+                         f"{_f(r['speedup_generate'], '{:.2f}x')} | {_f(r['speedup_decode'], '{:.2f}x')} | "
+                         f"{_f(r['heldout_agreement'] and 100 * r['heldout_agreement'], '{:.1f}%')} |")
+    cold = sections.get("coldstart")
+    if cold:
+        lines += ["", f"{cold['title']}; load average {cold['load_average'][0]:.1f}:", "",
+                  "| impl | import + load s | first caption s | second caption s |", "| --- | --- | --- | --- |"]
+        for r in cold["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['impl']} | error: {r['error']} | | |")
+            else:
+                lines.append(f"| {r['impl']} | {r['import_load_s']:.2f} | {r['first_s']:.2f} | {r['second_s']:.2f} |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
 from . import common   # noqa: E402
 from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
 
-WORKLOADS = ("vision", "caption", "itm", "blip2")
+WORKLOADS = ("vision", "caption", "itm", "blip2", "throughput", "lowprec", "coldstart")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -181,7 +181,8 @@ def run(args) -> int:
                         "dtype": args.dtype, "budget_s": budget, "max_reps": max_reps},
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
-            "workload_errors": errors, "targets": targets}
+            "workload_errors": errors, "targets": targets,
+            "sections": getattr(ctx, "sections", {})}   # extra tables of workloads outside the impl grid
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
     return 1 if errors else 0
 

@@ -186,7 +186,9 @@ class PreTrainedModel(nn.Module):
         A checkpoint of another class of the family loads when it holds every weight this class
         needs (unused ones are dropped and named); ``strict=False`` draws missing ones from ``seed``.
         transformers' ``torch_dtype`` / ``device_map`` / ``low_cpu_mem_usage`` are understood.
+        ``quantize="int8"`` (torch only) runs every linear layer on int8 weights (``quantize.py``).
         """
+        quantize = hf_kwargs.pop("quantize", None)
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else None
@@ -204,6 +206,9 @@ class PreTrainedModel(nn.Module):
         model.tie_weights()
         model.to(dtype=torch_dtype, device=device)
         model.eval()
+        if quantize is not None:
+            from .quantize import apply_quantization
+            apply_quantization(model, quantize)
         return model
 
     def save_pretrained(self, path: str, max_shard_size="5GB") -> None:
