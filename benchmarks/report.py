@@ -91,6 +91,22 @@ def _sections(sections: dict) -> list:
     return lines
 
 
+START, END = "<!-- benchmark-table:start", "<!-- benchmark-table:end -->"
+
+
+def update_readme(path: str, results: dict) -> bool:
+    """Replace the README's text between the benchmark-table markers with ``render(results)``."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        return False
+    i = text.index("\n", i) + 1
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text[:i] + render(results) + text[j:])
+    return True
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of timed calls per case before repetitions stop (default 30, quick 0.2)")
     p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
+    p.add_argument("--readme", default=None, help="README whose benchmark table to rewrite (default: the repository's "
+                   "README.md after a full float32 run of every workload; 'none': never)")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------
@@ -184,6 +186,11 @@ def run(args) -> int:
             "workload_errors": errors, "targets": targets,
             "sections": getattr(ctx, "sections", {})}   # extra tables of workloads outside the impl grid
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
+    readme = args.readme or (os.path.join(os.path.dirname(RESULTS_DIR), os.pardir, "README.md")
+                             if not args.quick and args.dtype == "float32" and set(args.only) == set(WORKLOADS) else None)
+    if readme and readme != "none":
+        from .report import update_readme
+        print(f"{'updated' if update_readme(readme, data) else 'no benchmark-table markers in'} {readme}")
     return 1 if errors else 0
 
 
