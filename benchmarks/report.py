@@ -59,7 +59,45 @@ def render(results: dict) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {t['impl']} | {value} | {t['comparison']} {t['threshold']} | {met} |")
+    lines += _sections(results.get("sections", {}))
     return "\n".join(lines) + "\n"
+
+
+def _f(v, fmt="{:.3f}"):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _sections(sections: dict) -> list:
+    """Tables of the workloads that record their own rows (``lowprec``)."""
+    lines = []
+    low = sections.get("lowprec")
+    if low:
+        lines += ["", f"{low['title']}; load average {low['load_average'][0]:.1f}:", "",
+                  "| variant | generate s | vision s | decode ms/token | speed-up (generate) | speed-up (decode) "
+                  f"| captions equal to float32 ({low['heldout_images']} held-out images) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in low["rows"]:
+            lines.append(f"| {r['variant']} | {_f(r['generate_s'])} | {_f(r['vision_s'])} | "
+                         f"{_f(r['decode_per_token_s'] and 1e3 * r['decode_per_token_s'], '{:.1f}')} | "
+                         f"{_f(r['speedup_generate'], '{:.2f}x')} | {_f(r['speedup_decode'], '{:.2f}x')} | "
+                         f"{_f(r['heldout_agreement'] and 100 * r['heldout_agreement'], '{:.1f}%')} |")
+    return lines
+
+
+START, END = "<!-- benchmark-table:start", "<!-- benchmark-table:end -->"
+
+
+def update_readme(path: str, results: dict) -> bool:
+    """Replace the README's text between the benchmark-table markers with ``render(results)``."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        return False
+    i = text.index("\n", i) + 1
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text[:i] + render(results) + text[j:])
+    return True
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
 from . import common   # noqa: E402
 from .common import FRAMEWORK, IMPLS, OURS, fmt_s   # noqa: E402
 
-WORKLOADS = ("vision", "caption", "itm", "blip2", "onnx", "coldstart")
+WORKLOADS = ("vision", "caption", "itm", "blip2", "throughput", "lowprec", "onnx", "coldstart")
 NOT_QUICK = ("onnx", "coldstart")   # exports, fresh processes: left out of --quick unless named
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load_bench.add_arguments(p, prefix="load-")
     p.add_argument("--dataset", action="store_true",
                    help="also the data-set engines' images/s, bundled models (benchmarks/dataset.py --quick, ~2 min)")
+    p.add_argument("--readme", default=None, help="README whose benchmark table to rewrite (default: the repository's "
+                   "README.md after a full float32 run of every workload; 'none': never)")
 
 
 # -- targets of issue 8 -------------------------------------------------------------------------
@@ -207,7 +209,8 @@ def run(args) -> int:
                         "dtype": args.dtype, "budget_s": budget, "max_reps": max_reps},
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
-            "workload_errors": errors, "targets": targets}
+            "workload_errors": errors, "targets": targets,
+            "sections": getattr(ctx, "sections", {})}   # extra tables of workloads outside the impl grid
     if args.load:   # heavy: full-size checkpoints, one fresh process per measurement
         from . import load as load_bench
         data["load"] = load_bench.run(args.load_models, args.load_impls, args.load_dtypes, args.load_workdir,
@@ -217,6 +220,11 @@ def run(args) -> int:
     if getattr(args, "dataset", False):
         data["dataset"] = dataset_result
     print(f"\nwrote {common.write_json(out, data)} ({data['wall_s']:.0f} s)")
+    readme = args.readme or (os.path.join(os.path.dirname(RESULTS_DIR), os.pardir, "README.md")
+                             if not args.quick and args.dtype == "float32" and set(args.only) == set(WORKLOADS) else None)
+    if readme and readme != "none":
+        from .report import update_readme
+        print(f"{'updated' if update_readme(readme, data) else 'no benchmark-table markers in'} {readme}")
     return 1 if errors else 0
 
 

@@ -64,11 +64,13 @@ def _model_dir(args, task: str) -> str:
     return path
 
 
-def _load(model_path: str, backend: str, dtype=None):
+def _load(model_path: str, backend: str, dtype=None, quantize=None):
     if not os.path.isdir(model_path):
         raise CliError(f"{model_path}: not a model directory")
     try:
         kwargs = {"dtype": dtype} if dtype else {}
+        if quantize:
+            kwargs["quantize"] = quantize
         model = load(model_path, backend=backend, **kwargs)
     except ModuleNotFoundError as exc:
         raise CliError(f"backend {backend!r} is not installed ({exc}); install the '{backend}' extra") from None
@@ -168,7 +170,7 @@ def cmd_caption(args) -> int:
         from .dataset.cli import dataset_caption
         return dataset_caption(args)
     args.model = _model_dir(args, "caption")
-    model = _load(args.model, args.backend, args.dtype)
+    model = _load(args.model, args.backend, args.dtype, getattr(args, "quantize", None))
     _check_class(model, "caption", args.model)
     processor = _processor(args.model, model)
     failures = 0
@@ -211,7 +213,7 @@ def cmd_vqa(args) -> int:
     if args.question is None:
         raise CliError("vqa needs a QUESTION")
     args.model = _model_dir(args, "vqa")
-    model = _load(args.model, args.backend, args.dtype)
+    model = _load(args.model, args.backend, args.dtype, getattr(args, "quantize", None))
     _check_class(model, "vqa", args.model)
     processor = _processor(args.model, model)
     image = _open_image(args.image)
@@ -235,7 +237,7 @@ def cmd_match(args) -> int:
     if not args.texts:
         raise CliError("match needs at least one TEXT")
     args.model = _model_dir(args, "retrieval")
-    model = _load(args.model, args.backend, args.dtype)
+    model = _load(args.model, args.backend, args.dtype, getattr(args, "quantize", None))
     _check_class(model, "match", args.model)
     processor = _processor(args.model, model)
     image = _open_image(args.image)
@@ -272,6 +274,8 @@ def _model_args(p, beams=True):
                    help="model directory (config.json, weights, tokenizer files); default: the bundled model")
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="torch backend: int8 weights for every linear layer (about 3x faster on x86 CPUs)")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     if beams:
         p.add_argument("--num-beams", type=_positive_int, default=1)

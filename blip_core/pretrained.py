@@ -188,7 +188,7 @@ def write_pretrained(path: str, config: _Config, architecture: str, backend: str
     config.save_pretrained(path)
 
 
-_QUANTIZE = ("load_in_8bit", "load_in_4bit", "quantization_config")
+_QUANTIZE = ("load_in_8bit", "load_in_4bit", "quantization_config", "quantize")
 
 
 def hf_loading_kwargs(dtype=None, device=None, **kwargs):
@@ -219,8 +219,9 @@ def hf_loading_kwargs(dtype=None, device=None, **kwargs):
     for name in _QUANTIZE:
         value = kwargs.pop(name, None)
         if value:
-            raise NotImplementedError(f"{name} is not supported: quantised weights are not implemented; load in "
-                                      "bfloat16 or float16 (dtype='bfloat16') to halve the memory instead")
+            raise NotImplementedError(f"{name} is not supported here: int8 weights exist in the torch backend "
+                                      "only (quantize='int8'); load in bfloat16 or float16 (dtype='bfloat16') "
+                                      "to halve the memory instead")
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
     return dtype, device

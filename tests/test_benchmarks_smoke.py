@@ -17,7 +17,7 @@ from blip_core.numerics import tolerance
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ["torch", "hf-torch", "hf-tf"]
 CASES = {("vision", "forward"), ("caption", "greedy"), ("caption", "beam3"), ("itm", "forward"),
-         ("blip2-qformer", "forward"), ("blip2-generate", "greedy")}
+         ("blip2-qformer", "forward"), ("blip2-generate", "greedy"), ("throughput", "greedy")}
 FIGURES = ("framework", "version", "device", "dtype", "threads", "median_s", "min_s", "n", "first_call_s",
            "peak_rss_delta_mb", "floor_s", "floor_fraction", "achieved_gflops_per_s")
 
@@ -67,3 +67,12 @@ def test_run_all_quick_writes_complete_results(tmp_path):
 
     targets = data["targets"]
     assert targets and all({"target", "impl", "value", "threshold", "met"} <= set(t) for t in targets)
+
+    # the workload that keeps its own table: low precision (with agreement)
+    low = data["sections"]["lowprec"]
+    assert [r["variant"] for r in low["rows"]] == ["float32", "bfloat16", "int8"]
+    for r in low["rows"]:
+        assert not r["error"] and r["generate_s"] > 0 and 0.0 <= r["heldout_agreement"] <= 1.0, r
+    from benchmarks.report import render
+    table = render(data)
+    assert "PyTorch low precision" in table

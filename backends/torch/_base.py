@@ -190,7 +190,9 @@ class PreTrainedModel(nn.Module):
         transformers' ``torch_dtype`` / ``device_map`` / ``low_cpu_mem_usage`` are understood.
         Weights stream from the memory-mapped files straight into parameters of the final dtype on
         the final device (``backends.torch.loading``): peak memory is the model plus about one tensor.
+        ``quantize="int8"`` (torch only) runs every linear layer on int8 weights (``quantize.py``).
         """
+        quantize = hf_kwargs.pop("quantize", None)
         dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else None
@@ -208,6 +210,9 @@ class PreTrainedModel(nn.Module):
         model.tie_weights()
         model.to(dtype=torch_dtype, device=device)
         model.eval()
+        if quantize is not None:
+            from .quantize import apply_quantization
+            apply_quantization(model, quantize)
         return model
 
     def save_pretrained(self, path: str, max_shard_size="5GB") -> None:

@@ -25,6 +25,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor, attention
+from .layout import Linear, prepare_decoding
 
 
 class TextCache:
@@ -77,9 +78,11 @@ class BlipTextSelfAttention(nn.Module):
         kv_dim = config.encoder_hidden_size if is_cross_attention else d
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(kv_dim, d)
-        self.value = nn.Linear(kv_dim, d)
+        self.query = Linear(d, d)
+        self.key = Linear(kv_dim, d)
+        self.value = Linear(kv_dim, d)
+        # the image's keys/values are computed once per input, never per decoding step
+        self.key.runs_once = self.value.runs_once = is_cross_attention
         self.dropout = float(config.attention_probs_dropout_prob)
 
     def split(self, x):
@@ -104,7 +107,7 @@ class BlipTextSelfOutput(nn.Module):
 
     def __init__(self, config, n_in=None):
         super().__init__()
-        self.dense = nn.Linear(n_in or config.hidden_size, config.hidden_size)
+        self.dense = Linear(n_in or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -126,7 +129,7 @@ class BlipTextAttention(nn.Module):
 class BlipTextIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, x):
@@ -296,7 +299,7 @@ class BlipTextModel(BlipTextTransformer, PreTrainedModel):
 class BlipTextPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -310,7 +313,7 @@ class BlipTextLMPredictionHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.transform = BlipTextPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
 
@@ -377,6 +380,8 @@ class BlipTextLMHeadModel(nn.Module):
         """The step of ``generation.generate``; ``context`` = (encoder states, encoder mask or None)."""
         if cache is None:
             cache = TextCache(len(self.bert.encoder.layer))
+            # later steps feed one token per row: weights in oneDNN's layout for that many rows
+            prepare_decoding(self, ids.shape[0])
         states, states_mask = context
         out = self.bert(ids, key_mask[:, : index + ids.shape[1]], positions, encoder_hidden_states=states,
                         encoder_attention_mask=states_mask, past_key_values=cache, use_cache=True, is_decoder=True)
