@@ -124,15 +124,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    a = np.ascontiguousarray(a)
-    if not a.flags.writeable:   # memory-mapped checkpoint data: own a copy so training can update it
-        a = a.copy()
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
 # -- base class ----------------------------------------------------------------------------------
 class PreTrainedModel(nn.Module):
     """Base of every public class (see the module docstring)."""
