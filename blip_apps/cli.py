@@ -29,14 +29,10 @@ class CliError(Exception):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _progress(i: int, n: int, label: str) -> None:
-    if n > 1 and sys.stderr.isatty():
-        width = 30
-        done = int(width * i / n)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:40]:<40}")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _progress(paths: list):
+    """``paths`` under a tqdm bar on stderr, shown only on a terminal and for more than one image."""
+    from tqdm import tqdm
+    return tqdm(paths, unit="img", file=sys.stderr, disable=len(paths) <= 1 or not sys.stderr.isatty())
 
 
 def _open_image(path: str):
@@ -175,8 +171,7 @@ def cmd_caption(args) -> int:
     processor = _processor(args.model, model)
     failures = 0
     n = len(args.images)
-    for i, path in enumerate(args.images, 1):
-        _progress(i - 1, n, os.path.basename(path))
+    for path in _progress(args.images):
         try:
             image = _open_image(path)
             enc = processor(images=image, text=args.prompt, return_tensors="np")
@@ -200,7 +195,6 @@ def cmd_caption(args) -> int:
                               "seconds": round(seconds, 4)}), flush=True)
         else:
             print(f"{path}\t{text}", flush=True)
-    _progress(n, n, "done")
     if failures:
         print(f"error: {failures} of {n} image(s) failed", file=sys.stderr)
     return 1 if failures else 0
