@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from blip_core import persistent_cache
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
@@ -28,6 +29,23 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _JITTED: dict = {}                       # (class, function, config repr, dtype) -> jitted function
 _TRACES: collections.Counter = collections.Counter()
 _VARIANTS: dict = {}                     # same key -> LRU of per-variant jitted functions (generation)
+
+
+_PERSISTENT: dict = {}                   # "dir": the persistent cache folder applied (None: off), once per process
+
+
+def apply_persistent_cache():
+    """Point jax's persistent compilation cache at the spec layer's folder (``blip_core.persistent_cache``),
+    once, before the first program is compiled; a folder the caller configured stays."""
+    if "dir" not in _PERSISTENT:
+        _PERSISTENT["dir"] = jax.config.jax_compilation_cache_dir
+        if _PERSISTENT["dir"] is None:
+            path = persistent_cache.cache_dir("jax", jax.__version__)
+            if path is not None:
+                jax.config.update("jax_compilation_cache_dir", path)
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", persistent_cache.MIN_COMPILE_SECONDS)
+            _PERSISTENT["dir"] = path
+    return _PERSISTENT["dir"]
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -157,6 +175,16 @@ class JaxModel:
             _JITTED[key] = self._make_jit(key, method, static_argnames)
         return _JITTED[key]
 
+    def _program(self, name: str, method: str, args: tuple, **static):
+        """The jitted ``self.<method>`` for positional ``args`` and keyword ``static`` arguments, from the
+        bounded ``LRU`` of compiled generation programs. The key holds the static values and the shape
+        and dtype of every argument, so each entry holds exactly one XLA program (callers round shapes
+        to ``blip_core.cache`` buckets first, so that typical calls share one)."""
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        signature = (tuple(sorted(static.items())), tree,
+                     tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
+        return self._jit(name, method, tuple(sorted(static)), variant=signature)
+
     def _make_jit(self, key, method: str, static_argnames):
         shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
         shell.__dict__.update(config=self.config, dtype=self.dtype, module=self.module)
@@ -165,6 +193,7 @@ class JaxModel:
         def counted(*args, **kwargs):
             _TRACES[key] += 1                       # runs only while tracing
             return fn(*args, **kwargs)
+        apply_persistent_cache()
         return jax.jit(counted, static_argnames=static_argnames)
 
     def trace_count(self, name: str) -> int:
