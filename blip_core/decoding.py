@@ -371,6 +371,28 @@ def _beam_choose(xp, plan, num, state, logits):
     return state, rows
 
 
+# -- an eager driver -----------------------------------------------------------------------------------
+def run_eager(xp, plan: DecodePlan, num, ids, mask, step, context, reorder_cache):
+    """The whole search as a plain Python loop, for engines that run step by step (torch, numpy).
+
+    ``ids``/``mask`` are already expanded per beam/sample; ``step`` is the model's step function and
+    ``reorder_cache(cache, rows)`` regroups its cache after a beam step. Returns ``(sequences trimmed to
+    their length, sequences_scores or None, per-step scores or None)``.
+    """
+    state = init_state(xp, plan, ids, mask, None)
+    logits, cache = step(ids, prefill_positions(xp, mask), state["key_mask"], None, 0, context)
+    state, rows = choose(xp, plan, num, state, logits)
+    while bool(going(xp, plan, state)):
+        if rows is not None:
+            cache = reorder_cache(cache, rows)
+        tokens, positions, index = step_inputs(xp, state)
+        logits, cache = step(tokens, positions, state["key_mask"], cache, index, context)
+        state, rows = choose(xp, plan, num, state, logits)
+    seqs, length, seq_scores, steps = finish(xp, plan, state)
+    scores = tuple(state["scores"][:, i] for i in range(int(steps))) if plan.output_scores else None
+    return seqs[:, : int(length)], seq_scores, scores
+
+
 # -- the result ----------------------------------------------------------------------------------------
 def finish(xp, plan: DecodePlan, state):
     """``(sequences (rows, T), length, sequences_scores or None, steps)``: the caller trims the

@@ -182,18 +182,8 @@ def generate(step: Callable, input_ids, settings: GenerationSettings, *, vocab_s
     ids, mask = np.repeat(input_ids, plan.expand, 0), np.repeat(attention_mask, plan.expand, 0)
     context = repeat_rows(context, plan.expand)
 
-    state = decoding.init_state(xp, plan, ids, mask, None)
-    logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], None, 0, context)
-    state, rows = decoding.choose(xp, plan, num, state, logits)
-    while bool(decoding.going(xp, plan, state)):
-        if rows is not None:
-            cache = reorder_cache(cache, rows)
-        tokens, positions, index = decoding.step_inputs(xp, state)
-        logits, cache = step(tokens, positions, state["key_mask"], cache, index, context)
-        state, rows = decoding.choose(xp, plan, num, state, logits)
-    seqs, length, seq_scores, steps = decoding.finish(xp, plan, state)
-    seqs = np.asarray(seqs[:, : int(length)], np.int64)
+    seqs, seq_scores, scores = decoding.run_eager(xp, plan, num, ids, mask, step, context, reorder_cache)
+    seqs = np.asarray(seqs, np.int64)
     if not settings.return_dict_in_generate:
         return seqs
-    scores = tuple(state["scores"][:, i] for i in range(int(steps))) if plan.output_scores else None
     return GenerateOutput(sequences=seqs, scores=scores, sequences_scores=seq_scores)

@@ -226,23 +226,7 @@ def open_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
     if kind == "safetensors":
         return map_safetensors([path])
     if kind == "safetensors_index":
-        weight_map = read_index(path)
-        folder = os.path.dirname(path)
-        shards = sorted(set(weight_map.values()))
-        absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if absent:
-            raise CheckpointError(f"{path}: missing shard file(s) {', '.join(absent)} in {folder}")
-        refs, found_in = {}, {}
-        for shard in shards:
-            for name, ref in map_safetensors([os.path.join(folder, shard)]).items():
-                if name in refs:
-                    raise CheckpointError(f"{path}: tensor {name!r} is stored in both {found_in[name]} and {shard}")
-                refs[name], found_in[name] = ref, shard
-        wrong = [f"{k} (listed in {f}, found in {found_in.get(k, 'no shard')})"
-                 for k, f in weight_map.items() if found_in.get(k) != f]
-        if wrong:
-            raise CheckpointError(f"{path}: index and shards disagree: {'; '.join(wrong)}")
-        return refs
+        return _load_sharded(path, lambda shard: map_safetensors([shard]))
     return {name: ArrayRef(arr) for name, arr in load_state_dict(dir_or_file, allow_pickle_bin).items()}
 
 

@@ -337,8 +337,6 @@ def open_flax_state(path, table: dict) -> dict:
     for name, p in paths.items():
         if p in weights:
             spec = table[name]
-            shape = weights.shape(p)
-            if spec.transform.perm is not None and len(shape) == len(spec.transform.perm):
-                shape = tuple(shape[i] for i in spec.transform.inverse_perm)
+            shape = spec.transform.canonical_shape(weights.shape(p))
             refs[name] = ReaderRef(shape, weights.dtype(p), lambda s=spec, k=p: s.from_backend("jax", weights.read(k)))
     return refs

@@ -288,8 +288,6 @@ def open_tf_state(path, table: dict, architecture: str) -> dict:
     for name, key in names.items():
         if key in h5:
             spec = table[name]
-            shape = h5.shape(key)
-            if spec.transform.perm is not None and len(shape) == len(spec.transform.perm):
-                shape = tuple(shape[i] for i in spec.transform.inverse_perm)
+            shape = spec.transform.canonical_shape(h5.shape(key))
             refs[name] = ReaderRef(shape, h5.dtype(key), lambda s=spec, k=key: s.from_backend("tf", h5.read(k)))
     return refs

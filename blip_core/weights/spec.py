@@ -39,6 +39,13 @@ class Transform:
     def inverse_perm(self) -> Optional[tuple]:
         return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
 
+    def canonical_shape(self, shape) -> tuple:
+        """The canonical (torch) shape of a tensor stored in the jax/tf layout with ``shape``."""
+        shape = tuple(shape)
+        if self.perm is None or len(shape) != len(self.perm):
+            return shape
+        return tuple(shape[i] for i in self.inverse_perm)
+
     def __repr__(self) -> str:
         return f"Transform({self.name})"
 
