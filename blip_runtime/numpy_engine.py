@@ -14,7 +14,7 @@ different stream from torch's, TF's or JAX's, as the backends' streams differ fr
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -19,16 +19,19 @@ attention_mask=None``; VQA: ``input_ids, pixel_values, attention_mask=None``), `
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import onnxruntime as ort
 
-from blip_core.configs import load_config
-from blip_core.generation import blip_caption_prompt, check_pixel_values, resolve_blip_generation
+from blip_core.generation import (
+    blip_caption_prompt,
+    check_pixel_values,
+    resolve_blip_generation,
+)
 
 from . import numpy_engine
+from .artifact import Artifact
 
 FORMAT = "blip-onnx"
 
@@ -50,27 +53,16 @@ def _ids(x, name):
     return a.astype(np.int64)
 
 
-class OnnxBlip:
+class OnnxBlip(Artifact):
     """An exported bundle: ``OnnxBlip(path, threads=None)``; see the module docstring."""
 
+    FORMAT, KIND = FORMAT, "BLIP ONNX bundle"
+
     def __init__(self, path, threads: int | None = None):
-        path = os.fspath(path)
-        with open(os.path.join(path, "manifest.json")) as fh:
-            self.manifest = json.load(fh)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a BLIP ONNX bundle (manifest format {self.manifest.get('format')!r})")
-        self.path, self.task, self.architecture = path, self.manifest["task"], self.manifest["architecture"]
-        self.config = load_config(path)
+        path = self._open(path)
+        self.task, self.architecture = self.manifest["task"], self.manifest["architecture"]
         self.sessions = {name: _session(os.path.join(path, file), threads)
                          for name, file in self.manifest["graphs"].items()}
-        self._processor = None
-
-    @property
-    def processor(self):
-        if self._processor is None:
-            from blip_core.processing import BlipProcessor
-            self._processor = BlipProcessor.from_pretrained(self.path)
-        return self._processor
 
     def run(self, graph: str, **feeds) -> list:
         """One graph on named numpy inputs; returns its outputs in the manifest's order."""

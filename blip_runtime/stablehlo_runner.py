@@ -11,40 +11,29 @@ No Flax and none of this library's backends: ``jax.export.deserialize`` restores
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
 
-from blip_core.configs import load_config
 from blip_core.generation import check_pixel_values
+
+from .artifact import Artifact
 
 FORMAT = "blip-stablehlo"
 
 
-class StableHLOBlip:
+class StableHLOBlip(Artifact):
+    FORMAT, KIND = FORMAT, "BLIP StableHLO artifact"
+
     def __init__(self, path):
-        path = os.fspath(path)
-        with open(os.path.join(path, "manifest.json")) as fh:
-            self.manifest = json.load(fh)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a BLIP StableHLO artifact (format {self.manifest.get('format')!r})")
-        self.path, self.config = path, load_config(path)
+        path = self._open(path)
         self.programs = {}
         for name in self.manifest["programs"]:
             with open(os.path.join(path, f"{name}.stablehlo"), "rb") as fh:
                 self.programs[name] = jax.export.deserialize(bytearray(fh.read()))
         with np.load(os.path.join(path, "params.npz")) as data:
             self.leaves = [data[f"p{i}"] for i in range(len(data.files))]
-        self._processor = None
-
-    @property
-    def processor(self):
-        if self._processor is None:
-            from blip_core.processing import BlipProcessor
-            self._processor = BlipProcessor.from_pretrained(self.path)
-        return self._processor
 
     def _call(self, name, *inputs):
         if name not in self.programs:

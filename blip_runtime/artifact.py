@@ -1,0 +1,31 @@
+"""What every exported artifact directory holds besides its programs: ``manifest.json``, the
+checkpoint's ``config.json`` and its processor files."""
+from __future__ import annotations
+
+import json
+import os
+
+from blip_core.configs import load_config
+
+
+class Artifact:
+    """Base of the runners: reads and checks the manifest, the config, and the processor on first use."""
+
+    FORMAT = ""      # the manifest's "format" this runner reads
+    KIND = ""        # how an error names the artifact
+
+    def _open(self, path) -> str:
+        path = os.fspath(path)
+        with open(os.path.join(path, "manifest.json")) as fh:
+            self.manifest = json.load(fh)
+        if self.manifest.get("format") != self.FORMAT:
+            raise ValueError(f"{path} is not a {self.KIND} (manifest format {self.manifest.get('format')!r})")
+        self.path, self.config, self._processor = path, load_config(path), None
+        return path
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from blip_core.processing import BlipProcessor
+            self._processor = BlipProcessor.from_pretrained(self.path)
+        return self._processor
