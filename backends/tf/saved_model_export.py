@@ -87,6 +87,9 @@ class _Matcher(tf.Module):
         def image(pixel_values):
             return model.vision_model(tf.cast(pixel_values, model.dtype), False)[0]
 
+        def image_feat(pixel_values):
+            return _normalize(model.vision_proj(image(pixel_values)[:, 0]))
+
         def text_feat(input_ids, attention_mask):
             text, _ = run_text(model.text_encoder, *_text(input_ids, attention_mask), None, None, False)
             return _normalize(model.text_proj(text[:, 0]))
@@ -99,12 +102,11 @@ class _Matcher(tf.Module):
 
         @tf.function(input_signature=(px_spec, ids_spec, mask_spec), autograph=False)
         def itc(pixel_values, input_ids, attention_mask):
-            image_feat = _normalize(model.vision_proj(image(pixel_values)[:, 0]))
-            return {"cosine": tf.matmul(image_feat, text_feat(input_ids, attention_mask), transpose_b=True)}
+            return {"cosine": tf.matmul(image_feat(pixel_values), text_feat(input_ids, attention_mask), transpose_b=True)}
 
         @tf.function(input_signature=(px_spec,), autograph=False)
         def image_embeds(pixel_values):
-            return {"image_feat": _normalize(model.vision_proj(image(pixel_values)[:, 0]))}
+            return {"image_feat": image_feat(pixel_values)}
 
         @tf.function(input_signature=(ids_spec, mask_spec), autograph=False)
         def text_embeds(input_ids, attention_mask):
