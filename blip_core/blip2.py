@@ -111,6 +111,15 @@ def generation_settings(config: Blip2Config, prompt_length: int, **kwargs) -> Ge
                               max_positions=getattr(tc, "max_position_embeddings", None), **kwargs)
 
 
+def check_opt_positions(config: Blip2Config, prefix: int, max_length: int) -> None:
+    """OPT's learned position table must cover the ``prefix`` (image queries in front of the prompt) plus
+    the prompt and every new token (``max_length``); checked before anything is decoded."""
+    needed, limit = prefix + max_length, config.text_config.max_position_embeddings
+    if needed > limit:
+        raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
+                         f"max_position_embeddings={limit}")
+
+
 def labelled_length(num_logits: int, num_labels: int) -> int:
     """OPT's loss: only the last ``num_labels`` positions (the text) carry labels; the returned
     logits are those positions, and the loss shifts them by one as any causal LM loss does."""

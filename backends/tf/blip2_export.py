@@ -80,17 +80,13 @@ def export_blip2_captioner(model, out_dir, prompt_length: int, max_new_tokens: i
     if type(model).__name__ != "Blip2ForConditionalGeneration" or not hasattr(model, "step"):
         raise ValueError("export_blip2_captioner needs a Blip2ForConditionalGeneration model")
     cfg, vc = model.config, model.config.vision_config
-    tc = cfg.text_config
     if generate_kwargs.get("do_sample") and generate_kwargs.get("seed") is None:
         raise ValueError("pass seed=... to export a sampling captioner (the seed is baked into the graph)")
     options = dict(generate_kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams)
     if rules.is_decoder_only(cfg):
         start = None
         settings = rules.generation_settings(cfg, prompt_length, **options)
-        needed = prefix_length(cfg) + settings.max_length
-        if needed > tc.max_position_embeddings:
-            raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
-                             f"max_position_embeddings={tc.max_position_embeddings}")
+        rules.check_opt_positions(cfg, prefix_length(cfg), settings.max_length)
     else:
         start = rules.decoder_start_token_id(cfg, options.pop("decoder_start_token_id", None))
         settings = rules.generation_settings(cfg, 1, **options)

@@ -136,10 +136,8 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, inputs_em
         else:
             prompt, prompt_mask = ids, mask
         settings = rules.generation_settings(cfg, prompt.shape[1], **kwargs)
-        needed = (prefix_length(cfg) if cache_prefix is None else cache_prefix) + settings.max_length
-        if needed > tc.max_position_embeddings:
-            raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
-                             f"max_position_embeddings={tc.max_position_embeddings}")
+        rules.check_opt_positions(cfg, prefix_length(cfg) if cache_prefix is None else cache_prefix,
+                                  settings.max_length)
     else:
         start = rules.decoder_start_token_id(cfg, kwargs.pop("decoder_start_token_id", None))
         settings = rules.generation_settings(cfg, 1, **kwargs)
