@@ -315,13 +315,7 @@ def write_flax_weights(directory, items: list, max_shard_size=None, on_tensor=No
 
 def read_flax_state_dict(path, table: dict) -> dict:
     """A msgpack checkpoint as ``{canonical name: array}`` in canonical layout (for ``check_state_dict``)."""
-    weights = FlaxWeights(path)
-    paths = flax_paths(table)
-    known = set(paths.values())
-    unknown = ["/".join(k) for k in weights.keys() if k not in known]
-    if unknown:
-        raise ValueError(f"{path}: msgpack leaves the table has no place for: {unknown[:10]}")
-    return {name: table[name].from_backend("jax", weights.read(p)) for name, p in paths.items() if p in weights}
+    return {name: ref.view() for name, ref in open_flax_state(path, table).items()}
 
 
 def open_flax_state(path, table: dict) -> dict:

@@ -265,13 +265,7 @@ def read_tf_state_dict(path, table: dict, architecture: str) -> dict:
     Names the table cannot place raise; tied rows TF stores (the LM decoder) are included, and
     ``check_state_dict`` resolves them to their owners as it does for ``.bin`` files.
     """
-    names = tf_names(table, architecture)
-    with H5Weights(path) as h5:
-        known = set(names.values())
-        unknown = [k for k in h5.keys() if k not in known]
-        if unknown:
-            raise ValueError(f"{path}: TF weights the {architecture} table has no place for: {unknown[:10]}")
-        return {name: table[name].from_backend("tf", h5.read(key)) for name, key in names.items() if key in h5}
+    return {name: ref.view() for name, ref in open_tf_state(path, table, architecture).items()}
 
 
 def open_tf_state(path, table: dict, architecture: str) -> dict:
