@@ -1,7 +1,7 @@
 """BLIP-2's framework-neutral rules, shared by every backend's ``blip2`` module.
 
 Everything here works on numpy arrays and configs only: where the image queries go in the text
-(placeholder slots or concatenation in front), which prompt ``generate`` starts from, the
+(placeholder slots or concatenation in front, ``query_layout``), which prompt ``generate`` starts from, the
 generation defaults of the language model, how OPT's loss lines labels up with logits, and which
 parts stay float32 in a float16 model.
 """
@@ -53,6 +53,36 @@ def image_slots(input_ids: np.ndarray, config: Blip2Config) -> np.ndarray:
     slots = np.asarray(input_ids) == config.image_token_index
     check_image_slots(slots.sum(axis=1), config)
     return slots
+
+
+def query_layout(input_ids: np.ndarray, attention_mask: Optional[np.ndarray], config: Blip2Config):
+    """Where the Q projected image queries sit in the language model's input, as index arrays.
+
+    Returns ``(ids, slots, mask, prefix)``: ``ids`` (B, prefix + L) int64 (the given ids, behind
+    ``prefix`` zeros), ``slots`` (B, prefix + L) bool (the positions that take a query, in order),
+    ``mask`` (B, prefix + L) int64 (all ones where none is given), ``prefix`` = 0 with placeholders
+    (the placeholder slots, checked with ``image_slots``), Q without (the queries in front).
+    """
+    ids = np.asarray(input_ids, np.int64)
+    b, n = ids.shape
+    mask = np.ones((b, n), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    if uses_placeholders(config):
+        return ids, image_slots(ids, config), mask, 0
+    q = config.num_query_tokens
+    front = np.ones((b, q), np.int64)
+    slots = np.concatenate([np.ones((b, q), bool), np.zeros((b, n), bool)], 1)
+    return np.concatenate([0 * front, ids], 1), slots, np.concatenate([front, mask], 1), q
+
+
+def place_queries(queries: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(B, prefix + L, E) float array holding ``queries`` (B, Q, E) at ``slots`` in order, zeros elsewhere
+    (what ``masked_scatter`` of the queries into the text embeddings writes)."""
+    queries = np.asarray(queries)
+    out = np.zeros(slots.shape + queries.shape[2:], queries.dtype)
+    out[slots] = queries.reshape((-1,) + queries.shape[2:])
+    return out
 
 
 def strip_placeholders(input_ids: np.ndarray, config: Blip2Config):
@@ -118,6 +148,13 @@ def check_opt_positions(config: Blip2Config, prefix: int, max_length: int) -> No
     if needed > limit:
         raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
                          f"max_position_embeddings={limit}")
+
+
+def check_opt_position(max_position: int, limit: int) -> None:
+    """A decoder call reaching ``max_position`` must stay inside OPT's table of ``limit`` positions (raised
+    when the call happens, as the model raises, so a sequence that stops early never trips it)."""
+    if max_position >= limit:
+        raise ValueError(f"sequence needs position {max_position} but OPT has only {limit} positions")
 
 
 def labelled_length(num_logits: int, num_labels: int) -> int:

@@ -15,10 +15,12 @@ Example::
 Methods mirror the library's classes: ``generate`` (captioning: ``pixel_values, input_ids=None,
 attention_mask=None``; VQA: ``input_ids, pixel_values, attention_mask=None``), ``vision``,
 ``itm`` (retrieval, ``use_itm_head=True`` for ITM logits, False for ITC cosine),
-``get_text_features`` / ``get_image_features`` (``BlipModel``).
+``get_text_features`` / ``get_image_features`` (``BlipModel``). BLIP-2 bundles open as
+``blip_runtime.onnx_blip2.OnnxBlip2``.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -44,6 +46,14 @@ def _session(path: str, threads: int | None) -> ort.InferenceSession:
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
+def _manifest_architecture(path) -> str:
+    try:
+        with open(os.path.join(os.fspath(path), "manifest.json")) as fh:
+            return str(json.load(fh).get("architecture", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""            # __init__ reports what is wrong with the directory
+
+
 def _ids(x, name):
     a = np.asarray(x)
     if a.ndim == 1:
@@ -54,9 +64,16 @@ def _ids(x, name):
 
 
 class OnnxBlip(Artifact):
-    """An exported bundle: ``OnnxBlip(path, threads=None)``; see the module docstring."""
+    """An exported bundle: ``OnnxBlip(path, threads=None)``; see the module docstring. A BLIP-2 bundle
+    opens as ``blip_runtime.onnx_blip2.OnnxBlip2``."""
 
     FORMAT, KIND = FORMAT, "BLIP ONNX bundle"
+
+    def __new__(cls, path=None, threads: int | None = None):
+        if cls is OnnxBlip and path is not None and _manifest_architecture(path).startswith("Blip2"):
+            from .onnx_blip2 import OnnxBlip2
+            cls = OnnxBlip2
+        return super().__new__(cls)
 
     def __init__(self, path, threads: int | None = None):
         path = self._open(path)

@@ -18,6 +18,7 @@ numpy, ``tokenizers`` and onnxruntime only, using the library's decoding rules):
   from ``input_ids``, ``attention_mask``; normalised ``vision_proj(image[:, 0])`` from ``image_embeds``.
 * ``text_features.onnx`` / ``image_features.onnx`` (``BlipModel``): ``get_text_features`` from
   ``input_ids``, ``attention_mask``; ``get_image_features`` from ``pixel_values``.
+* ``Blip2ForConditionalGeneration`` (OPT or T5): the graphs of ``onnx_export_blip2``.
 
 Batch and sequence axes are dynamic; the image size is the config's. The graphs are traced with
 the TorchScript-based exporter (``dynamo=False``): it needs no ``onnxscript`` and handles the
@@ -40,9 +41,11 @@ from blip_core.numerics import NORM_EPS
 OPSET = 17
 FORMAT = "blip-onnx"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "spiece.model", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json")
 TASKS = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
-         "BlipForImageTextRetrieval": "itm", "BlipModel": "embed"}
+         "BlipForImageTextRetrieval": "itm", "BlipModel": "embed",
+         "Blip2ForConditionalGeneration": "caption"}     # BLIP-2: onnx_export_blip2.py
 
 
 class VisionGraph(nn.Module):
@@ -210,7 +213,7 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
 
 def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET) -> str:
     """Write ``model`` (a torch ``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``,
-    ``BlipForImageTextRetrieval`` or ``BlipModel``, float32) as ONNX graphs plus ``manifest.json``,
+    ``BlipForImageTextRetrieval``, ``BlipModel`` or ``Blip2ForConditionalGeneration``, float32) as ONNX graphs plus ``manifest.json``,
     its ``config.json`` and the processor files found in ``processor_dir``; returns ``out_dir``."""
     arch = getattr(model, "architecture", type(model).__name__)
     if arch not in TASKS:
@@ -230,7 +233,10 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET) -> str:
                 "image_size": vc.image_size, "graphs": {}}
     ids, mask = _text_dummy(tc)
     with torch.no_grad():
-        if arch != "BlipModel":
+        if arch == "Blip2ForConditionalGeneration":
+            from .onnx_export_blip2 import export_blip2_onnx
+            manifest.update(export_blip2_onnx(model, out, opset))
+        elif arch != "BlipModel":
             _export(VisionGraph(model.vision_model), [pixels], os.path.join(out, "vision.onnx"), ["pixel_values"],
                     ["last_hidden_state", "pooler_output"],
                     {**img_axes, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}}, opset)
@@ -257,7 +263,7 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET) -> str:
             _export(ImageEmbedsGraph(model.vision_proj), [image], os.path.join(out, "image_embeds.onnx"),
                     ["image_embeds"], ["image_feat"], {**image_axes, "image_feat": {0: "batch"}}, opset)
             manifest["graphs"].update(itm="itm.onnx", text_embeds="text_embeds.onnx", image_embeds="image_embeds.onnx")
-        else:   # BlipModel: get_text_features / get_image_features
+        elif arch == "BlipModel":   # get_text_features / get_image_features
             text = TextEncoderGraph(model.text_model, nn.Sequential(model.text_model.pooler, model.text_projection),
                                     cross=False)
             _export(text, [ids, mask], os.path.join(out, "text_features.onnx"), ["input_ids", "attention_mask"],
