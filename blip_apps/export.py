@@ -26,7 +26,7 @@ FORMATS = {"onnx": "torch", "savedmodel": "tf", "stablehlo": "jax"}
 TASK_OF = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
            "BlipForImageTextRetrieval": "itm", "BlipModel": "embed", "Blip2ForConditionalGeneration": "caption"}
 SUPPORTED = {"onnx": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
-                      "BlipModel"},
+                      "BlipModel", "Blip2ForConditionalGeneration"},
              "savedmodel": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
                             "BlipModel", "Blip2ForConditionalGeneration"},
              "stablehlo": {"BlipForConditionalGeneration", "BlipModel", "Blip2ForConditionalGeneration"}}

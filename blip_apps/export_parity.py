@@ -39,6 +39,9 @@ def _new_tokens(config, prompt_length=1):
 
 def _onnx(artifact, model, arch, inp):
     from blip_runtime import OnnxBlip
+    if arch == "Blip2ForConditionalGeneration":
+        from .export_parity_blip2 import onnx_blip2_rows
+        return onnx_blip2_rows(OnnxBlip(artifact), model, inp, _array_row, _ids_row)
     runner = OnnxBlip(artifact)
     px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
     rows = []
