@@ -1,0 +1,223 @@
+"""BLIP-2 ONNX export (backends/torch/onnx_export_blip2.py) run by blip_runtime's OnnxBlip2, against torch.
+
+The committed random BLIP-2 fixtures, OPT (``Blip2ForConditionalGeneration``: placeholders, prompts
+of different lengths left-padded) and T5 (the ``Blip2Model`` fixture's weights loaded as a
+``Blip2ForConditionalGeneration``: right-padded prompts), are each exported once per module. The
+graphs' stages must lie within the float32 row of the tolerance table and the runner's ids must equal
+the torch backend's ``generate`` (greedy, 3 beams, 3 beams returning 2 with penalties, and without a
+prompt). The reference is the library's torch model: the runner's loop is numpy and the graphs run
+on onnxruntime's kernels.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from blip_core import to_numpy
+from blip_core.numerics import tolerance
+
+from fixture_utils import fixture, require
+
+require("onnxruntime")
+torch = require("torch")
+
+ATOL, RTOL = tolerance("default", "float32")
+NAME = "Blip2ForConditionalGeneration"
+GENERATE = {"greedy": dict(max_new_tokens=8), "beam3": dict(max_new_tokens=8, num_beams=3),
+            "beam3_nrs2_penalties": dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, length_penalty=0.6,
+                                         repetition_penalty=1.3, no_repeat_ngram_size=2)}
+
+
+def _close(got, want):
+    np.testing.assert_allclose(got, np.asarray(to_numpy(want)), atol=ATOL, rtol=RTOL)
+
+
+def _same_ids(got, want):
+    want = np.asarray(to_numpy(want))
+    assert got.dtype == np.int64 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def _as_captioner(src, dst):
+    """A copy of a fixture directory whose config names ``Blip2ForConditionalGeneration`` (the T5 fixture is
+    a ``Blip2Model``, whose weights are the captioner's)."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as fh:
+        config = json.load(fh)
+    config["architectures"] = [NAME]
+    with open(path, "w") as fh:
+        json.dump(config, fh)
+    return str(dst)
+
+
+def _inputs(kind):
+    _, inp, _ = fixture(NAME if kind == "opt" else "Blip2Model")
+    return inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def bundle(request, tmp_path_factory):
+    """(kind, torch model, OnnxBlip runner, checkpoint directory) exported once per language model."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"blip2_{kind}")
+    src = fixture(NAME if kind == "opt" else "Blip2Model")[0]
+    model_dir = src if kind == "opt" else _as_captioner(src, root / "model")
+    model = bt.Blip2ForConditionalGeneration.from_pretrained(model_dir)
+    runner = OnnxBlip(export_onnx(model, root / "onnx", processor_dir=model_dir), threads=1)
+    return kind, model, runner, model_dir
+
+
+def test_stages(bundle):
+    from blip_runtime.onnx_blip2 import OnnxBlip2
+    kind, model, runner, _ = bundle
+    assert isinstance(runner, OnnxBlip2) and runner.manifest["language_model"] == kind
+    px, ids, mask = _inputs(kind)
+    got = runner.image_stages(px)
+    lm_inputs, vision, qformer = model.get_image_features(px, return_dict=True)
+    _close(got["vision"], vision.last_hidden_state)
+    _close(got["qformer"], qformer.last_hidden_state)
+    _close(got["projection"], lm_inputs)
+    # the logits of the first decode step (the prompt call; for T5 through the encoder graph)
+    first = dict(input_ids=ids, attention_mask=mask, max_new_tokens=1, output_scores=True,
+                 return_dict_in_generate=True)
+    _close(runner.generate(px, **first).scores[0], model.generate(px, **first).scores[0])
+
+
+@pytest.mark.parametrize("options", list(GENERATE.values()), ids=list(GENERATE))
+def test_ids_with_padded_prompts(bundle, options):
+    kind, model, runner, _ = bundle
+    px, ids, mask = _inputs(kind)
+    assert (mask == 0).any() and len(set(mask.sum(1))) == 2     # a padded batch of prompts of two lengths
+    _same_ids(runner.generate(px, input_ids=ids, attention_mask=mask, **options),
+              model.generate(px, input_ids=ids, attention_mask=mask, **options))
+
+
+def test_ids_without_prompt(bundle):
+    kind, model, runner, _ = bundle
+    px = _inputs(kind)[0]
+    for options in (GENERATE["greedy"], GENERATE["beam3"]):
+        _same_ids(runner.generate(px, **options), model.generate(px, **options))
+
+
+def test_concatenated_queries(bundle, tmp_path):
+    """Configs without ``image_token_index`` put the queries in front; the graphs are the same."""
+    import backends.torch as bt
+    from blip_runtime import OnnxBlip
+    kind, _, runner, model_dir = bundle
+    q = runner.config.num_query_tokens
+    art, ckpt = shutil.copytree(runner.path, tmp_path / "onnx"), shutil.copytree(model_dir, tmp_path / "ckpt")
+    for d in (art, ckpt):
+        with open(os.path.join(d, "config.json")) as fh:
+            config = json.load(fh)
+        config.pop("image_token_index")
+        with open(os.path.join(d, "config.json"), "w") as fh:
+            json.dump(config, fh)
+    model, concat = bt.Blip2ForConditionalGeneration.from_pretrained(str(ckpt)), OnnxBlip(art, threads=1)
+    px, ids, mask = _inputs(kind)
+    ids, mask = ids[:, q:], mask[:, q:]
+    for options in (GENERATE["greedy"], GENERATE["beam3_nrs2_penalties"]):
+        _same_ids(concat.generate(px, input_ids=ids, attention_mask=mask, **options),
+                  model.generate(px, input_ids=ids, attention_mask=mask, **options))
+
+
+def test_refusals(bundle):
+    kind, _, runner, _ = bundle
+    px, ids, mask = _inputs(kind)
+    with pytest.raises(ValueError, match="placeholder"):
+        runner.generate(px, input_ids=ids[:, 1:], attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="vocabulary"):
+        runner.generate(px, input_ids=np.where(ids == ids[0, -1], 10_000, ids), attention_mask=mask)
+    with pytest.raises(ValueError, match="batch"):
+        runner.generate(px[:1], input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="unknown option"):
+        runner.generate(px, max_new_tokens=2, beams=3)
+    if kind == "opt":       # OPT's position table, as the library raises it
+        with pytest.raises(ValueError, match="position"):
+            runner.generate(px, input_ids=ids, attention_mask=mask, max_new_tokens=40)
+
+
+def _export_and_check(model_dir, out, capsys):
+    from blip_apps.cli import main
+    assert main(["export", model_dir, out, "--format", "onnx", "--task", "caption"]) == 0
+    capsys.readouterr()
+    code = main(["export-parity", out, model_dir, "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["stage"] for r in rows} == {"vision_qformer.vision", "vision_qformer.qformer",
+                                          "vision_qformer.projection", "decoder_step.logits",
+                                          "generate.num_beams=1", "generate.num_beams=3", "generate.default_prompt"}
+    assert all(r["ok"] for r in rows), rows
+    assert code == 0
+
+
+def test_cli_export_and_parity_opt(tmp_path, capsys):
+    """``blip export --format onnx`` of a BLIP-2 OPT checkpoint, then ``blip export-parity`` exits 0."""
+    _export_and_check(fixture(NAME)[0], str(tmp_path / "cli"), capsys)
+
+
+@pytest.mark.slow
+def test_cli_export_and_parity_t5(tmp_path, capsys):
+    _export_and_check(_as_captioner(fixture("Blip2Model")[0], tmp_path / "model"), str(tmp_path / "cli"), capsys)
+
+
+@pytest.mark.slow
+def test_parity_catches_a_perturbed_blip2_export(tmp_path, capsys):
+    import backends.torch as bt
+    from blip_apps.cli import main
+    model = bt.Blip2ForConditionalGeneration.from_pretrained(fixture(NAME)[0])
+    with torch.no_grad():
+        model.language_projection.bias[0] += 0.5
+    model.save_pretrained(str(tmp_path / "bad"))
+    assert main(["export", str(tmp_path / "bad"), str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    capsys.readouterr()
+    assert main(["export-parity", str(tmp_path / "onnx"), fixture(NAME)[0]]) == 1
+    assert "vision_qformer.projection" in [line.split()[0] for line in capsys.readouterr().out.splitlines()
+                                           if line.endswith("FAIL")]
+
+
+@pytest.fixture(scope="module")
+def opt_with_processor(tmp_path_factory):
+    """A random OPT BLIP-2 captioner with a Blip2Processor (byte-level BPE, ``<image>`` placeholders)."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_core.configs import load_config
+    from blip_core.processing import Blip2Processor, BlipImageProcessor, load_tokenizer
+    from blip_runtime import OnnxBlip
+    from hf_configs import randomize
+    from test_tokenization import make_bpe_dir
+    root = tmp_path_factory.mktemp("blip2_processor")
+    q = 4
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}),
+                               load_tokenizer(str(make_bpe_dir(root / "tok"))), num_query_tokens=q)
+    model_dir = str(root / "model")
+    shutil.copytree(fixture(NAME)[0], model_dir)
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        config = json.load(fh)
+    config["image_token_index"] = processor.image_token_id
+    config["text_config"].update(vocab_size=len(processor.tokenizer), bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    with open(os.path.join(model_dir, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    model = randomize(bt.Blip2ForConditionalGeneration(load_config(model_dir), seed=0), seed=1, std=0.3)
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return model, processor, OnnxBlip(export_onnx(model, root / "onnx", processor_dir=model_dir), threads=1)
+
+
+def test_caption_with_processor(opt_with_processor):
+    """``caption(images, prompt)``: the bundle's own Blip2Processor, the library's ids, decoded."""
+    from PIL import Image
+    model, processor, runner = opt_with_processor
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    for prompt, options in ((None, dict(max_new_tokens=6)), ("a photo of", dict(max_new_tokens=6, num_beams=3))):
+        kw = {} if prompt is None else {"text": [prompt] * 2}
+        inputs = processor(images=images, return_tensors="np", **kw)
+        want = model.generate(inputs["pixel_values"], input_ids=inputs.get("input_ids"),
+                              attention_mask=inputs.get("attention_mask"), **options)
+        assert runner.caption(images, prompt=prompt, **options) == processor.batch_decode(to_numpy(want),
+                                                                                          skip_special_tokens=True)
