@@ -221,3 +221,50 @@ def test_caption_with_processor(opt_with_processor):
                               attention_mask=inputs.get("attention_mask"), **options)
         assert runner.caption(images, prompt=prompt, **options) == processor.batch_decode(to_numpy(want),
                                                                                           skip_special_tokens=True)
+
+
+BLOCKED = ("torch", "tensorflow", "jax", "flax", "transformers", "keras", "backends", "converters", "blip_apps",
+           "safetensors")
+RUN_BLOCKED = r"""
+import importlib.abc, json, sys
+import numpy as np
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in %(blocked)r:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+from blip_runtime import OnnxBlip
+inp = np.load(sys.argv[2])
+runner = OnnxBlip(sys.argv[1], threads=1)
+kw = dict(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], max_new_tokens=6)
+print(json.dumps({"greedy": runner.generate(inp["pixel_values"], **kw).tolist(),
+                  "beam": runner.generate(inp["pixel_values"], num_beams=3, **kw).tolist(),
+                  "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def test_runner_needs_no_framework(bundle):
+    """The BLIP-2 runner's source reaches no framework or backend, and it decodes with them blocked."""
+    import subprocess
+    import sys
+
+    from fixture_utils import ROOT
+    from test_core_imports import violations
+    kind, model, runner, _ = bundle
+    for name in ("onnx_blip2.py", "onnx_runner.py", "numpy_engine.py"):
+        path = os.path.join(ROOT, "blip_runtime", name)
+        with open(path) as fh:
+            assert violations(fh.read(), path) == []
+    if kind == "t5":
+        return                  # one language model is enough for the subprocess run
+    inputs = os.path.join(fixture(NAME)[0], "inputs.npz")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", RUN_BLOCKED % {"blocked": BLOCKED}, runner.path, inputs], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not set(out["modules"]) & set(BLOCKED)
+    px, ids, mask = _inputs(kind)
+    for key, beams in (("greedy", 1), ("beam", 3)):
+        _same_ids(np.array(out[key], np.int64), model.generate(px, input_ids=ids, attention_mask=mask,
+                                                               max_new_tokens=6, num_beams=beams))
