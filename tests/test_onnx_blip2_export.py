@@ -105,6 +105,17 @@ def test_ids_without_prompt(bundle):
         _same_ids(runner.generate(px, **options), model.generate(px, **options))
 
 
+def test_sampling(bundle):
+    """Sampling runs through the numpy engine: seeded draws repeat, and top_k=1 draws are the greedy ids."""
+    kind, model, runner, _ = bundle
+    px, ids, mask = _inputs(kind)
+    prompt = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    a, b = (runner.generate(px, do_sample=True, seed=3, num_return_sequences=2, **prompt) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape[0] == 2 * px.shape[0]
+    _same_ids(runner.generate(px, do_sample=True, top_k=1, seed=5, **prompt), model.generate(px, **prompt))
+
+
 def test_concatenated_queries(bundle, tmp_path):
     """Configs without ``image_token_index`` put the queries in front; the graphs are the same."""
     import backends.torch as bt

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from blip_core.blip2 import check_opt_position
+
 from ._base import Dense, LayerNorm, activation, attend, merge_heads, split_heads
 
 OPT_LAYER_NORM_EPS = 1e-5   # torch.nn.LayerNorm's default, which OPT uses
@@ -148,10 +150,7 @@ class OPTForCausalLM(tf.Module):
         slots = tf.range(s) + start
         positions = mask_positions(key_mask, slots, pad_position)
         if self.cfg.max_position_embeddings and tf.get_static_value(positions) is not None:
-            top = int(tf.reduce_max(positions))
-            if top >= self.cfg.max_position_embeddings:
-                raise ValueError(f"sequence needs position {top} but OPT has only "
-                                 f"{self.cfg.max_position_embeddings} positions")
+            check_opt_position(int(tf.reduce_max(positions)), self.cfg.max_position_embeddings)
         x = embeds if self.project_in is None else self.project_in(embeds)
         h = x + tf.cast(tf.gather(self.embed_positions, positions + 2), x.dtype)
         bias = causal_bias(key_mask, slots, h.dtype)

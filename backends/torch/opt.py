@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from blip_core.blip2 import check_opt_position
 from blip_core.configs import OPTConfig
 from blip_core.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -147,9 +148,7 @@ class OPTDecoder(nn.Module):
         if position_ids is None:
             # Count only real tokens: left padding leaves the first real token at position 0.
             position_ids = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1)[:, past_len:]
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"sequence needs position {int(position_ids.max())} but OPT has only "
-                             f"{self.config.max_position_embeddings} positions")
+        check_opt_position(int(position_ids.max()), self.config.max_position_embeddings)
         x = inputs_embeds if self.project_in is None else self.project_in(inputs_embeds)
         h = x + self.embed_positions(position_ids).to(x.dtype)
         bias = causal_bias(attention_mask, n, h.dtype)
