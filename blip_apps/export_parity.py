@@ -4,7 +4,7 @@ The library model is the checkpoint loaded in the backend that wrote the format 
 SavedModel: tf, StableHLO: jax), on the parity harness's random inputs
 (``converters.inputs.make_inputs``). Float stages pass within the tolerance table
 (``blip_core.numerics``); generated ids must be identical. ONNX bundles are checked greedy and
-with 3 beams; SavedModel and StableHLO generators with the options fixed at export.
+with 3 beams (BLIP-2's rows: ``export_parity_blip2``); SavedModel and StableHLO generators with the options fixed at export.
 """
 from __future__ import annotations
 
