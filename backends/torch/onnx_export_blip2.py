@@ -175,7 +175,8 @@ def export_blip2_onnx(model, out: str, opset: int) -> dict:
         enc_mask = torch.ones(b, n, dtype=torch.long)
         enc_mask[1, -2:] = 0
         _export(T5EncoderGraph(lm), [ids, embeds, embeds_mask, enc_mask], os.path.join(out, "encoder.onnx"),
-                ["input_ids", "inputs_embeds", "embeds_mask", "attention_mask"], ["encoder_hidden_states"] + cross_names,
+                ["input_ids", "inputs_embeds", "embeds_mask", "attention_mask"],
+                ["encoder_hidden_states"] + cross_names,
                 dict(text_axes, attention_mask={0: "batch", 1: "length"},
                      encoder_hidden_states={0: "batch", 1: "length"},
                      **{k: {0: "batch", 2: "length"} for k in cross_names}), opset)
