@@ -281,3 +281,42 @@ def test_runner_decodes_with_frameworks_blocked(bundle):
     for key, beams in (("greedy", 1), ("beam", 3)):
         _same_ids(np.array(out[key], np.int64), model.generate(px, input_ids=ids, attention_mask=mask,
                                                                max_new_tokens=6, num_beams=beams))
+
+
+VARIANTS = {   # language-model variants beyond the fixtures: (fixture, text_config changes, config changes)
+    "opt_post_ln_no_bias": (NAME, dict(do_layer_norm_before=False, enable_bias=False), {}),
+    "t5_tied_relu_short_buckets_concat": ("Blip2Model", dict(feed_forward_proj="relu", is_gated_act=False,
+                                                             dense_act_fn="relu", tie_word_embeddings=True,
+                                                             relative_attention_num_buckets=8,
+                                                             relative_attention_max_distance=10),
+                                          dict(image_token_index=None)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_language_model_variants(tmp_path, variant):
+    """Post-LN OPT without biases; tied T5 (output rescaled) with ReLU and short relative-position buckets
+    (12 new tokens reach the log-spaced buckets), queries concatenated in front."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_core.configs import load_config
+    from blip_runtime import OnnxBlip
+    from hf_configs import randomize
+    src, text, extra = VARIANTS[variant]
+    model_dir = _as_captioner(fixture(src)[0], tmp_path / "model")
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        config = json.load(fh)
+    config["text_config"].update(text)
+    config.update(extra)
+    with open(os.path.join(model_dir, "config.json"), "w") as fh:
+        json.dump({k: v for k, v in config.items() if v is not None}, fh)
+    model = randomize(bt.Blip2ForConditionalGeneration(load_config(model_dir), seed=0), seed=2, std=0.3)
+    runner = OnnxBlip(export_onnx(model, tmp_path / "onnx"), threads=1)
+    px, ids, mask = _inputs("opt" if src == NAME else "t5")
+    if "image_token_index" in extra:
+        ids, mask = ids[:, config["num_query_tokens"]:], mask[:, config["num_query_tokens"]:]
+    for options in (dict(max_new_tokens=12), dict(max_new_tokens=12, repetition_penalty=1.5),
+                    dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, repetition_penalty=1.5)):
+        _same_ids(runner.generate(px, input_ids=ids, attention_mask=mask, **options),
+                  model.generate(px, input_ids=ids, attention_mask=mask, **options))
