@@ -71,9 +71,9 @@ def query_layout(input_ids: np.ndarray, attention_mask: Optional[np.ndarray], co
     if uses_placeholders(config):
         return ids, image_slots(ids, config), mask, 0
     q = config.num_query_tokens
-    front = np.ones((b, q), np.int64)
     slots = np.concatenate([np.ones((b, q), bool), np.zeros((b, n), bool)], 1)
-    return np.concatenate([0 * front, ids], 1), slots, np.concatenate([front, mask], 1), q
+    return (np.concatenate([np.zeros((b, q), np.int64), ids], 1), slots,
+            np.concatenate([np.ones((b, q), np.int64), mask], 1), q)
 
 
 def place_queries(queries: np.ndarray, slots: np.ndarray) -> np.ndarray:
