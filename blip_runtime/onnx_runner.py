@@ -75,8 +75,7 @@ class OnnxBlip(Artifact):
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         px = np.asarray(pixel_values, np.float32)
-        vc = self.config.vision_config
-        check_pixel_values(px.shape, vc.image_size, vc.patch_size, False)
+        check_pixel_values(px.shape, self.image_size, self.config.vision_config.patch_size, False)
         return px
 
     def vision(self, pixel_values):
