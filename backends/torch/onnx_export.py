@@ -121,9 +121,10 @@ class DecoderStepGraph(nn.Module):
         enc_mask = None
         if self.cross_mask:     # applied, as the library does (transformers 4.57 drops it)
             m, rest = rest[0], rest[1:]
-            enc_mask = (1.0 - m[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
         past, cross = rest[: 2 * n_layers], rest[2 * n_layers:]
         x = bert.embeddings(input_ids, position_ids)
+        if self.cross_mask:
+            enc_mask = (1.0 - m[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         mask = bert._self_mask(attention_mask, input_ids.shape[1], None, True, x.dtype)
         present = []
         for i, layer in enumerate(bert.encoder.layer):
@@ -193,7 +194,8 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
     n_layers = len(lm.bert.encoder.layer)
     heads, hd = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
     b, s_enc, past, s = 2, 6, 3, 2
-    enc = torch.randn(b, s_enc, enc_width)
+    dtype = lm.cls.predictions.decoder.weight.dtype
+    enc = torch.randn(b, s_enc, enc_width, dtype=dtype)
     cross_names = _kv_names("cross", n_layers)
     _export(CrossKVGraph(lm), [enc], os.path.join(out, "decoder_cross_kv.onnx"), ["encoder_hidden_states"],
             cross_names, {"encoder_hidden_states": {0: "batch", 1: "encoder_length"},
@@ -211,7 +213,7 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
         names.append("encoder_attention_mask")
         axes["encoder_attention_mask"] = {0: "batch", 1: "encoder_length"}
     past_names, present_names = _kv_names("past", n_layers), _kv_names("present", n_layers)
-    args += [torch.randn(b, heads, past, hd) for _ in past_names] + cross
+    args += [torch.randn(b, heads, past, hd, dtype=dtype) for _ in past_names] + cross
     names += past_names + cross_names
     axes.update({k: {0: "batch", 2: "past_length"} for k in past_names})
     axes.update({k: {0: "batch", 2: "encoder_length"} for k in cross_names})
@@ -231,8 +233,12 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_si
     arch = getattr(model, "architecture", type(model).__name__)
     if arch not in TASKS:
         raise ValueError(f"ONNX export supports {', '.join(TASKS)}; got {arch}")
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("ONNX export writes float32 graphs: load the model in float32")
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1 or dtypes - {torch.float32, torch.float16}:
+        raise ValueError(f"ONNX export writes float32 (or float16) graphs, got parameters in "
+                         f"{', '.join(sorted(str(d) for d in dtypes))}: onnxruntime's CPU provider has no "
+                         f"bfloat16 kernels for MatMul, Add, Softmax, LayerNorm (NOT_IMPLEMENTED)")
+    dtype = dtypes.pop()
     model = model.eval()
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
@@ -244,7 +250,7 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_si
     seq_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
     image_axes = {"image_embeds": {0: "batch", 1: "image_length"}}
     manifest = {"format": FORMAT, "version": 1, "architecture": arch, "task": TASKS[arch], "opset": opset,
-                "image_size": size, "graphs": {}}
+                "image_size": size, "dtype": str(dtype).replace("torch.", ""), "graphs": {}}
     ids, mask = _text_dummy(tc)
     with torch.no_grad():
         if arch != "BlipModel":
