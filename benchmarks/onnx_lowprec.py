@@ -82,7 +82,7 @@ def base_vision(reps: int, threads: int, out: str) -> dict:
     cfg = BlipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=384, patch_size=16)
     px = np.random.default_rng(0).standard_normal((1, 3, 384, 384)).astype(np.float32)
-    sessions, outs = {}, {}
+    sessions = {}
     model = BlipVisionModel(cfg, seed=0).eval()
     for dtype in ("float32", "float16"):
         model = model.to(getattr(torch, dtype))
@@ -92,10 +92,8 @@ def base_vision(reps: int, threads: int, out: str) -> dict:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         sessions[dtype] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        outs[dtype] = sessions[dtype].run(None, {"pixel_values": px})[0].astype(np.float32)
     t = _median_interleaved({k: (lambda s=s: s.run(None, {"pixel_values": px})) for k, s in sessions.items()}, reps)
-    return {"vision_b1_s": t, "vision_fp16_over_fp32": t["float16"] / t["float32"],
-            "vision_max_abs_diff": float(np.abs(outs["float16"] - outs["float32"]).max())}
+    return {"vision_b1_s": t, "vision_fp16_over_fp32": t["float16"] / t["float32"]}
 
 
 def main(argv=None) -> int:

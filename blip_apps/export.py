@@ -40,6 +40,17 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "spiece.model", "added_tokens.json", "preprocessor_config.json",
                    "processor_config.json")
 META = "blip_export.json"
+# Why ``--format onnx`` stays float32 (measured: ``python benchmarks/onnx_lowprec.py``, results in
+# benchmarks/results/2026-12-03-onnx-lowprec-loaded.txt).
+ONNX_LOW_PRECISION = {
+    "bfloat16": "ONNX graphs are exported in float32: onnxruntime's CPU provider has no bfloat16 kernels "
+                "(MatMul, Add, Softmax: NOT_IMPLEMENTED in onnxruntime 1.32)",
+    "float16": "ONNX graphs are exported in float32: float16 graphs run slower on onnxruntime's CPU provider, which "
+               "has float16 kernels for few operators and wraps the rest in Cast nodes (benchmarks/onnx_lowprec.py, "
+               "onnxruntime 1.32, 2 threads, load ~8: BLIP base vision tower 1.10x float32's time, demo captioner "
+               "batch 8 1.20x; caption ids equal to float32's on 200/200 held-out images). For another runtime, "
+               "backends.torch.onnx_export.export_onnx writes float16 graphs from a float16 torch model",
+}
 
 
 def _generation_options(arch, num_beams, max_new_tokens) -> dict:
@@ -60,7 +71,7 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
     if arch not in SUPPORTED[fmt]:
         raise ValueError(f"--format {fmt} supports {', '.join(sorted(SUPPORTED[fmt]))}; {model_dir} holds {arch}")
     if fmt == "onnx" and dtype not in (None, "float32"):
-        raise ValueError("ONNX graphs are exported in float32 (onnxruntime's CPU kernels)")
+        raise ValueError(ONNX_LOW_PRECISION[dtype])
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"{out} exists and is not an empty directory")
     vision = load_config(model_dir).vision_config

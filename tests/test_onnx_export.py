@@ -146,3 +146,52 @@ def test_export_refuses_other_dtypes_and_classes(tmp_path):
     vision = bt.BlipVisionModel.from_pretrained(fixture("BlipVisionModel")[0])
     with pytest.raises(ValueError, match="supports"):
         export_onnx(vision, tmp_path / "b")
+
+
+def _pixels_of_size(size, batch=2, seed=2):
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def test_other_image_size(tmp_path_factory):
+    """``image_size`` at export: the bundle takes that size and equals the library's
+    ``interpolate_pos_encoding=True`` outputs; its processor resizes to it."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    model_dir = fixture("BlipForConditionalGeneration")[0]
+    model = bt.BlipForConditionalGeneration.from_pretrained(model_dir)
+    size = 2 * model.config.vision_config.image_size - model.config.vision_config.patch_size
+    runner = OnnxBlip(export_onnx(model, tmp_path_factory.mktemp("sized"), image_size=size), threads=1)
+    px = _pixels_of_size(size)
+    _close(runner.vision(px)[0], model.vision_model(px, interpolate_pos_encoding=True).last_hidden_state)
+    for options in GENERATE[:2]:
+        _same_ids(runner.generate(px, **options), model.generate(pixel_values=px, interpolate_pos_encoding=True,
+                                                                 **options))
+    assert runner.image_size == size and runner.processor.image_processor.size == {"height": size, "width": size}
+    with pytest.raises(ValueError, match=f"{size}x{size}"):
+        runner.generate(_pixels_of_size(model.config.vision_config.image_size))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        export_onnx(model, tmp_path_factory.mktemp("bad"), image_size=size + 1)
+
+
+def test_float16_bundle_and_bfloat16_refusal(tmp_path_factory):
+    """A float16 model exports and runs (stages within the float16 row of the float32 library, caption
+    ids as the float32 bundle's on the fixture); bfloat16 is refused with the reason. The CLI refuses
+    both for ONNX (float16 measured no faster on onnxruntime's CPU provider: benchmarks/onnx_lowprec.py)."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_core.numerics import effective_tolerance
+    from blip_runtime import OnnxBlip
+    model_dir, inp, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(model_dir)
+    half = bt.BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16)
+    runner = OnnxBlip(export_onnx(half, tmp_path_factory.mktemp("fp16")), threads=1)
+    assert runner.manifest["dtype"] == "float16"
+    px = inp["pixel_values"]
+    want = to_numpy(model.vision_model(px).last_hidden_state)
+    atol, rtol = effective_tolerance(want, "default", "float16")
+    np.testing.assert_allclose(runner.vision(px)[0].astype(np.float32), want, atol=atol, rtol=rtol)
+    _same_ids(runner.generate(px, max_new_tokens=8), model.generate(pixel_values=px, max_new_tokens=8))
+    bf16 = bt.BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        export_onnx(bf16, tmp_path_factory.mktemp("bf16"))
