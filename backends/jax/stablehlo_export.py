@@ -44,6 +44,8 @@ from blip_core.artifact_files import copy_processor_files, export_image_size
 from blip_core.generation import resolve_blip_generation
 
 FORMAT = "blip-stablehlo"
+ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval", "BlipModel",
+                 "Blip2ForConditionalGeneration")
 
 
 def _write(exported, out, name):
@@ -64,6 +66,8 @@ def export_stablehlo(model, out_dir, processor_dir=None, image_size: int | None 
     square pixel size the programs take (default the config's; another size interpolates the position
     table as ``interpolate_pos_encoding=True`` does)."""
     arch = type(model).__name__
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"StableHLO export supports {', '.join(ARCHITECTURES)}; got {arch}")
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
     size = export_image_size(vc, image_size)
@@ -164,7 +168,7 @@ def export_stablehlo(model, out_dir, processor_dir=None, image_size: int | None 
                                        "outputs": ["itm_score"]}
         manifest["programs"]["image_embeds"] = {"inputs": ["pixel_values"], "outputs": ["image_feat"]}
         manifest["programs"]["text_embeds"] = {"inputs": ["input_ids", "attention_mask"], "outputs": ["text_feat"]}
-    elif arch == "BlipModel":
+    else:   # BlipModel
         if generate_kwargs:
             raise ValueError(f"generation options do not apply to {arch}")
 
@@ -179,10 +183,6 @@ def export_stablehlo(model, out_dir, processor_dir=None, image_size: int | None 
         manifest["programs"]["image_features"] = {"inputs": ["pixel_values"], "outputs": ["image_features"]}
         manifest["programs"]["text_features"] = {"inputs": ["input_ids", "attention_mask"],
                                                  "outputs": ["text_features"]}
-    else:
-        raise ValueError(f"StableHLO export supports the BLIP task models (BlipForConditionalGeneration, "
-                         f"BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipModel) and "
-                         f"Blip2ForConditionalGeneration; got {arch}")
     np.savez(os.path.join(out, "params.npz"), **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
     cfg.save_pretrained(out)
     copy_processor_files(processor_dir, out, size if interpolate else None)
