@@ -227,9 +227,10 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
 
 def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_size: int | None = None) -> str:
     """Write ``model`` (a torch ``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``,
-    ``BlipForImageTextRetrieval`` or ``BlipModel``, float32) as ONNX graphs plus ``manifest.json``,
-    its ``config.json`` and the processor files found in ``processor_dir``; returns ``out_dir``.
-    ``image_size``: the square pixel size the vision graphs take (default: the config's)."""
+    ``BlipForImageTextRetrieval`` or ``BlipModel``, float32; float16 writes float16 graphs, which
+    onnxruntime's CPU provider runs slower than float32: ``benchmarks/onnx_lowprec.py``) as ONNX graphs
+    plus ``manifest.json``, its ``config.json`` and the processor files found in ``processor_dir``;
+    returns ``out_dir``. ``image_size``: the square pixel size the vision graphs take (default: the config's)."""
     arch = getattr(model, "architecture", type(model).__name__)
     if arch not in TASKS:
         raise ValueError(f"ONNX export supports {', '.join(TASKS)}; got {arch}")
@@ -285,8 +286,8 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_si
                                     cross=False)
             _export(text, [ids, mask], os.path.join(out, "text_features.onnx"), ["input_ids", "attention_mask"],
                     ["text_features"], {**seq_axes, "text_features": {0: "batch"}}, opset)
-            _export(ImageFeaturesGraph(model, size), [pixels], os.path.join(out, "image_features.onnx"), ["pixel_values"],
-                    ["image_features"], {**img_axes, "image_features": {0: "batch"}}, opset)
+            _export(ImageFeaturesGraph(model, size), [pixels], os.path.join(out, "image_features.onnx"),
+                    ["pixel_values"], ["image_features"], {**img_axes, "image_features": {0: "batch"}}, opset)
             manifest["graphs"].update(text_features="text_features.onnx", image_features="image_features.onnx")
             manifest["logit_scale"] = float(model.logit_scale.detach())
     cfg.save_pretrained(out)
