@@ -197,3 +197,48 @@ def test_float16_bundle_and_bfloat16_refusal(tmp_path_factory):
     bf16 = bt.BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="no bfloat16 kernels"):
         export_onnx(bf16, tmp_path_factory.mktemp("bf16"))
+
+
+@pytest.mark.slow
+def test_bundled_models_at_another_image_size(tmp_path_factory):
+    """The demo captioning, VQA and retrieval models exported at 1.5x their size: the bundle's processor
+    resizes the bundled pictures to it; ids (greedy, beam) equal and scores within tolerance of the torch
+    backend with ``interpolate_pos_encoding=True``."""
+    import json
+
+    from PIL import Image
+
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    samples = os.path.join(ROOT, "blip_apps", "assets", "samples")
+    with open(os.path.join(samples, "metadata.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    images = [Image.open(os.path.join(samples, r["file_name"])).convert("RGB") for r in rows]
+    for name, sub, text in (("BlipForConditionalGeneration", "caption", None), ("BlipForQuestionAnswering", "vqa",
+                            "question"), ("BlipForImageTextRetrieval", "retrieval", "text")):
+        model_dir = os.path.join(ROOT, "blip_apps", "models", sub)
+        model = getattr(bt, name).from_pretrained(model_dir)
+        vc = model.config.vision_config
+        size = vc.image_size + vc.image_size // 2
+        runner = OnnxBlip(export_onnx(model, tmp_path_factory.mktemp(sub), processor_dir=model_dir, image_size=size))
+        enc = runner.processor(images=images, text=[r[text] for r in rows] if text else None, padding=True,
+                               return_tensors="np")
+        px = enc["pixel_values"]
+        assert px.shape[-2:] == (size, size)
+        if sub == "caption":
+            for options in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)):
+                _same_ids(runner.generate(px, **options),
+                          model.generate(pixel_values=px, interpolate_pos_encoding=True, **options))
+        elif sub == "vqa":
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            for options in (dict(max_new_tokens=5), dict(max_new_tokens=5, num_beams=3)):
+                _same_ids(runner.generate(ids, px, mask, **options),
+                          model.generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                         interpolate_pos_encoding=True, **options))
+        else:
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            for head in (True, False):
+                _close(runner.itm(ids, px, mask, use_itm_head=head),
+                       model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=head,
+                             interpolate_pos_encoding=True).itm_score)
