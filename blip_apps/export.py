@@ -24,7 +24,7 @@ import shutil
 import sys
 
 from blip_core import architecture_of
-from blip_core.artifact_files import export_image_size, write_image_size
+from blip_core.artifact_files import PROCESSOR_FILES, export_image_size, write_image_size
 from blip_core.configs import load_config
 
 FORMATS = {"onnx": "torch", "savedmodel": "tf", "stablehlo": "jax"}
@@ -36,9 +36,6 @@ SUPPORTED = {"onnx": {"BlipForConditionalGeneration", "BlipForQuestionAnswering"
                             "BlipModel", "Blip2ForConditionalGeneration"},
              "stablehlo": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
                            "BlipModel", "Blip2ForConditionalGeneration"}}
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
-                   "vocab.json", "spiece.model", "added_tokens.json", "preprocessor_config.json",
-                   "processor_config.json")
 META = "blip_export.json"
 # Why ``--format onnx`` stays float32 (measured: ``python benchmarks/onnx_lowprec.py``, results in
 # benchmarks/results/2026-12-03-onnx-lowprec-loaded.txt).
