@@ -2,6 +2,7 @@
 
     blip export MODEL_DIR OUT --format onnx|savedmodel|stablehlo [--task caption|vqa|itm|embed]
                 [--dtype float32|bfloat16|float16] [--num-beams N] [--max-new-tokens N] [--prompt-length N]
+                [--image-size N]
     blip export-parity ARTIFACT MODEL_DIR [--seed S] [--json]
 
 Which backend writes which format: ONNX from torch (``backends/torch/onnx_export.py``; run with
@@ -12,6 +13,8 @@ run with ``blip_runtime.stablehlo_runner.StableHLOBlip``). The task is the check
 fix ``--num-beams`` / ``--max-new-tokens`` at export, except ONNX, whose runner takes any option.
 Every artifact directory gets ``blip_export.json`` (format, architecture, task, options), the
 checkpoint's ``config.json`` and processor files; ``blip export-parity`` compares it with the library.
+``--image-size N`` exports an artifact taking N x N pixels (every format: the position table is
+resized as the library's ``interpolate_pos_encoding=True`` does); its processor files resize to N.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import shutil
 import sys
 
 from blip_core import architecture_of
+from blip_core.artifact_files import PROCESSOR_FILES, export_image_size, write_image_size
+from blip_core.configs import load_config
 
 FORMATS = {"onnx": "torch", "savedmodel": "tf", "stablehlo": "jax"}
 TASK_OF = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
@@ -29,11 +34,20 @@ SUPPORTED = {"onnx": {"BlipForConditionalGeneration", "BlipForQuestionAnswering"
                       "BlipModel", "Blip2ForConditionalGeneration"},
              "savedmodel": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
                             "BlipModel", "Blip2ForConditionalGeneration"},
-             "stablehlo": {"BlipForConditionalGeneration", "BlipModel", "Blip2ForConditionalGeneration"}}
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
-                   "vocab.json", "spiece.model", "added_tokens.json", "preprocessor_config.json",
-                   "processor_config.json")
+             "stablehlo": {"BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval",
+                           "BlipModel", "Blip2ForConditionalGeneration"}}
 META = "blip_export.json"
+# Why ``--format onnx`` stays float32 (measured: ``python benchmarks/onnx_lowprec.py``, results in
+# benchmarks/results/2026-12-03-onnx-lowprec-loaded.txt).
+ONNX_LOW_PRECISION = {
+    "bfloat16": "ONNX graphs are exported in float32: onnxruntime's CPU provider has no bfloat16 kernels "
+                "(MatMul, Add, Softmax: NOT_IMPLEMENTED in onnxruntime 1.32)",
+    "float16": "ONNX graphs are exported in float32: float16 graphs run slower on onnxruntime's CPU provider, which "
+               "has float16 kernels for few operators and wraps the rest in Cast nodes (benchmarks/onnx_lowprec.py, "
+               "onnxruntime 1.32, 2 threads, load ~8: BLIP base vision tower 1.10x float32's time, demo captioner "
+               "batch 8 1.20x; caption ids equal to float32's on 200/200 held-out images). For another runtime, "
+               "backends.torch.onnx_export.export_onnx writes float16 graphs from a float16 torch model",
+}
 
 
 def _generation_options(arch, num_beams, max_new_tokens) -> dict:
@@ -41,8 +55,10 @@ def _generation_options(arch, num_beams, max_new_tokens) -> dict:
 
 
 def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: str | None = None,
-           num_beams: int = 1, max_new_tokens: int = 20, prompt_length: int | None = None) -> dict:
-    """Write the artifact; returns the metadata written to ``OUT/blip_export.json``."""
+           num_beams: int = 1, max_new_tokens: int = 20, prompt_length: int | None = None,
+           image_size: int | None = None) -> dict:
+    """Write the artifact; returns the metadata written to ``OUT/blip_export.json``. ``image_size``: the
+    square pixel size the artifact takes (default: the config's)."""
     import blip_apps
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -52,14 +68,17 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
     if arch not in SUPPORTED[fmt]:
         raise ValueError(f"--format {fmt} supports {', '.join(sorted(SUPPORTED[fmt]))}; {model_dir} holds {arch}")
     if fmt == "onnx" and dtype not in (None, "float32"):
-        raise ValueError("ONNX graphs are exported in float32 (onnxruntime's CPU kernels)")
+        raise ValueError(ONNX_LOW_PRECISION[dtype])
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"{out} exists and is not an empty directory")
+    vision = load_config(model_dir).vision_config
+    size = export_image_size(vision, image_size)
+    sized = {} if image_size is None else {"image_size": size}
     model = blip_apps.load(model_dir, backend=FORMATS[fmt], **({"dtype": dtype} if dtype else {}))
     options = _generation_options(arch, num_beams, max_new_tokens)
     if fmt == "onnx":
         from backends.torch.onnx_export import export_onnx
-        export_onnx(model, out, processor_dir=model_dir)
+        export_onnx(model, out, processor_dir=model_dir, **sized)
         options = {}                                    # the runner takes any generation option
     elif fmt == "stablehlo":
         from backends.jax.stablehlo_export import export_stablehlo
@@ -68,23 +87,25 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
                 raise ValueError("BLIP-2 programs take prompts of one length: pass --prompt-length "
                                  "(placeholders included)")
             options["prompt_length"] = prompt_length
-        export_stablehlo(model, out, processor_dir=model_dir, **options)
+        export_stablehlo(model, out, processor_dir=model_dir, **sized, **options)
     elif arch == "Blip2ForConditionalGeneration":
         from backends.tf.blip2_export import export_blip2_captioner
         if prompt_length is None:
             raise ValueError("BLIP-2 SavedModels take prompts of one length: pass --prompt-length "
                              "(placeholders included)")
-        export_blip2_captioner(model, out, prompt_length=prompt_length, **options)
+        export_blip2_captioner(model, out, prompt_length=prompt_length, height=size, width=size, **options)
         options["prompt_length"] = prompt_length
     else:
         from backends.tf.saved_model_export import export_saved_model
-        export_saved_model(model, out, **options)
+        export_saved_model(model, out, **sized, **options)
     for name in PROCESSOR_FILES + ("config.json",):
         src = os.path.join(model_dir, name)
         if os.path.isfile(src) and not os.path.exists(os.path.join(out, name)):
             shutil.copyfile(src, os.path.join(out, name))
+    if size != vision.image_size:
+        write_image_size(out, size)
     meta = {"format": fmt, "architecture": arch, "task": TASK_OF[arch], "dtype": dtype or "float32",
-            "generation": options}
+            "image_size": size, "generation": options}
     with open(os.path.join(out, META), "w") as fh:
         json.dump(meta, fh, indent=2)
     return meta
@@ -107,7 +128,7 @@ def _fail(exc) -> int:
 def cmd_export(args) -> int:
     try:
         meta = export(args.model_dir, args.out, args.format, args.task, args.dtype, args.num_beams,
-                      args.max_new_tokens, args.prompt_length)
+                      args.max_new_tokens, args.prompt_length, args.image_size)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         return _fail(exc)
     print(f"wrote {args.format} {meta['task']} artifact of {meta['architecture']} to {args.out}")
@@ -146,6 +167,9 @@ def add_export_parsers(sub) -> None:
     p.add_argument("--num-beams", type=_positive_int, default=1, help="generating SavedModel / StableHLO only")
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="generating SavedModel / StableHLO only")
     p.add_argument("--prompt-length", type=_positive_int, default=None, help="BLIP-2 SavedModel: prompt length")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="square pixel size the artifact takes (default: the config's; another size resizes the "
+                        "position table as interpolate_pos_encoding does)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-parity", help="compare an exported artifact with the library, stage by stage and ids")

@@ -4,7 +4,9 @@ The library model is the checkpoint loaded in the backend that wrote the format 
 SavedModel: tf, StableHLO: jax), on the parity harness's random inputs
 (``converters.inputs.make_inputs``). Float stages pass within the tolerance table
 (``blip_core.numerics``); generated ids must be identical. ONNX bundles are checked greedy and
-with 3 beams (BLIP-2's rows: ``export_parity_blip2``); SavedModel and StableHLO generators with the options fixed at export.
+with 3 beams (BLIP-2's rows: ``export_parity_blip2``); SavedModel and StableHLO generators with the options
+fixed at export. An artifact exported at another image size gets random pixels of that size and is compared
+with the library's ``interpolate_pos_encoding=True`` outputs.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def _new_tokens(config, prompt_length=1):
     return max(1, min(8, config.text_config.max_position_embeddings + 1 - prompt_length))
 
 
-def _onnx(artifact, model, arch, inp):
+def _onnx(artifact, model, arch, inp, lib):
     from blip_runtime import OnnxBlip
     if arch == "Blip2ForConditionalGeneration":
         from .export_parity_blip2 import onnx_blip2_rows
@@ -47,7 +49,7 @@ def _onnx(artifact, model, arch, inp):
     rows = []
     if arch != "BlipModel":
         last, pooled = runner.vision(px)
-        ref = model.vision_model(px)
+        ref = model.vision_model(px, **lib)
         rows += [_array_row("vision.last_hidden_state", last, ref.last_hidden_state, "float32"),
                  _array_row("vision.pooler_output", pooled, ref.pooler_output, "float32")]
     if arch == "BlipForConditionalGeneration":
@@ -59,29 +61,30 @@ def _onnx(artifact, model, arch, inp):
         n = _new_tokens(model.config)
         for beams in (1, 3):
             rows.append(_ids_row(f"generate.num_beams={beams}", runner.generate(px, max_new_tokens=n, num_beams=beams),
-                                 model.generate(pixel_values=px, max_new_tokens=n, num_beams=beams)))
+                                 model.generate(pixel_values=px, max_new_tokens=n, num_beams=beams, **lib)))
     elif arch == "BlipForQuestionAnswering":
-        st = model.stages(ids, px, mask)
+        st = model.stages(ids, px, mask, **lib)
         rows.append(_array_row("question_encoder", runner.question_embeds(ids, px, mask), st["text"], "float32"))
         n = _new_tokens(model.config)
         for beams in (1, 3):
             rows.append(_ids_row(f"generate.num_beams={beams}",
                                  runner.generate(ids, px, mask, max_new_tokens=n, num_beams=beams),
                                  model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=n,
-                                                num_beams=beams)))
+                                                num_beams=beams, **lib)))
     elif arch == "BlipForImageTextRetrieval":
         for head, stage in ((True, "itm_score"), (False, "itc_cosine")):
             rows.append(_array_row(stage, runner.itm(ids, px, mask, use_itm_head=head),
                                    model(input_ids=ids, pixel_values=px, attention_mask=mask,
-                                         use_itm_head=head).itm_score, "float32"))
+                                         use_itm_head=head, **lib).itm_score, "float32"))
     else:
-        rows += [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px), "float32"),
+        rows += [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px, **lib),
+                            "float32"),
                  _array_row("text_features", runner.get_text_features(ids, mask), model.get_text_features(ids, mask),
                             "float32")]
     return rows
 
 
-def _savedmodel(artifact, model, arch, inp, meta):
+def _savedmodel(artifact, model, arch, inp, meta, lib):
     import tensorflow as tf
     loaded = tf.saved_model.load(artifact)
     px = tf.constant(inp["pixel_values"], tf.float32)
@@ -92,7 +95,7 @@ def _savedmodel(artifact, model, arch, inp, meta):
     serve = loaded.signatures.get("serving_default")
     if arch == "BlipForConditionalGeneration":
         return [_ids_row("serving_default.sequences", serve(pixel_values=px)["sequences"].numpy(),
-                         model.generate(pixel_values=inp["pixel_values"], **options))]
+                         model.generate(pixel_values=inp["pixel_values"], **options, **lib))]
     if arch == "Blip2ForConditionalGeneration":
         if ids.shape[1] != meta["generation"]["prompt_length"]:
             raise ValueError(f"this BLIP-2 SavedModel takes prompts of {meta['generation']['prompt_length']} tokens; "
@@ -100,43 +103,52 @@ def _savedmodel(artifact, model, arch, inp, meta):
         got = serve(pixel_values=px, input_ids=ids, attention_mask=mask)["sequences"].numpy()
         return [_ids_row("serving_default.sequences", got,
                          model.generate(pixel_values=inp["pixel_values"], input_ids=inp["input_ids"],
-                                        attention_mask=inp["attention_mask"], **options))]
+                                        attention_mask=inp["attention_mask"], **options, **lib))]
     if arch == "BlipForQuestionAnswering":
         got = serve(pixel_values=px, input_ids=ids, attention_mask=mask)["sequences"].numpy()
         return [_ids_row("serving_default.sequences", got,
                          model.generate(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
-                                        attention_mask=inp["attention_mask"], **options))]
+                                        attention_mask=inp["attention_mask"], **options, **lib))]
     args = dict(pixel_values=px, input_ids=ids, attention_mask=mask)
     if arch == "BlipForImageTextRetrieval":
-        kw = dict(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"])
+        kw = dict(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"],
+                  **lib)
         return [_array_row("itm.itm_score", loaded.signatures["itm"](**args)["itm_score"].numpy(),
                            model(**kw).itm_score, dtype),
                 _array_row("itc.cosine", loaded.signatures["itc"](**args)["cosine"].numpy(),
                            model(**kw, use_itm_head=False).itm_score, dtype)]
-    out = model(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"])
+    out = model(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"],
+                **lib)
     got = loaded.signatures["logits"](**args)
     return [_array_row(f"logits.{k}", got[k].numpy(), out[k], dtype)
             for k in ("logits_per_image", "image_embeds", "text_embeds")]
 
 
-def _stablehlo(artifact, model, arch, inp, meta):
+def _stablehlo(artifact, model, arch, inp, meta, lib):
     from blip_runtime.stablehlo_runner import StableHLOBlip
     runner = StableHLOBlip(artifact)
-    px = inp["pixel_values"]
+    px, ids, mask, dtype = inp["pixel_values"], inp["input_ids"], inp["attention_mask"], meta["dtype"]
     options = {k: v for k, v in meta["generation"].items() if k != "prompt_length"}
     if arch == "BlipForConditionalGeneration":
-        return [_ids_row("caption.sequences", runner.generate(px), model.generate(pixel_values=px, **options))]
+        return [_ids_row("caption.sequences", runner.generate(px), model.generate(pixel_values=px, **options, **lib))]
+    if arch == "BlipForQuestionAnswering":
+        return [_ids_row("answer.sequences", runner.generate(ids, px, mask),
+                         model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, **options, **lib))]
+    if arch == "BlipForImageTextRetrieval":
+        return [_array_row(stage, runner.itm(ids, px, mask, use_itm_head=head),
+                           model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=head,
+                                 **lib).itm_score, dtype)
+                for head, stage in ((True, "itm.itm_score"), (False, "image_embeds @ text_embeds.T"))]
     if arch == "Blip2ForConditionalGeneration":
         ids, mask = inp["input_ids"], inp["attention_mask"]
         if ids.shape[1] != meta["generation"]["prompt_length"]:
             raise ValueError(f"this BLIP-2 program takes prompts of {meta['generation']['prompt_length']} tokens; "
                              f"the parity inputs have {ids.shape[1]}: export with --prompt-length {ids.shape[1]}")
         return [_ids_row("caption.sequences", runner.generate(px, ids, mask),
-                         model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **options))]
-    ids, mask = inp["input_ids"], inp["attention_mask"]
-    return [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px), meta["dtype"]),
+                         model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **options, **lib))]
+    return [_array_row("image_features", runner.get_image_features(px), model.get_image_features(px, **lib), dtype),
             _array_row("text_features", runner.get_text_features(ids, mask), model.get_text_features(ids, mask),
-                       meta["dtype"])]
+                       dtype)]
 
 
 def compare(artifact: str, model_dir: str, seed: int = 0) -> list:
@@ -153,8 +165,14 @@ def compare(artifact: str, model_dir: str, seed: int = 0) -> list:
     if type(model).__name__ != arch:
         raise ValueError(f"{artifact} holds a {arch}, {model_dir} a {type(model).__name__}")
     inp = make_inputs(arch, model.config, seed)
+    lib = {}
+    size = meta.get("image_size", model.config.vision_config.image_size)
+    if size != model.config.vision_config.image_size:     # pixels of the artifact's size, interpolated positions
+        shape = inp["pixel_values"].shape[:2] + (size, size)
+        inp["pixel_values"] = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        lib = {"interpolate_pos_encoding": True}
     if fmt == "onnx":
-        return _onnx(artifact, model, arch, inp)
+        return _onnx(artifact, model, arch, inp, lib)
     if fmt == "savedmodel":
-        return _savedmodel(artifact, model, arch, inp, meta)
-    return _stablehlo(artifact, model, arch, inp, meta)
+        return _savedmodel(artifact, model, arch, inp, meta, lib)
+    return _stablehlo(artifact, model, arch, inp, meta, lib)

@@ -24,6 +24,11 @@ class Artifact:
         return path
 
     @property
+    def image_size(self) -> int:
+        """The square pixel size the artifact's programs take (the config's unless exported at another)."""
+        return int(self.manifest.get("image_size") or self.config.vision_config.image_size)
+
+    @property
     def processor(self):
         if self._processor is None:
             from blip_core.processing import BlipProcessor

@@ -92,8 +92,7 @@ class OnnxBlip(Artifact):
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         px = np.asarray(pixel_values, np.float32)
-        vc = self.config.vision_config
-        check_pixel_values(px.shape, vc.image_size, vc.patch_size, False)
+        check_pixel_values(px.shape, self.image_size, self.config.vision_config.patch_size, False)
         return px
 
     def vision(self, pixel_values):
@@ -119,11 +118,12 @@ class OnnxBlip(Artifact):
         past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
         cross_names = [f"cross_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
         session = self.sessions["decoder_step"]
+        dtype = np.dtype(m.get("dtype", "float32"))      # of the keys/values (a float16 export's caches)
 
         def step(ids, positions, key_mask, cache, index, context):
             n = ids.shape[0]
             if cache is None:
-                cache = [np.zeros((n, heads, 0, hd), np.float32)] * len(past_names)
+                cache = [np.zeros((n, heads, 0, hd), dtype)] * len(past_names)
             cross, enc_mask = context
             feeds = {"input_ids": np.asarray(ids, np.int64), "position_ids": np.asarray(positions, np.int64),
                      "attention_mask": np.asarray(key_mask[:, : int(index) + ids.shape[1]], np.int64)}
@@ -132,7 +132,7 @@ class OnnxBlip(Artifact):
             feeds.update(zip(past_names, cache))
             feeds.update(zip(cross_names, cross))
             out = session.run(None, feeds)
-            return out[0], out[1:]
+            return out[0].astype(np.float32, copy=False), out[1:]
         return step
 
     def _decode(self, prompt, mask, states, states_mask, settings):

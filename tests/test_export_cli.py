@@ -2,9 +2,10 @@
 
 Every format and task is exported through the command line and checked by ``export-parity``
 (which compares with the library stage by stage and ids, and exits 1 on any difference); a
-perturbed export must be caught. The default run covers ONNX VQA, a
-perturbed export and the refusals; the other formats and tasks (each also tested directly in
-tests/test_{onnx,saved_model,stablehlo}_export.py) and BLIP-2 run with ``-m slow``.
+perturbed export must be caught. The default run covers ONNX VQA, ONNX retrieval at another
+image size (``--image-size``), a perturbed export and the refusals; the other formats, tasks and
+image sizes (each also tested directly in tests/test_{onnx,saved_model,stablehlo}_export.py) and
+BLIP-2 run with ``-m slow``.
 """
 import json
 import os
@@ -48,6 +49,21 @@ def test_onnx_vqa(tmp_path, capsys):
     ("BlipForQuestionAnswering", "savedmodel", ["--max-new-tokens", "6"]),
     ("BlipModel", "savedmodel", []),
     ("BlipForConditionalGeneration", "stablehlo", ["--num-beams", "2", "--max-new-tokens", "6"]),
+    ("BlipForQuestionAnswering", "stablehlo", ["--task", "vqa", "--num-beams", "3", "--max-new-tokens", "6"]),
+    ("BlipForQuestionAnswering", "stablehlo", ["--max-new-tokens", "6"]),
+    ("BlipForImageTextRetrieval", "stablehlo", ["--task", "itm"]),
+    # another image size (interpolate_pos_encoding), every format and task
+    ("BlipForConditionalGeneration", "onnx", ["--image-size", "48"]),
+    ("BlipForQuestionAnswering", "onnx", ["--image-size", "48"]),
+    ("BlipModel", "onnx", ["--image-size", "48"]),
+    ("BlipForConditionalGeneration", "savedmodel", ["--image-size", "48", "--num-beams", "3", "--max-new-tokens", "6"]),
+    ("BlipForQuestionAnswering", "savedmodel", ["--image-size", "48", "--max-new-tokens", "6"]),
+    ("BlipForImageTextRetrieval", "savedmodel", ["--image-size", "48"]),
+    ("BlipModel", "savedmodel", ["--image-size", "48"]),
+    ("BlipForConditionalGeneration", "stablehlo", ["--image-size", "48", "--num-beams", "2", "--max-new-tokens", "6"]),
+    ("BlipForQuestionAnswering", "stablehlo", ["--image-size", "48", "--num-beams", "2", "--max-new-tokens", "6"]),
+    ("BlipForImageTextRetrieval", "stablehlo", ["--image-size", "48"]),
+    ("BlipModel", "stablehlo", ["--image-size", "48"]),
 ])
 def test_other_formats(tmp_path, capsys, name, fmt, extra):
     _export_and_check(tmp_path, capsys, name, fmt, *extra)
@@ -62,6 +78,28 @@ def test_blip2_captioner(tmp_path, capsys, fmt):
     length = make_inputs(name, load_config(fixture(name)[0]))["input_ids"].shape[1]
     _export_and_check(tmp_path, capsys, name, fmt, "--max-new-tokens", "5", "--num-beams", "2",
                       "--prompt-length", str(length))
+
+
+def test_onnx_retrieval_at_another_image_size(tmp_path, capsys):
+    """``--image-size``: the artifact takes that size (metadata, processor) and export-parity compares it
+    with the library's ``interpolate_pos_encoding=True`` on pixels of that size."""
+    _export_and_check(tmp_path, capsys, "BlipForImageTextRetrieval", "onnx", "--image-size", "48")
+    out = tmp_path / "BlipForImageTextRetrieval-onnx"
+    assert json.load(open(out / "blip_export.json"))["image_size"] == 48
+    assert json.load(open(out / "preprocessor_config.json"))["size"] == {"height": 48, "width": 48}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["savedmodel", "stablehlo"])
+def test_blip2_captioner_at_another_image_size(tmp_path, capsys, fmt):
+    from blip_core.configs import load_config
+    from converters.inputs import make_inputs
+    name = "Blip2ForConditionalGeneration"
+    cfg = load_config(fixture(name)[0])
+    length = make_inputs(name, cfg)["input_ids"].shape[1]
+    size = cfg.vision_config.image_size + cfg.vision_config.patch_size
+    _export_and_check(tmp_path, capsys, name, fmt, "--max-new-tokens", "5", "--num-beams", "2",
+                      "--prompt-length", str(length), "--image-size", str(size))
 
 
 def test_parity_catches_a_perturbed_export(tmp_path, capsys):
@@ -87,9 +125,13 @@ def test_export_refusals(tmp_path, capsys):
     assert "not a caption model" in capsys.readouterr().err
     assert main(["export", d, str(tmp_path / "b"), "--format", "onnx", "--dtype", "bfloat16"]) == 1
     assert "float32" in capsys.readouterr().err
-    q = fixture("BlipForQuestionAnswering")[0]
-    assert main(["export", q, str(tmp_path / "c"), "--format", "stablehlo"]) == 1
+    assert main(["export", d, str(tmp_path / "b"), "--format", "onnx", "--dtype", "float16"]) == 1
+    assert "benchmarks/onnx_lowprec.py" in capsys.readouterr().err      # the refusal states its measurement
+    v = fixture("BlipVisionModel")[0]
+    assert main(["export", v, str(tmp_path / "c"), "--format", "stablehlo"]) == 1
     assert "supports" in capsys.readouterr().err
+    assert main(["export", d, str(tmp_path / "c"), "--format", "onnx", "--image-size", "33"]) == 1
+    assert "multiple of patch_size" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert main(["export", d, str(tmp_path / "full"), "--format", "onnx"]) == 1

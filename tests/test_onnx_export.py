@@ -146,3 +146,99 @@ def test_export_refuses_other_dtypes_and_classes(tmp_path):
     vision = bt.BlipVisionModel.from_pretrained(fixture("BlipVisionModel")[0])
     with pytest.raises(ValueError, match="supports"):
         export_onnx(vision, tmp_path / "b")
+
+
+def _pixels_of_size(size, batch=2, seed=2):
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def test_other_image_size(tmp_path_factory):
+    """``image_size`` at export: the bundle takes that size and equals the library's
+    ``interpolate_pos_encoding=True`` outputs; its processor resizes to it."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    model_dir = fixture("BlipForConditionalGeneration")[0]
+    model = bt.BlipForConditionalGeneration.from_pretrained(model_dir)
+    size = 2 * model.config.vision_config.image_size - model.config.vision_config.patch_size
+    runner = OnnxBlip(export_onnx(model, tmp_path_factory.mktemp("sized"), image_size=size), threads=1)
+    px = _pixels_of_size(size)
+    _close(runner.vision(px)[0], model.vision_model(px, interpolate_pos_encoding=True).last_hidden_state)
+    for options in GENERATE[:2]:
+        _same_ids(runner.generate(px, **options), model.generate(pixel_values=px, interpolate_pos_encoding=True,
+                                                                 **options))
+    from blip_core.processing import BlipImageProcessor
+    assert runner.image_size == size
+    assert BlipImageProcessor.from_pretrained(runner.path).size == {"height": size, "width": size}
+    with pytest.raises(ValueError, match=f"{size}x{size}"):
+        runner.generate(_pixels_of_size(model.config.vision_config.image_size))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        export_onnx(model, tmp_path_factory.mktemp("bad"), image_size=size + 1)
+
+
+def test_float16_bundle_and_bfloat16_refusal(tmp_path_factory):
+    """A float16 model exports and runs (stages within the float16 row of the float32 library, caption
+    ids as the float32 bundle's on the fixture); bfloat16 is refused with the reason. The CLI refuses
+    both for ONNX (float16 measured no faster on onnxruntime's CPU provider: benchmarks/onnx_lowprec.py)."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_core.numerics import effective_tolerance
+    from blip_runtime import OnnxBlip
+    model_dir, inp, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(model_dir)
+    half = bt.BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16)
+    runner = OnnxBlip(export_onnx(half, tmp_path_factory.mktemp("fp16")), threads=1)
+    assert runner.manifest["dtype"] == "float16"
+    px = inp["pixel_values"]
+    want = to_numpy(model.vision_model(px).last_hidden_state)
+    atol, rtol = effective_tolerance(want, "default", "float16")
+    np.testing.assert_allclose(runner.vision(px)[0].astype(np.float32), want, atol=atol, rtol=rtol)
+    _same_ids(runner.generate(px, max_new_tokens=8), model.generate(pixel_values=px, max_new_tokens=8))
+    bf16 = bt.BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        export_onnx(bf16, tmp_path_factory.mktemp("bf16"))
+
+
+@pytest.mark.slow
+def test_bundled_models_at_another_image_size(tmp_path_factory):
+    """The demo captioning, VQA and retrieval models exported at 1.5x their size: the bundle's processor
+    resizes the bundled pictures to it; ids (greedy, beam) equal and scores within tolerance of the torch
+    backend with ``interpolate_pos_encoding=True``."""
+    import json
+
+    from PIL import Image
+
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    samples = os.path.join(ROOT, "blip_apps", "assets", "samples")
+    with open(os.path.join(samples, "metadata.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    images = [Image.open(os.path.join(samples, r["file_name"])).convert("RGB") for r in rows]
+    for name, sub, text in (("BlipForConditionalGeneration", "caption", None), ("BlipForQuestionAnswering", "vqa",
+                            "question"), ("BlipForImageTextRetrieval", "retrieval", "text")):
+        model_dir = os.path.join(ROOT, "blip_apps", "models", sub)
+        model = getattr(bt, name).from_pretrained(model_dir)
+        vc = model.config.vision_config
+        size = vc.image_size + vc.image_size // 2
+        runner = OnnxBlip(export_onnx(model, tmp_path_factory.mktemp(sub), processor_dir=model_dir, image_size=size))
+        enc = runner.processor(images=images, text=[r[text] for r in rows] if text else None, padding=True,
+                               return_tensors="np")
+        px = enc["pixel_values"]
+        assert px.shape[-2:] == (size, size)
+        if sub == "caption":
+            for options in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)):
+                _same_ids(runner.generate(px, **options),
+                          model.generate(pixel_values=px, interpolate_pos_encoding=True, **options))
+        elif sub == "vqa":
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            for options in (dict(max_new_tokens=5), dict(max_new_tokens=5, num_beams=3)):
+                _same_ids(runner.generate(ids, px, mask, **options),
+                          model.generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                         interpolate_pos_encoding=True, **options))
+        else:
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            for head in (True, False):
+                _close(runner.itm(ids, px, mask, use_itm_head=head),
+                       model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=head,
+                             interpolate_pos_encoding=True).itm_score)

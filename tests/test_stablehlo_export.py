@@ -104,9 +104,109 @@ def test_bundled_caption_model(tmp_path):
 def test_refuses_other_classes(tmp_path):
     import backends.jax as J
     from backends.jax.stablehlo_export import export_stablehlo
-    model = J.BlipForImageTextRetrieval.from_pretrained(fixture("BlipForImageTextRetrieval")[0])
+    model = J.BlipVisionModel.from_pretrained(fixture("BlipVisionModel")[0])
     with pytest.raises(ValueError, match="supports"):
         export_stablehlo(model, tmp_path)
+
+
+def _vqa_inputs():
+    _, inp, _ = fixture("BlipForQuestionAnswering")
+    mask = inp["attention_mask"].copy()
+    mask[0, -2:] = 0                      # a padded question: the library masks the decoder's cross-attention
+    return inp["pixel_values"], inp["input_ids"], mask
+
+
+def test_vqa_beam_program_at_another_image_size(tmp_path):
+    """The VQA generate program (beam 3) exported for another image size: answer ids equal the
+    library's with ``interpolate_pos_encoding=True`` (reference: the torch backend's generate, whose
+    ids equal the JAX backend's, so that no second XLA program is compiled; the JAX reference runs in
+    the slow test below). The artifact's processor resizes to the size."""
+    import backends.jax as J
+    import backends.torch as bt
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    model_dir = fixture("BlipForQuestionAnswering")[0]
+    vc = J.BlipForQuestionAnswering.from_pretrained(model_dir).config.vision_config
+    size = 2 * vc.image_size - vc.patch_size
+    options = dict(max_new_tokens=6, num_beams=3)
+    runner = StableHLOBlip(export_stablehlo(J.BlipForQuestionAnswering.from_pretrained(model_dir), tmp_path,
+                                            image_size=size, **options))
+    px, ids, mask = _vqa_inputs()
+    px = np.random.default_rng(0).standard_normal(px.shape[:2] + (size, size)).astype(np.float32)
+    reference = bt.BlipForQuestionAnswering.from_pretrained(model_dir)
+    np.testing.assert_array_equal(runner.generate(ids, px, mask),
+                                  to_numpy(reference.generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                                              interpolate_pos_encoding=True, **options)))
+    with open(tmp_path / "preprocessor_config.json") as fh:
+        assert json.load(fh)["size"] == {"height": size, "width": size}
+    assert runner.manifest["image_size"] == size
+    with pytest.raises(ValueError, match=f"{size}x{size}"):
+        runner.generate(ids, _vqa_inputs()[0], mask)
+
+
+def test_retrieval_programs(tmp_path):
+    """ITM logits and the ITC cosine (image_embeds @ text_embeds.T) within the float32 tolerance of the
+    JAX library model, padded text included."""
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    model_dir, inp, _ = fixture("BlipForImageTextRetrieval")
+    model = J.BlipForImageTextRetrieval.from_pretrained(model_dir)
+    runner = StableHLOBlip(export_stablehlo(model, tmp_path))
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    for head in (True, False):
+        np.testing.assert_allclose(runner.itm(ids, px, mask, use_itm_head=head),
+                                   to_numpy(model(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                                  use_itm_head=head).itm_score), atol=ATOL, rtol=RTOL)
+    # ITC takes different numbers of images and texts
+    assert runner.itm(ids[:1], px, mask[:1], use_itm_head=False).shape == (px.shape[0], 1)
+
+
+@pytest.mark.slow
+def test_bundled_vqa_and_retrieval_models(tmp_path):
+    """The demo VQA and retrieval models on the bundled pictures and questions: answer ids equal the JAX
+    backend's generate (greedy and beam), ITM/ITC within tolerance; then the VQA greedy program at
+    another image size against the JAX backend with ``interpolate_pos_encoding=True``."""
+    from PIL import Image
+
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    samples = os.path.join(ROOT, "blip_apps", "assets", "samples")
+    with open(os.path.join(samples, "metadata.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    images = [Image.open(os.path.join(samples, r["file_name"])).convert("RGB") for r in rows]
+    model_dir = os.path.join(ROOT, "blip_apps", "models", "vqa")
+    model = J.BlipForQuestionAnswering.from_pretrained(model_dir)
+    for i, kw in enumerate((dict(max_new_tokens=5), dict(max_new_tokens=5, num_beams=3))):
+        runner = StableHLOBlip(export_stablehlo(model, tmp_path / f"vqa{i}", processor_dir=model_dir, **kw))
+        enc = runner.processor(images=images, text=[r["question"] for r in rows], padding=True, return_tensors="np")
+        got = runner.generate(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+        np.testing.assert_array_equal(got, to_numpy(model.generate(input_ids=enc["input_ids"],
+                                                                   pixel_values=enc["pixel_values"],
+                                                                   attention_mask=enc["attention_mask"], **kw)))
+        assert runner.answer(images, [r["question"] for r in rows]) == runner.processor.batch_decode(
+            got, skip_special_tokens=True)
+    size = 2 * model.config.vision_config.image_size
+    runner = StableHLOBlip(export_stablehlo(model, tmp_path / "vqa-sized", processor_dir=model_dir, image_size=size,
+                                            max_new_tokens=5))
+    enc = runner.processor(images=images, text=[r["question"] for r in rows], padding=True, return_tensors="np")
+    assert enc["pixel_values"].shape[-1] == size
+    np.testing.assert_array_equal(
+        runner.generate(enc["input_ids"], enc["pixel_values"], enc["attention_mask"]),
+        to_numpy(model.generate(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"],
+                                attention_mask=enc["attention_mask"], interpolate_pos_encoding=True, max_new_tokens=5)))
+
+    model_dir = os.path.join(ROOT, "blip_apps", "models", "retrieval")
+    model = J.BlipForImageTextRetrieval.from_pretrained(model_dir)
+    runner = StableHLOBlip(export_stablehlo(model, tmp_path / "itm", processor_dir=model_dir))
+    enc = runner.processor(images=images, text=[r["text"] for r in rows], padding=True, return_tensors="np")
+    for head in (True, False):
+        np.testing.assert_allclose(runner.itm(enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                              use_itm_head=head),
+                                   to_numpy(model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"],
+                                                  attention_mask=enc["attention_mask"], use_itm_head=head).itm_score),
+                                   atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ naming the programs and their inputs. Every program takes ``(leaves, *inputs)``:
     leaves = [params[f"p{i}"] for i in range(len(params.files))]
     sequences, length = exp.call(leaves, pixel_values)        # ids = sequences[:, :length]
 
-Programs (batch and text length symbolic; the image size is the config's):
+Programs (batch and text length symbolic; the image size is the config's, or ``image_size`` given at
+export, which runs the library's ``interpolate_pos_encoding`` inside the program):
 
 * ``BlipForConditionalGeneration``: ``caption(leaves, pixel_values) -> (sequences (B*R, T) int32,
   length)``: the vision tower, the cross keys/values and the whole decoding loop of the library's
@@ -17,6 +18,13 @@ Programs (batch and text length symbolic; the image size is the config's):
 * ``Blip2ForConditionalGeneration`` (OPT or T5): ``caption(leaves, pixel_values, input_ids,
   attention_mask) -> (sequences, length)``, the prompt length fixed at export (``prompt_length``,
   placeholders included), ids as the library's ``generate`` returns them.
+* ``BlipForQuestionAnswering``: ``answer(leaves, pixel_values, input_ids, attention_mask) -> (sequences,
+  length)``: vision tower, question encoder, the decoder's cross keys/values of the question and the
+  decoding loop of the library's VQA ``generate`` (options fixed at export; the question mask is
+  applied to the decoder's cross-attention, as the library does).
+* ``BlipForImageTextRetrieval``: ``itm(leaves, pixel_values, input_ids, attention_mask) -> itm_score (B, 2)``;
+  ``image_embeds(leaves, pixel_values) -> (B, P)`` and ``text_embeds(leaves, input_ids, attention_mask) ->
+  (B, P)``, the normalised ITC projections (their product is ``use_itm_head=False``'s cosine).
 * ``BlipModel``: ``image_features(leaves, pixel_values)`` and ``text_features(leaves, input_ids,
   attention_mask)`` (``get_image_features`` / ``get_text_features``).
 
@@ -26,18 +34,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from blip_core import decoding
+from blip_core.artifact_files import copy_processor_files, export_image_size
 from blip_core.generation import resolve_blip_generation
 
 FORMAT = "blip-stablehlo"
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "preprocessor_config.json")
+ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval", "BlipModel",
+                 "Blip2ForConditionalGeneration")
 
 
 def _write(exported, out, name):
@@ -45,37 +53,47 @@ def _write(exported, out, name):
         fh.write(exported.serialize())
 
 
-def export_stablehlo(model, out_dir, processor_dir=None, **generate_kwargs) -> str:
-    """Write a JAX ``BlipForConditionalGeneration`` (options as ``generate``'s, fixed at export) or
-    ``BlipModel`` as StableHLO programs; returns ``out_dir``."""
+def _search(settings, vocab_size):
+    if settings.do_sample and settings.seed is None:
+        raise ValueError("pass seed=... to export a sampling model (the seed is baked into the program)")
+    plan, numbers = decoding.make_plan(settings, vocab_size)
+    return plan, lambda: {k: jnp.asarray(v) for k, v in numbers.items()}, jax.random.key(settings.seed or 0)
+
+
+def export_stablehlo(model, out_dir, processor_dir=None, image_size: int | None = None, **generate_kwargs) -> str:
+    """Write a JAX BLIP task model (captioning, VQA: options as ``generate``'s, fixed at export; retrieval;
+    ``BlipModel``) or BLIP-2 captioner as StableHLO programs; returns ``out_dir``. ``image_size``: the
+    square pixel size the programs take (default the config's; another size interpolates the position
+    table as ``interpolate_pos_encoding=True`` does)."""
     arch = type(model).__name__
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"StableHLO export supports {', '.join(ARCHITECTURES)}; got {arch}")
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
+    size = export_image_size(vc, image_size)
+    interpolate = size != vc.image_size
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     leaves, treedef = jax.tree_util.tree_flatten(model.params)
     leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     b, n = jax.export.symbolic_shape("batch, length")
-    pixels = jax.ShapeDtypeStruct((b, 3, vc.image_size, vc.image_size), model.dtype)
+    pixels = jax.ShapeDtypeStruct((b, 3, size, size), model.dtype)
+    ids_spec = jax.ShapeDtypeStruct((b, n), jnp.int32)
     manifest = {"format": FORMAT, "version": 1, "architecture": arch, "dtype": str(np.dtype(model.dtype)),
-                "programs": {}}
+                "image_size": size, "programs": {}}
 
     def params_of(flat):
         return jax.tree_util.tree_unflatten(treedef, flat)
 
     if arch == "BlipForConditionalGeneration":
-        settings = resolve_blip_generation(tc, 1, **generate_kwargs)
-        if settings.do_sample and settings.seed is None:
-            raise ValueError("pass seed=... to export a sampling captioner (the seed is baked into the program)")
-        plan, numbers = decoding.make_plan(settings, tc.vocab_size)
+        plan, numbers, key = _search(resolve_blip_generation(tc, 1, **generate_kwargs), tc.vocab_size)
 
         def caption(flat, pv):
             rows = pv.shape[0]
             prompt = jnp.full((rows, 1), tc.bos_token_id, jnp.int32)
             seqs, length, _, _, _ = model._generate_program(
-                params_of(flat), pv, prompt, jnp.ones((rows, 1), jnp.int32), None, None,
-                jax.random.key(settings.seed or 0), {k: jnp.asarray(v) for k, v in numbers.items()}, plan=plan,
-                interpolate=False)
+                params_of(flat), pv, prompt, jnp.ones((rows, 1), jnp.int32), None, None, key, numbers(), plan=plan,
+                interpolate=interpolate)
             return seqs, length
 
         _write(jax.export.export(jax.jit(caption))(leaf_specs, pixels), out, "caption")
@@ -102,7 +120,7 @@ def export_stablehlo(model, out_dir, processor_dir=None, **generate_kwargs) -> s
             seqs, length, _, _, _ = model._generate_program(
                 params_of(flat), pv, input_ids, None, attention_mask, prompt, prompt_mask,
                 jax.random.key(settings.seed or 0), {k: jnp.asarray(v) for k, v in numbers.items()}, plan=plan,
-                interpolate=False)
+                interpolate=interpolate)
             return seqs, length
 
         text = jax.ShapeDtypeStruct((b, prompt_length), jnp.int32)
@@ -110,31 +128,64 @@ def export_stablehlo(model, out_dir, processor_dir=None, **generate_kwargs) -> s
         manifest["programs"]["caption"] = {"inputs": ["pixel_values", "input_ids", "attention_mask"],
                                            "outputs": ["sequences", "length"]}
         manifest["generation"] = dict(generate_kwargs, prompt_length=prompt_length)
-    elif arch == "BlipModel":
+    elif arch == "BlipForQuestionAnswering":
+        plan, numbers, key = _search(resolve_blip_generation(tc, 1, **generate_kwargs), tc.vocab_size)
+
+        def answer(flat, pv, input_ids, attention_mask):
+            rows = pv.shape[0]
+            bos = jnp.full((rows, 1), tc.bos_token_id, jnp.int32)
+            seqs, length, _, _, _ = model._generate_program(
+                params_of(flat), pv, bos, jnp.ones((rows, 1), jnp.int32), input_ids, attention_mask, key, numbers(),
+                plan=plan, interpolate=interpolate)
+            return seqs, length
+
+        _write(jax.export.export(jax.jit(answer))(leaf_specs, pixels, ids_spec, ids_spec), out, "answer")
+        manifest["programs"]["answer"] = {"inputs": ["pixel_values", "input_ids", "attention_mask"],
+                                          "outputs": ["sequences", "length"]}
+        manifest["generation"] = dict(generate_kwargs)
+    elif arch == "BlipForImageTextRetrieval":
         if generate_kwargs:
             raise ValueError(f"generation options do not apply to {arch}")
-        ids = jax.ShapeDtypeStruct((b, n), jnp.int32)
+        from .blip import _normalize
+        from .text import encode_text
+
+        def itm(flat, pv, input_ids, attention_mask):
+            return model._forward(params_of(flat), pv, input_ids, attention_mask, interpolate=interpolate,
+                                  use_itm_head=True)["itm_score"]
+
+        def image_embeds(flat, pv):
+            return model._apply(params_of(flat), pv, method=lambda m, x: _normalize(
+                m.vision_proj(m.vision_model(x, interpolate)[0][:, 0])))
+
+        def text_embeds(flat, input_ids, attention_mask):
+            return model._apply(params_of(flat), input_ids, attention_mask, method=lambda m, i, a: _normalize(
+                m.text_proj(encode_text(m.text_encoder, i, a, False, dtype=model.dtype)[0][:, 0])))
+
+        _write(jax.export.export(jax.jit(itm))(leaf_specs, pixels, ids_spec, ids_spec), out, "itm")
+        _write(jax.export.export(jax.jit(image_embeds))(leaf_specs, pixels), out, "image_embeds")
+        _write(jax.export.export(jax.jit(text_embeds))(leaf_specs, ids_spec, ids_spec), out, "text_embeds")
+        manifest["programs"]["itm"] = {"inputs": ["pixel_values", "input_ids", "attention_mask"],
+                                       "outputs": ["itm_score"]}
+        manifest["programs"]["image_embeds"] = {"inputs": ["pixel_values"], "outputs": ["image_feat"]}
+        manifest["programs"]["text_embeds"] = {"inputs": ["input_ids", "attention_mask"], "outputs": ["text_feat"]}
+    else:   # BlipModel
+        if generate_kwargs:
+            raise ValueError(f"generation options do not apply to {arch}")
 
         def image_features(flat, pv):
-            return model._features(params_of(flat), pv, None, None, None, False, "image")
+            return model._features(params_of(flat), pv, None, None, None, interpolate, "image")
 
         def text_features(flat, input_ids, attention_mask):
             return model._features(params_of(flat), None, input_ids, attention_mask, None, False, "text")
 
         _write(jax.export.export(jax.jit(image_features))(leaf_specs, pixels), out, "image_features")
-        _write(jax.export.export(jax.jit(text_features))(leaf_specs, ids, ids), out, "text_features")
+        _write(jax.export.export(jax.jit(text_features))(leaf_specs, ids_spec, ids_spec), out, "text_features")
         manifest["programs"]["image_features"] = {"inputs": ["pixel_values"], "outputs": ["image_features"]}
         manifest["programs"]["text_features"] = {"inputs": ["input_ids", "attention_mask"],
                                                  "outputs": ["text_features"]}
-    else:
-        raise ValueError(f"StableHLO export supports BlipForConditionalGeneration, Blip2ForConditionalGeneration "
-                         f"and BlipModel; got {arch}")
     np.savez(os.path.join(out, "params.npz"), **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
     cfg.save_pretrained(out)
-    if processor_dir is not None:
-        for name in PROCESSOR_FILES:
-            if os.path.isfile(os.path.join(processor_dir, name)):
-                shutil.copyfile(os.path.join(processor_dir, name), os.path.join(out, name))
+    copy_processor_files(processor_dir, out, size if interpolate else None)
     with open(os.path.join(out, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=2)
     return out

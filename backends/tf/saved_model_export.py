@@ -2,7 +2,8 @@
 
 Each SavedModel holds the weights and plain serving functions; it loads with ``tf.saved_model.load``
 in a process that has TensorFlow but not this library. Signatures (batch and text length dynamic,
-image size the config's; ids and masks int64, pixels float32 NCHW):
+image size the config's or ``image_size`` given at export, which resizes the position table as
+``interpolate_pos_encoding=True`` does; ids and masks int64, pixels float32 NCHW):
 
 * VQA (``BlipForQuestionAnswering``), generation options fixed at export:
   ``serving_default(pixel_values, input_ids, attention_mask) -> {"sequences": int64 (B, L)}``
@@ -29,6 +30,7 @@ import os
 
 import tensorflow as tf
 
+from blip_core.artifact_files import export_image_size
 from blip_core.generation import resolve_blip_generation
 
 from ._base import padding_bias
@@ -49,17 +51,17 @@ def _text(ids, mask):
 
 
 class _Answerer(tf.Module):
-    def __init__(self, model, settings, jit_compile: bool):
+    def __init__(self, model, settings, jit_compile: bool, size: int, interpolate: bool):
         super().__init__(name="blip_vqa")
         self.params = dict(model.params)
-        tc, vc = model.config.text_config, model.config.vision_config
+        tc = model.config.text_config
         lm, dtype = model.text_decoder, model.dtype
         plan, numbers, _ = plan_inputs(settings, tc.vocab_size)
         seed = tf.constant([settings.seed or 0, 0], tf.int64)
 
         def run(pixel_values, input_ids, attention_mask):
             ids, mask = _text(input_ids, attention_mask)
-            _, question = model._question(tf.cast(pixel_values, dtype), ids, mask, False)
+            _, question = model._question(tf.cast(pixel_values, dtype), ids, mask, interpolate)
             n = tf.shape(ids)[0]
             context = (lm.bert.cross_kv(question), padding_bias(mask))
             prompt = tf.fill([n, 1], tf.constant(tc.bos_token_id, tf.int32))
@@ -69,7 +71,7 @@ class _Answerer(tf.Module):
 
         inner = tf.function(run, jit_compile=jit_compile, autograph=False)
 
-        @tf.function(input_signature=_specs(vc.image_size, vc.image_size), autograph=False)
+        @tf.function(input_signature=_specs(size, size), autograph=False)
         def serve(pixel_values, input_ids, attention_mask):
             seq, length = inner(pixel_values, input_ids, attention_mask)
             return {"sequences": tf.cast(seq[:, :length], tf.int64)}
@@ -78,14 +80,13 @@ class _Answerer(tf.Module):
 
 
 class _Matcher(tf.Module):
-    def __init__(self, model):
+    def __init__(self, model, size: int, interpolate: bool):
         super().__init__(name="blip_retrieval")
         self.params = dict(model.params)
-        vc = model.config.vision_config
-        px_spec, ids_spec, mask_spec = _specs(vc.image_size, vc.image_size)
+        px_spec, ids_spec, mask_spec = _specs(size, size)
 
         def image(pixel_values):
-            return model.vision_model(tf.cast(pixel_values, model.dtype), False)[0]
+            return model.vision_model(tf.cast(pixel_values, model.dtype), interpolate)[0]
 
         def image_feat(pixel_values):
             return _normalize(model.vision_proj(image(pixel_values)[:, 0]))
@@ -117,14 +118,13 @@ class _Matcher(tf.Module):
 
 
 class _Embedder(tf.Module):
-    def __init__(self, model):
+    def __init__(self, model, size: int, interpolate: bool):
         super().__init__(name="blip_embed")
         self.params = dict(model.params)
-        vc = model.config.vision_config
-        px_spec, ids_spec, mask_spec = _specs(vc.image_size, vc.image_size)
+        px_spec, ids_spec, mask_spec = _specs(size, size)
 
         def image(pixel_values):
-            return model.visual_projection(model.vision_model(tf.cast(pixel_values, model.dtype), False)[1])
+            return model.visual_projection(model.vision_model(tf.cast(pixel_values, model.dtype), interpolate)[1])
 
         def text(input_ids, attention_mask):
             ids, mask = _text(input_ids, attention_mask)
@@ -149,27 +149,32 @@ class _Embedder(tf.Module):
         self.serve = logits
 
 
-def export_saved_model(model, out_dir, jit_compile: bool = True, **generate_kwargs) -> str:
+def export_saved_model(model, out_dir, jit_compile: bool = True, image_size: int | None = None,
+                       **generate_kwargs) -> str:
     """Write a TF BLIP model as a SavedModel with the signatures of its task (module docstring);
-    captioners go through ``export.export_captioner``. Returns ``out_dir``."""
+    captioners go through ``export.export_captioner``. ``image_size``: the square pixel size the
+    signatures take (default: the config's). Returns ``out_dir``."""
     arch = getattr(model, "architecture", type(model).__name__)
     out_dir = os.fspath(out_dir)
+    vc = model.config.vision_config
+    size = export_image_size(vc, image_size)
+    interpolate = size != vc.image_size
     if arch == "BlipForConditionalGeneration":
-        return export_captioner(model, out_dir, jit_compile=jit_compile, **generate_kwargs)
+        return export_captioner(model, out_dir, jit_compile=jit_compile, height=size, width=size, **generate_kwargs)
     if arch == "BlipForQuestionAnswering":
         if generate_kwargs.get("do_sample") and generate_kwargs.get("seed") is None:
             raise ValueError("pass seed=... to export a sampling model (the seed is baked into the graph)")
         settings = resolve_blip_generation(model.config.text_config, 1, **generate_kwargs)
-        module = _Answerer(model, settings, jit_compile)
+        module = _Answerer(model, settings, jit_compile, size, interpolate)
         signatures = {"serving_default": module.serve}
     elif generate_kwargs:
         raise ValueError(f"generation options do not apply to {arch}: {', '.join(sorted(generate_kwargs))}")
     elif arch == "BlipForImageTextRetrieval":
-        module = _Matcher(model)
+        module = _Matcher(model, size, interpolate)
         signatures = {"serving_default": module.itm, "itm": module.itm, "itc": module.itc,
                       "image_embeds": module.image_embeds, "text_embeds": module.text_embeds}
     elif arch == "BlipModel":
-        module = _Embedder(model)
+        module = _Embedder(model, size, interpolate)
         signatures = {"serving_default": module.logits, "logits": module.logits,
                       "image_features": module.image_features, "text_features": module.text_features}
     else:

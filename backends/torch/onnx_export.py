@@ -20,42 +20,56 @@ numpy, ``tokenizers`` and onnxruntime only, using the library's decoding rules):
   ``input_ids``, ``attention_mask``; ``get_image_features`` from ``pixel_values``.
 * ``Blip2ForConditionalGeneration`` (OPT or T5): the graphs of ``onnx_export_blip2``.
 
-Batch and sequence axes are dynamic; the image size is the config's. The graphs are traced with
+Batch and sequence axes are dynamic; the image size is the config's, or ``image_size`` given at export
+(the position table resized once at export by the library's ``interpolate_pos_encoding``, so
+``vision.onnx`` takes that size only; the bundle's preprocessor config resizes to it). The graphs are traced with
 the TorchScript-based exporter (``dynamo=False``): it needs no ``onnxscript`` and handles the
 zero-length ``past`` axis of the prompt call, which the dynamo exporter specialises away. The
 graph modules call the backend's own layers, so the maths is the library's.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip_core.artifact_files import copy_processor_files, export_image_size
 from blip_core.numerics import NORM_EPS
 
 OPSET = 17
 FORMAT = "blip-onnx"
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "spiece.model", "added_tokens.json",
-                   "preprocessor_config.json", "processor_config.json")
 TASKS = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
          "BlipForImageTextRetrieval": "itm", "BlipModel": "embed",
          "Blip2ForConditionalGeneration": "caption"}     # BLIP-2: onnx_export_blip2.py
 
 
+def _embeddings_at(embeddings, size: int):
+    """The vision embeddings taking ``size`` x ``size`` pixels: a copy holding the position table the
+    library's ``interpolate_pos_encoding`` computes for that size (computed once, here)."""
+    n = (size // embeddings.patch_size) ** 2
+    if n + 1 == embeddings.position_embedding.shape[1]:
+        return embeddings
+    out = copy.copy(embeddings)
+    out._parameters = dict(embeddings._parameters)     # the copy's own table; the model keeps its own
+    with torch.no_grad():
+        out.position_embedding = nn.Parameter(embeddings.interpolate_pos_encoding(n, size, size).clone())
+    return out
+
+
 class VisionGraph(nn.Module):
-    def __init__(self, vision):
+    def __init__(self, vision, image_size: int | None = None):
         super().__init__()
         self.vision = vision
+        self.embeddings = _embeddings_at(vision.embeddings, image_size or vision.config.image_size)
 
     def forward(self, pixel_values):
         v = self.vision
-        last = v.post_layernorm(v.encoder(v.embeddings(pixel_values)).last_hidden_state)
+        last = v.post_layernorm(v.encoder(self.embeddings(pixel_values)).last_hidden_state)
         return last, v.post_layernorm(last[:, 0])
 
 
@@ -109,9 +123,10 @@ class DecoderStepGraph(nn.Module):
         enc_mask = None
         if self.cross_mask:     # applied, as the library does (transformers 4.57 drops it)
             m, rest = rest[0], rest[1:]
-            enc_mask = (1.0 - m[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
         past, cross = rest[: 2 * n_layers], rest[2 * n_layers:]
         x = bert.embeddings(input_ids, position_ids)
+        if self.cross_mask:
+            enc_mask = (1.0 - m[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         mask = bert._self_mask(attention_mask, input_ids.shape[1], None, True, x.dtype)
         present = []
         for i, layer in enumerate(bert.encoder.layer):
@@ -150,9 +165,9 @@ class ImageEmbedsGraph(nn.Module):
 
 
 class ImageFeaturesGraph(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, image_size: int | None = None):
         super().__init__()
-        self.vision, self.proj = VisionGraph(model.vision_model), model.visual_projection
+        self.vision, self.proj = VisionGraph(model.vision_model, image_size), model.visual_projection
 
     def forward(self, pixel_values):
         return self.proj(self.vision(pixel_values)[1])
@@ -181,7 +196,8 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
     n_layers = len(lm.bert.encoder.layer)
     heads, hd = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
     b, s_enc, past, s = 2, 6, 3, 2
-    enc = torch.randn(b, s_enc, enc_width)
+    dtype = lm.cls.predictions.decoder.weight.dtype
+    enc = torch.randn(b, s_enc, enc_width, dtype=dtype)
     cross_names = _kv_names("cross", n_layers)
     _export(CrossKVGraph(lm), [enc], os.path.join(out, "decoder_cross_kv.onnx"), ["encoder_hidden_states"],
             cross_names, {"encoder_hidden_states": {0: "batch", 1: "encoder_length"},
@@ -199,7 +215,7 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
         names.append("encoder_attention_mask")
         axes["encoder_attention_mask"] = {0: "batch", 1: "encoder_length"}
     past_names, present_names = _kv_names("past", n_layers), _kv_names("present", n_layers)
-    args += [torch.randn(b, heads, past, hd) for _ in past_names] + cross
+    args += [torch.randn(b, heads, past, hd, dtype=dtype) for _ in past_names] + cross
     names += past_names + cross_names
     axes.update({k: {0: "batch", 2: "past_length"} for k in past_names})
     axes.update({k: {0: "batch", 2: "encoder_length"} for k in cross_names})
@@ -211,37 +227,48 @@ def _export_decoder(lm, out, opset, enc_width, cross_mask):
             "decoder_cross_mask": bool(cross_mask)}
 
 
-def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET) -> str:
+def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_size: int | None = None) -> str:
     """Write ``model`` (a torch ``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``,
-    ``BlipForImageTextRetrieval``, ``BlipModel`` or ``Blip2ForConditionalGeneration``, float32) as ONNX graphs plus ``manifest.json``,
-    its ``config.json`` and the processor files found in ``processor_dir``; returns ``out_dir``."""
+    ``BlipForImageTextRetrieval``, ``BlipModel`` or ``Blip2ForConditionalGeneration``, float32; float16
+    writes float16 graphs, which onnxruntime's CPU provider runs slower than float32:
+    ``benchmarks/onnx_lowprec.py``) as ONNX graphs plus ``manifest.json``, its ``config.json`` and the
+    processor files found in ``processor_dir``; returns ``out_dir``. ``image_size``: the square pixel size
+    the vision graphs take (default: the config's; BLIP-2 bundles take the config's only)."""
     arch = getattr(model, "architecture", type(model).__name__)
     if arch not in TASKS:
         raise ValueError(f"ONNX export supports {', '.join(TASKS)}; got {arch}")
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("ONNX export writes float32 graphs: load the model in float32")
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1 or dtypes - {torch.float32, torch.float16}:
+        raise ValueError(f"ONNX export writes float32 (or float16) graphs, got parameters in "
+                         f"{', '.join(sorted(str(d) for d in dtypes))}: onnxruntime's CPU provider has no "
+                         f"bfloat16 kernels for MatMul, Add, Softmax, LayerNorm (NOT_IMPLEMENTED)")
+    dtype = dtypes.pop()
     model = model.eval()
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
-    pixels = torch.randn(2, 3, vc.image_size, vc.image_size)
+    size = export_image_size(vc, image_size)
+    if arch == "Blip2ForConditionalGeneration" and size != vc.image_size:
+        raise ValueError(f"BLIP-2 ONNX bundles take the config's image size ({vc.image_size}); "
+                         f"another size ({size}) is not exported yet")
+    pixels = torch.randn(2, 3, size, size)
     img_axes = {"pixel_values": {0: "batch"}}
     seq_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
     image_axes = {"image_embeds": {0: "batch", 1: "image_length"}}
     manifest = {"format": FORMAT, "version": 1, "architecture": arch, "task": TASKS[arch], "opset": opset,
-                "image_size": vc.image_size, "graphs": {}}
+                "image_size": size, "dtype": str(dtype).replace("torch.", ""), "graphs": {}}
     ids, mask = _text_dummy(tc)
     with torch.no_grad():
         if arch == "Blip2ForConditionalGeneration":
             from .onnx_export_blip2 import export_blip2_onnx
             manifest.update(export_blip2_onnx(model, out, opset))
         elif arch != "BlipModel":
-            _export(VisionGraph(model.vision_model), [pixels], os.path.join(out, "vision.onnx"), ["pixel_values"],
+            _export(VisionGraph(model.vision_model, size), [pixels], os.path.join(out, "vision.onnx"), ["pixel_values"],
                     ["last_hidden_state", "pooler_output"],
                     {**img_axes, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}}, opset)
             manifest["graphs"]["vision"] = "vision.onnx"
-            image = VisionGraph(model.vision_model)(pixels)[0]
+            image = VisionGraph(model.vision_model, size)(pixels)[0]
         if arch == "BlipForConditionalGeneration":
             manifest.update(_export_decoder(model.text_decoder, out, opset, vc.hidden_size, cross_mask=False))
             manifest["graphs"].update(cross_kv="decoder_cross_kv.onnx", decoder_step="decoder_step.onnx")
@@ -268,16 +295,12 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET) -> str:
                                     cross=False)
             _export(text, [ids, mask], os.path.join(out, "text_features.onnx"), ["input_ids", "attention_mask"],
                     ["text_features"], {**seq_axes, "text_features": {0: "batch"}}, opset)
-            _export(ImageFeaturesGraph(model), [pixels], os.path.join(out, "image_features.onnx"), ["pixel_values"],
-                    ["image_features"], {**img_axes, "image_features": {0: "batch"}}, opset)
+            _export(ImageFeaturesGraph(model, size), [pixels], os.path.join(out, "image_features.onnx"),
+                    ["pixel_values"], ["image_features"], {**img_axes, "image_features": {0: "batch"}}, opset)
             manifest["graphs"].update(text_features="text_features.onnx", image_features="image_features.onnx")
             manifest["logit_scale"] = float(model.logit_scale.detach())
     cfg.save_pretrained(out)
-    if processor_dir is not None:
-        for name in PROCESSOR_FILES:
-            src = os.path.join(processor_dir, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out, name))
+    copy_processor_files(processor_dir, out, size if size != vc.image_size else None)
     with open(os.path.join(out, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=2)
     return out
