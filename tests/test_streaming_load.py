@@ -112,6 +112,28 @@ def test_mapped_refs_read_no_data_until_asked_and_survive_release(variants):
         np.testing.assert_array_equal(view.view(np.uint16), want[name].view(np.uint16))
 
 
+def test_release_marks_the_pages_cold_before_dropping_them(variants, monkeypatch):
+    """A loaded tensor's pages are deactivated (``MADV_COLD``: reclaimed first) and then unmapped, over
+    the pages wholly inside the tensor only; under memory pressure the kernel then evicts what has
+    been loaded rather than what is still to be read (a re-read from disk)."""
+    import sys
+    from blip_core.checkpoint import mapped
+    if not sys.platform.startswith("linux"):
+        pytest.fail("this check of madvise advice is written for Linux")
+    calls = []
+    monkeypatch.setattr(mapped.MappedFile, "advise",
+                        lambda self, option, begin, end, inward: calls.append((option, begin, end, inward)))
+    ref = max(open_state_dict(variants["bf16-sharded"]).values(), key=lambda r: r.nbytes)
+    ref.release()
+    e = ref._entry
+    assert calls == [(20, e.begin, e.end, True), (mapped.mmap.MADV_DONTNEED, e.begin, e.end, True)]
+    monkeypatch.undo()
+    view = ref.view()
+    ref.release()                      # the real advice is accepted (or ignored) and the data survives it
+    want = checkpoint.load_state_dict(variants["bf16-sharded"])[e.name]
+    np.testing.assert_array_equal(view.view(np.uint16), want.view(np.uint16))
+
+
 def test_torch_shares_the_file_privately_and_saving_over_it_is_safe(variants, tmp_path):
     import torch
     import backends.torch as bt
@@ -161,6 +183,7 @@ def _check_peak(small_checkpoint, backend, dtype):
     margin = info["largest_tensor_bytes"] * 2 + largest + 0.10 * r["model_bytes"]
     extra = r["peak_bytes"] - r["warm_baseline_bytes"]
     assert r["model_bytes"] == info["parameters"] * itemsize
+    assert r["touch_seconds"] >= 0 and r["cpu_seconds"] > 0      # the benchmark's extra columns are filled
     assert extra <= r["model_bytes"] + margin, (
         f"{backend} {dtype}: peak {extra / 1e6:.0f} MB above baseline for a {r['model_bytes'] / 1e6:.0f} MB model "
         f"(margin {margin / 1e6:.0f} MB)")

@@ -8,7 +8,8 @@ the weight table reads no data), ``view()`` gives its data in the canonical (tor
 * safetensors (single or sharded): each file is memory-mapped once (``mmap``, private
   copy-on-write mapping, so views are writable numpy arrays and a write never reaches the file).
   ``view()`` is a zero-copy numpy view into the mapping; ``release()`` drops the tensor's pages
-  from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache, not in our RSS) and
+  from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache, not in our RSS,
+  marked first to reclaim with ``MADV_COLD`` so that memory pressure evicts what is loaded) and
   ``prefetch()`` asks the kernel to read the tensor ahead (``MADV_WILLNEED``), which overlaps disk
   reads of the next tensors, in any shard, with the conversion of the current one.
 * ``tf_model.h5`` and ``flax_model.msgpack``: one dataset / leaf read per ``view()`` (a fresh
@@ -34,6 +35,10 @@ from .safetensors_io import read_safetensors_header
 _PAGE = mmap.PAGESIZE
 # Linux / macOS advice; without them (Windows) loading works the same, holding more pages meanwhile.
 _DONTNEED, _WILLNEED = getattr(mmap, "MADV_DONTNEED", None), getattr(mmap, "MADV_WILLNEED", None)
+# Linux >= 5.4 (Python names neither): "reclaim these pages first". A loaded tensor's pages are
+# deactivated before they leave our mapping, so when the model and the files do not both fit in
+# memory the kernel evicts what has been read, not what is still to be read (a re-read from disk).
+_COLD = getattr(mmap, "MADV_COLD", 20 if sys.platform.startswith("linux") else None)
 
 
 # Stored dtypes numpy lacks, and the plain dtype of the same width their bits are viewed as.
@@ -181,6 +186,8 @@ class MappedRef(TensorRef):
         return arr
 
     def release(self) -> None:
+        if _COLD is not None:    # page cache: first to go under memory pressure (EINVAL on old kernels: ignored)
+            self._file.advise(_COLD, self._entry.begin, self._entry.end, inward=True)
         if _DONTNEED is not None:
             self._file.advise(_DONTNEED, self._entry.begin, self._entry.end, inward=True)
 
