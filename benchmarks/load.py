@@ -174,14 +174,15 @@ if warm_dir:   # one load of another (tiny) checkpoint first: one-time costs of 
     del del_me
     directory = load_dir
 warm_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t, c = time.perf_counter(), time.process_time()
+t, c, faults = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 model = load()
 seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
-peak, after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss()
+usage = resource.getrusage(resource.RUSAGE_SELF)
+peak, after = usage.ru_maxrss * 1024, rss()
 t = time.perf_counter()
 touch(model)          # what a first forward pays for weights a lazy loader has not read yet
 touch_seconds = time.perf_counter() - t
-out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "model_bytes": nbytes(model)}
+out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "major_faults": usage.ru_majflt - faults, "model_bytes": nbytes(model)}
 print("RESULT " + json.dumps(out), flush=True)   # before the forward: a crash there keeps the load figures
 if logits_out:
     from blip_core import to_numpy
@@ -348,7 +349,8 @@ def _print_row(row, log) -> None:
     log(f"   {row['impl']:<9}{row['dtype']:<10}{row['seconds']:>8.2f}{row.get('cpu_seconds', float('nan')):>8.2f}"
         f"{row['seconds'] + row.get('touch_seconds', float('nan')):>9.2f}{row['model_bytes'] / gb:>10.2f}"
         f"{row['baseline_bytes'] / gb:>9.2f}{row['peak_bytes'] / gb:>9.2f}{row['extra_over_model']:>12.3f}"
-        f"{row['peak_over_model']:>11.3f}   (load avg {row['load_average'][0]:.1f})")
+        f"{row['peak_over_model']:>11.3f}   (load avg {row['load_average'][0]:.1f}, "
+        f"{row.get('major_faults', -1)} major page faults)")
 
 
 def _version(md, name):

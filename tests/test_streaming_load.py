@@ -101,6 +101,24 @@ def test_bfloat16_file_loaded_as_float32_matches_transformers(variants, backend)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_float16_reads_the_kept_parts_as_float32_and_the_rest_as_float16(variants, backend):
+    """transformers' float16 rule (Q-Former and query tokens float32), applied per tensor while loading: the
+    kept weights are the file's float32 bits (never rounded through float16), the rest the file cast once."""
+    from blip_core.blip2 import KEEP_FLOAT32_MODULES
+    model = getattr(_backend(backend), ARCH).from_pretrained(variants["f32-single"], dtype="float16")
+    got, want = _params(backend, model), _old_loader(variants["f32-single"], backend, "float32")
+    if backend == "torch":
+        got = {k: v for k, v in got.items() if k in want}
+    assert set(got) == set(want)
+    for k, w in want.items():
+        top = k.split(".")[0] if isinstance(k, str) else k[0]
+        expect = w if top in KEEP_FLOAT32_MODULES else w.astype(np.float16)
+        assert got[k].dtype == expect.dtype, k
+        np.testing.assert_array_equal(got[k], expect, err_msg=str(k))
+    assert {k.split(".")[0] if isinstance(k, str) else k[0] for k in want} >= set(KEEP_FLOAT32_MODULES)
+
+
 def test_mapped_refs_read_no_data_until_asked_and_survive_release(variants):
     refs = open_state_dict(variants["bf16-sharded"])
     want = checkpoint.load_state_dict(variants["bf16-sharded"])
