@@ -250,6 +250,7 @@ def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log
             directory = os.path.join(work, model)
             t = time.perf_counter()
             info = build_checkpoint(directory, model)
+            os.sync()     # written back now, not while the first loader runs (writeback stalls its allocations)
             info["build_s"] = round(time.perf_counter() - t, 1)
             results["models"][model] = info
             log(f"\n== {model}: {info['architecture']}, {info['parameters'] / 1e9:.3f} B parameters, "
