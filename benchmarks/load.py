@@ -125,7 +125,7 @@ def warm(directory: str) -> None:
     """Read every weights file once, so each loader starts from the same page cache."""
     buf = bytearray(64 << 20)
     for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
+        if name.endswith((".safetensors", ".bin")):
             with open(os.path.join(directory, name), "rb", buffering=0) as f:
                 while f.readinto(buf):
                     pass
@@ -139,6 +139,7 @@ os.environ.setdefault("USE_TF", "0"); os.environ.setdefault("USE_FLAX", "0"); os
 sys.path.insert(0, sys.argv[1])
 impl, directory, arch, dtype, logits_out, warm_dir = sys.argv[2:8]
 import numpy as np
+BIN = {"allow_pickle_bin": True} if any(n.endswith(".bin") for n in os.listdir(directory)) else {}   # opted in for .bin dirs
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
@@ -149,18 +150,18 @@ if impl == "hf-torch":
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
 elif impl == "torch":
     import torch, backends.torch as B
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
 elif impl == "tf":
     import tensorflow as tf, backends.tf as B
     tf.constant(1.0) + 1
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
     nbytes = lambda m: sum(v.shape.num_elements() * v.dtype.size for v in m.params.values())
     touch = lambda m: [tf.reduce_max(tf.reshape(v, [-1])[::STRIDE]).numpy() for v in m.params.values()]
 else:
     import jax, backends.jax as B
     jax.numpy.ones(2).block_until_ready()
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
     nbytes = lambda m: sum(a.nbytes for a in jax.tree_util.tree_leaves(m.params))
     touch = lambda m: [np.asarray(a).reshape(-1)[::STRIDE].max() for a in jax.tree_util.tree_leaves(m.params)]
 if impl in ("torch", "hf-torch"):    # numpy views of the parameters (bfloat16 seen as int16): no copy

@@ -207,6 +207,31 @@ def _check_peak(small_checkpoint, backend, dtype):
         f"(margin {margin / 1e6:.0f} MB)")
 
 
+@pytest.fixture(scope="module")
+def small_bin_checkpoint(small_checkpoint, tmp_path_factory):
+    """The same checkpoint as one ``pytorch_model.bin`` written by torch.save."""
+    import shutil
+    import torch
+    d, info = small_checkpoint
+    out = tmp_path_factory.mktemp("load-bin")
+    state = checkpoint.load_state_dict(d)
+    torch.save({k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) for k, v in state.items()},
+               out / "pytorch_model.bin")
+    shutil.copy(os.path.join(d, "config.json"), out / "config.json")
+    return str(out), info
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
+def test_peak_memory_loading_a_bin_as_float32_is_the_model_plus_one_tensor(small_bin_checkpoint, backend):
+    """An opted-in ``.bin`` loads through ``from_pretrained`` in every backend within the safetensors bound.
+
+    End to end only: with this checkpoint (its largest tensor is a third of the file) a whole-file
+    read would fit the margin too; that the file is mapped, not read, is checked by
+    ``test_checkpoint.py::test_bin_is_opened_mapped_one_tensor_at_a_time``."""
+    _check_peak(small_bin_checkpoint, backend, "float32")
+
+
 @pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
 def test_peak_memory_loading_bf16_as_float32_is_the_model_plus_one_tensor(small_checkpoint, backend):
     _check_peak(small_checkpoint, backend, "float32")
