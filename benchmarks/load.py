@@ -3,6 +3,7 @@
     python benchmarks/load.py                                  # BLIP-2 OPT-2.7b and BLIP-large, all impls
     python benchmarks/load.py --models blip2-opt-2.7b --dtypes bfloat16 --impls torch,hf-torch
     python benchmarks/load.py --models blip2-small --check-logits   # a few hundred MB, quick
+    python benchmarks/load.py --models blip2-mid --impls tf,jax     # 1 GB with the full-size tensor shapes
     python benchmarks/run_all.py --load [--load-models ...]          # the same, after the other workloads
 
 Each model's checkpoint is written once with random values (cheaply: a pool of random numbers
