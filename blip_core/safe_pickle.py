@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import io
+import mmap
 import os
 import pickle
 import zipfile
@@ -94,9 +95,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, fh, path: str, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, fh, path: str, archive: zipfile.ZipFile, prefix: str, byteorder: str, mapping=None):
         super().__init__(fh)
         self._path, self._zip, self._prefix, self._byteorder = path, archive, prefix, byteorder
+        self._map = mapping     # the file mapped (``mmap``): stored records become views of it
         self._storages: dict = {}
         self._allowed = {
             ("collections", "OrderedDict"): collections.OrderedDict,
@@ -136,6 +138,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(
                 f"{self._path}: storage {key} holds {info.file_size} bytes but {numel} x "
                 f"{stype.dtype_name} needs {numel * dtype.itemsize}")
+        if self._map is not None and info.compress_type == zipfile.ZIP_STORED and (
+                self._byteorder == "little" or dtype.itemsize == 1):
+            return np.frombuffer(self._map, dtype=dtype, count=numel, offset=self._record_start(info, key))
         flat = np.empty(numel, dtype=dtype)
         buf = flat.view(np.uint8)
         with self._zip.open(info) as fh:
@@ -149,6 +154,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
             swapped = flat.view(f"u{dtype.itemsize}").byteswap()
             flat = swapped.view(dtype)
         return flat
+
+
+    def _record_start(self, info: zipfile.ZipInfo, key: str) -> int:
+        """Offset in the file of a stored (uncompressed) record's bytes, from its local header, checked."""
+        head = self._map[info.header_offset:info.header_offset + 30]
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self._path}: storage {key}: bad zip local header")
+        start = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+        if start + info.file_size > len(self._map):
+            raise CheckpointError(f"{self._path}: storage {key} is truncated")
+        return start
 
 
 def _open_archive(path: str) -> tuple:
@@ -171,19 +187,25 @@ def _open_archive(path: str) -> tuple:
     return archive, prefix, byteorder
 
 
-def unpickle_torch_zip(path):
+def unpickle_torch_zip(path, mapped: bool = False):
     """The object stored by ``torch.save`` with tensors as numpy arrays (restricted globals only).
 
     Nested containers (dicts, lists, tuples, numbers, strings) come back as they are; use
-    :func:`load_torch_state_dict` for the common flat ``{name: tensor}`` case.
+    :func:`load_torch_state_dict` for the common flat ``{name: tensor}`` case. ``mapped=True``: the
+    file is memory-mapped (private, copy-on-write) and contiguous tensors of stored little-endian
+    records (what ``torch.save`` writes) are views of it, read from disk only when used.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
     archive, prefix, byteorder = _open_archive(path)
+    mapping = None
+    if mapped and os.path.getsize(path):
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     with archive:
         data = archive.read(f"{prefix}data.pkl")
-        unpickler = _RestrictedUnpickler(io.BytesIO(data), path, archive, prefix, byteorder)
+        unpickler = _RestrictedUnpickler(io.BytesIO(data), path, archive, prefix, byteorder, mapping)
         try:
             return unpickler.load()
         except CheckpointError:
@@ -192,9 +214,10 @@ def unpickle_torch_zip(path):
             raise CheckpointError(f"{path}: data.pkl could not be unpickled ({type(exc).__name__}: {exc})") from exc
 
 
-def load_torch_state_dict(path) -> dict:
-    """A flat ``{name: np.ndarray}`` state dict from a ``torch.save`` zip file (e.g. pytorch_model.bin)."""
-    obj = unpickle_torch_zip(path)
+def load_torch_state_dict(path, mapped: bool = False) -> dict:
+    """A flat ``{name: np.ndarray}`` state dict from a ``torch.save`` zip file (e.g. pytorch_model.bin);
+    ``mapped``: arrays are views of the memory-mapped file where they can be (see ``unpickle_torch_zip``)."""
+    obj = unpickle_torch_zip(path, mapped=mapped)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{os.fspath(path)}: expected a state dict, found {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]

@@ -339,6 +339,36 @@ def test_transformers_bin_loads_bit_exact_with_shared_storage(caption_dirs):
     assert info["inspected"] and info["num_tensors"] == len(ref)
 
 
+def test_bin_is_opened_mapped_one_tensor_at_a_time(caption_dirs, tmp_path):
+    """``open_state_dict`` maps an opted-in ``.bin`` as it maps safetensors: each contiguous tensor is a
+    view of the file (no read until used), released after use, equal to torch.load's tensors."""
+    from blip_core.checkpoint import open_state_dict
+    from blip_core.checkpoint.mapped import ViewRef
+    _, root, ref = caption_dirs
+    for d in ("bin", "bin_sharded"):
+        refs = open_state_dict(root / d, allow_pickle_bin=True)
+        assert set(refs) == set(ref) and all(isinstance(r, ViewRef) for r in refs.values()), d
+        for k, r in refs.items():
+            view = r.view()
+            assert not view.flags.owndata and view.flags.writeable   # the private mapping, as for safetensors
+            r.release()
+            assert_same(view, ref[k])
+    mapped = load_torch_state_dict(root / "bin/pytorch_model.bin", mapped=True)
+    for tied, owner in CAPTION_TIES.items():      # one storage record -> one region of the mapping
+        assert np.shares_memory(mapped[tied], mapped[owner])
+    torch.save({"w": torch.arange(6.0).reshape(2, 3).t(), "b": torch.ones(3, dtype=torch.bfloat16)}, tmp_path / "s.bin")
+    refs = open_state_dict(tmp_path / "s.bin", allow_pickle_bin=True)   # a strided tensor is copied, not mapped
+    assert not isinstance(refs["w"], ViewRef) and isinstance(refs["b"], ViewRef)
+    assert_same(refs["w"].view(), np.arange(6.0, dtype=np.float32).reshape(2, 3).T)
+    assert refs["b"].raw().tolist() == [0x3F80] * 3
+    with zipfile.ZipFile(tmp_path / "s.bin") as src, zipfile.ZipFile(tmp_path / "short.bin", "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data[:4] if name.endswith("/data/1") else data)
+    with pytest.raises(CheckpointError, match="holds 4 bytes but 3 x bfloat16 needs 6"):
+        open_state_dict(tmp_path / "short.bin", allow_pickle_bin=True)
+
+
 def test_torch_save_views_and_dtypes(tmp_path):
     torch.manual_seed(0)
     w = torch.randn(4, 6)

@@ -227,7 +227,7 @@ class JaxModel:
         items = load_items(table, refs, "jax")
         model = cls.__new__(cls)
         if mesh is None:
-            model._setup(config, traverse_util.unflatten_dict(load_params(items, dt, resolve_device(device))), dt)
+            model._setup(config, traverse_util.unflatten_dict(load_params(items, dt, resolve_device(device), leaf_dtype)), dt)
         else:
             from .sharding import load_sharded, param_shardings
             shardings = param_shardings(cls.__name__, config, mesh)

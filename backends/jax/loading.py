@@ -29,11 +29,12 @@ def place(arr: np.ndarray, perm, dtype, device=None):
     return _relayout(x, perm=perm or tuple(range(arr.ndim)), dtype=np.dtype(dtype))   # runs where x is
 
 
-def load_params(items: list, dtype, device=None) -> dict:
-    """``{jax path: array}`` from ``blip_core.pretrained.load_items`` rows; ``device`` a ``jax.Device`` or None."""
+def load_params(items: list, dtype, device=None, leaf_dtype=None) -> dict:
+    """``{jax path: array}`` from ``blip_core.pretrained.load_items`` rows; ``device`` a ``jax.Device`` or None;
+    ``leaf_dtype(path)``, where given, the dtype of each leaf instead of ``dtype`` (float16 BLIP-2's float32 parts)."""
     out = {}
     for path, ref, perm in in_order(items, ref=lambda item: item[1]):
-        out[path] = place(ref.view(), perm, dtype, device)
+        out[path] = place(ref.view(), perm, dtype if leaf_dtype is None else leaf_dtype(path), device)
         out[path].block_until_ready()    # the host data must be read before its pages are dropped
         ref.release()
     return out

@@ -190,17 +190,17 @@ class Blip2Weights(JaxModel):
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
                         seed: int = 0, **hf_kwargs):
-        """As ``JaxModel.from_pretrained`` (same keywords); float16 loads float32, then applies the float16 rule
-        (the kept parameters never pass through float16); other dtypes load straight in that dtype."""
+        """As ``JaxModel.from_pretrained`` (same keywords); every dtype loads straight into the final arrays, the
+        float16 rule applied per tensor (the kept parameters are read as float32, never passing through float16)."""
         torch_dtype = hf_kwargs.pop("torch_dtype", None)
         dt = blip2_dtype(dtype if torch_dtype is None else hf_loading_kwargs(dtype, None, torch_dtype=torch_dtype)[0])
         direct = None if keeps_float32(dt.name) else dt
-        if direct is None and hf_kwargs.get("mesh") is not None:   # the float16 rule per tensor while placing
+        if direct is None:     # the float16 rule per tensor while loading: no float32 copy of the whole model
             hf_kwargs["_leaf_dtype"] = lambda p: jnp.float32 if p[0] in cls.kept_float32 else dt
         model = super().from_pretrained(path, dtype=direct, allow_pickle_bin=allow_pickle_bin, device=device,
                                         strict=strict, seed=seed, **hf_kwargs)
         if direct is None:
-            model._cast_to(dt)                      # (a no-op after the mesh path's per-tensor casts)
+            model._cast_to(dt)                      # (no copies: the per-tensor casts made every leaf's dtype)
         return model
 
     def astype(self, dtype):

@@ -162,6 +162,25 @@ class PreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Make tied parameters the same tensors (overridden where a class has ties)."""
 
+    @classmethod
+    def _float32_modules(cls, dtype: torch.dtype) -> tuple:
+        """Top-level parts kept float32 in a model of ``dtype`` (BLIP-2's float16 rule); none here."""
+        return ()
+
+    def _set_dtype(self, dtype: torch.dtype) -> None:
+        """Cast to ``dtype``, the parts of ``_float32_modules`` to float32, each tensor once (no round trip)."""
+        keep = self._float32_modules(dtype)
+        if not keep:
+            self.to(dtype)
+            return
+        with torch.no_grad():
+            for name, part in list(self.named_children()) + list(self.named_parameters(recurse=False)):
+                dt = torch.float32 if name in keep else dtype
+                if isinstance(part, nn.Parameter):
+                    part.data = part.data.to(dt)
+                else:
+                    part.to(dt)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -192,14 +211,17 @@ class PreTrainedModel(nn.Module):
                                               strict=strict, seed=seed)
         with _skip_init():
             model = cls(config, seed=None)
-        state = load_params(load_items(table, refs, "torch"), torch_dtype, device)
+        keep = cls._float32_modules(torch_dtype)    # read as float32 straight from the file, never via float16
+        state = load_params(load_items(table, refs, "torch"), torch_dtype, device,
+                            (lambda name: torch.float32 if name.split(".", 1)[0] in keep else torch_dtype) if keep else None)
         for name, spec in table.items():
             if spec.tied_to is not None:
                 state[name] = state[spec.tied_to]
         with torch.no_grad():
             model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
-        model.to(dtype=torch_dtype, device=device)
+        model.to(device=device)
+        model._set_dtype(torch_dtype)      # buffers; the loaded parameters already have their dtypes (no copy)
         model.eval()
         if quantize is not None:
             from .quantize import apply_quantization

@@ -28,7 +28,6 @@ from blip_core import blip2 as rules
 from blip_core.configs import OPTConfig
 from blip_core.generation import check_label_ids, check_token_ids
 from blip_core.numerics import NORM_EPS
-from blip_core.pretrained import hf_loading_kwargs
 from blip_core.outputs import (Blip2ForConditionalGenerationModelOutput, Blip2ImageTextMatchingModelOutput,
                                Blip2TextModelOutput, Blip2VisionModelOutput)
 
@@ -75,30 +74,13 @@ class _Blip2PreTrained(PreTrainedModel):
         self._set_dtype(resolve_dtype(dtype))
 
     def _set_dtype(self, dtype) -> None:
-        if dtype is None:
-            return
-        self.to(dtype)
-        if rules.keeps_float32(str(dtype).replace("torch.", "")):
-            with torch.no_grad():
-                for name in self._keep_in_fp32_modules:
-                    part = getattr(self, name, None)
-                    if isinstance(part, nn.Parameter):
-                        part.data = part.data.float()
-                    elif isinstance(part, nn.Module):
-                        part.float()
+        if dtype is not None:
+            super()._set_dtype(dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, allow_pickle_bin: bool = False, device=None, strict: bool = True,
-                        seed: int = 0, **hf_kwargs):
-        dtype, device = hf_loading_kwargs(dtype, device, **hf_kwargs)
-        dt = resolve_dtype(dtype)
-        kw = dict(allow_pickle_bin=allow_pickle_bin, device=device, strict=strict, seed=seed)
-        if not rules.keeps_float32(str(dt).replace("torch.", "")):
-            return super().from_pretrained(path, dtype=dtype, **kw)
-        # Load in float32 first so the kept modules never pass through float16.
-        model = super().from_pretrained(path, dtype=None, **kw)
-        model._set_dtype(dt)
-        return model
+    def _float32_modules(cls, dtype) -> tuple:
+        # from_pretrained reads these as float32 straight from the file: they never pass through float16
+        return cls._keep_in_fp32_modules if rules.keeps_float32(str(dtype).replace("torch.", "")) else ()
 
     def _build_front(self, config, vision: bool = True) -> None:
         if vision:

@@ -28,16 +28,18 @@ def as_torch(ref) -> torch.Tensor:
     return t.view(torch.bfloat16) if ref.dtype_name == "bfloat16" else t
 
 
-def load_params(items: list, dtype: torch.dtype, device=None) -> dict:
-    """``{name: tensor of dtype on device}`` from ``blip_core.pretrained.load_items`` rows (torch layout)."""
+def load_params(items: list, dtype: torch.dtype, device=None, dtype_of=None) -> dict:
+    """``{name: tensor of dtype on device}`` from ``blip_core.pretrained.load_items`` rows (torch layout);
+    ``dtype_of(name)``, where given, each tensor's dtype instead (float16 BLIP-2's float32 parts)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     out = {}
     for name, ref, _ in in_order(items, ref=lambda item: item[1]):
+        dt = dtype if dtype_of is None else dtype_of(name)
         src = as_torch(ref)
-        if src.dtype == dtype and device.type == "cpu" and src.is_contiguous() and ref.raw().flags.writeable:
+        if src.dtype == dt and device.type == "cpu" and src.is_contiguous() and ref.raw().flags.writeable:
             out[name] = src                  # the file mapping itself, or an array read for us alone
             continue
-        dst = torch.empty(src.shape, dtype=dtype, device=device)
+        dst = torch.empty(src.shape, dtype=dt, device=device)
         dst.copy_(src)
         out[name] = dst
         del src

@@ -218,16 +218,22 @@ def load_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
 def open_state_dict(dir_or_file, allow_pickle_bin: bool = False) -> dict:
     """``{name: TensorRef}`` from a checkpoint directory or weights file, reading no tensor data.
 
-    safetensors files (single or sharded) are memory-mapped (``blip_core.checkpoint.mapped``);
-    an opted-in ``pytorch_model.bin`` has no random access and is read a shard at a time.
+    safetensors files (single or sharded) are memory-mapped (``blip_core.checkpoint.mapped``); so is
+    an opted-in ``pytorch_model.bin`` (its storage records are stored uncompressed by ``torch.save``:
+    each contiguous tensor is a view of the mapping; the pickle itself is read whole).
     """
-    from .mapped import ArrayRef, map_safetensors
+    from .mapped import map_safetensors, view_ref
     kind, path = resolve_checkpoint(dir_or_file)
     if kind == "safetensors":
         return map_safetensors([path])
     if kind == "safetensors_index":
         return _load_sharded(path, lambda shard: map_safetensors([shard]))
-    return {name: ArrayRef(arr) for name, arr in load_state_dict(dir_or_file, allow_pickle_bin).items()}
+    if not allow_pickle_bin:
+        _refuse_pickle(path)
+    from blip_core.safe_pickle import load_torch_state_dict
+    read = lambda file: load_torch_state_dict(file, mapped=True)     # noqa: E731
+    state = read(path) if kind == "bin" else _load_sharded(path, read)
+    return {name: view_ref(arr) for name, arr in state.items()}
 
 
 def _count(info: dict, dtype_name: str, shape: tuple, nbytes: int) -> None:

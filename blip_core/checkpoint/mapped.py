@@ -8,13 +8,16 @@ the weight table reads no data), ``view()`` gives its data in the canonical (tor
 * safetensors (single or sharded): each file is memory-mapped once (``mmap``, private
   copy-on-write mapping, so views are writable numpy arrays and a write never reaches the file).
   ``view()`` is a zero-copy numpy view into the mapping; ``release()`` drops the tensor's pages
-  from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache, not in our RSS) and
+  from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache, not in our RSS,
+  marked first to reclaim with ``MADV_COLD`` so that memory pressure evicts what is loaded) and
   ``prefetch()`` asks the kernel to read the tensor ahead (``MADV_WILLNEED``), which overlaps disk
   reads of the next tensors, in any shard, with the conversion of the current one.
 * ``tf_model.h5`` and ``flax_model.msgpack``: one dataset / leaf read per ``view()`` (a fresh
   array in canonical layout; the formats have random access but no mapping that fits every dtype).
-* ``pytorch_model.bin`` (opt-in) and tensors drawn from a seed: arrays already in memory
-  (``ArrayRef``); a ``.bin`` shard has no random access, so its peak is one shard.
+* ``pytorch_model.bin`` (opt-in): its uncompressed storage records are mapped the same way by
+  ``blip_core.safe_pickle``; each contiguous tensor is a ``ViewRef`` (a view of the mapping, with
+  ``release`` and ``prefetch``); a tensor stored strided is copied (``ArrayRef``).
+* Tensors drawn from a seed: arrays already in memory (``ArrayRef``).
 
 A view must not be used after ``release()`` for anything but re-reading (the data is re-read
 from the file on the next access; the file must not change meanwhile).
@@ -34,6 +37,10 @@ from .safetensors_io import read_safetensors_header
 _PAGE = mmap.PAGESIZE
 # Linux / macOS advice; without them (Windows) loading works the same, holding more pages meanwhile.
 _DONTNEED, _WILLNEED = getattr(mmap, "MADV_DONTNEED", None), getattr(mmap, "MADV_WILLNEED", None)
+# Linux >= 5.4 (Python names neither): "reclaim these pages first". A loaded tensor's pages are
+# deactivated before they leave our mapping, so when the model and the files do not both fit in
+# memory the kernel evicts what has been read, not what is still to be read (a re-read from disk).
+_COLD = getattr(mmap, "MADV_COLD", 20 if sys.platform.startswith("linux") else None)
 
 
 # Stored dtypes numpy lacks, and the plain dtype of the same width their bits are viewed as.
@@ -99,6 +106,43 @@ class ArrayRef(TensorRef):
         return self._array
 
 
+class ViewRef(ArrayRef):
+    """A tensor that is a contiguous view of a mapped file read by another parser (a ``.bin`` storage
+    record): read on first use, ``release`` / ``prefetch`` as for safetensors."""
+
+    def __init__(self, array: np.ndarray, mapping: mmap.mmap):
+        super().__init__(array)
+        self._map = mapping
+        self._begin = array.ctypes.data - np.frombuffer(mapping, np.uint8, count=0).ctypes.data
+        self._end = self._begin + array.nbytes
+
+    def load(self) -> np.ndarray:
+        arr = self._array.copy()
+        self.release()
+        return arr
+
+    def release(self) -> None:
+        for option in (_COLD, _DONTNEED):
+            if option is not None:
+                _advise(self._map, option, self._begin, self._end, inward=True)
+
+    def prefetch(self) -> None:
+        if _WILLNEED is not None:
+            _advise(self._map, _WILLNEED, self._begin, self._end, inward=False)
+
+
+def view_ref(array: np.ndarray) -> TensorRef:
+    """A ``ViewRef`` if ``array`` is a contiguous view of an ``mmap``, else an ``ArrayRef``."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if isinstance(base, mmap.mmap) and array.flags.c_contiguous and array.nbytes:
+        return ViewRef(array, base)
+    return ArrayRef(array)
+
+
 class ReaderRef(TensorRef):
     """A tensor read by a callable on each ``view()`` (one h5 dataset, one msgpack leaf)."""
 
@@ -131,20 +175,25 @@ class MappedFile:
         return np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=start + begin)
 
     def advise(self, option: int, begin: int, end: int, inward: bool) -> None:
-        """``madvise`` over the pages of a byte span of the data buffer.
+        """``madvise`` over the pages of a byte span of the data buffer (see ``_advise``)."""
+        if self._mmap is not None:
+            _advise(self._mmap, option, self.header.data_start + begin, self.header.data_start + end, inward)
 
-        ``inward`` keeps to pages wholly inside the span, so a neighbour's data is never dropped.
-        """
-        if self._mmap is None or not hasattr(self._mmap, "madvise"):
-            return
-        lo, hi = self.header.data_start + begin, self.header.data_start + end
-        lo, hi = ((-(-lo // _PAGE)) * _PAGE, (hi // _PAGE) * _PAGE) if inward else (
-            (lo // _PAGE) * _PAGE, min(-(-hi // _PAGE) * _PAGE, len(self._mmap)))
-        if hi > lo:
-            try:
-                self._mmap.madvise(option, lo, hi - lo)
-            except (OSError, ValueError):   # an advice the platform refuses only costs memory or time
-                pass
+
+def _advise(mapping: mmap.mmap, option: int, lo: int, hi: int, inward: bool) -> None:
+    """``madvise`` over the pages of the byte span ``[lo, hi)`` of a mapped file.
+
+    ``inward`` keeps to pages wholly inside the span, so a neighbour's data is never dropped.
+    """
+    if not hasattr(mapping, "madvise"):
+        return
+    lo, hi = ((-(-lo // _PAGE)) * _PAGE, (hi // _PAGE) * _PAGE) if inward else (
+        (lo // _PAGE) * _PAGE, min(-(-hi // _PAGE) * _PAGE, len(mapping)))
+    if hi > lo:
+        try:
+            mapping.madvise(option, lo, hi - lo)
+        except (OSError, ValueError):   # an advice the platform refuses only costs memory or time
+            pass
 
 
 class MappedRef(TensorRef):
@@ -181,6 +230,8 @@ class MappedRef(TensorRef):
         return arr
 
     def release(self) -> None:
+        if _COLD is not None:    # page cache: first to go under memory pressure (EINVAL on old kernels: ignored)
+            self._file.advise(_COLD, self._entry.begin, self._entry.end, inward=True)
         if _DONTNEED is not None:
             self._file.advise(_DONTNEED, self._entry.begin, self._entry.end, inward=True)
 
