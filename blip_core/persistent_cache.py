@@ -21,12 +21,13 @@ The folder is bounded: when a framework first uses it in a process, ``prune`` de
 written or used longest ago until the whole folder is under ``BLIP_COMPILE_CACHE_MAX_MB`` (default
 ``MAX_MB``). ``clear_persistent_cache()`` (``blip cache clear``) deletes it all.
 
-Executables alone leave tracing: the framework still runs the Python of the model once per process
-to find which program it needs. The JAX backend also keeps the traced program (a serialized
-``jax.export.Exported``, ``backends/jax/program_cache.py``) under ``<root>/jax-exported-<version>``;
-``write_atomic`` / ``read_checked`` are the file format of such entries (a header that names the
-entry and a digest of the payload, so a truncated or foreign file is refused, never run), and
-``source_fingerprint`` keys them by the code that traced them.
+Executables keyed by the lowered program leave tracing: the framework still runs the Python of the
+model once per process to find which program it needs. The JAX backend also keeps its compiled
+generate programs keyed by the call (``backends/jax/program_cache.py``, under
+``<root>/jax-programs-<version>``), so a later process neither traces nor lowers. ``write_atomic`` /
+``read_checked`` are the file format of such entries (a header that names the entry and a digest of
+the payload: a truncated, altered or foreign file is refused and deleted, never run), and
+``source_fingerprint`` keys them by the code that built them.
 """
 from __future__ import annotations
 

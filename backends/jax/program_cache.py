@@ -11,7 +11,7 @@ and runs it; the model's Python is never traced and nothing is lowered.
   static arguments (the decoding plan), the tree, shape and dtype of every argument, jax, jaxlib and flax
   versions, the platform, its devices and this CPU's instruction set, jax's numeric flags and
   ``XLA_FLAGS``, and a digest of the sources of ``blip_core`` and ``backends/jax``. Any change is another
-  key, so another file, and the model is traced and compiled (or found in jax's own cache) as before.
+  key, so another file, and the model is traced and compiled again.
 * Files sit under ``<cache root>/jax-programs-<jax version>``, readable by their user only, written through a
   rename with a digest of their content (``blip_core.persistent_cache.write_atomic``): a missing,
   truncated or damaged file, or one this jax cannot load, means tracing, never a crash. A program that
