@@ -1,7 +1,8 @@
 """Cold start, per-token decode and decoding memory of the compiled backends, each in fresh processes.
 
-* ``first caption``: a new process builds the BLIP-base captioner (random weights, not timed) and
-  times its first ``generate`` (384 px, batch 1, greedy, 20 new tokens forced) and its second one;
+* ``first caption``: a new process imports the backend and builds the BLIP-base captioner (random
+  weights; both timed apart, not counted) and times its first ``generate`` (384 px, batch 1, greedy,
+  20 new tokens forced) and its second one;
   once with an empty persistent compilation cache ("cold") and once more with the cache the first
   process wrote ("warm"), see ``blip_core.persistent_cache``.
 * ``decode per token``: one process holds every requested backend and times 4- and 20-token greedy
@@ -50,13 +51,19 @@ def _timed(model, px, **kw):
 
 
 def child_first(backend: str, quick: bool) -> dict:
+    import importlib
     t = time.perf_counter()
+    importlib.import_module(f"backends.{backend}")
+    imported = time.perf_counter() - t
     model, size = _model(backend, quick)
     load = time.perf_counter() - t
     px = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     first = _timed(model, px, **kw)
-    return {"load_s": load, "first_s": first, "second_s": _timed(model, px, **kw)}
+    out = {"import_s": imported, "load_s": load, "first_s": first, "second_s": _timed(model, px, **kw)}
+    if hasattr(model, "trace_count"):      # jax: 0 when the stored program ran (backends/jax/program_cache.py)
+        out["generate_traces"] = model.trace_count("generate")
+    return out
 
 
 def child_decode(backends, quick: bool, reps: int) -> dict:
@@ -118,7 +125,8 @@ def measure(backends, quick: bool, reps: int = 3, log=print) -> dict:
         res["first"][b] = {"cold": cold, "warm": warm, "cache_mb": round(size / 2**20, 1),
                            "load_average": [load, os.getloadavg()[0]]}
         log(f"  {b:<6} first caption: cold {cold['first_s']:.2f} s, warm {warm['first_s']:.2f} s, "
-            f"steady {warm['second_s']:.2f} s (cache {size / 2**20:.1f} MB; load {load:.2f})")
+            f"steady {warm['second_s']:.2f} s (cache {size / 2**20:.1f} MB; import {warm['import_s']:.2f} s, "
+            f"model {warm['load_s'] - warm['import_s']:.2f} s, not counted; load {load:.2f})")
     compiled = [b for b in backends if b != "torch"] or list(backends)
     load = os.getloadavg()[0]
     res["decode"] = dict(_spawn(["decode", "--backends", ",".join(compiled), "--reps", str(reps)] + q),

@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     from .export import add_export_parsers
     add_export_parsers(sub)
+    from .cache_cli import add_cache_parser
+    add_cache_parser(sub)
 
     try:
         from converters.cli import add_convert_parser, add_parity_parser

@@ -42,6 +42,7 @@ def apply_persistent_cache():
         if _PERSISTENT["dir"] is None:
             path = persistent_cache.cache_dir("jax", jax.__version__)
             if path is not None:
+                persistent_cache.prune()
                 jax.config.update("jax_compilation_cache_dir", path)
                 jax.config.update("jax_persistent_cache_min_compile_time_secs", persistent_cache.MIN_COMPILE_SECONDS)
             _PERSISTENT["dir"] = path
@@ -179,11 +180,23 @@ class JaxModel:
         """The jitted ``self.<method>`` for positional ``args`` and keyword ``static`` arguments, from the
         bounded ``LRU`` of compiled generation programs. The key holds the static values and the shape
         and dtype of every argument, so each entry holds exactly one XLA program (callers round shapes
-        to ``blip_core.cache`` buckets first, so that typical calls share one)."""
+        to ``blip_core.cache`` buckets first, so that typical calls share one). With the persistent cache on,
+        a new process reads the traced program from disk instead of tracing the model (``program_cache``)."""
         leaves, tree = jax.tree_util.tree_flatten(args)
         signature = (tuple(sorted(static.items())), tree,
                      tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
-        return self._jit(name, method, tuple(sorted(static)), variant=signature)
+        key = (type(self).__name__, name, repr(self.config), self.dtype.name)
+        return _VARIANTS.setdefault(key, LRU(COMPILE_CACHE_SIZE)).get(
+            signature, lambda: self._make_program(key, method, args, static))
+
+    def _make_program(self, key, method: str, args: tuple, static: dict):
+        """The program of one variant: the traced program stored on disk by an earlier process (or traced now
+        and stored, ``program_cache``), else the jitted method. A model split over a mesh is always jitted."""
+        jitted = self._make_jit(key, method, tuple(sorted(static)))
+        if self.mesh is not None:
+            return jitted
+        from . import program_cache
+        return program_cache.stored_program(key, jitted, args, static) or jitted
 
     def _make_jit(self, key, method: str, static_argnames):
         shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive

@@ -37,6 +37,7 @@ def apply_persistent_cache() -> Optional[str]:
         if FLAG not in flags:
             path = persistent_cache.cache_dir("tf", tensorflow_version())
             if path is not None:
+                persistent_cache.prune()          # the folder's bound (BLIP_COMPILE_CACHE_MAX_MB)
                 os.environ["TF_XLA_FLAGS"] = f"{flags} {FLAG}={path}".strip()
         _APPLIED["dir"] = path
     return _APPLIED["dir"]

@@ -1,0 +1,183 @@
+"""Compiled generation programs on disk, keyed by the call: a new process runs the stored one without tracing.
+
+jax's persistent compilation cache (``_base.apply_persistent_cache``) keeps compiled executables, but it is
+keyed by the lowered program, so every process still runs the model's Python once (seconds for BLIP's
+generate), lowers it, hashes it, and only then finds the executable. This module keys the executable by
+the call instead: a later process with the same key loads it (``jax.experimental.serialize_executable``)
+and runs it; the model's Python is never traced and nothing is lowered.
+
+* Params are inputs of the program, never constants: one file serves every checkpoint of a config.
+* The key names everything the program depends on (``program_key``): class, program name, config, dtype,
+  static arguments (the decoding plan), the tree, shape and dtype of every argument, jax, jaxlib and flax
+  versions, the platform, its devices and this CPU's instruction set, jax's numeric flags and
+  ``XLA_FLAGS``, and a digest of the sources of ``blip_core`` and ``backends/jax``. Any change is another
+  key, so another file, and the model is traced and compiled again.
+* Files sit under ``<cache root>/jax-programs-<jax version>``, readable by their user only, written through a
+  rename with a digest of their content (``blip_core.persistent_cache.write_atomic``): a missing,
+  truncated or damaged file, or one this jax cannot load, means tracing, never a crash. A program that
+  cannot be serialized, or a model split over a mesh, is jitted as before.
+* The tracing process runs the same compiled program it writes, and a loaded program is that program:
+  every process gets the numbers of the jitted path.
+
+A stored executable is code this process runs, as are jax's own cache entries (and its payload is a
+pickle): the folder is created mode 0700. ``BLIP_COMPILE_CACHE=0`` turns this off with the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pickle
+import platform
+
+import jax
+from jax.experimental import serialize_executable
+
+from blip_core import persistent_cache
+
+MAGIC = b"blip-jax-program-1\n"
+_LOG = logging.getLogger(__name__)
+_FOLDERS: dict = {}
+_SOURCES = (os.path.dirname(os.path.abspath(persistent_cache.__file__)), os.path.dirname(os.path.abspath(__file__)))
+_FLAGS = ("jax_enable_x64", "jax_numpy_dtype_promotion", "jax_default_matmul_precision", "jax_numpy_rank_promotion")
+
+
+def folder():
+    """``<root>/jax-programs-<jax version>`` (created), or None when the persistent cache is off."""
+    top = persistent_cache.root()
+    if _FOLDERS.get("root", False) != top:
+        _FOLDERS.update(root=top, dir=persistent_cache.cache_dir("jax-programs", jax.__version__))
+    return _FOLDERS["dir"]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _host() -> str:
+    """This machine's architecture and CPU instruction set (a compiled CPU program uses what it found)."""
+    if "host" not in _FOLDERS:
+        flags = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+        except OSError:
+            pass
+        _FOLDERS["host"] = platform.machine() + hashlib.sha256(flags.encode()).hexdigest()[:16]
+    return _FOLDERS["host"]
+
+
+def program_key(model_key: tuple, args: tuple, static: dict) -> str:
+    """Hex digest naming the program of ``model_key`` (class, name, config repr, dtype) for ``args`` and
+    ``static`` in this installation on this machine (see the module docstring)."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    devices = jax.devices()
+    parts = (
+        model_key, tuple(sorted((k, repr(v)) for k, v in static.items())), str(tree),
+        tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in map(jax.typeof, leaves)),
+        jax.__version__, _version("jaxlib"), _version("flax"), jax.default_backend(), _host(),
+        devices[0].client.platform_version, tuple(sorted({d.device_kind for d in devices})), len(devices),
+        tuple((f, str(getattr(jax.config, f, None))) for f in _FLAGS), os.environ.get("XLA_FLAGS", ""),
+        persistent_cache.source_fingerprint(_SOURCES),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class StoredProgram:
+    """One compiled program called as the jitted method is, ``fn(*args, **static)`` (the static values are
+    part of its key, so they are not passed on). Arguments the program refuses (placed on another device,
+    say) go to ``jitted`` instead, from then on."""
+
+    def __init__(self, compiled, jitted):
+        self.compiled, self.jitted = compiled, jitted
+
+    def __call__(self, *args, **static):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except (TypeError, ValueError) as exc:     # raised by the argument checks, before running
+                _LOG.debug("stored program refused its arguments (%s); jitting", exc)
+                self.compiled = None
+        return self.jitted(*args, **static)
+
+    def _cache_size(self) -> int:      # as a jitted function's: the programs it holds
+        return 1
+
+
+def load(name: str):
+    """The compiled program stored under ``name``, or None (missing, damaged, or not loadable here)."""
+    top = folder()
+    if top is None:
+        return None
+    payload = persistent_cache.read_checked(os.path.join(top, name), MAGIC, name)
+    if payload is None:
+        return None
+    try:
+        return serialize_executable.deserialize_and_load(*pickle.loads(payload))
+    except Exception as exc:       # noqa: BLE001  (written by another jaxlib, ...: trace instead)
+        _LOG.debug("stored program %s not loadable (%s); tracing", name, exc)
+        return None
+
+
+def store(name: str, compiled) -> None:
+    """Write ``compiled`` under ``name``; best effort (a full or read-only disk only costs a later process a
+    trace, a program jax cannot serialize is not written)."""
+    top = folder()
+    if top is None:
+        return
+    try:
+        payload = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+        persistent_cache.write_atomic(os.path.join(top, name), MAGIC, name, payload)
+    except Exception as exc:       # noqa: BLE001
+        _LOG.debug("program %s not stored (%s)", name, exc)
+
+
+def stored_program(model_key: tuple, jitted, args: tuple, static: dict):
+    """``StoredProgram`` of ``jitted`` for these argument shapes and static values: loaded from disk, or
+    compiled now (``jitted`` traces the model once; jax's own cache may still skip XLA) and stored.
+    None when the persistent cache is off or compiling ahead of the call fails: the caller jits."""
+    if folder() is None:
+        return None
+    name = program_key(model_key, args, static)
+    compiled = load(name)
+    if compiled is None:
+        try:
+            compiled, fresh = _compile_fresh(jitted.trace(*args, **static).lower())
+        except Exception as exc:       # noqa: BLE001  (the jitted path raises it again, at the call)
+            _LOG.debug("program %s not compiled ahead (%s); jitting it", model_key[:2], exc)
+            return None
+        if fresh:
+            store(name, compiled)
+    return StoredProgram(compiled, jitted)
+
+
+# An executable jax read from its own persistent cache runs, but serializes without its code on CPU (jaxlib
+# 0.10: "Function ... not found" when the copy runs). So a stored program is compiled by XLA in this process:
+# with an explicit XLA default among its options (the same code, another key for jax's cache), under a
+# compile-time threshold that keeps jax from writing that key; jax's hit counter is the safety net.
+_FRESH_OPTIONS = {"xla_embed_ir_in_executable": False}
+_HITS = [0]
+
+
+def _count_hits(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hits)
+
+
+def _compile_fresh(lowered):
+    """``(compiled, fresh)``: ``lowered`` compiled by XLA, not read from jax's persistent cache (``fresh``
+    False if it was anyway: such an executable is run, not stored)."""
+    threshold, hits = jax.config.jax_persistent_cache_min_compile_time_secs, _HITS[0]
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        compiled = lowered.compile(compiler_options=_FRESH_OPTIONS)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    return compiled, _HITS[0] == hits

@@ -1,0 +1,217 @@
+"""Stored compiled programs of the JAX backend (``backends/jax/program_cache.py``) and the folder's upkeep
+(``blip_core.persistent_cache``: entry files, size bound, ``blip cache``).
+
+A process that finds its generate program on disk must not trace the model, and must give the ids and
+scores of a process without the cache (bit for bit: it runs the same XLA program), which give backends.torch's
+ids. A missing, damaged or foreign entry, or another key, means tracing again, never a crash.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fixture_utils import ROOT, require
+from hf_configs import blip_dicts
+
+from blip_core import persistent_cache
+from blip_core.configs import BlipConfig
+
+require("jax")
+require("torch")
+import backends.jax as BJ  # noqa: E402
+import backends.jax._base as jbase  # noqa: E402
+import backends.torch as BT  # noqa: E402
+from backends.jax import program_cache  # noqa: E402
+
+CALL = dict(max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+
+
+def _config():
+    vc, tc = blip_dicts()
+    return BlipConfig(vision_config=vc, text_config=tc, projection_dim=16, image_text_hidden_size=24)
+
+
+def _pixels():
+    return np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+
+
+CHILD = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from hf_configs import blip_dicts
+from blip_core.configs import BlipConfig
+import backends.jax as BJ
+vc, tc = blip_dicts()            # _config() and _pixels() of the test module (which imports torch)
+cfg = BlipConfig(vision_config=vc, text_config=tc, projection_dim=16, image_text_hidden_size=24)
+px = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+model = BJ.BlipForConditionalGeneration(cfg, seed=5)
+out = model.generate(pixel_values=px, **{call!r})
+print(json.dumps(dict(ids=np.asarray(out.sequences).tolist(), scores=[np.asarray(s).tolist() for s in out.scores],
+                      traces=model.trace_count("generate"))))
+"""
+
+
+def _child(cache_dir):
+    env = {k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}
+    env.update({persistent_cache.ENV: str(cache_dir)})
+    code = CHILD.format(tests=os.path.join(ROOT, "tests"), call=CALL)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _generate(model):
+    return model.generate(pixel_values=_pixels(), **CALL)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A cache folder holding the program of ``_generate``, traced and compiled once by this process."""
+    folder = tmp_path_factory.mktemp("programs")
+    saved = persistent_cache._setting, dict(jbase._VARIANTS)
+    persistent_cache._setting = str(folder)
+    jbase._VARIANTS.clear()
+    try:
+        model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+        traces = model.trace_count("generate")
+        out = _generate(model)
+        assert model.trace_count("generate") == traces + 1
+        [name] = os.listdir(program_cache.folder())
+    finally:
+        persistent_cache._setting = saved[0]
+        jbase._VARIANTS.clear()
+        jbase._VARIANTS.update(saved[1])
+    return dict(folder=folder, out=out, name=name)
+
+
+@pytest.fixture
+def fresh(stored, monkeypatch, tmp_path):
+    """A copy of the stored folder as the cache, and no program in memory: each generate finds its program
+    on disk or traces."""
+    shutil.copytree(stored["folder"], tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(persistent_cache, "_setting", str(tmp_path))
+    monkeypatch.setattr(jbase, "_VARIANTS", {})
+    return tmp_path
+
+
+def _entries(tmp_path):
+    top = program_cache.folder()
+    assert top is not None and top.startswith(str(tmp_path))
+    return sorted(os.path.join(top, n) for n in os.listdir(top))
+
+
+def _same(got, want):
+    np.testing.assert_array_equal(np.asarray(got.sequences), np.asarray(want.sequences))
+    assert len(got.scores) == len(want.scores)
+    for g, w in zip(got.scores, want.scores):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))      # the same program: bit for bit
+
+
+def test_a_new_process_runs_the_stored_program_without_tracing(stored, monkeypatch):
+    warm = _child(stored["folder"])
+    assert warm["traces"] == 0
+    assert warm["ids"] == np.asarray(stored["out"].sequences).tolist()
+    assert warm["scores"] == [np.asarray(s).tolist() for s in stored["out"].scores]
+    # ... the numbers of a process without the cache (the switch off: jitted, nothing stored), torch's ids
+    monkeypatch.setattr(persistent_cache, "_setting", False)
+    monkeypatch.setattr(jbase, "_VARIANTS", {})
+    assert program_cache.folder() is None
+    plain = _generate(BJ.BlipForConditionalGeneration(_config(), seed=5))
+    assert not any(isinstance(f, program_cache.StoredProgram) for lru in jbase._VARIANTS.values() for f in lru.values())
+    assert np.asarray(plain.sequences).tolist() == warm["ids"]
+    assert [np.asarray(s).tolist() for s in plain.scores] == warm["scores"]
+    torch_ids = BT.BlipForConditionalGeneration(_config(), seed=5).eval().generate(pixel_values=_pixels(),
+                                                                                  max_new_tokens=5)
+    assert torch_ids.numpy().tolist() == warm["ids"]
+
+
+def test_damaged_or_foreign_entries_are_traced_again(stored, fresh):
+    [entry] = _entries(fresh)
+    name = os.path.basename(entry)
+    data = open(entry, "rb").read()
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "flipped": data[:-9] + bytes([data[-9] ^ 1]) + data[-8:],
+               "another entry's": data.replace(name.encode(), b"0" * len(name), 1)}
+    for why, content in damaged.items():
+        with open(entry, "wb") as f:
+            f.write(content)
+        assert program_cache.load(name) is None and not os.path.exists(entry), why     # refused and deleted
+    persistent_cache.write_atomic(entry, program_cache.MAGIC, name, b"not a program")  # whole, not loadable
+    assert program_cache.load(name) is None
+    with open(entry, "wb") as f:       # end to end: a truncated entry is traced again, rewritten, read back
+        f.write(data[:1000])
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    traces = model.trace_count("generate")
+    _same(_generate(model), stored["out"])
+    assert model.trace_count("generate") == traces + 1
+    assert persistent_cache.read_checked(entry, program_cache.MAGIC, name) is not None
+    jbase._VARIANTS.clear()
+    _same(_generate(model), stored["out"])
+    assert model.trace_count("generate") == traces + 1
+
+
+def test_another_key_is_another_program(stored, fresh, monkeypatch):
+    model = BJ.BlipForConditionalGeneration(_config(), seed=9)        # other weights, same program
+    traces = model.trace_count("generate")
+    want = _generate(model)
+    assert model.trace_count("generate") == traces and len(_entries(fresh)) == 1
+    key = ("BlipForConditionalGeneration", "generate", repr(model.config), "float32")
+    args = (model.params, np.zeros((1, 3, 32, 32), np.float32))
+    base = program_cache.program_key(key, args, dict(plan=1))
+    assert program_cache.program_key(key, args, dict(plan=1)) == base
+    assert program_cache.program_key(key, args, dict(plan=2)) != base
+    assert program_cache.program_key(key[:3] + ("bfloat16",), args, dict(plan=1)) != base
+    assert program_cache.program_key(key, (model.params, np.zeros((2, 3, 32, 32), np.float32)), dict(plan=1)) != base
+    monkeypatch.setattr(persistent_cache, "source_fingerprint", lambda folders: "edited sources")
+    assert program_cache.program_key(key, args, dict(plan=1)) != base
+    jbase._VARIANTS.clear()
+    _same(_generate(model), want)
+    assert model.trace_count("generate") == traces + 1 and len(_entries(fresh)) == 2
+
+
+# -- the folder's upkeep (spec layer) --------------------------------------------------------------------------
+def test_entry_files_refuse_damage(tmp_path):
+    path = str(tmp_path / "entry")
+    persistent_cache.write_atomic(path, b"magic\n", "abc", b"payload")
+    assert persistent_cache.read_checked(path, b"magic\n", "abc") == b"payload"
+    assert persistent_cache.read_checked(path, b"other\n", "abc") is None and not os.path.exists(path)
+    persistent_cache.write_atomic(path, b"magic\n", "abc", b"payload")
+    assert persistent_cache.read_checked(path, b"magic\n", "abd") is None
+    assert persistent_cache.read_checked(str(tmp_path / "missing"), b"magic\n", "abc") is None
+    assert os.listdir(tmp_path) == []                       # no temporary file left behind
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    for i, name in enumerate("abcd"):
+        (tmp_path / "tf-1").mkdir(exist_ok=True)
+        p = tmp_path / "tf-1" / name
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "tf-1" / "a", (2000, 2000))            # used last
+    assert persistent_cache.prune(str(tmp_path), 2500) == 2000
+    assert sorted(os.listdir(tmp_path / "tf-1")) == ["a", "d"]
+    monkeypatch.setenv(persistent_cache.MAX_MB_ENV, "0")
+    assert persistent_cache.max_bytes() is None and persistent_cache.prune(str(tmp_path)) == 0
+    monkeypatch.setenv(persistent_cache.MAX_MB_ENV, "0.001")
+    assert persistent_cache.max_bytes() == 1048 and persistent_cache.prune(str(tmp_path)) == 1000
+    monkeypatch.setenv(persistent_cache.MAX_MB_ENV, "lots")
+    with pytest.raises(ValueError, match=persistent_cache.MAX_MB_ENV):
+        persistent_cache.max_bytes()
+
+
+def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):
+    from blip_apps.cli import main
+    monkeypatch.setattr(persistent_cache, "_setting", None)
+    monkeypatch.setenv(persistent_cache.ENV, str(tmp_path / "c"))
+    (tmp_path / "c" / "jax-programs-1").mkdir(parents=True)
+    (tmp_path / "c" / "jax-programs-1" / "e").write_bytes(b"x" * 2**20)
+    assert main(["cache", "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["folder"] == str(tmp_path / "c") and info["parts"] == {"jax-programs-1": {"files": 1, "mb": 1.0}}
+    assert main(["cache", "clear"]) == 0 and not (tmp_path / "c").exists()
+    monkeypatch.setenv(persistent_cache.ENV, "0")
+    assert main(["cache", "info"]) == 0 and "off" in capsys.readouterr().out
