@@ -130,7 +130,8 @@ class BlipTextSelfAttention(nn.Module):
         float32 over the same values (measured, BLIP base), so the decoding steps attend in float32."""
         k, v = self.split(self.key(states)), self.split(self.value(states))
         if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
-            return k.float(), v.float()
+            return k.to(torch.float32, memory_format=torch.contiguous_format), v.to(
+                torch.float32, memory_format=torch.contiguous_format)
         return k.contiguous(), v.contiguous()
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
