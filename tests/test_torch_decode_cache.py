@@ -6,6 +6,7 @@ that room (beam 3: growth and reordering, every token forced) must give transfor
 cache by concatenation. A bfloat16 model keeps the image's keys/values in float32 (exact up-casts)
 and attends in float32 during decoding: its cached steps must match its own uncached forward
 (which attends in bfloat16) to bfloat16 rounding, and the cache must hold exactly the up-cast keys.
+The oneDNN decoding layout is on by default for bfloat16 models only.
 """
 import numpy as np
 import pytest
@@ -72,3 +73,22 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
     assert stepped.dtype == full.dtype and stepped.shape == full.shape
     # bfloat16 rounding of logits spanning a few units: both attend to the same values
     torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype,packs", [("bfloat16", True), ("float32", False)])
+def test_decoding_layout_default_packs_bfloat16_only(monkeypatch, dtype, packs):
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
+    path, inputs, _ = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    with torch.no_grad():
+        model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=3)
+    packed = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+    assert bool(packed) == (packs and layout.layout_supported(model))
+    if packed:
+        lin = model.text_decoder.cls.predictions.decoder
+        x = torch.randn(packed[0]._layout.rows, lin.in_features, dtype=lin.weight.dtype)
+        with torch.no_grad():   # the packed bfloat16 product: the unpacked one to bfloat16 rounding
+            torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(),
+                                       rtol=0.02, atol=0.02)
+        layout.release_layouts(model)

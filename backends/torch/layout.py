@@ -44,7 +44,8 @@ _ONEDNN = _onednn_ops()
 # float32: off by default: on this project's shared 2-core machine (load 14-23) every packed variant
 # ran slower than MKL with two threads, although one thread's CPU time showed the gains above.
 # bfloat16: on by default: its unpacked path is oneDNN too (no MKL to fall back on), and the packed
-# weights decode 1.3-1.6x faster per token (BLIP base, batch 1, one thread and two, load 6-9).
+# weights decode 1.3-1.4x faster per token on one thread (BLIP base, batch 1, load 6-7) and were
+# faster in every two-thread round too (load 8).
 # BLIP_TORCH_DECODE_LAYOUT=1 (or ``layout.ENABLED = True``) turns it on for both, =0 (False) off for both.
 _SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
 ENABLED = None if _SETTING in ("", "auto") else _SETTING not in ("0", "false", "no", "off")
