@@ -83,12 +83,14 @@ def _log_floor(ctx, record, cfg) -> None:
             continue
         fl = caption_floor_s(cfg, 1, 1, NEW_TOKENS, rate, bw, ctx.itemsize)
         r["image_plus_weights_floor_s"] = fl["total_s"]
+        verdict = ""
+        if ref and impl in common.OURS:
+            reach = "below this floor (unreachable)" if ref / 2 < fl["total_s"] else "above this floor (reachable)"
+            verdict = f"; 2x transformers = {ref / 2:.3f} s is {reach}"
         ctx.log(f"  {impl}: floor {fl['total_s']:.3f} s (vision {fl['vision_s']:.3f} + cross k/v {fl['cross_kv_s']:.3f}"
-                f" at {rate / 1e9:.0f} GFLOP/s, {NEW_TOKENS} x {fl['decoder_bytes_per_step'] / 1e6:.0f} MB of weights at "
-                f"{bw / 1e9:.1f} GB/s {fl['decoder_weights_s']:.3f}); measured {r['median_s']:.3f} s = "
-                f"{r['median_s'] / fl['total_s']:.2f}x floor"
-                + (f"; 2x transformers = {ref / 2:.3f} s is " + ("below this floor (unreachable)" if ref / 2 < fl["total_s"]
-                   else "above this floor (reachable in principle)") if ref and impl in common.OURS else ""))
+                f" at {rate / 1e9:.0f} GFLOP/s, {NEW_TOKENS} x {fl['decoder_bytes_per_step'] / 1e6:.0f} MB of "
+                f"weights at {bw / 1e9:.1f} GB/s {fl['decoder_weights_s']:.3f}); measured {r['median_s']:.3f} s = "
+                f"{r['median_s'] / fl['total_s']:.2f}x floor{verdict}")
 
 
 def run(ctx) -> None:
