@@ -59,6 +59,40 @@ def caption_weight_bytes(cfg, new_tokens: int, itemsize: int) -> float:
     return common.decode_weight_bytes(once, per_step, new_tokens, itemsize)
 
 
+def caption_floor_s(cfg, batch: int, beams: int, new_tokens: int, rate: float, bandwidth: float,
+                    itemsize: int = 4) -> dict:
+    """The least time a ``generate`` can take on a machine: the image side (vision tower, cross-attention
+    keys/values) at the matmul rate, plus the decoder's and LM head's weights read once per step at the
+    memory bandwidth (their FLOPs are small next to the bytes at batch 1). Each part is in the dict."""
+    f = caption_flops(cfg, batch, beams, new_tokens)
+    tc = cfg.text_config
+    d, i = tc.hidden_size, tc.intermediate_size
+    per_step = itemsize * (tc.num_hidden_layers * (6 * d * d + 2 * d * i) + d * d + d * tc.vocab_size)
+    parts = {"vision_s": f["vision"] / rate, "cross_kv_s": f["cross_kv"] / rate,
+             "decoder_weights_s": new_tokens * per_step / bandwidth}
+    return dict(parts, total_s=sum(parts.values()), decoder_bytes_per_step=per_step)
+
+
+def _log_floor(ctx, record, cfg) -> None:
+    """Greedy batch 1: every impl's time against the image-compute + weight-streaming floor of its framework."""
+    bw = (ctx.bandwidth or {}).get("best_bytes_per_s")
+    ref = record["results"].get("hf-torch", {}).get("median_s")
+    for impl, r in record["results"].items():
+        rate = ctx.rate(r["framework"]) if r.get("status") == "ok" else None
+        if not rate or not bw:
+            continue
+        fl = caption_floor_s(cfg, 1, 1, NEW_TOKENS, rate, bw, ctx.itemsize)
+        r["image_plus_weights_floor_s"] = fl["total_s"]
+        verdict = ""
+        if ref and impl in common.OURS:
+            reach = "below this floor (unreachable)" if ref / 2 < fl["total_s"] else "above this floor (reachable)"
+            verdict = f"; 2x transformers = {ref / 2:.3f} s is {reach}"
+        ctx.log(f"  {impl}: floor {fl['total_s']:.3f} s (vision {fl['vision_s']:.3f} + cross k/v {fl['cross_kv_s']:.3f}"
+                f" at {rate / 1e9:.0f} GFLOP/s, {NEW_TOKENS} x {fl['decoder_bytes_per_step'] / 1e6:.0f} MB of "
+                f"weights at {bw / 1e9:.1f} GB/s {fl['decoder_weights_s']:.3f}); measured {r['median_s']:.3f} s = "
+                f"{r['median_s'] / fl['total_s']:.2f}x floor{verdict}")
+
+
 def run(ctx) -> None:
     cfg = config(ctx.quick)
     models, skipped, load_s = ctx.build("BlipForConditionalGeneration", cfg)
@@ -73,12 +107,14 @@ def run(ctx) -> None:
             for impl, model in models.items():
                 x = ctx.native(impl, pixels)
                 calls[impl] = lambda m=model, x=x: m.generate(pixel_values=x, **kwargs)
-            ctx.run_case("caption", f"{mode}, batch {batch}, {NEW_TOKENS} tokens", calls, skipped,
+            record = ctx.run_case("caption", f"{mode}, batch {batch}, {NEW_TOKENS} tokens", calls, skipped,
                          caption_flops(cfg, batch, beams, NEW_TOKENS),
                          {"batch": batch, "num_beams": beams, "new_tokens": NEW_TOKENS, "image_size": size,
                           "config": cfg.to_dict()},
                          mode=mode, check="ids", load_s=load_s, unit=("tokens", batch * NEW_TOKENS),
                          weight_bytes=caption_weight_bytes(cfg, NEW_TOKENS, ctx.itemsize))
+            if batch == 1 and beams == 1:
+                _log_floor(ctx, record, cfg)
     del models
 
 

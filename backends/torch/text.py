@@ -29,21 +29,56 @@ from .layout import Linear, prepare_decoding
 
 
 class TextCache:
-    """Per-layer ``(k, v)`` of shape (N, H, T, hd): ``self_kv`` grows, ``cross_kv`` is fixed."""
+    """Per-layer ``(k, v)`` of shape (N, H, T, hd): ``self_kv`` grows, ``cross_kv`` is fixed.
+
+    Self-attention keys/values are written in place into per-layer buffers with room for more
+    positions (``self_kv[i]`` are views of their first ``length`` positions); a full buffer is
+    replaced by one of twice the size, so a step copies only its new token's keys/values instead of
+    concatenating the whole cache. Cross-attention keys/values are stored contiguous, and in float32
+    for a bfloat16/float16 model on the CPU (see ``BlipTextSelfAttention.cross_kv``).
+    """
+
+    MIN_ROOM = 32   # positions a new buffer holds at least
 
     def __init__(self, num_layers: int):
         self.self_kv = [None] * num_layers
         self.cross_kv = [None] * num_layers
+        self._buffers = [None] * num_layers
 
     @property
     def length(self) -> int:
         kv = self.self_kv[0]
         return 0 if kv is None else kv[0].shape[2]
 
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Layer ``i``'s keys/values extended by ``k``, ``v`` (N, H, t, hd); returns the views to attend to."""
+        past = self.self_kv[i]
+        start = 0 if past is None else past[0].shape[2]
+        end = start + k.shape[2]
+        buf = self._buffers[i]
+        if past is None or buf is None or buf[0].shape[2] < end or buf[0].shape[:2] != k.shape[:2] \
+                or buf[0].dtype != k.dtype or buf[0].device != k.device:
+            room = max(end, 2 * start, self.MIN_ROOM)
+            new = tuple(k.new_empty(k.shape[:2] + (room,) + k.shape[3:]) for _ in range(2))
+            if past is not None:
+                new[0][:, :, :start].copy_(past[0])
+                new[1][:, :, :start].copy_(past[1])
+            buf = self._buffers[i] = new
+        buf[0][:, :, start:end].copy_(k)
+        buf[1][:, :, start:end].copy_(v)
+        self.self_kv[i] = (buf[0][:, :, :end], buf[1][:, :, :end])
+        return self.self_kv[i]
+
     def reorder(self, idx: torch.Tensor) -> "TextCache":
         # Beam reordering stays inside one input's beam group, whose cross keys/values are equal.
-        self.self_kv = [None if kv is None else (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
-                        for kv in self.self_kv]
+        for i, buf in enumerate(self._buffers):
+            if buf is not None and self.self_kv[i] is not None:
+                end = self.self_kv[i][0].shape[2]
+                buf = self._buffers[i] = (buf[0].index_select(0, idx), buf[1].index_select(0, idx))
+                self.self_kv[i] = (buf[0][:, :, :end], buf[1][:, :, :end])
+            elif self.self_kv[i] is not None:
+                kv = self.self_kv[i]
+                self.self_kv[i] = (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
         return self
 
 
@@ -88,17 +123,36 @@ class BlipTextSelfAttention(nn.Module):
     def split(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False):
-        """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``). Returns ctx, probs, (k, v)."""
+    def cross_kv(self, states):
+        """The image's keys/values (N, H, S, hd) for a cache: contiguous (the attention kernels read them
+        every step) and, for a bfloat16/float16 model on the CPU, in float32 (exact up-casts): there
+        torch's fused attention of one query row over half-precision keys runs 5-8x slower than in
+        float32 over the same values (measured, BLIP base), so the decoding steps attend in float32."""
+        k, v = self.split(self.key(states)), self.split(self.value(states))
+        if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
+            return k.to(torch.float32, memory_format=torch.contiguous_format), v.to(
+                torch.float32, memory_format=torch.contiguous_format)
+        return k.contiguous(), v.contiguous()
+
+    def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
+        """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
+        layer ``i`` when given). Returns ctx, probs, (k, v)."""
         q = self.split(self.query(x))
         if cached is not None and not append:
             k, v = cached
         else:
             k, v = self.split(self.key(kv_states)), self.split(self.value(kv_states))
-            if cached is not None:
+            if cache is not None:
+                k, v = cache.append(i, k, v)
+            elif cached is not None:
                 k, v = torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
+        dtype = q.dtype
+        if k.dtype != dtype:      # float32 cross keys/values of a half-precision model (``cross_kv``)
+            q = q.to(k.dtype)
         ctx, probs = attention(q, k, v, mask, scale=self.head_dim ** -0.5, output_attentions=output_attentions,
                                dropout=self.dropout if self.training else 0.0)
+        if ctx.dtype != dtype:
+            ctx, probs = ctx.to(dtype), None if probs is None else probs.to(dtype)
         return ctx.transpose(1, 2).reshape(x.shape), probs, (k, v)
 
 
@@ -121,8 +175,8 @@ class BlipTextAttention(nn.Module):
         self.self = BlipTextSelfAttention(config, is_cross_attention)
         self.output = BlipTextSelfOutput(config)
 
-    def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False):
-        ctx, probs, kv = self.self(x, mask, kv_states, cached, append, output_attentions)
+    def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
+        ctx, probs, kv = self.self(x, mask, kv_states, cached, append, output_attentions, cache, i)
         return self.output(ctx, x), probs, kv
 
 
@@ -146,19 +200,19 @@ class BlipTextLayer(nn.Module):
         self.output = BlipTextSelfOutput(config, n_in=config.intermediate_size)
 
     def forward(self, x, mask, enc, enc_mask, cache: Optional[TextCache], i: int, output_attentions=False):
-        past = cache.self_kv[i] if cache is not None else None
-        h, self_probs, kv = self.attention(x, mask, x, past, append=True, output_attentions=output_attentions)
-        if cache is not None:
-            cache.self_kv[i] = kv
+        h, self_probs, _ = self.attention(x, mask, x, append=True, output_attentions=output_attentions,
+                                          cache=cache, i=i)
         cross_probs = None
         if enc is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states given, but this text config has no cross-attention "
                                  "(config.is_decoder is False)")
-            past = cache.cross_kv[i] if cache is not None else None
-            h, cross_probs, kv = self.crossattention(h, enc_mask, enc, past, output_attentions=output_attentions)
+            past = None
             if cache is not None:
-                cache.cross_kv[i] = kv
+                if cache.cross_kv[i] is None:
+                    cache.cross_kv[i] = self.crossattention.self.cross_kv(enc)
+                past = cache.cross_kv[i]
+            h, cross_probs, _ = self.crossattention(h, enc_mask, enc, past, output_attentions=output_attentions)
         return self.output(self.intermediate(h), h), self_probs, cross_probs
 
 

@@ -1,0 +1,94 @@
+"""The torch text decoder's cache (``backends/torch/text.py``, ``TextCache``) against transformers 4.57.
+
+Self-attention keys/values are written in place into buffers that start with room for
+``TextCache.MIN_ROOM`` positions and double when full; beam search reorders them. Decoding past
+that room (beam 3: growth and reordering, every token forced) must give transformers' ids, which grow their
+cache by concatenation. A bfloat16 model keeps the image's keys/values in float32 (exact up-casts)
+and attends in float32 during decoding: its cached steps must match its own uncached forward
+(which attends in bfloat16) to bfloat16 rounding, and the cache must hold exactly the up-cast keys.
+The oneDNN decoding layout is on by default for bfloat16 models only.
+"""
+import numpy as np
+import pytest
+import torch
+
+import backends.torch as bt
+from backends.torch.text import TextCache
+from blip_core import to_numpy
+from fixture_utils import fixture, require
+
+transformers = require("transformers")
+
+NAME = "BlipForConditionalGeneration"
+
+
+def test_beam_decoding_past_the_first_buffer_matches_transformers():
+    path, inputs, _ = fixture(NAME)
+    ref = transformers.BlipForConditionalGeneration.from_pretrained(path).eval()
+    ours, pixels = bt.BlipForConditionalGeneration.from_pretrained(path), inputs["pixel_values"]
+    n = ours.config.text_config.max_position_embeddings - 2      # prompt (bos) + n tokens fit the positions
+    assert n > TextCache.MIN_ROOM + 1                          # the buffers grow at least once
+    kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=3)
+    with torch.no_grad():
+        got = to_numpy(ours.generate(pixel_values=pixels, **kw))
+        want = ref.generate(pixel_values=torch.from_numpy(pixels), **kw).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cache_buffers_grow_and_reorder_like_concatenation():
+    cache, ref = TextCache(1), None
+    g = torch.Generator().manual_seed(0)
+    for step in range(TextCache.MIN_ROOM * 2 + 5):
+        t = 3 if step == 0 else 1
+        k, v = torch.randn(4, 2, t, 8, generator=g), torch.randn(4, 2, t, 8, generator=g)
+        got = cache.append(0, k, v)
+        ref = (k, v) if ref is None else (torch.cat([ref[0], k], 2), torch.cat([ref[1], v], 2))
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and cache.length == ref[0].shape[2]
+        if step % 7 == 3:
+            idx = torch.tensor([2, 2, 0, 1])
+            cache.reorder(idx)
+            ref = (ref[0][idx], ref[1][idx])
+            assert torch.equal(cache.self_kv[0][0], ref[0]) and torch.equal(cache.self_kv[0][1], ref[1])
+
+
+def test_bfloat16_decoding_attends_to_float32_image_keys():
+    path, inputs, _ = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
+    dec = model.text_decoder
+    ids = torch.from_numpy(inputs["input_ids"]).long()
+    with torch.no_grad():
+        states = model.vision_model(inputs["pixel_values"]).last_hidden_state
+        full = dec(ids, encoder_hidden_states=states, use_cache=False).logits.float()
+        cache, steps = None, []
+        for i in range(ids.shape[1]):
+            out = dec(ids[:, i:i + 1], torch.ones(ids.shape[0], i + 1), encoder_hidden_states=states,
+                      past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits.float())
+        layer = dec.bert.encoder.layer[0].crossattention.self
+        k, v = cache.cross_kv[0]
+        assert k.dtype == v.dtype == torch.float32 and k.is_contiguous()
+        assert torch.equal(k, layer.split(layer.key(states)).float())
+    stepped = torch.cat(steps, 1)
+    assert stepped.dtype == full.dtype and stepped.shape == full.shape
+    # bfloat16 rounding of logits spanning a few units: both attend to the same values
+    torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype,packs", [("bfloat16", True), ("float32", False)])
+def test_decoding_layout_default_packs_bfloat16_only(monkeypatch, dtype, packs):
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
+    path, inputs, _ = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    with torch.no_grad():
+        model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=3)
+    packed = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+    assert bool(packed) == (packs and layout.layout_supported(model))
+    if packed:
+        lin = model.text_decoder.cls.predictions.decoder
+        x = torch.randn(packed[0]._layout.rows, lin.in_features, dtype=lin.weight.dtype)
+        with torch.no_grad():   # the packed bfloat16 product: the unpacked one to bfloat16 rounding
+            torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(),
+                                       rtol=0.02, atol=0.02)
+        layout.release_layouts(model)
