@@ -153,6 +153,16 @@ def test_refusals(bundle):
             runner.generate(px, input_ids=ids, attention_mask=mask, max_new_tokens=40)
 
 
+def test_another_image_size_is_refused(bundle, tmp_path):
+    """BLIP-2 bundles take the config's image size only: another one is refused before anything is written."""
+    from backends.torch.onnx_export import export_onnx
+    _, model, _, model_dir = bundle
+    size = model.config.vision_config.image_size + model.config.vision_config.patch_size
+    with pytest.raises(ValueError, match="image size"):
+        export_onnx(model, tmp_path / "other", processor_dir=model_dir, image_size=size)
+    assert not (tmp_path / "other").exists()
+
+
 def _export_and_check(model_dir, out, capsys):
     from blip_apps.cli import main
     assert main(["export", model_dir, out, "--format", "onnx", "--task", "caption"]) == 0

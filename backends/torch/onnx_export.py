@@ -244,14 +244,14 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_si
                          f"bfloat16 kernels for MatMul, Add, Softmax, LayerNorm (NOT_IMPLEMENTED)")
     dtype = dtypes.pop()
     model = model.eval()
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
     size = export_image_size(vc, image_size)
     if arch == "Blip2ForConditionalGeneration" and size != vc.image_size:
         raise ValueError(f"BLIP-2 ONNX bundles take the config's image size ({vc.image_size}); "
                          f"another size ({size}) is not exported yet")
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
     pixels = torch.randn(2, 3, size, size)
     img_axes = {"pixel_values": {0: "batch"}}
     seq_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
