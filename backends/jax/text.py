@@ -132,7 +132,7 @@ class SelfAttention(nn.Module):
         if bias is not None:
             scores = scores + bias.astype(scores.dtype)
         probs = softmax(scores)      # (B, heads, T, S); unused probs are dropped by XLA under jit
-        ctx = jnp.einsum("bhqk,bhkd->bqhd", probs, v)
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)   # heads-first: see vision.py
         return ctx.reshape(b, t, d), cache, probs
 
 
