@@ -36,6 +36,7 @@ from ._base import JaxModel, is_concrete, token_ids
 from .generation import decode, pad_batch, result, sampling_key, traced_numbers
 from .text import (TextLMHeadModel, TextModel, cross_attention_bias, decoder_bias, encode_text, lm_loss,
                    text_inputs)
+from .text import init_cache as init_text_cache
 from .vision import VisionTransformer, vision_inputs
 
 
@@ -163,12 +164,9 @@ class _BlipBase(JaxModel):
                                                                                 context=img, dtype=dt))
             states_mask = question_mask
         cross_kv = self._apply(params, states, method=lambda m, c: m.text_decoder.cross_kv(c))
-        heads = tc.num_attention_heads
-        shape = (tc.hidden_size // heads,)
 
         def init_cache(rows, total):
-            size = (rows, total, heads) + shape
-            return tuple((jnp.zeros(size, dt), jnp.zeros(size, dt)) for _ in range(tc.num_hidden_layers))
+            return init_text_cache(tc, rows, total, dt)
 
         def step(ids, positions, key_mask, cache, index, context):
             kv, cross_bias = context

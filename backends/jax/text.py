@@ -1,9 +1,12 @@
 """BLIP text tower in Flax linen: post-LN BERT with optional cross-attention, pooler and tied LM head.
 
 Attention works on explicit arrays so the same modules serve the plain forward and the compiled decoder:
-a self-attention cache is a ``(keys, values)`` pair of fixed shape (B, L_max, H, hd) written in place with
+a self-attention cache is a ``(keys, values)`` pair of fixed shape (``init_cache``) written in place with
 ``dynamic_update_slice`` at ``index``; cross-attention keys/values can be computed once
-(``TextModel.cross_kv``) and passed back in every step. Masks arrive as additive biases (-10000 where
+(``TextModel.cross_kv``) and passed back in every step. Keys are kept heads-first and transposed
+(B, H, hd, L) and values heads-first (B, H, L, hd): the layouts XLA's CPU dot reads as they are, so a
+decoding step reads its cache and the image keys/values without copying them into another layout
+(in the (B, L, H, hd) layout of the projections, every step transposed all 24 of them). Masks arrive as additive biases (-10000 where
 blocked, as transformers does); the cross-attention mask is applied (transformers 4.57 PyTorch drops it).
 
 Example::
@@ -72,7 +75,12 @@ class Embedding(nn.Module):
         return jnp.where(((ids >= 0) & (ids < self.num))[..., None], rows, jnp.nan)
 
     def attend(self, x):
-        return x @ self.embedding.T.astype(x.dtype)
+        """``x @ embedding.T``, computed as ``embedding @ x.T`` and transposed back: the table is the product's
+        left operand in its stored layout, so XLA does not copy the whole (V, D) table into a transposed
+        layout, which its CPU matrix-vector product did on every decoding step."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = jax.lax.dot_general(self.embedding.astype(x.dtype), rows, (((1,), (1,)), ((), ())))
+        return out.T.reshape(x.shape[:-1] + (self.num,))
 
 
 class TextEmbeddings(nn.Module):
@@ -103,7 +111,9 @@ class SelfAttention(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
 
     def project_kv(self, states):
-        return self._split(self.key(states)), self._split(self.value(states))
+        """Keys (B, H, hd, S) and values (B, H, S, hd) of ``states`` (B, S, D), in the module's layouts."""
+        return (self._split(self.key(states)).transpose(0, 2, 3, 1),
+                self._split(self.value(states)).transpose(0, 2, 1, 3))
 
     def __call__(self, hidden, bias, kv=None, cache=None, index=None):
         b, t, d = hidden.shape
@@ -111,18 +121,18 @@ class SelfAttention(nn.Module):
         if kv is None:
             kv = self.project_kv(hidden)
             if cache is not None:   # write this chunk into the fixed-size cache and attend over all of it
-                kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
-                           for c, new in zip(cache, kv))
+                kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=axis)
+                           for c, new, axis in zip(cache, kv, (3, 2)))
                 cache = kv
         k, v = kv
         group = b // k.shape[0] if k.shape[0] else 1   # decoding: an input's beams share its cross keys/values
         if group != 1:
             q = q.reshape((k.shape[0], group * t) + q.shape[2:])
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.config.num_attention_heads)
+        scores = jnp.einsum("bqhd,bhdk->bhqk", q, k) / math.sqrt(d // self.config.num_attention_heads)
         if bias is not None:
             scores = scores + bias.astype(scores.dtype)
         probs = softmax(scores)      # (B, heads, T, S); unused probs are dropped by XLA under jit
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)   # heads-first: see vision.py
         return ctx.reshape(b, t, d), cache, probs
 
 
@@ -300,6 +310,15 @@ class TextLMHeadModel(nn.Module):
         pred = self.cls.predictions
         logits = self.bert.embeddings.word_embeddings.attend(pred.transform(h)) + pred.bias.astype(h.dtype)
         return logits, h, cache
+
+
+def init_cache(config, rows: int, length: int, dtype):
+    """Zeroed self-attention cache of a ``length``-slot buffer: per layer, keys (rows, H, hd, length) and
+    values (rows, H, length, hd), the layouts ``SelfAttention`` writes and reads."""
+    heads = config.num_attention_heads
+    hd = config.hidden_size // heads
+    return tuple((jnp.zeros((rows, heads, hd, length), dtype), jnp.zeros((rows, heads, length, hd), dtype))
+                 for _ in range(config.num_hidden_layers))
 
 
 # -- functional entry points used by the public classes ------------------------------------------------

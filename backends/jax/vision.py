@@ -124,7 +124,10 @@ class VisionAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
         probs = softmax(scores)      # (B, heads, N, N); unused probs are dropped by XLA under jit
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
+        # The product comes out heads-first and is transposed after: asked for (B, N, heads, hd) directly,
+        # XLA's CPU compiler transposed every layer's (heads, N, N) probabilities instead, and did not
+        # fuse the scores, softmax and product into one kernel as it does this way.
+        ctx = jnp.einsum("bhqk,bkhd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, n, d)
         return self.projection(ctx), probs
 
 
