@@ -20,6 +20,8 @@ IMPL_ORDER = IMPLS   # our backends, then the transformers references
 def _cell(r: dict) -> str:
     if r.get("status") != "ok":
         return "n/a" if r.get("status") == "skipped" else "error"
+    if r.get("floor_fraction") is None:      # no floor for this impl (onnxruntime's column)
+        return f"{r['median_s']:.3f} s"
     return f"{r['median_s']:.3f} s ({100 * r['floor_fraction']:.0f}%)"
 
 
@@ -52,9 +54,10 @@ def render(results: dict) -> str:
         cells = []
         for i in IMPL_ORDER:
             r = c["results"].get(i, {})
-            cells.append(f"{r['first_call_peak_rss_delta_mb']:.0f}" if r.get("status") == "ok" else "n/a")
+            mb = r.get("first_call_peak_rss_delta_mb") if r.get("status") == "ok" else None
+            cells.append("n/a" if mb is None else f"{mb:.0f}")
         lines.append(f"| {c['workload']} | {c['case']} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets of issue 8:", "", "| target | impl | value | threshold | met |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "Targets of issues 8 and 19:", "", "| target | impl | value | threshold | met |", "| --- | --- | --- | --- | --- |"]
     for t in results.get("targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
@@ -95,8 +98,9 @@ def update_readme(path: str, results: dict) -> bool:
     if i < 0 or j < i:
         return False
     i = text.index("\n", i) + 1
+    table = render(results)                     # rendered before the file is opened: a failure leaves it whole
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text[:i] + render(results) + text[j:])
+        fh.write(text[:i] + table + text[j:])
     return True
 
 

@@ -140,9 +140,9 @@ def print_summary(ctx, env, targets, log=print) -> None:
     bw = (ctx.bandwidth or {}).get("best_bytes_per_s")
     for c in ctx.cases:
         cells = []
-        for impl in impls:
-            r = c["results"][impl]
-            cells.append(fmt_s(r["median_s"]) if r["status"] == "ok" else r["status"])
+        for impl in impls:   # cases of one comparison (caption-onnx: torch vs onnxruntime) lack the others
+            r = c["results"].get(impl)
+            cells.append("-" if r is None else fmt_s(r["median_s"]) if r["status"] == "ok" else r["status"])
         fr = ", ".join(f"{b} {c['results'][b]['floor_fraction']:.2f}" for b in OURS
                        if c["results"].get(b, {}).get("floor_fraction"))
         bw_floor = fmt_s(c["weight_bytes"] / bw) if c.get("weight_bytes") and bw else "-"
