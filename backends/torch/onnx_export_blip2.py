@@ -39,7 +39,6 @@ from torch import nn
 
 from .onnx_export import _export, _kv_names
 from .opt import causal_bias
-from .t5 import _padding_bias
 
 
 class VisionQFormerGraph(nn.Module):
@@ -103,7 +102,7 @@ class T5EncoderGraph(nn.Module):
 
 
 class T5StepGraph(nn.Module):
-    """One cached call of the T5 decoder stack (the maths of ``T5Stack.forward``) with explicit caches."""
+    """One cached call of the T5 decoder stack (``T5Stack.forward`` itself) with explicit caches."""
 
     def __init__(self, lm):
         super().__init__()
@@ -113,19 +112,11 @@ class T5StepGraph(nn.Module):
         lm, stack = self.lm, self.lm.decoder
         n_layers = len(stack.block)
         past, cross = rest[: 2 * n_layers], rest[2 * n_layers:]
-        h = stack.embed_tokens(input_ids)
-        n, past_len = input_ids.shape[1], past[0].shape[2]
-        total = past_len + n
-        query_pos = torch.arange(past_len, total, device=h.device)
-        self_bias = stack.block[0].layer[0].SelfAttention.compute_bias(query_pos, total)
-        self_bias = self_bias + causal_bias(attention_mask, n, h.dtype)
-        cross_bias = _padding_bias(encoder_attention_mask, h.dtype)
-        present = []
-        for i, block in enumerate(stack.block):
-            cache = (past[2 * i], past[2 * i + 1], cross[2 * i], cross[2 * i + 1])
-            h, kv, _, _ = block(h, self_bias, cache, None, cross_bias)
-            present += list(kv[:2])
-        return (lm.decode_logits(stack.final_layer_norm(h[:, -1])),) + tuple(present)
+        cache = tuple((past[2 * i], past[2 * i + 1], cross[2 * i], cross[2 * i + 1]) for i in range(n_layers))
+        out, _ = stack(input_ids=input_ids, attention_mask=attention_mask,
+                       encoder_attention_mask=encoder_attention_mask, past_key_values=cache, use_cache=True)
+        present = [t for kv in out.past_key_values for t in kv[:2]]
+        return (lm.decode_logits(out.last_hidden_state[:, -1]),) + tuple(present)
 
 
 def _cache_axes(past_names, present_names, cross_names=()):

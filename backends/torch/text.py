@@ -56,8 +56,7 @@ class TextCache:
         start = 0 if past is None else past[0].shape[2]
         end = start + k.shape[2]
         buf = self._buffers[i]
-        if past is None or buf is None or buf[0].shape[2] < end or buf[0].shape[:2] != k.shape[:2] \
-                or buf[0].dtype != k.dtype or buf[0].device != k.device:
+        if past is None or buf[0].shape[2] < end:     # a layer's first call, or its buffer is full
             room = max(end, 2 * start, self.MIN_ROOM)
             new = tuple(k.new_empty(k.shape[:2] + (room,) + k.shape[3:]) for _ in range(2))
             if past is not None:
@@ -71,14 +70,12 @@ class TextCache:
 
     def reorder(self, idx: torch.Tensor) -> "TextCache":
         # Beam reordering stays inside one input's beam group, whose cross keys/values are equal.
+        # ``self_kv[i]`` is only ever set by ``append``, so a layer with keys/values has a buffer.
         for i, buf in enumerate(self._buffers):
-            if buf is not None and self.self_kv[i] is not None:
+            if buf is not None:
                 end = self.self_kv[i][0].shape[2]
                 buf = self._buffers[i] = (buf[0].index_select(0, idx), buf[1].index_select(0, idx))
                 self.self_kv[i] = (buf[0][:, :, :end], buf[1][:, :, :end])
-            elif self.self_kv[i] is not None:
-                kv = self.self_kv[i]
-                self.self_kv[i] = (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
         return self
 
 
