@@ -56,9 +56,9 @@ print(json.dumps(dict(ids=np.asarray(out.sequences).tolist(), scores=[np.asarray
 """
 
 
-def _child(cache_dir):
+def _child(cache_dir, **extra_env):
     env = {k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}
-    env.update({persistent_cache.ENV: str(cache_dir)})
+    env.update({persistent_cache.ENV: str(cache_dir)}, **extra_env)
     code = CHILD.format(tests=os.path.join(ROOT, "tests"), call=CALL)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -128,6 +128,17 @@ def test_a_new_process_runs_the_stored_program_without_tracing(stored, monkeypat
     torch_ids = BT.BlipForConditionalGeneration(_config(), seed=5).eval().generate(pixel_values=_pixels(),
                                                                                   max_new_tokens=5)
     assert torch_ids.numpy().tolist() == warm["ids"]
+
+
+def test_a_one_device_program_stored_where_several_devices_are_seen_loads_onto_that_device(stored, tmp_path):
+    """jax's loader places an executable on every device of the backend unless told: a one-device program
+    read back in a process seeing four host devices expected four shards and failed (CI, stop 25)."""
+    four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    first, warm = _child(tmp_path, **four), _child(tmp_path, **four)
+    assert (first["traces"], warm["traces"]) == (1, 0)
+    want = np.asarray(stored["out"].sequences).tolist()
+    assert first["ids"] == warm["ids"] == want
+    assert warm["scores"] == first["scores"]
 
 
 def test_damaged_or_foreign_entries_are_traced_again(stored, fresh):

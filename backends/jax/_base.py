@@ -183,7 +183,7 @@ class JaxModel:
         to ``blip_core.cache`` buckets first, so that typical calls share one). With the persistent cache on,
         a new process reads the traced program from disk instead of tracing the model (``program_cache``)."""
         leaves, tree = jax.tree_util.tree_flatten(args)
-        signature = (tuple(sorted(static.items())), tree,
+        signature = (tuple(sorted(static.items())), tree, repr(self.mesh),
                      tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
         key = (type(self).__name__, name, repr(self.config), self.dtype.name)
         return _VARIANTS.setdefault(key, LRU(COMPILE_CACHE_SIZE)).get(

@@ -8,7 +8,7 @@ and runs it; the model's Python is never traced and nothing is lowered.
 
 * Params are inputs of the program, never constants: one file serves every checkpoint of a config.
 * The key names everything the program depends on (``program_key``): class, program name, config, dtype,
-  static arguments (the decoding plan), the tree, shape and dtype of every argument, jax, jaxlib and flax
+  static arguments (the decoding plan), the tree, shape, dtype and devices of every argument, jax, jaxlib and flax
   versions, the platform, its devices and this CPU's instruction set, jax's numeric flags and
   ``XLA_FLAGS``, and a digest of the sources of ``blip_core`` and ``backends/jax``. Any change is another
   key, so another file, and the model is traced and compiled again.
@@ -16,6 +16,7 @@ and runs it; the model's Python is never traced and nothing is lowered.
   rename with a digest of their content (``blip_core.persistent_cache.write_atomic``): a missing,
   truncated or damaged file, or one this jax cannot load, means tracing, never a crash. A program that
   cannot be serialized, or a model split over a mesh, is jitted as before.
+* A program is loaded onto the devices it was compiled for (jax would otherwise spread it over all of them).
 * The tracing process runs the same compiled program it writes, and a loaded program is that program:
   every process gets the numbers of the jitted path.
 
@@ -36,7 +37,7 @@ from jax.experimental import serialize_executable
 
 from blip_core import persistent_cache
 
-MAGIC = b"blip-jax-program-1\n"
+MAGIC = b"blip-jax-program-2\n"
 _LOG = logging.getLogger(__name__)
 _FOLDERS: dict = {}
 _SOURCES = (os.path.dirname(os.path.abspath(persistent_cache.__file__)), os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,12 @@ def _host() -> str:
     return _FOLDERS["host"]
 
 
+def _placement(x) -> tuple:
+    """The device ids an argument lives on (a host array: none); a program is compiled for its arguments'."""
+    sharding = getattr(x, "sharding", None)
+    return () if sharding is None else tuple(sorted(d.id for d in sharding.device_set))
+
+
 def program_key(model_key: tuple, args: tuple, static: dict) -> str:
     """Hex digest naming the program of ``model_key`` (class, name, config repr, dtype) for ``args`` and
     ``static`` in this installation on this machine (see the module docstring)."""
@@ -79,6 +86,7 @@ def program_key(model_key: tuple, args: tuple, static: dict) -> str:
     parts = (
         model_key, tuple(sorted((k, repr(v)) for k, v in static.items())), str(tree),
         tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in map(jax.typeof, leaves)),
+        tuple(_placement(x) for x in leaves),
         jax.__version__, _version("jaxlib"), _version("flax"), jax.default_backend(), _host(),
         devices[0].client.platform_version, tuple(sorted({d.device_kind for d in devices})), len(devices),
         tuple((f, str(getattr(jax.config, f, None))) for f in _FLAGS), os.environ.get("XLA_FLAGS", ""),
@@ -117,7 +125,12 @@ def load(name: str):
     if payload is None:
         return None
     try:
-        return serialize_executable.deserialize_and_load(*pickle.loads(payload))
+        device_ids, serialized = pickle.loads(payload)
+        by_id = {d.id: d for d in jax.devices()}
+        # jax loads onto every device of the backend unless told: a one-device program in a process that
+        # sees several devices would then expect one shard per device.
+        return serialize_executable.deserialize_and_load(
+            *serialized, execution_devices=[by_id[i] for i in device_ids])
     except Exception as exc:       # noqa: BLE001  (written by another jaxlib, ...: trace instead)
         _LOG.debug("stored program %s not loadable (%s); tracing", name, exc)
         return None
@@ -130,7 +143,9 @@ def store(name: str, compiled) -> None:
     if top is None:
         return
     try:
-        payload = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+        payload = pickle.dumps((device_ids, serialize_executable.serialize(compiled)),
+                               protocol=pickle.HIGHEST_PROTOCOL)
         persistent_cache.write_atomic(os.path.join(top, name), MAGIC, name, payload)
     except Exception as exc:       # noqa: BLE001
         _LOG.debug("program %s not stored (%s)", name, exc)
