@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from blip_core import blip2 as rules
+from blip_core import decoding
 from blip_core.configs import OPTConfig
 from blip_core.generation import check_label_ids, check_token_ids
 from blip_core.numerics import NORM_EPS
@@ -310,7 +311,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             # mask, padded slots at 1 (transformers' rule for generation).
             prompt_embeds, prefix_mask = context
             mask = torch.cat([prefix_mask, key_mask[:, : index + step_ids.shape[1]]], 1)
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            positions = decoding.prefill_positions(torch, mask)
             if cache is None:
                 out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
             else:
