@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -42,7 +43,7 @@ def aligned_empty(shape, dtype, zero: bool = False) -> np.ndarray:
     its pages made up front by a few threads (``MADV_POPULATE_WRITE``): on a VM the first touch of new
     memory costs more than the copy into it, and one call per chunk is cheaper than a fault per page.
     Not numpy's allocator: it asks for transparent huge pages, whose compaction on a busy machine cost
-    more kernel time than it saved in our measurements. Mapped pages are zero-filled anyway.
+    more kernel time than it saved in our measurements. Mapped pages are zero-filled (as ``zero`` asks).
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -96,13 +97,17 @@ def relayout(src: np.ndarray, perm, dtype) -> np.ndarray:
     """``src`` with its axes permuted by ``perm`` (None: as it is), cast to ``dtype``, in a fresh aligned buffer."""
     dtype = np.dtype(dtype)
     view = src if perm is None else src.transpose(perm)
-    out = aligned_empty(view.shape, dtype)
+    tiled = perm is not None and src.ndim == 2 and tuple(perm) == (1, 0) and min(src.shape) >= TILE_ROWS
+    widen = src.dtype.name == "bfloat16" and dtype == np.float32
+    out = aligned_empty(view.shape, dtype, zero=tiled and widen)
     if out.size == 0:
         return out
-    copy = _copier(src.dtype, dtype)
-    if perm is None or src.ndim != 2 or tuple(perm) != (1, 0) or min(src.shape) < TILE_ROWS:
-        copy(out, view)        # contiguous (or a small / rare permutation): numpy's own loop is fine
+    if not tiled:
+        _copier(src.dtype, dtype)(out, view)     # contiguous (or a small / rare permutation): one numpy call
         return out
+    # bfloat16 -> float32 tile by tile: the bits go to the high halves of the zeroed float32s (a plain strided
+    # copy: 1.5 ns per element against 2.1-2.9 for a shift or ml_dtypes' cast over a transposed tile)
+    copy = _high_halves if widen else _copier(src.dtype, dtype)
     rows, cols = src.shape      # out is (cols, rows); each worker takes a band of src's rows (out's columns)
     n = workers() if src.size >= PARALLEL_MIN else 1
     bands = np.linspace(0, -(-rows // TILE_ROWS), n + 1).astype(int) * TILE_ROWS
@@ -120,9 +125,24 @@ def relayout(src: np.ndarray, perm, dtype) -> np.ndarray:
     return out
 
 
+_HIGH = 1 if sys.byteorder == "little" else 0      # where a float32's upper 16 bits are, as two uint16s
+
+
+def _high_halves(out: np.ndarray, view: np.ndarray) -> None:
+    """``out`` (float32, zero-filled) = ``view`` (bfloat16) widened, exactly."""
+    np.copyto(out.view(np.uint16)[:, _HIGH::2], view.view(np.uint16))
+
+
 def _copier(src: np.dtype, dst: np.dtype):
     """``copy(out, view)``: write ``view`` cast to ``out``'s dtype into ``out``."""
     if src == dst:
+        if src.itemsize in (1, 2, 4, 8) and src.kind not in "biu":
+            # as unsigned ints of the same width: numpy's fast strided loops (not a user dtype's generic copy)
+            raw = np.dtype(f"u{src.itemsize}")
+
+            def same(out, view):
+                np.copyto(out.view(raw), view.view(raw))
+            return same
         return np.copyto
     if src.name == "bfloat16" and dst == np.float32:
         # exact: a float32 is the bfloat16's bits followed by 16 zero bits (NaN payloads included)
