@@ -61,7 +61,7 @@ def is_aligned(arr: np.ndarray) -> bool:
 
 
 def workers() -> int:
-    """Threads a large tensor is copied with (``BLIP_LOAD_THREADS``, default: the CPUs this process may use, at most 8)."""
+    """Threads a large tensor is copied with: ``BLIP_LOAD_THREADS``, else the usable CPUs (at most 8)."""
     env = os.environ.get("BLIP_LOAD_THREADS")
     if env:
         return max(1, int(env))
