@@ -57,6 +57,9 @@ MODELS = {
                   "bfloat16", 2),
 }
 TARGET_RATIO = 1.10
+# Each (impl, dtype) is loaded this many times, the impls in a rotated order each time (page-cache and order
+# effects fall on every impl alike); the table gives the median time (and the largest peak memory).
+REPEATS = 3
 # --check-logits runs a float32 forward only for models up to this size: a 2.7B float32 forward beside
 # other work does not fit a 24 GiB machine (checked at 2.7B size by the issue's author: 3.3e-6).
 LOGITS_MAX_BYTES = 4 * 10**9
@@ -236,7 +239,7 @@ def wait_for_memory(need: int, log=print, tries: int = 10, pause: float = 60.0) 
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log=print) -> dict:
+def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log=print, repeats: int = REPEATS) -> dict:
     import importlib.metadata as md
     versions = {p: _version(md, p) for p in ("torch", "tensorflow", "jax", "transformers", "numpy")}
     env = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
@@ -263,23 +266,33 @@ def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log
             for dtype in dtypes:
                 logits = {}
                 need = info["parameters"] * (4 if dtype == "float32" else 2) + 3 * 10**9   # the model + 3 GB
+                runs = {impl: [] for impl in impls}
+                for rep in range(repeats):
+                    # each repeat starts with the next impl: no impl always runs first (or after another)
+                    for impl in impls[rep % len(impls):] + impls[:rep % len(impls)]:
+                        if not wait_for_memory(need, log):
+                            one = {"status": "skipped", "error": "not enough free memory"}
+                        else:
+                            warm(directory)
+                            out = os.path.join(work, f"logits-{model}-{impl}.npy") if (
+                                rep == 0 and check_logits and dtype == "float32"
+                                and info["parameters"] * 4 <= LOGITS_MAX_BYTES) else ""
+                            one = measure(impl, directory, info["architecture"], dtype, out)
+                            if out and one["status"] == "ok" and os.path.exists(out):
+                                logits[impl] = np.load(out)
+                        one.update(load_average=list(os.getloadavg()), repeat=rep)
+                        runs[impl].append(one)
+                        if repeats > 1:
+                            _print_row(dict(one, impl=impl, dtype=dtype), log, prefix=f"#{rep + 1} ")
                 for impl in impls:
-                    if not wait_for_memory(need, log):
-                        row = {"status": "skipped", "error": "not enough free memory"}
-                    else:
-                        warm(directory)
-                        out = os.path.join(work, f"logits-{model}-{impl}.npy") if (
-                            check_logits and dtype == "float32" and info["parameters"] * 4 <= LOGITS_MAX_BYTES) else ""
-                        row = measure(impl, directory, info["architecture"], dtype, out)
-                        if out and row["status"] == "ok" and os.path.exists(out):
-                            logits[impl] = np.load(out)
-                    row.update(model=model, impl=impl, dtype=dtype, load_average=list(os.getloadavg()))
-                    if row["status"] == "ok":
+                    row = dict(median_row(runs[impl]), model=model, impl=impl, dtype=dtype)
+                    if row["status"] == "ok":     # the worst repeat's memory
                         m = row["model_bytes"]
-                        row["extra_over_model"] = (row["peak_bytes"] - row["baseline_bytes"]) / m
+                        row["extra_over_model"] = max(r["peak_bytes"] - r["baseline_bytes"] for r in runs[impl]
+                                                      if r["status"] == "ok") / m
                         row["peak_over_model"] = row["peak_bytes"] / m
                     results["rows"].append(row)
-                    _print_row(row, log)
+                    _print_row(row, log, prefix="med " if repeats > 1 else "")
                 if "hf-torch" in logits:
                     for r in results["rows"]:
                         if r["model"] == model and r["dtype"] == dtype and r["impl"] in logits:
@@ -301,6 +314,27 @@ def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log
             f"{t['touched_time_ratio']:.2f} x), extra {t['extra_over_model']:.3f}, "
             f"peak {t['peak_over_model']:.3f} x model")
     return results
+
+
+TIME_KEYS = ("seconds", "cpu_seconds", "touch_seconds")
+
+
+def median_row(runs: list) -> dict:
+    """One row from the repeats of an (impl, dtype): median times, largest memory figures, each repeat's seconds
+    under ``runs_seconds``; an error if no repeat succeeded."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return dict(runs[0])
+    row = dict(ok[0])
+    for key in TIME_KEYS:
+        if all(key in r for r in ok):
+            row[key] = float(np.median([r[key] for r in ok]))
+    for key in ("peak_bytes", "after_bytes", "baseline_bytes", "warm_baseline_bytes", "major_faults"):
+        if all(key in r for r in ok):
+            row[key] = max(r[key] for r in ok)
+    row["load_average"] = [float(np.median([r["load_average"][i] for r in runs])) for i in range(3)]
+    row.update(repeats=len(ok), runs_seconds=[r["seconds"] for r in ok], repeat=None)
+    return row
 
 
 def targets(rows) -> list:
@@ -344,12 +378,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _print_row(row, log) -> None:
+def _print_row(row, log, prefix: str = "") -> None:
     if row["status"] != "ok":
-        log(f"   {row['impl']:<9}{row['dtype']:<10}{row['status']}: {row.get('error', '')[-600:]}")
+        log(f"   {prefix}{row['impl']:<9}{row['dtype']:<10}{row['status']}: {row.get('error', '')[-600:]}")
         return
     gb = 1e9
-    log(f"   {row['impl']:<9}{row['dtype']:<10}{row['seconds']:>8.2f}{row.get('cpu_seconds', float('nan')):>8.2f}"
+    if "extra_over_model" not in row:      # one repeat's figures
+        row = dict(row, extra_over_model=(row["peak_bytes"] - row["baseline_bytes"]) / row["model_bytes"],
+                   peak_over_model=row["peak_bytes"] / row["model_bytes"])
+    log(f"   {prefix}{row['impl']:<9}{row['dtype']:<10}{row['seconds']:>8.2f}{row.get('cpu_seconds', float('nan')):>8.2f}"
         f"{row['seconds'] + row.get('touch_seconds', float('nan')):>9.2f}{row['model_bytes'] / gb:>10.2f}"
         f"{row['baseline_bytes'] / gb:>9.2f}{row['peak_bytes'] / gb:>9.2f}{row['extra_over_model']:>12.3f}"
         f"{row['peak_over_model']:>11.3f}   (load avg {row['load_average'][0]:.1f}, "
@@ -379,6 +416,8 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}dtypes", type=_csv(DTYPES), default=list(DTYPES))
     p.add_argument(f"--{prefix}workdir", default=None, help="where the checkpoints go (default: a temp folder)")
     p.add_argument(f"--{prefix}keep", action="store_true", help="keep the checkpoints")
+    p.add_argument(f"--{prefix}repeats", type=int, default=REPEATS,
+                   help="loads per (impl, dtype), the impls in a rotated order each time; medians reported")
     p.add_argument(f"--{prefix}check-logits", action="store_true",
                    help="float32: one forward per impl, logits compared with transformers'")
 
@@ -393,7 +432,7 @@ def main(argv=None) -> int:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
         return 0
-    results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits)
+    results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits, repeats=args.repeats)
     print("\n" + markdown(results))
     if args.out:
         with open(args.out, "w") as f:

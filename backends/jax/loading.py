@@ -1,9 +1,13 @@
 """Checkpoint tensors -> jax arrays on the target device, one tensor at a time.
 
-Each tensor goes to the device as stored (a bfloat16 file moves half the bytes of a float32
-model), and the layout change (the weight table's axis permutation) and the cast run there as one
-compiled program; the host copy and the mapped pages are dropped before the next tensor, so the
-peak is the model plus about one tensor (see ``blip_core.checkpoint.mapped``).
+On the CPU, each tensor is laid out (the weight table's axis permutation) and cast on the host in
+one pass, from the mapped file into a fresh 64-byte-aligned buffer (``blip_core.checkpoint.host_layout``),
+which ``jax.device_put`` then takes as the array's memory without copying it: one pass over the data,
+no compiled program per tensor shape, and nothing held but the model. On an accelerator, each
+tensor goes to the device as stored (a bfloat16 file moves half the bytes of a float32 model) and
+the layout change and the cast run there as one compiled program. Either way the mapped pages are
+dropped before the next tensor, so the peak is the model plus about one tensor (see
+``blip_core.checkpoint.mapped``).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_core.checkpoint import in_order
+from blip_core.checkpoint.dtypes import is_floating
+from blip_core.checkpoint.host_layout import relayout
 
 
 @functools.partial(jax.jit, static_argnames=("perm", "dtype"))
@@ -21,12 +27,22 @@ def _relayout(x, perm, dtype):
     return jnp.transpose(x, perm).astype(dtype)
 
 
+def on_cpu(device) -> bool:
+    """Whether ``device`` (None: jax's default device) is a CPU."""
+    return (device or jax.devices()[0]).platform == "cpu"
+
+
 def place(arr: np.ndarray, perm, dtype, device=None):
-    """One host array -> a jax array of ``dtype`` in the backend layout, on ``device`` (copied, never aliased)."""
-    x = jax.device_put(arr, device)      # a copy: jnp.asarray could alias the file mapping on CPU
+    """One host array -> a jax array of ``dtype`` in the backend layout, on ``device``; never aliases ``arr``
+    (which may be a file mapping)."""
+    dtype = np.dtype(dtype)
+    if on_cpu(device) and is_floating(arr.dtype) and is_floating(dtype):
+        # laid out and cast into a buffer of its own, which device_put aliases (64-byte aligned) on the CPU
+        return jax.device_put(relayout(arr, perm, dtype), device)
+    x = jax.device_put(arr, device)      # a copy onto the device, as stored
     if perm is None and x.dtype == dtype:
         return x
-    return _relayout(x, perm=perm or tuple(range(arr.ndim)), dtype=np.dtype(dtype))   # runs where x is
+    return _relayout(x, perm=perm or tuple(range(arr.ndim)), dtype=dtype)   # runs where x is
 
 
 def load_params(items: list, dtype, device=None, leaf_dtype=None) -> dict:
