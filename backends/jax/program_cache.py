@@ -25,6 +25,7 @@ pickle): the folder is created mode 0700. ``BLIP_COMPILE_CACHE=0`` turns this of
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import logging
@@ -124,6 +125,8 @@ def load(name: str):
     payload = persistent_cache.read_checked(os.path.join(top, name), MAGIC, name)
     if payload is None:
         return None
+    collecting = gc.isenabled()
+    gc.disable()                   # unpickling makes many small objects: no collection passes meanwhile
     try:
         device_ids, serialized = pickle.loads(payload)
         by_id = {d.id: d for d in jax.devices()}
@@ -134,6 +137,9 @@ def load(name: str):
     except Exception as exc:       # noqa: BLE001  (written by another jaxlib, ...: trace instead)
         _LOG.debug("stored program %s not loadable (%s); tracing", name, exc)
         return None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def store(name: str, compiled) -> None:
