@@ -45,14 +45,19 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from hf_configs import blip_dicts
 from blip_core.configs import BlipConfig
+import jax
 import backends.jax as BJ
+compiles = []                    # XLA compiles of this process's first generate (none when its program is stored)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
 vc, tc = blip_dicts()            # _config() and _pixels() of the test module (which imports torch)
 cfg = BlipConfig(vision_config=vc, text_config=tc, projection_dim=16, image_text_hidden_size=24)
 px = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
 model = BJ.BlipForConditionalGeneration(cfg, seed=5)
+del compiles[:]                  # building the model (random weights) is not the call
 out = model.generate(pixel_values=px, **{call!r})
 print(json.dumps(dict(ids=np.asarray(out.sequences).tolist(), scores=[np.asarray(s).tolist() for s in out.scores],
-                      traces=model.trace_count("generate"))))
+                      traces=model.trace_count("generate"), compiles=len(compiles))))
 """
 
 
@@ -115,6 +120,7 @@ def _same(got, want):
 def test_a_new_process_runs_the_stored_program_without_tracing(stored, monkeypatch):
     warm = _child(stored["folder"])
     assert warm["traces"] == 0
+    assert warm["compiles"] == 0      # nor any small eager program (inputs, PRNG key, trimming the output)
     assert warm["ids"] == np.asarray(stored["out"].sequences).tolist()
     assert warm["scores"] == [np.asarray(s).tolist() for s in stored["out"].scores]
     # ... the numbers of a process without the cache (the switch off: jitted, nothing stored), torch's ids
@@ -135,7 +141,7 @@ def test_a_one_device_program_stored_where_several_devices_are_seen_loads_onto_t
     read back in a process seeing four host devices expected four shards and failed (CI, stop 25)."""
     four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     first, warm = _child(tmp_path, **four), _child(tmp_path, **four)
-    assert (first["traces"], warm["traces"]) == (1, 0)
+    assert (first["traces"], warm["traces"]) == (1, 0) and warm["compiles"] == 0
     want = np.asarray(stored["out"].sequences).tolist()
     assert first["ids"] == warm["ids"] == want
     assert warm["scores"] == first["scores"]

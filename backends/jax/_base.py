@@ -106,24 +106,37 @@ def token_ids(x, name: str, vocab_size: int, max_positions: int = None):
         check_token_ids(np.asarray(x), vocab_size, name)
     if max_positions is not None and x.shape[1] > max_positions:
         raise ValueError(f"{name} has length {x.shape[1]} but max_position_embeddings is {max_positions}")
-    return jnp.asarray(x, dtype=jnp.int32)
+    return cast(x, np.int32)
 
 
 def mask_like(mask, ids_shape, name: str = "attention_mask"):
     """A 0/1 mask matching ``ids_shape``; ``None`` means all ones."""
     if mask is None:
-        return jnp.ones(ids_shape, jnp.int32)
+        return np.ones(ids_shape, np.int32)
     mask = as_input(mask, name, "iubf", ndim=2)
     if tuple(mask.shape) != tuple(ids_shape):
         raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the ids shape {tuple(ids_shape)}")
-    return jnp.asarray(mask).astype(jnp.int32)
+    return cast(mask, np.int32)
 
 
 def pixels(x, dtype):
     x = as_input(x, "pixel_values", "f", ndim=4)
     if x is None:
         raise ValueError("pixel_values are required")
+    return cast(x, dtype)
+
+
+def cast(x, dtype):
+    """``x`` in ``dtype``. A host (numpy) input stays on the host when numpy's cast is exact, i.e. XLA's
+    (float32 or int32 out of numbers that fit): a compiled program takes numpy arguments as they are, while
+    an eager ``jnp`` cast compiles a small XLA program of its own in every new process (cold start)."""
+    dtype = np.dtype(dtype)
+    if isinstance(x, np.ndarray) and (x.dtype == dtype or dtype in _HOST_CASTS):
+        return x.astype(dtype, copy=False)
     return jnp.asarray(x).astype(dtype)
+
+
+_HOST_CASTS = (np.dtype(np.float32), np.dtype(np.int32))
 
 
 class JaxModel:
@@ -158,11 +171,14 @@ class JaxModel:
         self.params = params
 
     def _jit(self, name: str, method: str, static_argnames=(), variant=None):
-        """The jitted ``self.<method>``, shared by every model of this class, config and dtype.
+        """The compiled ``self.<method>``, shared by every model of this class, config and dtype.
 
         Params are an argument, never a constant, so models that differ only in weights (a fresh
-        ``from_pretrained``, a seed) reuse one compiled program; jax then caches it by shapes and static
-        arguments. ``trace_count(name)`` tells how often it was traced (recompilation checks).
+        ``from_pretrained``, a seed) reuse one compiled program. ``trace_count(name)`` tells how often it was
+        traced (recompilation checks). Called with concrete arguments, each call signature (shapes, dtypes,
+        static arguments) runs its own program from ``_program``: with the persistent cache on, one stored on
+        disk by an earlier process, so a new process does not trace the model. Inside a user's transform
+        (``jax.grad``, ``jax.jit``), or for a model split over a mesh, it is the jitted method.
 
         With ``variant`` (static settings and input shapes of one ``generate`` call), each variant gets
         its own jitted function in a bounded ``LRU`` (``blip_core.cache.COMPILE_CACHE_SIZE``): an
@@ -174,29 +190,30 @@ class JaxModel:
                 variant, lambda: self._make_jit(key, method, static_argnames))
         if key not in _JITTED:
             _JITTED[key] = self._make_jit(key, method, static_argnames)
-        return _JITTED[key]
+        return _Dispatch(self, name, method, frozenset(static_argnames), _JITTED[key])
 
-    def _program(self, name: str, method: str, args: tuple, **static):
-        """The jitted ``self.<method>`` for positional ``args`` and keyword ``static`` arguments, from the
-        bounded ``LRU`` of compiled generation programs. The key holds the static values and the shape
-        and dtype of every argument, so each entry holds exactly one XLA program (callers round shapes
-        to ``blip_core.cache`` buckets first, so that typical calls share one). With the persistent cache on,
-        a new process reads the traced program from disk instead of tracing the model (``program_cache``)."""
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        signature = (tuple(sorted(static.items())), tree, repr(self.mesh),
-                     tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
+    def _program(self, name: str, method: str, args: tuple, _dynamic=None, _jitted=None, **static):
+        """The jitted ``self.<method>`` for positional ``args``, keyword arguments ``_dynamic`` (traced) and
+        keyword ``static`` arguments, from the bounded ``LRU`` of compiled programs. The key holds the static
+        values and the shape and dtype of every argument, so each entry holds exactly one XLA program (callers
+        round shapes to ``blip_core.cache`` buckets first, so that typical calls share one). With the
+        persistent cache on, a new process reads the traced program from disk instead of tracing the model
+        (``program_cache``). ``_jitted``: the jitted method to fall back on (else one made for this entry)."""
+        dynamic = _dynamic or {}
+        leaves, tree = jax.tree_util.tree_flatten((args, dynamic) if dynamic else args)
+        signature = (tuple(sorted(static.items())), tree, repr(self.mesh), tuple(map(_aval, leaves)))
         key = (type(self).__name__, name, repr(self.config), self.dtype.name)
         return _VARIANTS.setdefault(key, LRU(COMPILE_CACHE_SIZE)).get(
-            signature, lambda: self._make_program(key, method, args, static))
+            signature, lambda: self._make_program(key, method, args, static, dynamic, _jitted))
 
-    def _make_program(self, key, method: str, args: tuple, static: dict):
+    def _make_program(self, key, method: str, args: tuple, static: dict, dynamic=None, jitted=None):
         """The program of one variant: the traced program stored on disk by an earlier process (or traced now
         and stored, ``program_cache``), else the jitted method. A model split over a mesh is always jitted."""
-        jitted = self._make_jit(key, method, tuple(sorted(static)))
+        jitted = jitted or self._make_jit(key, method, tuple(sorted(static)))
         if self.mesh is not None:
             return jitted
         from . import program_cache
-        return program_cache.stored_program(key, jitted, args, static) or jitted
+        return program_cache.stored_program(key, jitted, args, static, dynamic) or jitted
 
     def _make_jit(self, key, method: str, static_argnames):
         shell = object.__new__(type(self))          # holds no params: the cache must not keep weights alive
@@ -277,6 +294,37 @@ class JaxModel:
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+
+
+def _aval(x):
+    """What a compiled program needs to know of an argument: shape, dtype, weak typing (a Python scalar: its
+    type). Read from the attributes, it costs well under a millisecond for BLIP's ~500 params per call."""
+    try:
+        return x.shape, x.dtype, getattr(x, "weak_type", False)
+    except AttributeError:
+        return type(x)
+
+
+class _Dispatch:
+    """What ``JaxModel._jit`` returns: called as the jitted method (arrays positional or by keyword, static
+    arguments by keyword), it runs the program of the call's signature (``JaxModel._program``). Tracers (a
+    user's ``jax.grad`` / ``jax.jit`` around the model) and a model split over a mesh go to the jitted
+    method; any other attribute (``lower``, ``trace``, ...) is the jitted method's."""
+
+    def __init__(self, model, name, method, static_argnames, jitted):
+        self._model, self._name, self._method, self._static, self._jitted = model, name, method, static_argnames, jitted
+
+    def __call__(self, *args, **kwargs):
+        static = {k: v for k, v in kwargs.items() if k in self._static}
+        dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
+        if self._model.mesh is not None or any(isinstance(x, jax.core.Tracer)
+                                               for x in jax.tree_util.tree_leaves((args, dynamic))):
+            return self._jitted(*args, **kwargs)
+        fn = self._model._program(self._name, self._method, args, _dynamic=dynamic, _jitted=self._jitted, **static)
+        return fn(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self._jitted, attr)
 
 
 # -- small numerics shared by the towers -----------------------------------------------------------------

@@ -32,7 +32,7 @@ from blip_core.outputs import (BaseModelOutputWithPooling, BaseModelOutputWithPo
                                BlipForConditionalGenerationModelOutput, BlipImageTextMatchingModelOutput, BlipOutput,
                                BlipTextVisionModelOutput)
 
-from ._base import JaxModel, is_concrete, token_ids
+from ._base import JaxModel, cast, is_concrete, token_ids
 from .generation import decode, pad_batch, result, sampling_key, traced_numbers
 from .text import (TextLMHeadModel, TextModel, cross_attention_bias, decoder_bias, encode_text, lm_loss,
                    text_inputs)
@@ -144,7 +144,7 @@ class _BlipBase(JaxModel):
         if prompt_mask is None:       # transformers infers the mask from pad tokens in the prompt
             prompt_mask = decoding.infer_prompt_mask(prompt, settings)
         pv, prompt, prompt_mask, question, question_mask = pad_batch(
-            (pv, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), question, question_mask),
+            (pv, cast(np.asarray(prompt), np.int32), cast(np.asarray(prompt_mask), np.int32), question, question_mask),
             batch, padded)
         args = (params, pv, prompt, prompt_mask, question, question_mask, sampling_key(settings, key),
                 traced_numbers(numbers))
@@ -468,4 +468,4 @@ def _labels(labels, shape, vocab_size):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the decoder input shape {tuple(shape)}")
     if is_concrete(labels):
         check_label_ids(np.asarray(labels), vocab_size)
-    return jnp.asarray(labels, jnp.int32)
+    return cast(labels, np.int32)

@@ -139,8 +139,18 @@ def decode(step, init_cache, context, prompt_ids, prompt_mask, key, plan: decodi
 
 
 def traced_numbers(numbers: dict) -> dict:
-    """The plan's numbers as jax arrays (arguments of the compiled program, so they are traced)."""
-    return {k: jnp.asarray(v) for k, v in numbers.items()}
+    """The plan's numbers as arguments of the compiled program (so they are traced). The spec layer's numpy
+    values go in as they are (a program takes host arrays; ``jnp.asarray`` would compile a small program
+    per shape in a new process); anything else as ``jnp.asarray`` types it."""
+    return {k: v if isinstance(v, (np.ndarray, np.generic)) else jnp.asarray(v) for k, v in numbers.items()}
+
+
+def prng_key(seed: int):
+    """``jax.random.key(seed)``, built on the host where its bits are known (threefry's seeding puts a
+    32-bit non-negative seed in the low word): ``jax.random.key`` compiles a small program in every new process."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2 ** 31:
+        return jax.random.wrap_key_data(np.array([0, seed], np.uint32), impl="threefry2x32")
+    return jax.random.key(seed)
 
 
 def sampling_key(settings, key):
@@ -149,8 +159,8 @@ def sampling_key(settings, key):
         return key
     if settings.do_sample:
         seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
-        return jax.random.key(seed)
-    return jax.random.key(0)     # unused without sampling; keeps one compiled signature
+        return prng_key(int(seed))
+    return prng_key(0)     # unused without sampling; keeps one compiled signature
 
 
 def pad_batch(tree, batch: int, padded: int):
@@ -161,15 +171,25 @@ def pad_batch(tree, batch: int, padded: int):
     return jax.tree_util.tree_map(lambda x: x[rows], tree)
 
 
+def _trim(x, *indices):
+    """``[x[i] for i in indices]`` of a program's output, cut on the host and put back where ``x`` was: an
+    eager slice of a device array compiles a small program in every new process. Arrays split over a mesh
+    are sliced as before."""
+    if isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+        host = np.asarray(x)
+        return [jax.device_put(host[i], x.sharding) for i in indices]
+    return [x[i] for i in indices]
+
+
 def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
     """Trim the compiled program's buffers into ids or a ``GenerateOutput``; with ``batch`` (the real
     input rows of a padded call) only the rows of those inputs are returned."""
     n = None if batch is None else batch * settings.num_return_sequences
-    seqs = seqs[:n, : int(length)]
+    [seqs] = _trim(seqs, np.s_[:n, : int(length)])
     if not settings.return_dict_in_generate:
         return seqs
     per_row = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences   # score rows
     m = None if batch is None else batch * per_row
-    score_steps = None if scores is None else tuple(scores[:m, i] for i in range(int(steps)))
+    score_steps = None if scores is None else tuple(_trim(scores, *(np.s_[:m, i] for i in range(int(steps)))))
     return GenerateOutput(sequences=seqs, scores=score_steps,
-                          sequences_scores=None if seq_scores is None else seq_scores[:n])
+                          sequences_scores=None if seq_scores is None else _trim(seq_scores, np.s_[:n])[0])

@@ -25,6 +25,7 @@ pickle): the folder is created mode 0700. ``BLIP_COMPILE_CACHE=0`` turns this of
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import logging
@@ -96,21 +97,21 @@ def program_key(model_key: tuple, args: tuple, static: dict) -> str:
 
 
 class StoredProgram:
-    """One compiled program called as the jitted method is, ``fn(*args, **static)`` (the static values are
-    part of its key, so they are not passed on). Arguments the program refuses (placed on another device,
-    say) go to ``jitted`` instead, from then on."""
+    """One compiled program called as the jitted method is, ``fn(*args, **kwargs)``: keyword arguments named
+    in ``static`` are part of its key, so they are not passed on; the others are arrays. Arguments the
+    program refuses (placed on another device, say) go to ``jitted`` instead, from then on."""
 
-    def __init__(self, compiled, jitted):
-        self.compiled, self.jitted = compiled, jitted
+    def __init__(self, compiled, jitted, static=()):
+        self.compiled, self.jitted, self.static = compiled, jitted, frozenset(static)
 
-    def __call__(self, *args, **static):
+    def __call__(self, *args, **kwargs):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                return self.compiled(*args, **{k: v for k, v in kwargs.items() if k not in self.static})
             except (TypeError, ValueError) as exc:     # raised by the argument checks, before running
                 _LOG.debug("stored program refused its arguments (%s); jitting", exc)
                 self.compiled = None
-        return self.jitted(*args, **static)
+        return self.jitted(*args, **kwargs)
 
     def _cache_size(self) -> int:      # as a jitted function's: the programs it holds
         return 1
@@ -124,6 +125,8 @@ def load(name: str):
     payload = persistent_cache.read_checked(os.path.join(top, name), MAGIC, name)
     if payload is None:
         return None
+    collecting = gc.isenabled()
+    gc.disable()                   # unpickling makes many small objects: no collection passes meanwhile
     try:
         device_ids, serialized = pickle.loads(payload)
         by_id = {d.id: d for d in jax.devices()}
@@ -134,6 +137,9 @@ def load(name: str):
     except Exception as exc:       # noqa: BLE001  (written by another jaxlib, ...: trace instead)
         _LOG.debug("stored program %s not loadable (%s); tracing", name, exc)
         return None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def store(name: str, compiled) -> None:
@@ -151,23 +157,25 @@ def store(name: str, compiled) -> None:
         _LOG.debug("program %s not stored (%s)", name, exc)
 
 
-def stored_program(model_key: tuple, jitted, args: tuple, static: dict):
-    """``StoredProgram`` of ``jitted`` for these argument shapes and static values: loaded from disk, or
-    compiled now (``jitted`` traces the model once; jax's own cache may still skip XLA) and stored.
-    None when the persistent cache is off or compiling ahead of the call fails: the caller jits."""
+def stored_program(model_key: tuple, jitted, args: tuple, static: dict, dynamic: dict = None):
+    """``StoredProgram`` of ``jitted`` for these argument shapes (positional ``args``, keyword ``dynamic``)
+    and static values: loaded from disk, or compiled now (``jitted`` traces the model once; jax's own cache
+    may still skip XLA) and stored. None when the persistent cache is off or compiling ahead of the call
+    fails: the caller jits."""
     if folder() is None:
         return None
-    name = program_key(model_key, args, static)
+    dynamic = dynamic or {}
+    name = program_key(model_key, (args, dynamic) if dynamic else args, static)
     compiled = load(name)
     if compiled is None:
         try:
-            compiled, fresh = _compile_fresh(jitted.trace(*args, **static).lower())
+            compiled, fresh = _compile_fresh(jitted.trace(*args, **dynamic, **static).lower())
         except Exception as exc:       # noqa: BLE001  (the jitted path raises it again, at the call)
             _LOG.debug("program %s not compiled ahead (%s); jitting it", model_key[:2], exc)
             return None
         if fresh:
             store(name, compiled)
-    return StoredProgram(compiled, jitted)
+    return StoredProgram(compiled, jitted, static)
 
 
 # An executable jax read from its own persistent cache runs, but serializes without its code on CPU (jaxlib

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blip_core.configs import BlipTextConfig
 from blip_core.numerics import MASK_VALUE
@@ -371,7 +372,7 @@ def text_inputs(config, input_ids, attention_mask, inputs_embeds=None):
     else:
         emb = as_input(inputs_embeds, "inputs_embeds", "f", ndim=3)
         shape = emb.shape[:2]
-        ids = jnp.zeros(shape, jnp.int32)
+        ids = np.zeros(shape, np.int32)
     return ids, mask_like(attention_mask, shape)
 
 
