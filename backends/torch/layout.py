@@ -8,8 +8,9 @@ and 2-8 rows (beam search, small batches) 3-5x slower per byte than one row, whe
 weights reordered once into its blocked layout for that row count reads them 3-5x faster. In
 bfloat16 the packed weights read about twice as fast as torch's default (unpacked) oneDNN call.
 
-The plan per weight dtype and row count (``plan``): float32 at one row calls oneDNN on the weights
-as they are (no copy); float32 at 2+ rows and bfloat16 at any row count use a packed copy.
+The plan per weight dtype (``plan``): float32 calls oneDNN on the weights as they are (no copy; at 2-24
+rows the packed copy reads another 1.1-1.4x faster, not worth a second copy of the decoder's weights
+by default); bfloat16 uses the packed copy.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
 layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
@@ -44,10 +45,11 @@ def _onednn_ops():
 
 _ONEDNN = _onednn_ops()
 # Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
-# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype at every row count; =0 (False)
-# leaves every layer on ``F.linear``. An earlier default kept float32 on MKL, measured on this shared
-# machine at load 14-23, where oneDNN's small parallel kernels stalled for whole scheduler slices;
-# on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL at one row (see the README).
+# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (the fastest, one more copy of the
+# decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
+# float32 on MKL, measured on this shared machine at load 14-23, where oneDNN's small parallel kernels
+# stalled for whole scheduler slices; on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL
+# at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
 _SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
 ENABLED = None if _SETTING in ("", "auto") else _SETTING not in ("0", "false", "no", "off")
 PLAIN, UNPACKED, PACKED = "plain", "unpacked", "packed"
@@ -60,9 +62,7 @@ def plan(dtype: torch.dtype, rows: int) -> str:
         return PLAIN
     if ENABLED is True:
         return PACKED
-    if dtype == torch.float32 and rows == 1:
-        return UNPACKED   # as fast as the packed copy at one row (measured), and no copy
-    return PACKED
+    return UNPACKED if dtype == torch.float32 else PACKED
 
 
 class _Layout:
@@ -119,7 +119,7 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         if not isinstance(lin, Linear) or lin.runs_once:
             continue
         lay, w = lin._layout, lin.weight.detach()
-        if lay is not None and lay.rows == rows and lay.fresh(lin) and (lay.weight.data_ptr() == w.data_ptr()) == (how == UNPACKED):
+        if lay is not None and lay.rows == rows and lay.fresh(lin) and lay.weight.is_mkldnn == (how == PACKED):
             continue
         lin._layout = _Layout(lin.weight, rows, w if how == UNPACKED else _ONEDNN[1](w, rows))
 
