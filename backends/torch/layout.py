@@ -106,14 +106,15 @@ def layout_supported(module: nn.Module) -> bool:
 def prepare_decoding(module: nn.Module, rows: int) -> None:
     """Give every ``Linear`` under ``module`` the layout ``plan`` picks for ``rows`` rows (reusing a fresh one).
 
-    A no-op with gradients enabled, in training mode, where oneDNN is unavailable and where the plan is
-    ``PLAIN``; ``UNPACKED`` points the layers at their own weights; ``PACKED`` reorders each weight into a
-    copy once.
+    A no-op with gradients enabled, in training mode and where oneDNN is unavailable; where the plan is
+    ``PLAIN`` it drops the layouts an earlier call left; ``UNPACKED`` points the layers at their own
+    weights; ``PACKED`` reorders each weight into a copy once.
     """
     if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
     how = plan(next(module.parameters()).dtype, rows)
-    if how == PLAIN:
+    if how == PLAIN:   # switched off since an earlier call: its layouts must not serve this one
+        release_layouts(module)
         return
     for lin in module.modules():
         if not isinstance(lin, Linear) or lin.runs_once:
