@@ -279,16 +279,36 @@ def matmul_rate(name: str, n: int = 2048, dtype: str = "float32", reps: int = 5)
 
 
 def memory_bandwidth(mb: int = 256, reps: int = 5) -> dict:
-    """Bytes/s of a large array copy (read + write), the ceiling for streaming weights in decoding."""
+    """Bytes/s streamed from memory, the ceiling for reading weights in decoding: the better of a read
+    (a max reduction over a large array, read once) and a copy (read + write, both bytes counted)."""
     n = mb * 2**20 // 4
     a, b = np.ones(n, np.float32), np.empty(n, np.float32)
-    np.copyto(b, a)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        times.append(time.perf_counter() - t0)
-    return {"mb": mb, "best_bytes_per_s": 2 * a.nbytes / min(times), "median_bytes_per_s": 2 * a.nbytes / float(np.median(times))}
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), float(np.median(times))
+
+    read, copy = timed(a.max), timed(lambda: np.copyto(b, a))
+    rates = {"read": (a.nbytes / read[0], a.nbytes / read[1]), "copy": (2 * a.nbytes / copy[0], 2 * a.nbytes / copy[1])}
+    return {"mb": mb, "best_bytes_per_s": max(r[0] for r in rates.values()),
+            "median_bytes_per_s": max(r[1] for r in rates.values()),
+            **{f"{k}_best_bytes_per_s": r[0] for k, r in rates.items()}}
+
+
+def compute_bandwidth_floor_s(terms: dict, rate: float, bandwidth: float) -> dict:
+    """The least time of a decoding call: ``terms["once_flops"]`` (the input side, done once) at the matmul
+    ``rate``, plus the decoding steps, each bound by the larger of its FLOPs at ``rate`` and the bytes it
+    must read (every weight it multiplies) at the memory ``bandwidth``: ``terms["step_flops"]`` and
+    ``terms["step_bytes"]``, summed over the steps. At batch 1 the bytes bound the steps. Parts in the dict."""
+    steps = max(terms["step_flops"] / rate, terms["step_bytes"] / bandwidth)
+    once = terms["once_flops"] / rate
+    return {"once_s": once, "steps_s": steps, "steps_bound": "bytes" if terms["step_bytes"] / bandwidth >= terms[
+        "step_flops"] / rate else "flops", "total_s": once + steps}
 
 
 # -- weight bytes: batch-1 decoding reads every weight once per token, a floor of its own --------

@@ -63,7 +63,8 @@ class Context:
         bw = common.memory_bandwidth(16 if self.quick else 256)
         seen = (self.bandwidth or {}).get("measured_bytes_per_s", []) + [round(bw["best_bytes_per_s"])]
         self.bandwidth = dict(bw, best_bytes_per_s=max(seen), measured_bytes_per_s=seen)
-        self.log(f"  memory copy: {bw['best_bytes_per_s'] / 1e9:.1f} GB/s now, best this run {max(seen) / 1e9:.1f}")
+        self.log(f"  memory bandwidth: read {bw['read_best_bytes_per_s'] / 1e9:.1f}, copy {bw['copy_best_bytes_per_s'] / 1e9:.1f}"
+                 f" GB/s now, best this run {max(seen) / 1e9:.1f}")
 
     def rate(self, fw_name: str):
         """Best matmul FLOP/s of a framework so far, or None where it does not import."""
@@ -81,6 +82,10 @@ class Context:
             r["floor_fraction"] = r["floor_s"] / r["median_s"] if r["floor_s"] else None
             wb = record.get("weight_bytes")
             r["bandwidth_floor_s"] = wb / bw if wb and bw else None
+            terms = record.get("floor_terms")
+            if terms and rate and bw:   # decoding: the input side at the matmul rate + the steps' weight reads
+                r["compute_bandwidth_floor_s"] = common.compute_bandwidth_floor_s(terms, rate, bw)["total_s"]
+                r["time_over_compute_bandwidth_floor"] = r["median_s"] / r["compute_bandwidth_floor_s"]
 
     def finalize(self) -> None:
         """Recompute every floor with the best rates of the whole run (the per-case tables used those so far)."""
@@ -211,12 +216,13 @@ class Context:
 
     # -- one case --------------------------------------------------------------------------------
     def run_case(self, workload: str, case: str, calls: dict, skipped: dict, flops: dict, params: dict,
-                 mode: str, check: str = "allclose", load_s=None, unit=None, weight_bytes=None):
+                 mode: str, check: str = "allclose", load_s=None, unit=None, weight_bytes=None, floor_terms=None):
         """Time ``calls`` ({impl: zero-arg callable}) interleaved and record one case.
 
         ``flops``: {part: FLOPs}; ``check``: "allclose" (max abs diff) or "ids" (exact) against hf-torch
         (else the first impl that ran); ``unit``: (name, count) for a throughput column (e.g. pairs);
-        ``weight_bytes``: bytes of weights the workload must read at least (decoding), for a bandwidth floor.
+        ``weight_bytes``: bytes of weights the workload must read at least (decoding), for a bandwidth floor;
+        ``floor_terms``: FLOPs and bytes of ``common.compute_bandwidth_floor_s`` (decoding workloads).
         """
         total = float(sum(flops.values()))
         skipped = dict(skipped)
@@ -260,8 +266,8 @@ class Context:
                 if a != b and (a in OURS and (b not in OURS or OURS.index(a) > OURS.index(b))):
                     ratios[f"{a}/{b}"] = results[a]["median_s"] / results[b]["median_s"]
         record = {"workload": workload, "case": case, "mode": mode, "params": params, "dtype": self.dtype,
-                  "flops": total, "flops_breakdown": flops, "weight_bytes": weight_bytes, "results": results,
-                  "ratios": ratios}
+                  "flops": total, "flops_breakdown": flops, "weight_bytes": weight_bytes, "floor_terms": floor_terms,
+                  "results": results, "ratios": ratios}
         self._floors(record)
         self.cases.append(record)
         self._print(record, unit)

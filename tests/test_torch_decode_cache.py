@@ -6,7 +6,7 @@ that room (beam 3: growth and reordering, every token forced) must give transfor
 cache by concatenation. A bfloat16 model keeps the image's keys/values in float32 (exact up-casts)
 and attends in float32 during decoding: its cached steps must match its own uncached forward
 (which attends in bfloat16) to bfloat16 rounding, and the cache must hold exactly the up-cast keys.
-The oneDNN decoding layout is on by default for bfloat16 models only.
+The oneDNN decoding layout by default: packed copies in bfloat16, the weights as they are in float32.
 """
 import numpy as np
 import pytest
@@ -75,20 +75,38 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
     torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
 
 
-@pytest.mark.parametrize("dtype,packs", [("bfloat16", True), ("float32", False)])
-def test_decoding_layout_default_packs_bfloat16_only(monkeypatch, dtype, packs):
+@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "unpacked"),
+                                                     ("float32", 1, 3, "unpacked")])
+def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
+    """bfloat16 decodes from packed copies; float32 calls oneDNN on its own weights (no copy) with transformers' ids."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
-    path, inputs, _ = fixture(NAME)
+    path, inputs, ref = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    kw = dict(max_new_tokens=6, num_beams=beams)   # the goldens' length (beam search's best depends on it)
     with torch.no_grad():
-        model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=3)
-    packed = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
-    assert bool(packed) == (packs and layout.layout_supported(model))
-    if packed:
-        lin = model.text_decoder.cls.predictions.decoder
-        x = torch.randn(packed[0]._layout.rows, lin.in_features, dtype=lin.weight.dtype)
-        with torch.no_grad():   # the packed bfloat16 product: the unpacked one to bfloat16 rounding
-            torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(),
-                                       rtol=0.02, atol=0.02)
-        layout.release_layouts(model)
+        ids = to_numpy(model.generate(pixel_values=inputs["pixel_values"][:batch], **kw))
+    laid = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+    assert bool(laid) == layout.layout_supported(model)
+    if not laid:
+        return
+    assert all(m._layout.rows == batch * beams and not m.runs_once for m in laid)
+    copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
+    assert all(copies) if plan == "packed" else not any(copies)
+    before = [m._layout for m in laid]
+    with torch.no_grad():   # a second call with as many rows reuses the layouts
+        again = to_numpy(model.generate(pixel_values=inputs["pixel_values"][:batch], **kw))
+    np.testing.assert_array_equal(again, ids)
+    assert all(m._layout is lay for m, lay in zip(laid, before))
+    if dtype == "float32":   # the goldens: transformers' ids
+        want = ref["greedy_ids" if beams == 1 else "beam_ids"][:batch, : ids.shape[1]]
+        np.testing.assert_array_equal(ids, want)
+    lin = model.text_decoder.cls.predictions.decoder
+    x = torch.randn(batch * beams, lin.in_features, dtype=lin.weight.dtype)
+    with torch.no_grad():   # oneDNN's product: F.linear's to float32 (bfloat16) rounding
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=0.02, atol=0.02)
+        torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(), **tol)
+    monkeypatch.setattr(layout, "ENABLED", False)         # switched off at run time: the next call drops them
+    with torch.no_grad():
+        model.generate(pixel_values=inputs["pixel_values"][:batch], max_new_tokens=2, num_beams=beams)
+    assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in model.modules())

@@ -2,12 +2,15 @@
 
 Decoding a token multiplies a few rows (batch x beams) by every decoder weight, so its speed is that
 of reading the weights. On this project's x86 CPUs PyTorch's default float32 GEMM (MKL) reads them
-well below the memory bandwidth for 2-8 rows (beam search, small batches: 3-5x slower per byte
-than one row); oneDNN's inner product, given weights reordered once into its blocked layout for
-that row count, reads them 3-5x faster there, and in bfloat16 the packed weights read about twice
-as fast as torch's default (unpacked) oneDNN call. At one float32 row MKL stays: oneDNN is only
-~25% faster there on an idle core, and with two threads on an oversubscribed machine its small
-parallel kernels stall for whole scheduler slices (measured 30 ms for a 9 MB matrix).
+well below the memory bandwidth: one row at ~10 GB/s where oneDNN's inner product on the same,
+unchanged weights reads ~19 GB/s (quiet 2-core Zen 4, two threads, 40 distinct 9 MB matrices),
+and 2-8 rows (beam search, small batches) 3-5x slower per byte than one row, where oneDNN with the
+weights reordered once into its blocked layout for that row count reads them 3-5x faster. In
+bfloat16 the packed weights read about twice as fast as torch's default (unpacked) oneDNN call.
+
+The plan per weight dtype (``plan``): float32 calls oneDNN on the weights as they are (no copy; at 2-24
+rows the packed copy reads another 1.1-1.4x faster, not worth a second copy of the decoder's weights
+by default); bfloat16 uses the packed copy.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
 layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
@@ -16,7 +19,7 @@ rows; the text decoder calls it on its first decoding step. A layout belongs to 
 at one version: training, ``load_state_dict`` or any in-place change makes it stale and the layer
 silently returns to ``F.linear``; with gradients enabled, the plain path always runs. The packed
 copy is kept for the next call (about the decoder's weight bytes); ``release_layouts(model)``
-frees it.
+frees it. The unpacked plan keeps no copy.
 
 ``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
 """
@@ -41,19 +44,30 @@ def _onednn_ops():
 
 
 _ONEDNN = _onednn_ops()
-# float32: off by default: on this project's shared 2-core machine (load 14-23) every packed variant
-# ran slower than MKL with two threads, although one thread's CPU time showed the gains above.
-# bfloat16: on by default: its unpacked path is oneDNN too (no MKL to fall back on), and the packed
-# weights decode 1.3-1.4x faster per token on one thread (BLIP base, batch 1, load 6-7) and were
-# faster in every two-thread round too (load 8).
-# BLIP_TORCH_DECODE_LAYOUT=1 (or ``layout.ENABLED = True``) turns it on for both, =0 (False) off for both.
+# Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
+# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (the fastest, one more copy of the
+# decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
+# float32 on MKL, measured on this shared machine at load 14-23, where oneDNN's small parallel kernels
+# stalled for whole scheduler slices; on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL
+# at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
 _SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
 ENABLED = None if _SETTING in ("", "auto") else _SETTING not in ("0", "false", "no", "off")
-DEFAULT_DTYPES = (torch.bfloat16,)   # what ``ENABLED = None`` (the default) packs
+PLAIN, UNPACKED, PACKED = "plain", "unpacked", "packed"
+
+
+def plan(dtype: torch.dtype, rows: int) -> str:
+    """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
+    weights as they are (``UNPACKED``, no copy) or oneDNN on a copy packed for ``rows`` rows (``PACKED``)."""
+    if ENABLED is False:
+        return PLAIN
+    if ENABLED is True:
+        return PACKED
+    return UNPACKED if dtype == torch.float32 else PACKED
 
 
 class _Layout:
-    """A weight prepared for ``rows`` input rows, valid while its source tensor is unchanged."""
+    """A weight prepared for ``rows`` input rows (a packed copy, or the weight itself for the unpacked
+    plan), valid while its source tensor is unchanged."""
 
     __slots__ = ("source", "version", "ptr", "rows", "dtype", "weight")
 
@@ -90,26 +104,25 @@ def layout_supported(module: nn.Module) -> bool:
 
 
 def prepare_decoding(module: nn.Module, rows: int) -> None:
-    """Give every ``Linear`` under ``module`` a layout for ``rows`` rows (reusing a fresh one).
+    """Give every ``Linear`` under ``module`` the layout ``plan`` picks for ``rows`` rows (reusing a fresh one).
 
-    A no-op when switched off (``ENABLED`` False, or None and a float32 model), with gradients enabled, in training
-    mode, where oneDNN is unavailable, and for float32 at one row (see ``Linear``); otherwise each weight is
-    reordered into a copy once.
+    A no-op with gradients enabled, in training mode and where oneDNN is unavailable; where the plan is
+    ``PLAIN`` it drops the layouts an earlier call left; ``UNPACKED`` points the layers at their own
+    weights; ``PACKED`` reorders each weight into a copy once.
     """
-    if ENABLED is False or torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
+    if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
-    dtype = next(module.parameters()).dtype
-    if ENABLED is None and dtype not in DEFAULT_DTYPES:
+    how = plan(next(module.parameters()).dtype, rows)
+    if how == PLAIN:   # switched off since an earlier call: its layouts must not serve this one
+        release_layouts(module)
         return
-    if rows == 1 and dtype == torch.float32:
-        return   # MKL's one-row float32 path is within ~25% of oneDNN's and far steadier on a busy machine
     for lin in module.modules():
         if not isinstance(lin, Linear) or lin.runs_once:
             continue
-        lay = lin._layout
-        if lay is not None and lay.rows == rows and lay.fresh(lin):
+        lay, w = lin._layout, lin.weight.detach()
+        if lay is not None and lay.rows == rows and lay.fresh(lin) and lay.weight.is_mkldnn == (how == PACKED):
             continue
-        lin._layout = _Layout(lin.weight, rows, _ONEDNN[1](lin.weight.detach(), rows))
+        lin._layout = _Layout(lin.weight, rows, w if how == UNPACKED else _ONEDNN[1](w, rows))
 
 
 def release_layouts(module: nn.Module) -> None:
