@@ -147,7 +147,8 @@ def test_damaged_or_foreign_entries_are_traced_again(stored, fresh):
     entry = _entry(fresh)
     name = os.path.basename(entry)
     data = open(entry, "rb").read()
-    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "flipped": data[:-9] + bytes([data[-9] ^ 1]) + data[-8:],
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"",
+               "flipped": data[:-9] + bytes([data[-9] ^ 1]) + data[-8:],
                "another entry's": data.replace(name.encode(), b"0" * len(name), 1)}
     for why, content in damaged.items():
         with open(entry, "wb") as f:
