@@ -247,6 +247,8 @@ class StoredProgram:
         return max(len(self.entries), self.fn.experimental_get_tracing_count())
 
     def __call__(self, *args):
+        if not tf.executing_eagerly():       # inside a caller's tf.function (a SavedModel export): its graph
+            return self.fn(*args)
         try:
             args = tf.nest.map_structure(_tensor, args)
         except TypeError:
