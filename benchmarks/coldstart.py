@@ -63,6 +63,9 @@ def child_first(backend: str, quick: bool) -> dict:
     out = {"import_s": imported, "load_s": load, "first_s": first, "second_s": _timed(model, px, **kw)}
     if hasattr(model, "trace_count"):      # jax: 0 when the stored program ran (backends/jax/program_cache.py)
         out["generate_traces"] = model.trace_count("generate")
+    elif backend == "tf":                  # tf: the same, backends/tf/program_cache.py
+        from backends.tf.generation import trace_count
+        out["generate_traces"] = trace_count(model)
     return out
 
 
@@ -105,6 +108,9 @@ def _spawn(args: list, cache_dir=None, timeout=1800) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TOKENIZERS_PARALLELISM="false")
     if cache_dir is not None:
         env["BLIP_COMPILE_CACHE"] = cache_dir
+        # a parent that imported backends.tf (run_all) exported its own XLA cache folder: the child's is cache_dir
+        env["TF_XLA_FLAGS"] = " ".join(f for f in env.get("TF_XLA_FLAGS", "").split()
+                                       if not f.startswith("--tf_xla_persistent_cache_directory"))
     cmd = [sys.executable, "-m", "benchmarks.coldstart", "--child"] + args
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:

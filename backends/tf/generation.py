@@ -25,6 +25,8 @@ from blip_core import decoding
 from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
+from . import program_cache
+
 _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
 
 
@@ -253,8 +255,10 @@ def compiled(model, key, program, shapes=()):
     """The XLA-compiled ``program`` cached on ``model`` under ``key`` (which holds the plan) and the
     input ``shapes``: one traced program per entry of the model's bounded ``LRU``
     (``blip_core.cache.COMPILE_CACHE_SIZE``), so the least recently used is freed."""
-    return model._compiled.get((key, tuple(shapes)),
-                               lambda: tf.function(program, jit_compile=True, autograph=False))   # no AutoGraph
+    def make():    # behind the program store: a later process runs the traced graph (``program_cache``)
+        return program_cache.stored(model, key, tf.function(program, jit_compile=True, autograph=False))  # no AutoGraph
+
+    return model._compiled.get((key, tuple(shapes)), make)
 
 
 def pad_batch(nest, batch: int, padded: int):
@@ -281,5 +285,7 @@ def result(settings, seqs, length, seq_scores, scores, steps, batch=None):
 
 
 def trace_count(model) -> int:
-    """How many times the model's generation functions have been traced (for retrace checks)."""
-    return sum(fn.experimental_get_tracing_count() for fn in model._compiled.values())
+    """How many times the model's generation functions have been traced (for retrace checks); a program
+    read from disk (``program_cache``) was not traced."""
+    return sum(fn.traces if hasattr(fn, "traces") else fn.experimental_get_tracing_count()
+               for fn in model._compiled.values())
