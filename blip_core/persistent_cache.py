@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import tempfile
 import warnings
@@ -192,6 +193,23 @@ def read_checked(path: str, magic: bytes, name: str) -> Optional[bytes]:
 
 
 _FINGERPRINTS: dict = {}
+
+
+_HOST: list = []
+
+
+def host_fingerprint() -> str:
+    """This machine's architecture and a digest of its CPU instruction-set flags (a compiled CPU program
+    uses what it found), computed once per process."""
+    if not _HOST:
+        flags = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+        except OSError:
+            pass
+        _HOST.append(platform.machine() + hashlib.sha256(flags.encode()).hexdigest()[:16])
+    return _HOST[0]
 
 
 def source_fingerprint(folders: Iterable[str]) -> str:

@@ -31,7 +31,6 @@ import importlib.metadata
 import logging
 import os
 import pickle
-import platform
 
 import jax
 from jax.experimental import serialize_executable
@@ -60,19 +59,6 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _host() -> str:
-    """This machine's architecture and CPU instruction set (a compiled CPU program uses what it found)."""
-    if "host" not in _FOLDERS:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-        except OSError:
-            pass
-        _FOLDERS["host"] = platform.machine() + hashlib.sha256(flags.encode()).hexdigest()[:16]
-    return _FOLDERS["host"]
-
-
 def _placement(x) -> tuple:
     """The device ids an argument lives on (a host array: none); a program is compiled for its arguments'."""
     sharding = getattr(x, "sharding", None)
@@ -88,7 +74,7 @@ def program_key(model_key: tuple, args: tuple, static: dict) -> str:
         model_key, tuple(sorted((k, repr(v)) for k, v in static.items())), str(tree),
         tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in map(jax.typeof, leaves)),
         tuple(_placement(x) for x in leaves),
-        jax.__version__, _version("jaxlib"), _version("flax"), jax.default_backend(), _host(),
+        jax.__version__, _version("jaxlib"), _version("flax"), jax.default_backend(), persistent_cache.host_fingerprint(),
         devices[0].client.platform_version, tuple(sorted({d.device_kind for d in devices})), len(devices),
         tuple((f, str(getattr(jax.config, f, None))) for f in _FLAGS), os.environ.get("XLA_FLAGS", ""),
         persistent_cache.source_fingerprint(_SOURCES),

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import struct
 
 import numpy as np
@@ -59,19 +58,6 @@ def folder():
     return _STATE["dir"]
 
 
-def _host() -> str:
-    """This machine's architecture and CPU instruction set."""
-    if "host" not in _STATE:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-        except OSError:
-            pass
-        _STATE["host"] = platform.machine() + hashlib.sha256(flags.encode()).hexdigest()[:16]
-    return _STATE["host"]
-
-
 def _leaf_spec(x):
     return None if x is None else (tuple(x.shape.as_list()), x.dtype.name)
 
@@ -84,7 +70,7 @@ def program_key(model, key, args, params) -> str:
         repr(tf.nest.map_structure(lambda x: 0, args)),            # the structure ...
         tuple(_leaf_spec(x) for x in tf.nest.flatten(args)),       # ... and its leaves
         tuple((p, tuple(v.shape.as_list()), v.dtype.name, v.device) for p, v in params.items()),
-        tensorflow_version(), tf.__version__, _host(), persistent_cache.source_fingerprint(_SOURCES),
+        tensorflow_version(), tf.__version__, persistent_cache.host_fingerprint(), persistent_cache.source_fingerprint(_SOURCES),
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
