@@ -26,6 +26,7 @@ import numpy as np
 from blip_core.configs import BlipVisionConfig
 from blip_core.generation import check_pixel_values
 from blip_core.interpolate import bicubic_matrix
+from blip_core.numerics import attention_head_group
 from blip_core.outputs import BaseModelOutputWithPooling
 
 from ._base import JaxModel, activation, pixels, softmax
@@ -115,11 +116,6 @@ def _attend(q, k, v):
     return (ctx / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
-# Heads per step of the attention loop: a step's (group, N, N) scores stay in cache (N = 577: 4 MB) where the
-# whole (B, heads, N, N) tensor (batch 8: 128 MB) went to memory and back for each softmax pass, twice as slow.
-ATTENTION_GROUP = 3
-
-
 class VisionAttention(nn.Module):
     """Fused qkv ([q | k | v], heads inside each), scale hd^-0.5, output ``projection``."""
 
@@ -137,7 +133,7 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)      # (3, B, heads, N, hd)
         # The scale goes on q (N x hd values) rather than on the (N x N) scores: exact for hd = 64 (a power of 4).
         q, k, v = qkv[0] * np.asarray(hd ** -0.5, qkv.dtype), qkv[1], qkv[2]
-        g = ATTENTION_GROUP if (b * heads) % ATTENTION_GROUP == 0 else 1
+        g = attention_head_group(heads, n, np.dtype(qkv.dtype).itemsize)   # blocks of g heads stay in cache
         blocks = (b * heads // g, g, n, hd)
         ctx = jax.lax.map(lambda t: _attend(*t), (q.reshape(blocks), k.reshape(blocks), v.reshape(blocks)))
         ctx = ctx.reshape(b, heads, n, hd).transpose(0, 2, 1, 3).reshape(b, n, d)
