@@ -125,3 +125,16 @@ def max_rel_diff(a, b, floor: float = 1e-6) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), floor))) if a.size else 0.0
+
+
+# Bytes of attention scores one step of the compiled backends' attention loop may hold: a step's (group, N, N)
+# block stays in cache, where the whole (batch, heads, N, N) tensor (ViT-B/16 at 384 px, batch 8: 128 MB)
+# went through memory for every softmax pass, twice the CPU time at batch 8.
+ATTENTION_BLOCK_BYTES = 4 << 20
+
+
+def attention_head_group(heads: int, tokens: int, itemsize: int = 4) -> int:
+    """How many heads of (tokens x tokens) scores go into one step: the largest divisor of ``heads`` whose
+    scores fit ``ATTENTION_BLOCK_BYTES`` (at least 1). Every (batch, head) pair is one block of the loop."""
+    fits = [g for g in range(1, heads + 1) if heads % g == 0 and g * tokens * tokens * itemsize <= ATTENTION_BLOCK_BYTES]
+    return max(fits, default=1)

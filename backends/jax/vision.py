@@ -26,6 +26,7 @@ import numpy as np
 from blip_core.configs import BlipVisionConfig
 from blip_core.generation import check_pixel_values
 from blip_core.interpolate import bicubic_matrix
+from blip_core.numerics import attention_head_group
 from blip_core.outputs import BaseModelOutputWithPooling
 
 from ._base import JaxModel, activation, pixels, softmax
@@ -106,6 +107,15 @@ class VisionEmbeddings(nn.Module):
         return x + pos[:, : x.shape[1]].astype(x.dtype)
 
 
+def _attend(q, k, v):
+    """Softmax attention on (..., N, hd) blocks, ``q`` already scaled; the softmax is normalised after the product,
+    dividing (N, hd) values instead of the (N, N) probabilities (one pass less over the largest tensor)."""
+    scores = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32)
+    e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    ctx = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v).astype(jnp.float32)
+    return (ctx / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+
+
 class VisionAttention(nn.Module):
     """Fused qkv ([q | k | v], heads inside each), scale hd^-0.5, output ``projection``."""
 
@@ -120,14 +130,15 @@ class VisionAttention(nn.Module):
         b, n, d = x.shape
         heads = self.config.num_attention_heads
         hd = d // heads
-        qkv = self.qkv(x).reshape(b, n, 3, heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        probs = softmax(scores)      # (B, heads, N, N); unused probs are dropped by XLA under jit
-        # The product comes out heads-first and is transposed after: asked for (B, N, heads, hd) directly,
-        # XLA's CPU compiler transposed every layer's (heads, N, N) probabilities instead, and did not
-        # fuse the scores, softmax and product into one kernel as it does this way.
-        ctx = jnp.einsum("bhqk,bkhd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, n, d)
+        qkv = self.qkv(x).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)      # (3, B, heads, N, hd)
+        # The scale goes on q (N x hd values) rather than on the (N x N) scores: exact for hd = 64 (a power of 4).
+        q, k, v = qkv[0] * np.asarray(hd ** -0.5, qkv.dtype), qkv[1], qkv[2]
+        g = attention_head_group(heads, n, np.dtype(qkv.dtype).itemsize)   # blocks of g heads stay in cache
+        blocks = (b * heads // g, g, n, hd)
+        ctx = jax.lax.map(lambda t: _attend(*t), (q.reshape(blocks), k.reshape(blocks), v.reshape(blocks)))
+        ctx = ctx.reshape(b, heads, n, hd).transpose(0, 2, 1, 3).reshape(b, n, d)
+        # Only for output_attentions; under jit an unused value is not computed.
+        probs = softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k))
         return self.projection(ctx), probs
 
 
