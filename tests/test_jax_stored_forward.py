@@ -91,9 +91,9 @@ def test_forward_and_feature_programs_of_a_warm_process_trace_nothing_and_match_
     monkeypatch.setattr(persistent_cache, "_setting", str(tmp_path))
     monkeypatch.setattr(jbase, "_VARIANTS", {})
     models, runs = scope["calls"]()
-    before = scope["traces"](models)
     stored = {name: np.asarray(run()) for name, run in runs.items()}
-    assert scope["traces"](models) == before + len(runs)
+    # one program per call on disk (whether this process traced it now or an earlier test's jitted method
+    # of the same config already held the trace: jax keeps traces per function, outside our counters)
     assert len(os.listdir(program_cache.folder())) == len(runs)
     # a new process runs them from disk: no trace, no XLA compile, the same numbers
     warm = _child(tmp_path)
