@@ -32,6 +32,7 @@ the payload: a truncated, altered or foreign file is refused and deleted, never 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -45,6 +46,8 @@ MAX_MB = 2048                    # default bound of the whole folder
 MIN_COMPILE_SECONDS = 0.2        # jax: faster compiles are not worth a file
 _OFF = {"0", "off", "false", "no"}
 _setting: Union[None, bool, str] = None     # set_persistent_cache's value; None: the environment decides
+
+_LOG = logging.getLogger(__name__)
 
 
 def set_persistent_cache(setting: Union[bool, str, os.PathLike, None]) -> None:
@@ -185,11 +188,37 @@ def read_checked(path: str, magic: bytes, name: str) -> Optional[bytes]:
         except OSError:
             pass
         return data[start:]
+    _remove(path)
+    return None
+
+
+def _remove(path: str) -> None:
     try:
         os.remove(path)
     except OSError:
         pass
-    return None
+
+
+def read_entry(folder: Optional[str], name: str, magic: bytes) -> Optional[bytes]:
+    """``read_checked`` of the entry ``name`` in ``folder`` (None: the cache is off, nothing to read)."""
+    return None if folder is None else read_checked(os.path.join(folder, name), magic, name)
+
+
+def write_entry(folder: Optional[str], name: str, magic: bytes, make_payload) -> None:
+    """Write the entry ``name`` (``make_payload()``) into ``folder``; best effort: a payload that cannot be
+    made, a full or read-only disk only cost a later process a trace (logged at debug level)."""
+    if folder is None:
+        return
+    try:
+        write_atomic(os.path.join(folder, name), magic, name, make_payload())
+    except Exception as exc:       # noqa: BLE001
+        _LOG.debug("entry %s not stored (%s)", name, exc)
+
+
+def discard_entry(folder: Optional[str], name: str) -> None:
+    """Delete the entry ``name`` (one that read back whole but would not load or run)."""
+    if folder is not None:
+        _remove(os.path.join(folder, name))
 
 
 _FINGERPRINTS: dict = {}

@@ -11,6 +11,21 @@ def blip_dicts(vision=None, text=None):
     return vc, tc
 
 
+def core_blip_config(**kw):
+    """``blip_core``'s BlipConfig of ``blip_dicts()`` (no transformers import: usable in child processes)."""
+    from blip_core.configs import BlipConfig
+    vc, tc = blip_dicts()
+    kw.setdefault("projection_dim", 16)
+    kw.setdefault("image_text_hidden_size", 24)
+    return BlipConfig(vision_config=vc, text_config=tc, **kw)
+
+
+def tiny_pixels(batch=2, seed=7):
+    """A (batch, 3, 32, 32) float32 pixel batch for ``blip_dicts()``'s image size."""
+    import numpy as np
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+
+
 def blip_config(vision=None, text=None, **kw):
     import transformers
     vc, tc = blip_dicts(vision, text)

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 from fixture_utils import ROOT, require
-from hf_configs import blip_dicts
+from hf_configs import core_blip_config, tiny_pixels
 
 from blip_core import persistent_cache
-from blip_core.configs import BlipConfig
 
 require("jax")
 require("torch")
@@ -28,31 +27,20 @@ import backends.torch as BT  # noqa: E402
 from backends.jax import program_cache  # noqa: E402
 
 CALL = dict(max_new_tokens=5, output_scores=True, return_dict_in_generate=True)
-
-
-def _config():
-    vc, tc = blip_dicts()
-    return BlipConfig(vision_config=vc, text_config=tc, projection_dim=16, image_text_hidden_size=24)
-
-
-def _pixels():
-    return np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+_config, _pixels = core_blip_config, tiny_pixels
 
 
 CHILD = r"""
 import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from hf_configs import blip_dicts
-from blip_core.configs import BlipConfig
+from hf_configs import core_blip_config, tiny_pixels
 import jax
 import backends.jax as BJ
 compiles = []                    # XLA compiles of this process's first generate (none when its program is stored)
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-vc, tc = blip_dicts()            # _config() and _pixels() of the test module (which imports torch)
-cfg = BlipConfig(vision_config=vc, text_config=tc, projection_dim=16, image_text_hidden_size=24)
-px = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+cfg, px = core_blip_config(), tiny_pixels()     # _config() and _pixels() of the test module
 model = BJ.BlipForConditionalGeneration(cfg, seed=5)
 del compiles[:]                  # building the model (random weights) is not the call
 out = model.generate(pixel_values=px, **{call!r})

@@ -105,10 +105,7 @@ class StoredProgram:
 
 def load(name: str):
     """The compiled program stored under ``name``, or None (missing, damaged, or not loadable here)."""
-    top = folder()
-    if top is None:
-        return None
-    payload = persistent_cache.read_checked(os.path.join(top, name), MAGIC, name)
+    payload = persistent_cache.read_entry(folder(), name, MAGIC)
     if payload is None:
         return None
     collecting = gc.isenabled()
@@ -131,16 +128,10 @@ def load(name: str):
 def store(name: str, compiled) -> None:
     """Write ``compiled`` under ``name``; best effort (a full or read-only disk only costs a later process a
     trace, a program jax cannot serialize is not written)."""
-    top = folder()
-    if top is None:
-        return
-    try:
+    def payload():
         device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
-        payload = pickle.dumps((device_ids, serialize_executable.serialize(compiled)),
-                               protocol=pickle.HIGHEST_PROTOCOL)
-        persistent_cache.write_atomic(os.path.join(top, name), MAGIC, name, payload)
-    except Exception as exc:       # noqa: BLE001
-        _LOG.debug("program %s not stored (%s)", name, exc)
+        return pickle.dumps((device_ids, serialize_executable.serialize(compiled)), protocol=pickle.HIGHEST_PROTOCOL)
+    persistent_cache.write_entry(folder(), name, MAGIC, payload)
 
 
 def stored_program(model_key: tuple, jitted, args: tuple, static: dict, dynamic: dict = None):

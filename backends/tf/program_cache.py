@@ -170,10 +170,7 @@ def export(cf, flat_inputs, params: dict, suffix: str):
 
 
 def load(name: str):
-    top = folder()
-    if top is None:
-        return None
-    payload = persistent_cache.read_checked(os.path.join(top, name), MAGIC, name)
+    payload = persistent_cache.read_entry(folder(), name, MAGIC)
     if payload is None:
         return None
     try:
@@ -185,23 +182,12 @@ def load(name: str):
 
 
 def discard(name: str) -> None:
-    top = folder()
-    if top is not None:
-        try:
-            os.remove(os.path.join(top, name))
-        except OSError:
-            pass
+    persistent_cache.discard_entry(folder(), name)
 
 
 def store(name: str, entry: Entry) -> None:
     """Write ``entry`` under ``name``; best effort (a full or read-only disk only costs a later trace)."""
-    top = folder()
-    if top is None:
-        return
-    try:
-        persistent_cache.write_atomic(os.path.join(top, name), MAGIC, name, entry.to_bytes())
-    except Exception as exc:      # noqa: BLE001
-        _LOG.debug("program %s not stored (%s)", name, exc)
+    persistent_cache.write_entry(folder(), name, MAGIC, entry.to_bytes)
 
 
 # -- the callable ------------------------------------------------------------------------------------------

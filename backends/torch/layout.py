@@ -55,9 +55,9 @@ ENABLED = None if _SETTING in ("", "auto") else _SETTING not in ("0", "false", "
 PLAIN, UNPACKED, PACKED = "plain", "unpacked", "packed"
 
 
-def plan(dtype: torch.dtype, rows: int) -> str:
-    """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
-    weights as they are (``UNPACKED``, no copy) or oneDNN on a copy packed for ``rows`` rows (``PACKED``)."""
+def plan(dtype: torch.dtype) -> str:
+    """How the decoding layers multiply rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
+    weights as they are (``UNPACKED``, no copy) or oneDNN on a copy packed for the call's row count (``PACKED``)."""
     if ENABLED is False:
         return PLAIN
     if ENABLED is True:
@@ -112,7 +112,7 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
     """
     if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
-    how = plan(next(module.parameters()).dtype, rows)
+    how = plan(next(module.parameters()).dtype)
     if how == PLAIN:   # switched off since an earlier call: its layouts must not serve this one
         release_layouts(module)
         return
