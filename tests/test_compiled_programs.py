@@ -108,6 +108,7 @@ def _jax_programs():
     return sum(fn._cache_size() for lru in jbase._VARIANTS.values() for fn in lru.values())
 
 
+@pytest.mark.slow
 def test_many_settings_keep_the_program_count_bounded(captioners, monkeypatch):
     """Five settings over four buckets with room for two programs: never more than two programs, and a
     setting of a cached bucket compiles nothing new."""
@@ -130,6 +131,7 @@ def test_many_settings_keep_the_program_count_bounded(captioners, monkeypatch):
     assert (trace_count(tf_model), _jax_programs(), jax_model.trace_count("generate")) == before
 
 
+@pytest.mark.slow
 def test_blip2_generate_is_keyed_by_shapes_into_the_bounded_cache(monkeypatch):
     """BLIP-2's generate programs go through the same LRU: one program per entry, batch buckets shared."""
     vc, _ = blip_dicts()

@@ -295,6 +295,7 @@ def test_captioning_gradients(models):
                  pv, ids, mask, labels)
 
 
+@pytest.mark.slow
 def test_vqa_gradients(models):
     hf, ours = models["BlipForQuestionAnswering"]
     pv, ids, _ = inputs(pad_row=False)
@@ -303,6 +304,7 @@ def test_vqa_gradients(models):
                  lambda: hf(input_ids=t(ids), pixel_values=t(pv), labels=t(answers)).loss, pv, ids, answers)
 
 
+@pytest.mark.slow
 def test_contrastive_gradients(models):
     hf, ours = models["BlipModel"]
     pv, ids, mask = inputs()

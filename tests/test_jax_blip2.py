@@ -362,7 +362,7 @@ def test_relative_position_bucket_matches_transformers():
 
 
 # -- half precision ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 def test_half_precision_against_float32(built, dtype):
     _, ours, _, path = built("t5_placeholders")
     half = J.Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)

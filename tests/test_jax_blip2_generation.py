@@ -106,7 +106,8 @@ def _same(ours, ref):
     assert ours.shape == ref.shape and (ours == ref).all(), (ours.tolist(), ref.tolist())
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("opt_concat", marks=pytest.mark.slow), "t5_placeholders"])
+@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("opt_concat", marks=pytest.mark.slow),
+                                  pytest.param("t5_placeholders", marks=pytest.mark.slow)])  # T5: test_parity_generation
 def test_generate_ids_match_transformers_and_torch(fixed, built, case):
     ref, model, torch_model, px, ids, mask, full_ids, full_mask = _model_and_prompt(fixed, built, case)
     drop = Q if case == "opt_concat" else 0      # the concatenation path returns the given ids + new tokens
