@@ -234,7 +234,11 @@ def preload(model: tuple) -> None:
             _LOG.debug("preloading %s failed (%s)", name, exc)
             future.set_result(None)
 
-    threading.Thread(target=run, name="blip-jax-preload").start()
+    try:
+        threading.Thread(target=run, name="blip-jax-preload").start()
+    except RuntimeError as exc:        # no thread to be had: the call loads the program itself
+        _LOG.debug("preloading %s not started (%s)", name, exc)
+        future.set_result(None)
 
 
 def _take_preloaded(top, name: str):
