@@ -24,7 +24,8 @@ written or used longest ago until the whole folder is under ``BLIP_COMPILE_CACHE
 Executables keyed by the lowered program leave tracing: the framework still runs the Python of the
 model once per process to find which program it needs. The JAX backend also keeps its compiled
 generate programs keyed by the call (``backends/jax/program_cache.py``, under
-``<root>/jax-programs-<version>``), so a later process neither traces nor lowers. ``write_atomic`` /
+``<root>/jax-programs-<version>``, with a note per model of the program a process ran first under
+``<root>/jax-first-<version>``), so a later process neither traces nor lowers. ``write_atomic`` /
 ``read_checked`` are the file format of such entries (a header that names the entry and a digest of
 the payload: a truncated, altered or foreign file is refused and deleted, never run), and
 ``source_fingerprint`` keys them by the code that built them.

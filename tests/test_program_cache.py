@@ -35,8 +35,12 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from hf_configs import core_blip_config, tiny_pixels
+import threading
 import jax
 import backends.jax as BJ
+from backends.jax import program_cache
+loads, load_file = [], program_cache._load_file     # which threads read a program file (the preload's: ahead)
+program_cache._load_file = lambda top, name: loads.append(threading.current_thread().name) or load_file(top, name)
 compiles = []                    # XLA compiles of this process's first generate (none when its program is stored)
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -45,7 +49,7 @@ model = BJ.BlipForConditionalGeneration(cfg, seed=5)
 del compiles[:]                  # building the model (random weights) is not the call
 out = model.generate(pixel_values=px, **{call!r})
 print(json.dumps(dict(ids=np.asarray(out.sequences).tolist(), scores=[np.asarray(s).tolist() for s in out.scores],
-                      traces=model.trace_count("generate"), compiles=len(compiles))))
+                      traces=model.trace_count("generate"), compiles=len(compiles), loads=loads)))
 """
 
 
@@ -108,6 +112,7 @@ def _same(got, want):
 def test_a_new_process_runs_the_stored_program_without_tracing(stored, monkeypatch):
     warm = _child(stored["folder"])
     assert warm["traces"] == 0
+    assert warm["loads"] == ["blip-jax-preload"]      # loaded while the model was built (``preload``), only there
     assert warm["compiles"] == 0      # nor any small eager program (inputs, PRNG key, trimming the output)
     assert warm["ids"] == np.asarray(stored["out"].sequences).tolist()
     assert warm["scores"] == [np.asarray(s).tolist() for s in stored["out"].scores]
@@ -130,6 +135,7 @@ def test_a_one_device_program_stored_where_several_devices_are_seen_loads_onto_t
     four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     first, warm = _child(tmp_path, **four), _child(tmp_path, **four)
     assert (first["traces"], warm["traces"]) == (1, 0) and warm["compiles"] == 0
+    assert (first["loads"], warm["loads"]) == (["MainThread"], ["blip-jax-preload"])   # nothing noted, then noted
     want = np.asarray(stored["out"].sequences).tolist()
     assert first["ids"] == warm["ids"] == want
     assert warm["scores"] == first["scores"]
@@ -176,6 +182,68 @@ def test_another_key_is_another_program(stored, fresh, monkeypatch):
     jbase._VARIANTS.clear()
     _same(_generate(model), want)
     assert model.trace_count("generate") == traces + 1 and len(_entries(fresh)) == 2
+
+
+@pytest.fixture
+def preloads(monkeypatch):
+    """This process's preload bookkeeping, empty (a model preloads once per process and folder)."""
+    for name, value in (("_PRELOADS", {}), ("_PRELOADED", set()), ("_NOTED", set())):
+        monkeypatch.setattr(program_cache, name, value)
+
+
+def test_a_model_preloads_the_program_its_last_process_ran_first(stored, fresh, preloads):
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    [(top, name)] = program_cache._PRELOADS                  # the note the tracing process wrote
+    assert (top, name) == (program_cache.folder(), stored["name"])
+    traces = model.trace_count("generate")
+    _same(_generate(model), stored["out"])
+    assert program_cache._PRELOADS == {} and model.trace_count("generate") == traces
+
+
+def test_a_call_with_other_options_leaves_the_preloaded_program(stored, fresh, preloads):
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    traces = model.trace_count("generate")
+    model.generate(pixel_values=_pixels(), max_new_tokens=3)         # another program: traced, not the preloaded
+    assert model.trace_count("generate") == traces + 1 and len(program_cache._PRELOADS) == 1
+    [note] = os.listdir(program_cache._first_folder())
+    BJ.BlipForConditionalGeneration(_config(), seed=5)
+    assert len(program_cache._PRELOADS) == 1                        # once per process and model
+    _same(_generate(model), stored["out"])                          # the preloaded one, untraced
+    assert program_cache._PRELOADS == {} and model.trace_count("generate") == traces + 1
+    noted = persistent_cache.read_entry(program_cache._first_folder(), note, program_cache.FIRST_MAGIC)
+    assert noted != stored["name"].encode() and len(noted) == 64        # this process ran the other one first
+
+
+def test_a_damaged_note_or_program_is_loaded_or_traced_on_the_call(stored, fresh, preloads):
+    [note] = os.listdir(program_cache._first_folder())
+    path = os.path.join(program_cache._first_folder(), note)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-1])
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    assert program_cache._PRELOADS == {} and not os.path.exists(path)  # refused (and deleted), nothing preloaded
+    traces = model.trace_count("generate")
+    _same(_generate(model), stored["out"])
+    assert model.trace_count("generate") == traces and os.path.exists(path)     # loaded on the call, noted again
+    [entry] = _entries(fresh)
+    with open(entry, "r+b") as f:                                  # the program itself damaged: the preload
+        f.truncate(1000)                                           # finds nothing, the call traces
+    for name in ("_PRELOADED", "_NOTED"):
+        getattr(program_cache, name).clear()
+    jbase._VARIANTS.clear()
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    assert len(program_cache._PRELOADS) == 1
+    _same(_generate(model), stored["out"])
+    assert model.trace_count("generate") == traces + 1 and program_cache._PRELOADS == {}
+
+
+def test_nothing_is_preloaded_or_noted_with_the_cache_off(stored, tmp_path, monkeypatch, preloads):
+    monkeypatch.setattr(persistent_cache, "_setting", False)
+    monkeypatch.setattr(jbase, "_VARIANTS", {})
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    _same(_generate(model), stored["out"])
+    assert program_cache._PRELOADS == {} and program_cache._PRELOADED == set() == program_cache._NOTED
+    assert program_cache._first_folder() is None
 
 
 # -- the folder's upkeep (spec layer) --------------------------------------------------------------------------

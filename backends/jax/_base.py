@@ -17,12 +17,13 @@ from flax import traverse_util
 
 from blip_core import persistent_cache
 from blip_core.cache import COMPILE_CACHE_SIZE, LRU
+from blip_core.checkpoint.dtypes import is_floating
 from blip_core.configs import _Config, config_from_dict
 from blip_core.generation import check_token_ids
 from blip_core.pretrained import hf_loading_kwargs, load_items, open_pretrained, write_pretrained
 from blip_core.weights import backend_params, random_weights, weight_table
 
-from .loading import load_params, resolve_device
+from .loading import load_params, on_cpu, place, resolve_device
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -60,12 +61,17 @@ def resolve_dtype(dtype) -> np.dtype:
 
 
 def unflatten(flat: dict, dtype=None) -> dict:
-    """``{path tuple: array}`` -> nested param dict of jax arrays (floats cast to ``dtype``)."""
+    """``{path tuple: array}`` -> nested param dict of jax arrays (floats cast to ``dtype``), ready when it
+    returns. On the CPU each float array is copied (and cast) on the host into a buffer the jax array takes
+    as its own (``loading.place``); jax's own copies would run on after the return, into the first call."""
     out = {}
     for path, arr in flat.items():
         arr = np.asarray(arr)
-        out[path] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
-    return traverse_util.unflatten_dict(out)
+        if on_cpu(None) and is_floating(arr.dtype) and (dtype is None or is_floating(dtype)):
+            out[path] = place(arr, None, arr.dtype if dtype is None else dtype)
+        else:
+            out[path] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
+    return traverse_util.unflatten_dict(jax.block_until_ready(out))
 
 
 def flatten(params: dict) -> dict:
@@ -152,6 +158,7 @@ class JaxModel:
     def __init__(self, config, seed: int = 0, dtype=None):
         config = self._check_config(config)
         dt = resolve_dtype(dtype)
+        self._preload(config, dt)
         name = type(self).__name__
         flat = backend_params(weight_table(name, config), random_weights(name, config, seed), "jax")
         self._setup(config, unflatten(flat, dt), dt)
@@ -163,6 +170,13 @@ class JaxModel:
         if not isinstance(config, cls.config_class):
             raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
         return config
+
+    @classmethod
+    def _preload(cls, config, dtype) -> None:
+        """Start loading the program the last process ran first for this class, config and dtype, while the
+        weights are made or read (``program_cache.preload``; the persistent cache on)."""
+        from . import program_cache
+        program_cache.preload((cls.__name__, repr(config), np.dtype(dtype).name))
 
     def _setup(self, config, params, dtype):
         self.config = config
@@ -254,6 +268,8 @@ class JaxModel:
         dt = resolve_dtype(dtype)
         config, table, refs = open_pretrained(path, cls.__name__, allow_pickle_bin=allow_pickle_bin, strict=strict,
                                               seed=seed)
+        if mesh is None:               # a model split over a mesh runs jitted programs only
+            cls._preload(config, dt)
         items = load_items(table, refs, "jax")
         model = cls.__new__(cls)
         if mesh is None:

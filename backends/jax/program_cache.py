@@ -20,6 +20,14 @@ and runs it; the model's Python is never traced and nothing is lowered.
 * The tracing process runs the same compiled program it writes, and a loaded program is that program:
   every process gets the numbers of the jitted path.
 
+Loading an executable is not free (XLA rebuilds its HLO module, buffer assignment and thunks: about 0.6
+CPU-seconds for BLIP base's generate), so a model starts it early: ``preload``, called when a model is built
+or loaded, reads which program the last process's first call of that model ran (a small note under
+``<cache root>/jax-first-<jax version>``, written by ``stored_program``) and loads it on a thread of its own
+while the weights are made or read. The call finds it ready when its key is that program's (``load``
+takes it by file and key; any other call loads or traces as before, and a failed preload only means
+loading on the call).
+
 A stored executable is code this process runs, as are jax's own cache entries (and its payload is a
 pickle): the folder is created mode 0700. ``BLIP_COMPILE_CACHE=0`` turns this off with the rest.
 """
@@ -31,6 +39,8 @@ import importlib.metadata
 import logging
 import os
 import pickle
+import threading
+from concurrent.futures import Future
 
 import jax
 from jax.experimental import serialize_executable
@@ -38,6 +48,7 @@ from jax.experimental import serialize_executable
 from blip_core import persistent_cache
 
 MAGIC = b"blip-jax-program-2\n"
+FIRST_MAGIC = b"blip-jax-first-1\n"
 _LOG = logging.getLogger(__name__)
 _FOLDERS: dict = {}
 _SOURCES = (os.path.dirname(os.path.abspath(persistent_cache.__file__)), os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +115,18 @@ class StoredProgram:
 
 
 def load(name: str):
-    """The compiled program stored under ``name``, or None (missing, damaged, or not loadable here)."""
-    payload = persistent_cache.read_entry(folder(), name, MAGIC)
+    """The compiled program stored under ``name``, or None (missing, damaged, or not loadable here); the one
+    ``preload`` made ready, if it did."""
+    pending = _take_preloaded(folder(), name)
+    if pending is not None:
+        compiled = pending.result()          # the preloading thread always sets one (None if it failed)
+        if compiled is not None:
+            return compiled
+    return _load_file(folder(), name)
+
+
+def _load_file(top, name: str):
+    payload = persistent_cache.read_entry(top, name, MAGIC)
     if payload is None:
         return None
     collecting = gc.isenabled()
@@ -152,7 +173,78 @@ def stored_program(model_key: tuple, jitted, args: tuple, static: dict, dynamic:
             return None
         if fresh:
             store(name, compiled)
+    _note_first(model_key, name)
     return StoredProgram(compiled, jitted, static)
+
+
+# -- the first program of a model, loaded while the model is built -------------------------------------------
+_LOCK = threading.Lock()
+_PRELOADS: dict = {}       # (folder, program name) -> Future of the program (None when it did not load)
+_NOTED: set = set()        # (folder, model) whose first program this process has noted
+_PRELOADED: set = set()    # (folder, model) this process has preloaded for
+
+
+def _first_name(model: tuple) -> str:
+    """The entry that names ``model``'s (class, config repr, dtype) first program, for this jax and backend."""
+    parts = (model, jax.__version__, jax.default_backend(), len(jax.devices()))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _first_folder():
+    top = persistent_cache.root()
+    return None if top is None else persistent_cache.cache_dir("jax-first", jax.__version__)
+
+
+def _note_first(model_key: tuple, name: str) -> None:
+    """Record ``name`` as the first program of ``model_key``'s model when it is this process's first for it."""
+    model, top = (model_key[0],) + tuple(model_key[2:]), folder()
+    with _LOCK:
+        if (top, model) in _NOTED:
+            return
+        _NOTED.add((top, model))
+    notes, note = _first_folder(), _first_name(model)
+    if persistent_cache.read_entry(notes, note, FIRST_MAGIC) != name.encode("ascii"):
+        persistent_cache.write_entry(notes, note, FIRST_MAGIC, lambda: name.encode("ascii"))
+
+
+def preload(model: tuple) -> None:
+    """Start loading the program the last process ran first for ``model`` (class name, config repr, dtype name),
+    on a thread of its own; ``load`` takes it. Once per model and process; nothing when the cache is off or
+    no program is noted. The thread is not a daemon: an exiting process waits for it (one load at most)."""
+    top = folder()
+    if top is None:
+        return
+    with _LOCK:
+        if (top, model) in _PRELOADED:
+            return
+        _PRELOADED.add((top, model))
+    name = persistent_cache.read_entry(_first_folder(), _first_name(model), FIRST_MAGIC)
+    if name is None or len(name) != 64 or name.strip(b"0123456789abcdef"):       # a program key, hex
+        return
+    name, future = name.decode("ascii"), Future()
+    with _LOCK:
+        if (top, name) in _PRELOADS:
+            return
+        _PRELOADS[(top, name)] = future       # before the thread starts: a call that comes first waits for it
+
+    def run():
+        try:
+            future.set_result(_load_file(top, name))
+        except BaseException as exc:  # noqa: BLE001  (_load_file returns None for what it expects; the rest too)
+            _LOG.debug("preloading %s failed (%s)", name, exc)
+            future.set_result(None)
+
+    try:
+        threading.Thread(target=run, name="blip-jax-preload").start()
+    except RuntimeError as exc:        # no thread to be had: the call loads the program itself
+        _LOG.debug("preloading %s not started (%s)", name, exc)
+        future.set_result(None)
+
+
+def _take_preloaded(top, name: str):
+    """The Future of ``name`` in ``top`` that ``preload`` started, removed from the table (or None)."""
+    with _LOCK:
+        return _PRELOADS.pop((top, name), None)
 
 
 # An executable jax read from its own persistent cache runs, but serializes without its code on CPU (jaxlib
