@@ -142,7 +142,8 @@ def self_attention_bias(mask, length: int, is_decoder: bool):
     """(B, L) 0/1 mask -> additive bias; causal x padding when ``is_decoder`` (transformers' rule)."""
     if not is_decoder:
         return padding_bias(mask)
-    causal = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
+    steps = tf.range(length)      # lower triangle of ones (not MatrixBandPart: ~10 ms to convert for XLA)
+    causal = tf.cast(steps[:, None] >= steps[None, :], tf.float32)
     allowed = causal[None, None] * tf.cast(mask, tf.float32)[:, None, None, :]
     return (1.0 - allowed) * MASK_VALUE
 
