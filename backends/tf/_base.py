@@ -167,7 +167,7 @@ def rsqrt_eps(var, eps: float):
     ones, zeros = tf.ones_like(flat), tf.zeros_like(flat)
     y = tf.raw_ops.FusedBatchNorm(x=tf.reshape(ones, [1, 1, 1, -1]), scale=ones, offset=zeros, mean=zeros,
                                   variance=flat, epsilon=eps, is_training=False)[0]
-    return tf.reshape(y, tf.shape(var))
+    return tf.reshape(y, [dim(var, i) for i in range(len(var.shape))])
 
 
 def softmax(x):
@@ -176,9 +176,10 @@ def softmax(x):
     HLO of Softmax; its loss output is dead code XLA drops)."""
     if not (_xla_trace() and x.dtype == tf.float32):
         return tf.nn.softmax(x, axis=-1)
-    flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
+    shape = [dim(x, i) for i in range(len(x.shape))]
+    flat = tf.reshape(x, [-1, shape[-1]])
     probs = tf.raw_ops.SoftmaxCrossEntropyWithLogits(features=flat, labels=tf.zeros_like(flat))[1]
-    return tf.reshape(probs, tf.shape(x))
+    return tf.reshape(probs, shape)
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -229,16 +230,23 @@ class LayerNorm(tf.Module):
         return tf.cast(y, x.dtype)
 
 
+def dim(x, axis: int):
+    """``x``'s size along ``axis``: the static int when the trace knows it (a constant, no shape ops in the
+    graph: fewer nodes for XLA to convert at each process start), else a scalar tensor."""
+    size = x.shape[axis]
+    return int(size) if size is not None else tf.shape(x)[axis]
+
+
 def split_heads(x, heads: int):
     """(B, L, H*d) -> (B, H, L, d)."""
-    b, n = tf.shape(x)[0], tf.shape(x)[1]
+    b, n = dim(x, 0), dim(x, 1)
     d = x.shape[-1] // heads
     return tf.transpose(tf.reshape(x, [b, n, heads, d]), [0, 2, 1, 3])
 
 
 def merge_heads(x):
     """(B, H, L, d) -> (B, L, H*d)."""
-    b, n = tf.shape(x)[0], tf.shape(x)[2]
+    b, n = dim(x, 0), dim(x, 2)
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, n, x.shape[1] * x.shape[3]])
 
 

@@ -18,7 +18,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions, lookup,
-                    attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
+                    attend, cross_entropy, dim, flag, merge_heads, padding_bias, split_heads)
 
 
 class BertAttention(tf.Module):
@@ -158,7 +158,7 @@ def run_text(tower: TextTower, ids, mask, enc_states, enc_mask, is_decoder, posi
         h = encoder_embeds
     else:
         h = tower.embed(ids, position_ids, inputs_embeds)
-    b, n = tf.shape(h)[0], h.shape[1]
+    b, n = dim(h, 0), h.shape[1]
     if mask is None:
         mask = tf.ones([b, n], tf.float32)
     cross_bias = None
