@@ -127,8 +127,9 @@ def same_dim(a, b) -> bool:
 # TensorFlow converts a graph to XLA each time a process first runs it, also when the compiled executable
 # comes from the persistent cache (``xla_cache``: that cache is keyed by the converted program). TF 2.21
 # converts a few ops (Rsqrt, Sqrt, Exp, Softmax, LogSoftmax, Tanh, FusedBatchNormV3, MatrixBandPart, ...)
-# through a per-op MLIR pipeline that costs ~10 ms of CPU per node, where a native kernel takes ~0.1 ms:
-# about 1.3 s of every new process's first BLIP caption went to its 102 layer-norm rsqrts and 60 softmaxes.
+# through a per-op MLIR pipeline that costs several ms of CPU per node, where a native kernel takes ~0.1 ms:
+# 0.5 to 1.3 s of CPU (by the machine's load) of every new process's first BLIP caption went to its 102
+# layer-norm rsqrts and 60 softmaxes.
 # Graphs traced for XLA (``for_xla``) spell those two through native kernels that XLA lowers to the very
 # same HLO (same numbers, bit for bit); eager and plain-graph code keeps the usual ops, whose TF kernels
 # round differently.
