@@ -8,8 +8,11 @@ SavedModel export need no translation layer. Layers below are thin views over th
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -120,6 +123,66 @@ def same_dim(a, b) -> bool:
     return a is None or b is None or int(a) == int(b)
 
 
+# -- spellings for XLA -------------------------------------------------------------------------
+# TensorFlow converts a graph to XLA each time a process first runs it, also when the compiled executable
+# comes from the persistent cache (``xla_cache``: that cache is keyed by the converted program). TF 2.21
+# converts a few ops (Rsqrt, Sqrt, Exp, Softmax, LogSoftmax, Tanh, FusedBatchNormV3, MatrixBandPart, ...)
+# through a per-op MLIR pipeline that costs several ms of CPU per node, where a native kernel takes ~0.1 ms:
+# 0.5 to 1.3 s of CPU (by the machine's load) of every new process's first BLIP caption went to its 102
+# layer-norm rsqrts and 60 softmaxes.
+# Graphs traced for XLA (``for_xla``) spell those two through native kernels that XLA lowers to the very
+# same HLO (same numbers, bit for bit); eager and plain-graph code keeps the usual ops, whose TF kernels
+# round differently.
+_XLA_TRACE = threading.local()
+
+
+def for_xla(fn):
+    """``fn`` tracing with the XLA spellings below (wrap the Python of a ``tf.function(jit_compile=True)``)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with xla_spelling():
+            return fn(*args, **kwargs)
+    return traced
+
+
+@contextlib.contextmanager
+def xla_spelling(on: bool = True):
+    before = getattr(_XLA_TRACE, "on", False)
+    _XLA_TRACE.on = on
+    try:
+        yield
+    finally:
+        _XLA_TRACE.on = before
+
+
+def _xla_trace() -> bool:
+    return getattr(_XLA_TRACE, "on", False) and not tf.executing_eagerly()
+
+
+def rsqrt_eps(var, eps: float):
+    """``rsqrt(var + eps)`` of a float32 tensor. For XLA: FusedBatchNorm's inference on ones with unit
+    scale and zero offset and mean, ``1 * (1 * rsqrt(var + eps)) + (0 - 0 * ...)``, exactly the rsqrt."""
+    if not (_xla_trace() and var.dtype == tf.float32):
+        return tf.math.rsqrt(var + eps)
+    flat = tf.reshape(var, [-1])
+    ones, zeros = tf.ones_like(flat), tf.zeros_like(flat)
+    y = tf.raw_ops.FusedBatchNorm(x=tf.reshape(ones, [1, 1, 1, -1]), scale=ones, offset=zeros, mean=zeros,
+                                  variance=flat, epsilon=eps, is_training=False)[0]
+    return tf.reshape(y, [dim(var, i) for i in range(len(var.shape))])
+
+
+def softmax(x):
+    """Softmax over the last axis. For XLA (float32): the probabilities minus zero labels that
+    SoftmaxCrossEntropyWithLogits returns as its gradient (max, exp of the difference, sum, divide: the
+    HLO of Softmax; its loss output is dead code XLA drops)."""
+    if not (_xla_trace() and x.dtype == tf.float32):
+        return tf.nn.softmax(x, axis=-1)
+    shape = [dim(x, i) for i in range(len(x.shape))]
+    flat = tf.reshape(x, [-1, shape[-1]])
+    probs = tf.raw_ops.SoftmaxCrossEntropyWithLogits(features=flat, labels=tf.zeros_like(flat))[1]
+    return tf.reshape(probs, shape)
+
+
 # -- layers ------------------------------------------------------------------------------------
 def activation(name: str):
     """Hugging Face ACT2FN names -> a TF function (exact erf GELU for 'gelu', as torch)."""
@@ -163,21 +226,28 @@ class LayerNorm(tf.Module):
         x32 = tf.cast(x, tf.float32)
         mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
         var = tf.reduce_mean(tf.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * tf.math.rsqrt(var + self.eps)
+        y = (x32 - mean) * rsqrt_eps(var, self.eps)
         y = y * tf.cast(self.gamma, tf.float32) + tf.cast(self.beta, tf.float32)
         return tf.cast(y, x.dtype)
 
 
+def dim(x, axis: int):
+    """``x``'s size along ``axis``: the static int when the trace knows it (a constant, no shape ops in the
+    graph: fewer nodes for XLA to convert at each process start), else a scalar tensor."""
+    size = x.shape[axis]
+    return int(size) if size is not None else tf.shape(x)[axis]
+
+
 def split_heads(x, heads: int):
     """(B, L, H*d) -> (B, H, L, d)."""
-    b, n = tf.shape(x)[0], tf.shape(x)[1]
+    b, n = dim(x, 0), dim(x, 1)
     d = x.shape[-1] // heads
     return tf.transpose(tf.reshape(x, [b, n, heads, d]), [0, 2, 1, 3])
 
 
 def merge_heads(x):
     """(B, H, L, d) -> (B, L, H*d)."""
-    b, n = tf.shape(x)[0], tf.shape(x)[2]
+    b, n = dim(x, 0), dim(x, 2)
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, n, x.shape[1] * x.shape[3]])
 
 
@@ -190,7 +260,7 @@ def attend(q, k, v, bias=None, probs_out: list | None = None):
     scores = tf.matmul(q, k, transpose_b=True) / tf.cast(math.sqrt(q.shape[-1]), q.dtype)
     if bias is not None:
         scores = scores + tf.cast(bias, scores.dtype)
-    probs = tf.nn.softmax(scores, axis=-1)
+    probs = softmax(scores)
     if probs_out is not None:
         probs_out.append(probs)
     return tf.matmul(probs, v)

@@ -23,6 +23,7 @@ import tensorflow as tf
 from blip_core import blip2 as rules
 
 from .blip2_generation import generation_context, prefix_length
+from ._base import for_xla
 from .generation import decode, plan_inputs
 
 
@@ -46,7 +47,7 @@ class _Blip2Captioner(tf.Module):
                                            init_cache=model.init_cache)
             return seqs, length
 
-        inner = tf.function(run, jit_compile=jit_compile, autograph=False)
+        inner = tf.function(for_xla(run) if jit_compile else run, jit_compile=jit_compile, autograph=False)
         signature = [tf.TensorSpec([None, 3, height, width], tf.float32, name="pixel_values"),
                      tf.TensorSpec([None, prompt_length], tf.int64, name="input_ids"),
                      tf.TensorSpec([None, prompt_length], tf.int64, name="attention_mask")]

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from blip_core.generation import resolve_blip_generation
 
+from ._base import for_xla
 from .generation import decode, plan_inputs
 
 
@@ -42,7 +43,7 @@ class _Captioner(tf.Module):
                                            numbers)
             return seqs, length
 
-        inner = tf.function(run, jit_compile=jit_compile, autograph=False)
+        inner = tf.function(for_xla(run) if jit_compile else run, jit_compile=jit_compile, autograph=False)
 
         @tf.function(input_signature=[tf.TensorSpec([None, 3, height, width], tf.float32, name="pixel_values")],
                      autograph=False)

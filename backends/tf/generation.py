@@ -26,6 +26,7 @@ from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
 from . import program_cache
+from ._base import for_xla
 
 _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
 
@@ -256,7 +257,8 @@ def compiled(model, key, program, shapes=()):
     input ``shapes``: one traced program per entry of the model's bounded ``LRU``
     (``blip_core.cache.COMPILE_CACHE_SIZE``), so the least recently used is freed."""
     def make():    # behind the program store: a later process runs the traced graph (``program_cache``)
-        return program_cache.stored(model, key, tf.function(program, jit_compile=True, autograph=False))  # no AutoGraph
+        fn = tf.function(for_xla(program), jit_compile=True, autograph=False)      # no AutoGraph
+        return program_cache.stored(model, key, fn)
 
     return model._compiled.get((key, tuple(shapes)), make)
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from blip_core.artifact_files import export_image_size
 from blip_core.generation import resolve_blip_generation
 
-from ._base import padding_bias
+from ._base import for_xla, padding_bias
 from .blip import _normalize
 from .export import export_captioner
 from .generation import decode, plan_inputs
@@ -69,7 +69,7 @@ class _Answerer(tf.Module):
                                            numbers)
             return seqs, length
 
-        inner = tf.function(run, jit_compile=jit_compile, autograph=False)
+        inner = tf.function(for_xla(run) if jit_compile else run, jit_compile=jit_compile, autograph=False)
 
         @tf.function(input_signature=_specs(size, size), autograph=False)
         def serve(pixel_values, input_ids, attention_mask):

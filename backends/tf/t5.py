@@ -16,7 +16,7 @@ import math
 
 import tensorflow as tf
 
-from ._base import Dense, activation, merge_heads, split_heads
+from ._base import Dense, activation, merge_heads, rsqrt_eps, softmax, split_heads
 from .opt import causal_bias, write_slots
 
 
@@ -46,7 +46,7 @@ class T5LayerNorm(tf.Module):
 
     def __call__(self, x):
         x32 = tf.cast(x, tf.float32)
-        y = x32 * tf.math.rsqrt(tf.reduce_mean(tf.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = x32 * rsqrt_eps(tf.reduce_mean(tf.square(x32), axis=-1, keepdims=True), self.eps)
         return self.gamma * tf.cast(y, self.gamma.dtype)
 
 
@@ -73,7 +73,7 @@ class T5Attention(tf.Module):
 
     def __call__(self, x, k, v, bias, probs_out=None):
         scores = tf.matmul(split_heads(self.q(x), self.heads), k, transpose_b=True) + tf.cast(bias, x.dtype)
-        probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), x.dtype)
+        probs = tf.cast(softmax(tf.cast(scores, tf.float32)), x.dtype)
         if probs_out is not None:
             probs_out.append(probs)
         return self.o(merge_heads(tf.matmul(probs, v)))

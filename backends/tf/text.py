@@ -18,7 +18,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions, lookup,
-                    attend, cross_entropy, flag, merge_heads, padding_bias, split_heads)
+                    attend, cross_entropy, dim, flag, merge_heads, padding_bias, split_heads)
 
 
 class BertAttention(tf.Module):
@@ -142,7 +142,8 @@ def self_attention_bias(mask, length: int, is_decoder: bool):
     """(B, L) 0/1 mask -> additive bias; causal x padding when ``is_decoder`` (transformers' rule)."""
     if not is_decoder:
         return padding_bias(mask)
-    causal = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
+    steps = tf.range(length)      # lower triangle of ones (not MatrixBandPart: ~10 ms to convert for XLA)
+    causal = tf.cast(steps[:, None] >= steps[None, :], tf.float32)
     allowed = causal[None, None] * tf.cast(mask, tf.float32)[:, None, None, :]
     return (1.0 - allowed) * MASK_VALUE
 
@@ -157,7 +158,7 @@ def run_text(tower: TextTower, ids, mask, enc_states, enc_mask, is_decoder, posi
         h = encoder_embeds
     else:
         h = tower.embed(ids, position_ids, inputs_embeds)
-    b, n = tf.shape(h)[0], h.shape[1]
+    b, n = dim(h, 0), h.shape[1]
     if mask is None:
         mask = tf.ones([b, n], tf.float32)
     cross_bias = None

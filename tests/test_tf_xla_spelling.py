@@ -1,0 +1,66 @@
+"""The XLA spellings of the TensorFlow backend (``backends/tf/_base.py``: ``for_xla``, ``rsqrt_eps``, ``softmax``).
+
+Inside a graph traced for XLA, ``rsqrt(var + eps)`` and the softmax go through native tf2xla kernels, not
+through TF 2.21's per-op MLIR lowering (some 10 ms of CPU per node at each process start): the numbers
+must be TensorFlow's own ``Rsqrt`` / ``Softmax`` under XLA bit for bit, and a traced generate program
+must hold none of the ops known to take the slow path.
+"""
+import numpy as np
+import pytest
+
+from fixture_utils import require
+from hf_configs import core_blip_config, tiny_pixels
+
+require("tensorflow")
+import tensorflow as tf  # noqa: E402
+
+import backends.tf as BTF  # noqa: E402
+from backends.tf import _base  # noqa: E402
+
+# Ops TF 2.21 lowers to XLA through MlirXlaOpKernel, of the kinds these models would otherwise use.
+SLOW_OPS = {"Rsqrt", "Sqrt", "Softmax", "LogSoftmax", "MatrixBandPart", "FusedBatchNormV3"}
+
+
+def _xla(fn, *args):
+    return tf.function(fn, jit_compile=True, autograph=False)(*args).numpy()
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-6, 1e-5])
+def test_rsqrt_eps_is_rsqrt_bit_for_bit(eps):
+    rng = np.random.default_rng(0)
+    var = np.concatenate([np.abs(rng.standard_normal((3, 7, 1))) * 10.0 ** rng.integers(-8, 4, (3, 7, 1)),
+                          np.zeros((1, 7, 1))]).astype(np.float32)     # a zero variance row: rsqrt(eps)
+    ref = _xla(lambda v: tf.math.rsqrt(v + eps), var)
+    got = _xla(_base.for_xla(lambda v: _base.rsqrt_eps(v, eps)), var)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(_base.rsqrt_eps(tf.constant(var), eps).numpy(), tf.math.rsqrt(var + eps).numpy())
+
+
+def test_softmax_is_softmax_bit_for_bit():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 3, 5, 17)) * 8).astype(np.float32)
+    x[0, 1, :, 9:] = -10000.0                                           # masked keys, as the attention bias
+    x[1, 2, 3] = 0.0
+    ref = _xla(lambda s: tf.nn.softmax(s, axis=-1), x)
+    got = _xla(_base.for_xla(_base.softmax), x)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(_base.softmax(tf.constant(x)).numpy(), tf.nn.softmax(x, axis=-1).numpy())
+
+
+def _ops(cf):
+    ops = {op.type for op in cf.graph.get_operations()}
+    for fdef in cf.graph.as_graph_def().library.function:      # the decoding loop's body and condition
+        ops |= {node.op for node in fdef.node_def}
+    return ops
+
+
+def test_generate_program_avoids_the_slow_lowerings(monkeypatch):
+    monkeypatch.setenv("BLIP_COMPILE_CACHE", "0")                       # the plain tf.function, traced here
+    model = BTF.BlipForConditionalGeneration(core_blip_config(), seed=0)
+    model.generate(pixel_values=tiny_pixels(), max_new_tokens=3)
+    fns = [getattr(fn, "fn", fn) for fn in model._compiled.values()]
+    cfs = [cf for fn in fns for cf in fn._list_all_concrete_functions()]
+    assert cfs
+    ops = set().union(*map(_ops, cfs))
+    assert {"FusedBatchNorm", "SoftmaxCrossEntropyWithLogits", "While"} <= ops
+    assert not ops & SLOW_OPS, ops & SLOW_OPS
