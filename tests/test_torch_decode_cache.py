@@ -6,7 +6,9 @@ that room (beam 3: growth and reordering, every token forced) must give transfor
 cache by concatenation. A bfloat16 model keeps the image's keys/values in float32 (exact up-casts)
 and attends in float32 during decoding: its cached steps must match its own uncached forward
 (which attends in bfloat16) to bfloat16 rounding, and the cache must hold exactly the up-cast keys.
-The oneDNN decoding layout by default: packed copies in bfloat16, the weights as they are in float32.
+The decoding layout by default: packed copies in bfloat16; in float32 a transposed copy read by an
+embedding-bag sum at one row (bit for bit the same sums however many column blocks), otherwise oneDNN
+on the weights as they are.
 """
 import numpy as np
 import pytest
@@ -75,12 +77,14 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
     torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
 
 
-@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "unpacked"),
-                                                     ("float32", 1, 3, "unpacked")])
+@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "transposed"),
+                                                     ("float32", 1, 3, "unpacked"), ("float32", 2, 1, "unpacked")])
 def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
-    """bfloat16 decodes from packed copies; float32 calls oneDNN on its own weights (no copy) with transformers' ids."""
+    """bfloat16 decodes from packed copies; float32 from a transposed copy at one row, else calls oneDNN on its
+    own weights (no copy); float32 ids are transformers'."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
     path, inputs, ref = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
     kw = dict(max_new_tokens=6, num_beams=beams)   # the goldens' length (beam search's best depends on it)
@@ -90,9 +94,10 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     assert bool(laid) == layout.layout_supported(model)
     if not laid:
         return
-    assert all(m._layout.rows == batch * beams and not m.runs_once for m in laid)
-    copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
-    assert all(copies) if plan == "packed" else not any(copies)
+    assert all(m._layout.rows == batch * beams and m._layout.how == plan and not m.runs_once for m in laid)
+    if plan != "transposed":
+        copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
+        assert all(copies) if plan == "packed" else not any(copies)
     before = [m._layout for m in laid]
     with torch.no_grad():   # a second call with as many rows reuses the layouts
         again = to_numpy(model.generate(pixel_values=inputs["pixel_values"][:batch], **kw))
@@ -110,3 +115,22 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     with torch.no_grad():
         model.generate(pixel_values=inputs["pixel_values"][:batch], max_new_tokens=2, num_beams=beams)
     assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in model.modules())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_transposed_one_row_product(threads):
+    """The one-row layout (an embedding-bag sum over a transposed copy in column blocks) gives F.linear's
+    product to float32 rounding, the same bits for every block count, and leaves the plain path to other rows."""
+    from backends.torch import layout
+    g = torch.Generator().manual_seed(0)
+    for out, n_in in [(768, 96), (96, 768), (30, 64), (7 * 64, 64)]:
+        w, b, x = (torch.randn(out, n_in, generator=g), torch.randn(out, generator=g),
+                   torch.randn(1, 1, n_in, generator=g))
+        t = layout._Transposed(w, threads)
+        assert 1 <= t.k <= max(1, threads) and out % t.k == 0
+        y = t(x, b)
+        assert y.shape == (1, 1, out)
+        want = (x.double() @ w.double().T + b.double()).float()
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+        assert torch.equal(y, layout._Transposed(w, 1)(x, b))    # the same ordered sums in any blocks
+        assert torch.equal(t(x, None) + b, y)
