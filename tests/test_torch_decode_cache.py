@@ -53,6 +53,28 @@ def test_cache_buffers_grow_and_reorder_like_concatenation():
             assert torch.equal(cache.self_kv[0][0], ref[0]) and torch.equal(cache.self_kv[0][1], ref[1])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_matches_sdpa(masked):
+    """The decoding steps' attention over the cached image keys/values (two embedding-bag sums) gives
+    ``scaled_dot_product_attention``'s context to float32 rounding, with and without a padding mask."""
+    from backends.torch._base import attention, fits_one_query_attention, one_query_attention
+    g = torch.Generator().manual_seed(0)
+    b, h, s, hd = 3, 4, 37, 16
+    q = torch.randn(b, h, 1, hd, generator=g)
+    k = torch.randn(b, h, hd, s, generator=g).transpose(-1, -2)       # stored transposed, as TextCache keeps it
+    v = torch.randn(b, h, s, hd, generator=g)
+    mask = None
+    if masked:
+        keep = torch.ones(b, s)
+        keep[1, 30:] = 0
+        mask = ((1.0 - keep[:, None, None, :]) * torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        assert fits_one_query_attention(q, k, v) and not fits_one_query_attention(q, k.contiguous(), v)
+        got = one_query_attention(q, k, v, mask, scale=hd ** -0.5)
+        want, _ = attention(q, k.contiguous(), v, mask, scale=hd ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_decoding_attends_to_float32_image_keys():
     path, inputs, _ = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
@@ -69,7 +91,8 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
             steps.append(out.logits.float())
         layer = dec.bert.encoder.layer[0].crossattention.self
         k, v = cache.cross_kv[0]
-        assert k.dtype == v.dtype == torch.float32 and k.is_contiguous()
+        # the layouts one_query_attention reads: keys stored transposed, values contiguous
+        assert k.dtype == v.dtype == torch.float32 and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
         assert torch.equal(k, layer.split(layer.key(states)).float())
     stepped = torch.cat(steps, 1)
     assert stepped.dtype == full.dtype and stepped.shape == full.shape
