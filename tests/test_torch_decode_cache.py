@@ -31,10 +31,16 @@ def test_beam_decoding_past_the_first_buffer_matches_transformers():
     n = ours.config.text_config.max_position_embeddings - 2      # prompt (bos) + n tokens fit the positions
     assert n > TextCache.MIN_ROOM + 1                          # the buffers grow at least once
     kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=3)
-    with torch.no_grad():
+    calls = []
+    real = bt._base.one_query_attention
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bt.text, "one_query_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
         got = to_numpy(ours.generate(pixel_values=pixels, **kw))
         want = ref.generate(pixel_values=torch.from_numpy(pixels), **kw).numpy()
     np.testing.assert_array_equal(got, want)
+    # every step (the prompt is bos alone: one query row from the first) attends to the cached image
+    # keys/values through one_query_attention
+    assert len(calls) == n * ours.config.text_config.num_hidden_layers
 
 
 def test_cache_buffers_grow_and_reorder_like_concatenation():

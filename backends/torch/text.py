@@ -128,8 +128,7 @@ class BlipTextSelfAttention(nn.Module):
         same values (measured, BLIP base), so the decoding steps attend in float32."""
         k, v = self.split(self.key(states)), self.split(self.value(states))
         dtype = torch.float32 if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16) else k.dtype
-        return (k.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format).transpose(-1, -2),
-                v.to(dtype, memory_format=torch.contiguous_format))
+        return k.transpose(-1, -2).to(dtype).contiguous().transpose(-1, -2), v.to(dtype).contiguous()
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
         """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
