@@ -8,18 +8,30 @@ and 2-8 rows (beam search, small batches) 3-5x slower per byte than one row, whe
 weights reordered once into its blocked layout for that row count reads them 3-5x faster. In
 bfloat16 the packed weights read about twice as fast as torch's default (unpacked) oneDNN call.
 
-The plan per weight dtype (``plan``): float32 calls oneDNN on the weights as they are (no copy; at 2-24
-rows the packed copy reads another 1.1-1.4x faster, not worth a second copy of the decoder's weights
-by default); bfloat16 uses the packed copy.
+The plan per weight dtype and row count (``plan``): float32 at one row (greedy or sampled batch 1, the
+commonest call) multiplies through an embedding-bag sum over a transposed copy of each weight
+(``_Transposed``): fbgemm's kernel streams it ~1.3-1.5x faster than oneDNN reads the weights as they
+are (one core, CPU time, loaded machine: a BLIP-base decoding step 1.2x faster), at the cost of a
+second copy of the decoder's weights (~490 MB for BLIP base). float32 at 2+ rows calls oneDNN on the
+weights as they are (no copy; at 2-24 rows the packed copy reads another 1.1-1.4x faster, not worth a
+second copy by default; the transposed copy would read the weights once per row). bfloat16 uses the
+packed copy.
+
+Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``ONE_ROW`` at run time):
+unset or ``auto`` = the plan above; ``unpacked`` = float32 never copies (oneDNN on the weights as they
+are at every row count, the default before the one-row copy; ``ONE_ROW = False``); ``1`` = packed
+copies for every dtype and row count (``ENABLED = True``); ``0`` = ``F.linear`` everywhere (``ENABLED =
+False``). The attention of a decoding step over the cached image keys/values (``_base.one_query_attention``,
+also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
 layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
 marked ``runs_once``, e.g. the cross-attention keys/values of the image) the layout for ``rows``
 rows; the text decoder calls it on its first decoding step. A layout belongs to one weight tensor
 at one version: training, ``load_state_dict`` or any in-place change makes it stale and the layer
-silently returns to ``F.linear``; with gradients enabled, the plain path always runs. The packed
-copy is kept for the next call (about the decoder's weight bytes); ``release_layouts(model)``
-frees it. The unpacked plan keeps no copy.
+silently returns to ``F.linear``; with gradients enabled, the plain path always runs. A packed or
+transposed copy is kept for the next call with as many rows (about the decoder's weight bytes; a call
+with another row count replaces it); ``release_layouts(model)`` frees it. The unpacked plan keeps no copy.
 
 ``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
 """
@@ -45,7 +57,7 @@ def _onednn_ops():
 
 _ONEDNN = _onednn_ops()
 # Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
-# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (the fastest, one more copy of the
+# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (one more copy of the
 # decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
 # float32 on MKL, measured on this shared machine at load 14-23, where oneDNN's small parallel kernels
 # stalled for whole scheduler slices; on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL
@@ -58,7 +70,7 @@ PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed
 MAX_BLOCKS = 8     # column blocks of a transposed copy (the threads that read it at once)
 
 
-def plan(dtype: torch.dtype, rows: int = 2) -> str:
+def plan(dtype: torch.dtype, rows: int) -> str:
     """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
     weights as they are (``UNPACKED``, no copy), oneDNN on a copy packed for the call's row count (``PACKED``)
     or, float32 at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``)."""
@@ -97,7 +109,10 @@ class _Transposed:
     def __init__(self, w: torch.Tensor, threads: int):
         out, n_in = w.shape
         k = _blocks(out, threads)
-        self.table = w.view(k, out // k, n_in).transpose(1, 2).reshape(k * n_in, out // k).contiguous()
+        width = out // k
+        self.table = w.new_empty((k * n_in, width))
+        for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.25 s of CPU for BLIP base)
+            self.table[j * n_in:(j + 1) * n_in].copy_(w[j * width:(j + 1) * width].t())
         self.index = torch.arange(k * n_in, device=w.device)
         self.offsets = torch.arange(k, device=w.device) * n_in
         self.k, self.n_in = k, n_in
