@@ -6,7 +6,9 @@ that room (beam 3: growth and reordering, every token forced) must give transfor
 cache by concatenation. A bfloat16 model keeps the image's keys/values in float32 (exact up-casts)
 and attends in float32 during decoding: its cached steps must match its own uncached forward
 (which attends in bfloat16) to bfloat16 rounding, and the cache must hold exactly the up-cast keys.
-The oneDNN decoding layout by default: packed copies in bfloat16, the weights as they are in float32.
+The decoding layout by default: packed copies in bfloat16; in float32 a transposed copy read by an
+embedding-bag sum at one row (bit for bit the same sums however many column blocks), otherwise oneDNN
+on the weights as they are.
 """
 import numpy as np
 import pytest
@@ -29,10 +31,16 @@ def test_beam_decoding_past_the_first_buffer_matches_transformers():
     n = ours.config.text_config.max_position_embeddings - 2      # prompt (bos) + n tokens fit the positions
     assert n > TextCache.MIN_ROOM + 1                          # the buffers grow at least once
     kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=3)
-    with torch.no_grad():
+    calls = []
+    real = bt._base.one_query_attention
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bt.text, "one_query_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
         got = to_numpy(ours.generate(pixel_values=pixels, **kw))
         want = ref.generate(pixel_values=torch.from_numpy(pixels), **kw).numpy()
     np.testing.assert_array_equal(got, want)
+    # every step (the prompt is bos alone: one query row from the first) attends to the cached image
+    # keys/values through one_query_attention
+    assert len(calls) == n * ours.config.text_config.num_hidden_layers
 
 
 def test_cache_buffers_grow_and_reorder_like_concatenation():
@@ -51,6 +59,28 @@ def test_cache_buffers_grow_and_reorder_like_concatenation():
             assert torch.equal(cache.self_kv[0][0], ref[0]) and torch.equal(cache.self_kv[0][1], ref[1])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_matches_sdpa(masked):
+    """The decoding steps' attention over the cached image keys/values (two embedding-bag sums) gives
+    ``scaled_dot_product_attention``'s context to float32 rounding, with and without a padding mask."""
+    from backends.torch._base import attention, fits_one_query_attention, one_query_attention
+    g = torch.Generator().manual_seed(0)
+    b, h, s, hd = 3, 4, 37, 16
+    q = torch.randn(b, h, 1, hd, generator=g)
+    k = torch.randn(b, h, hd, s, generator=g).transpose(-1, -2)       # stored transposed, as TextCache keeps it
+    v = torch.randn(b, h, s, hd, generator=g)
+    mask = None
+    if masked:
+        keep = torch.ones(b, s)
+        keep[1, 30:] = 0
+        mask = ((1.0 - keep[:, None, None, :]) * torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        assert fits_one_query_attention(q, k, v) and not fits_one_query_attention(q, k.contiguous(), v)
+        got = one_query_attention(q, k, v, mask, scale=hd ** -0.5)
+        want, _ = attention(q, k.contiguous(), v, mask, scale=hd ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_decoding_attends_to_float32_image_keys():
     path, inputs, _ = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
@@ -67,7 +97,8 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
             steps.append(out.logits.float())
         layer = dec.bert.encoder.layer[0].crossattention.self
         k, v = cache.cross_kv[0]
-        assert k.dtype == v.dtype == torch.float32 and k.is_contiguous()
+        # the layouts one_query_attention reads: keys stored transposed, values contiguous
+        assert k.dtype == v.dtype == torch.float32 and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
         assert torch.equal(k, layer.split(layer.key(states)).float())
     stepped = torch.cat(steps, 1)
     assert stepped.dtype == full.dtype and stepped.shape == full.shape
@@ -75,12 +106,14 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
     torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
 
 
-@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "unpacked"),
-                                                     ("float32", 1, 3, "unpacked")])
+@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "transposed"),
+                                                     ("float32", 1, 3, "unpacked"), ("float32", 2, 1, "unpacked")])
 def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
-    """bfloat16 decodes from packed copies; float32 calls oneDNN on its own weights (no copy) with transformers' ids."""
+    """bfloat16 decodes from packed copies; float32 from a transposed copy at one row, else calls oneDNN on its
+    own weights (no copy); float32 ids are transformers'."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
     path, inputs, ref = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
     kw = dict(max_new_tokens=6, num_beams=beams)   # the goldens' length (beam search's best depends on it)
@@ -90,9 +123,10 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     assert bool(laid) == layout.layout_supported(model)
     if not laid:
         return
-    assert all(m._layout.rows == batch * beams and not m.runs_once for m in laid)
-    copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
-    assert all(copies) if plan == "packed" else not any(copies)
+    assert all(m._layout.rows == batch * beams and m._layout.how == plan and not m.runs_once for m in laid)
+    if plan != "transposed":
+        copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
+        assert all(copies) if plan == "packed" else not any(copies)
     before = [m._layout for m in laid]
     with torch.no_grad():   # a second call with as many rows reuses the layouts
         again = to_numpy(model.generate(pixel_values=inputs["pixel_values"][:batch], **kw))
@@ -110,3 +144,22 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     with torch.no_grad():
         model.generate(pixel_values=inputs["pixel_values"][:batch], max_new_tokens=2, num_beams=beams)
     assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in model.modules())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_transposed_one_row_product(threads):
+    """The one-row layout (an embedding-bag sum over a transposed copy in column blocks) gives F.linear's
+    product to float32 rounding, the same bits for every block count, and leaves the plain path to other rows."""
+    from backends.torch import layout
+    g = torch.Generator().manual_seed(0)
+    for out, n_in in [(768, 96), (96, 768), (30, 64), (7 * 64, 64)]:
+        w, b, x = (torch.randn(out, n_in, generator=g), torch.randn(out, generator=g),
+                   torch.randn(1, 1, n_in, generator=g))
+        t = layout._Transposed(w, threads)
+        assert 1 <= t.k <= max(1, threads) and out % t.k == 0
+        y = t(x, b)
+        assert y.shape == (1, 1, out)
+        want = (x.double() @ w.double().T + b.double()).float()
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+        assert torch.equal(y, layout._Transposed(w, 1)(x, b))    # the same ordered sums in any blocks
+        assert torch.equal(t(x, None) + b, y)

@@ -23,6 +23,7 @@ share storage with their target through ``tie_weights``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import ClassVar, Optional
 
@@ -290,3 +291,38 @@ def attention(q, k, v, mask=None, *, scale: float, output_attentions: bool = Fal
     probs = torch.softmax(scores, dim=-1)
     dropped = F.dropout(probs, p=dropout) if dropout > 0.0 else probs
     return torch.matmul(dropped, v), probs
+
+
+@functools.lru_cache(maxsize=64)
+def _bags(count: int, size: int, device) -> tuple:
+    """Indices 0..count*size-1 and the offsets of ``count`` bags of ``size`` rows each."""
+    return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
+
+
+def one_query_attention(q, k, v, mask=None, *, scale: float):
+    """``attention`` of one query row per head over cached keys/values, as two embedding-bag sums.
+
+    ``q`` (B, H, 1, hd); ``k`` (B, H, S, hd) a transposed view of contiguous (B, H, hd, S) keys; ``v``
+    (B, H, S, hd) contiguous; ``mask`` additive, broadcastable to (B, H, 1, S). The scores are each head's
+    key rows weighted by its query, the context its value rows weighted by the probabilities; fbgemm's
+    kernel streams both at memory speed (on one core about 2x faster than ``scaled_dot_product_attention``
+    at one query over 577 image keys). Same numbers to float32 rounding. Returns the context (B, H, 1, hd).
+    """
+    b, h, s, hd = k.shape
+    kt = k.transpose(-1, -2)
+    idx, off = _bags(b * h, hd, q.device)
+    scores = F.embedding_bag(idx, kt.reshape(b * h * hd, s), off, mode="sum",
+                             per_sample_weights=(q * scale).reshape(-1))
+    if mask is not None:
+        scores = (scores.view(b, h, 1, s) + mask.to(scores.dtype)).view(b * h, s)
+    probs = torch.softmax(scores, dim=-1)
+    idx, off = _bags(b * h, s, q.device)
+    ctx = F.embedding_bag(idx, v.reshape(b * h * s, hd), off, mode="sum", per_sample_weights=probs.reshape(-1))
+    return ctx.view(b, h, 1, hd)
+
+
+def fits_one_query_attention(q, k, v) -> bool:
+    """``one_query_attention`` serves these tensors: one float32 CPU query row per head, no gradients,
+    keys stored transposed and values contiguous (``TextCache``'s image keys/values)."""
+    return (q.shape[2] == 1 and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
+            and not torch.is_grad_enabled() and k.transpose(-1, -2).is_contiguous() and v.is_contiguous())

@@ -8,18 +8,30 @@ and 2-8 rows (beam search, small batches) 3-5x slower per byte than one row, whe
 weights reordered once into its blocked layout for that row count reads them 3-5x faster. In
 bfloat16 the packed weights read about twice as fast as torch's default (unpacked) oneDNN call.
 
-The plan per weight dtype (``plan``): float32 calls oneDNN on the weights as they are (no copy; at 2-24
-rows the packed copy reads another 1.1-1.4x faster, not worth a second copy of the decoder's weights
-by default); bfloat16 uses the packed copy.
+The plan per weight dtype and row count (``plan``): float32 at one row (greedy or sampled batch 1, the
+commonest call) multiplies through an embedding-bag sum over a transposed copy of each weight
+(``_Transposed``): fbgemm's kernel streams it ~1.3-1.5x faster than oneDNN reads the weights as they
+are (one core, CPU time, loaded machine: a BLIP-base decoding step 1.2x faster), at the cost of a
+second copy of the decoder's weights (~490 MB for BLIP base). float32 at 2+ rows calls oneDNN on the
+weights as they are (no copy; at 2-24 rows the packed copy reads another 1.1-1.4x faster, not worth a
+second copy by default; the transposed copy would read the weights once per row). bfloat16 uses the
+packed copy.
+
+Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``ONE_ROW`` at run time):
+unset or ``auto`` = the plan above; ``unpacked`` = float32 never copies (oneDNN on the weights as they
+are at every row count, the default before the one-row copy; ``ONE_ROW = False``); ``1`` = packed
+copies for every dtype and row count (``ENABLED = True``); ``0`` = ``F.linear`` everywhere (``ENABLED =
+False``). The attention of a decoding step over the cached image keys/values (``_base.one_query_attention``,
+also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
 layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
 marked ``runs_once``, e.g. the cross-attention keys/values of the image) the layout for ``rows``
 rows; the text decoder calls it on its first decoding step. A layout belongs to one weight tensor
 at one version: training, ``load_state_dict`` or any in-place change makes it stale and the layer
-silently returns to ``F.linear``; with gradients enabled, the plain path always runs. The packed
-copy is kept for the next call (about the decoder's weight bytes); ``release_layouts(model)``
-frees it. The unpacked plan keeps no copy.
+silently returns to ``F.linear``; with gradients enabled, the plain path always runs. A packed or
+transposed copy is kept for the next call with as many rows (about the decoder's weight bytes; a call
+with another row count replaces it); ``release_layouts(model)`` frees it. The unpacked plan keeps no copy.
 
 ``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
 """
@@ -45,35 +57,84 @@ def _onednn_ops():
 
 _ONEDNN = _onednn_ops()
 # Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
-# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (the fastest, one more copy of the
+# BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (one more copy of the
 # decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
 # float32 on MKL, measured on this shared machine at load 14-23, where oneDNN's small parallel kernels
 # stalled for whole scheduler slices; on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL
 # at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
 _SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
-ENABLED = None if _SETTING in ("", "auto") else _SETTING not in ("0", "false", "no", "off")
-PLAIN, UNPACKED, PACKED = "plain", "unpacked", "packed"
+ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in ("0", "false", "no", "off")
+# BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): float32 never copies, one row included.
+ONE_ROW = _SETTING != "unpacked"
+PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"
+MAX_BLOCKS = 8     # column blocks of a transposed copy (the threads that read it at once)
 
 
-def plan(dtype: torch.dtype) -> str:
-    """How the decoding layers multiply rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
-    weights as they are (``UNPACKED``, no copy) or oneDNN on a copy packed for the call's row count (``PACKED``)."""
+def plan(dtype: torch.dtype, rows: int) -> str:
+    """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
+    weights as they are (``UNPACKED``, no copy), oneDNN on a copy packed for the call's row count (``PACKED``)
+    or, float32 at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``)."""
     if ENABLED is False:
         return PLAIN
     if ENABLED is True:
         return PACKED
-    return UNPACKED if dtype == torch.float32 else PACKED
+    if dtype != torch.float32:
+        return PACKED
+    return TRANSPOSED if rows == 1 and ONE_ROW else UNPACKED
+
+
+def _blocks(out_features: int, threads: int) -> int:
+    """Column blocks of a transposed copy: the most that divide ``out_features`` into blocks of 64 or more
+    columns, up to ``threads`` (and ``MAX_BLOCKS``). The sums do not depend on it (see ``_Transposed``)."""
+    for k in range(max(1, min(threads, MAX_BLOCKS)), 1, -1):
+        if out_features % k == 0 and out_features // k >= 64:
+            return k
+    return 1
+
+
+class _Transposed:
+    """One-row float32 product ``x @ W.T`` as an embedding-bag sum over a transposed copy of ``W``.
+
+    ``W`` (out, in) is stored as ``k`` column blocks, each transposed, stacked into a (k * in, out / k)
+    table: row ``j * in + i`` holds input feature ``i``'s weights to block ``j``'s outputs. One
+    ``F.embedding_bag`` call with ``k`` bags (bag ``j``: rows ``j * in .. (j + 1) * in - 1``, weighted by
+    ``x``) returns the (k, out / k) products, i.e. the output in order. fbgemm's kernel streams each
+    table row once into accumulators that stay in registers: on this project's Zen 4 cores it reads the
+    weights ~1.3-1.5x faster than oneDNN's inner product on one row (one core, CPU time), and the
+    bags run on ``k`` threads. Each output is the same ordered sum whatever ``k`` (bit for bit).
+    """
+
+    __slots__ = ("table", "index", "offsets", "k", "n_in")
+
+    def __init__(self, w: torch.Tensor, threads: int):
+        out, n_in = w.shape
+        k = _blocks(out, threads)
+        width = out // k
+        self.table = w.new_empty((k * n_in, width))
+        for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.25 s of CPU for BLIP base)
+            self.table[j * n_in:(j + 1) * n_in].copy_(w[j * width:(j + 1) * width].t())
+        self.index = torch.arange(k * n_in, device=w.device)
+        self.offsets = torch.arange(k, device=w.device) * n_in
+        self.k, self.n_in = k, n_in
+
+    def __call__(self, x: torch.Tensor, bias) -> torch.Tensor:
+        weights = x.reshape(self.n_in)
+        if self.k > 1:
+            weights = weights.repeat(self.k)
+        y = F.embedding_bag(self.index, self.table, self.offsets, mode="sum", per_sample_weights=weights)
+        y = y.view(x.shape[:-1] + (-1,))
+        return y if bias is None else y.add_(bias)
 
 
 class _Layout:
     """A weight prepared for ``rows`` input rows (a packed copy, or the weight itself for the unpacked
     plan), valid while its source tensor is unchanged."""
 
-    __slots__ = ("source", "version", "ptr", "rows", "dtype", "weight")
+    __slots__ = ("source", "version", "ptr", "rows", "dtype", "weight", "how")
 
-    def __init__(self, source: torch.Tensor, rows: int, weight: torch.Tensor):
+    def __init__(self, source: torch.Tensor, rows: int, weight, how: str):
         self.source, self.version, self.ptr = source, source._version, source.data_ptr()
-        self.rows, self.dtype, self.weight = rows, source.dtype, weight
+        self.rows, self.dtype, self.weight, self.how = rows, source.dtype, weight, how
 
     def fresh(self, lin: nn.Linear) -> bool:
         # identity, in-place version and storage (``.data =`` / ``.to()`` swap the storage, not the version)
@@ -91,6 +152,8 @@ class Linear(nn.Linear):
         lay = self._layout
         if (lay is not None and not torch.is_grad_enabled() and x.dtype == lay.dtype and x.shape[-1] > 0
                 and x.numel() // x.shape[-1] == lay.rows and lay.fresh(self)):
+            if lay.how == TRANSPOSED:
+                return lay.weight(x, self.bias)
             return _ONEDNN[0](x, lay.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -112,17 +175,24 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
     """
     if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
-    how = plan(next(module.parameters()).dtype)
+    how = plan(next(module.parameters()).dtype, rows)
     if how == PLAIN:   # switched off since an earlier call: its layouts must not serve this one
         release_layouts(module)
         return
+    threads = torch.get_num_threads()
     for lin in module.modules():
         if not isinstance(lin, Linear) or lin.runs_once:
             continue
         lay, w = lin._layout, lin.weight.detach()
-        if lay is not None and lay.rows == rows and lay.fresh(lin) and lay.weight.is_mkldnn == (how == PACKED):
+        if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
+                how != TRANSPOSED or lay.weight.k == _blocks(w.shape[0], threads)):
             continue
-        lin._layout = _Layout(lin.weight, rows, w if how == UNPACKED else _ONEDNN[1](w, rows))
+        lin._layout = None   # a stale copy goes before its replacement is made
+        if how == TRANSPOSED:
+            weight = _Transposed(w, threads)
+        else:
+            weight = w if how == UNPACKED else _ONEDNN[1](w, rows)
+        lin._layout = _Layout(lin.weight, rows, weight, how)
 
 
 def release_layouts(module: nn.Module) -> None:

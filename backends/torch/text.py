@@ -24,7 +24,7 @@ from torch import nn
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
-from ._base import PreTrainedModel, activation, as_tensor, attention
+from ._base import PreTrainedModel, activation, as_tensor, attention, fits_one_query_attention, one_query_attention
 from .layout import Linear, prepare_decoding
 
 
@@ -121,15 +121,14 @@ class BlipTextSelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def cross_kv(self, states):
-        """The image's keys/values (N, H, S, hd) for a cache: contiguous (the attention kernels read them
-        every step) and, for a bfloat16/float16 model on the CPU, in float32 (exact up-casts): there
-        torch's fused attention of one query row over half-precision keys runs 5-8x slower than in
-        float32 over the same values (measured, BLIP base), so the decoding steps attend in float32."""
+        """The image's keys/values (N, H, S, hd) for a cache: the keys a transposed view of contiguous
+        (N, H, hd, S) keys and the values contiguous, the layouts ``one_query_attention`` reads every
+        step; for a bfloat16/float16 model on the CPU, in float32 (exact up-casts): there torch's fused
+        attention of one query row over half-precision keys runs 5-8x slower than in float32 over the
+        same values (measured, BLIP base), so the decoding steps attend in float32."""
         k, v = self.split(self.key(states)), self.split(self.value(states))
-        if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
-            return k.to(torch.float32, memory_format=torch.contiguous_format), v.to(
-                torch.float32, memory_format=torch.contiguous_format)
-        return k.contiguous(), v.contiguous()
+        dtype = torch.float32 if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16) else k.dtype
+        return k.transpose(-1, -2).to(dtype).contiguous().transpose(-1, -2), v.to(dtype).contiguous()
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
         """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
@@ -146,6 +145,9 @@ class BlipTextSelfAttention(nn.Module):
         dtype = q.dtype
         if k.dtype != dtype:      # float32 cross keys/values of a half-precision model (``cross_kv``)
             q = q.to(k.dtype)
+        if not output_attentions and not self.training and fits_one_query_attention(q, k, v):
+            ctx = one_query_attention(q, k, v, mask, scale=self.head_dim ** -0.5).to(dtype)
+            return ctx.transpose(1, 2).reshape(x.shape), None, (k, v)
         ctx, probs = attention(q, k, v, mask, scale=self.head_dim ** -0.5, output_attentions=output_attentions,
                                dropout=self.dropout if self.training else 0.0)
         if ctx.dtype != dtype:
