@@ -294,8 +294,9 @@ def attention(q, k, v, mask=None, *, scale: float, output_attentions: bool = Fal
 
 
 @functools.lru_cache(maxsize=64)
-def _bags(count: int, size: int, device) -> tuple:
-    """Indices 0..count*size-1 and the offsets of ``count`` bags of ``size`` rows each."""
+def bags(count: int, size: int, device) -> tuple:
+    """Indices 0..count*size-1 and the offsets of ``count`` bags of ``size`` rows each (the embedding-bag
+    sums of ``one_query_attention`` and of the one-row decoding layout, ``layout._Transposed``)."""
     return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
 
 
@@ -310,13 +311,13 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
     """
     b, h, s, hd = k.shape
     kt = k.transpose(-1, -2)
-    idx, off = _bags(b * h, hd, q.device)
+    idx, off = bags(b * h, hd, q.device)
     scores = F.embedding_bag(idx, kt.reshape(b * h * hd, s), off, mode="sum",
                              per_sample_weights=(q * scale).reshape(-1))
     if mask is not None:
         scores = (scores.view(b, h, 1, s) + mask.to(scores.dtype)).view(b * h, s)
     probs = torch.softmax(scores, dim=-1)
-    idx, off = _bags(b * h, s, q.device)
+    idx, off = bags(b * h, s, q.device)
     ctx = F.embedding_bag(idx, v.reshape(b * h * s, hd), off, mode="sum", per_sample_weights=probs.reshape(-1))
     return ctx.view(b, h, 1, hd)
 

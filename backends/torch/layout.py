@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._base import bags
+
 
 def _onednn_ops():
     """oneDNN's inner product and weight reorder, or None where this torch build lacks them."""
@@ -113,8 +115,7 @@ class _Transposed:
         self.table = w.new_empty((k * n_in, width))
         for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.25 s of CPU for BLIP base)
             self.table[j * n_in:(j + 1) * n_in].copy_(w[j * width:(j + 1) * width].t())
-        self.index = torch.arange(k * n_in, device=w.device)
-        self.offsets = torch.arange(k, device=w.device) * n_in
+        self.index, self.offsets = bags(k, n_in, w.device)
         self.k, self.n_in = k, n_in
 
     def __call__(self, x: torch.Tensor, bias) -> torch.Tensor:
