@@ -26,7 +26,7 @@ from blip_core.cache import padding_rows
 from blip_core.outputs import GenerateOutput
 
 from . import program_cache
-from ._base import for_xla
+from ._base import dim, for_xla
 
 _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
 
@@ -43,7 +43,7 @@ class TFOps:
 
     @staticmethod
     def rows(x):
-        return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+        return dim(x, 0)
 
     @staticmethod
     def scalar(v):
