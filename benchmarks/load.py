@@ -179,7 +179,8 @@ if warm_dir:   # one load of another (tiny) checkpoint first: one-time costs of 
     del del_me
     directory = load_dir
 warm_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t, c, faults = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+u0 = resource.getrusage(resource.RUSAGE_SELF)
+t, c = time.perf_counter(), time.process_time()
 model = load()
 seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -187,7 +188,7 @@ peak, after = usage.ru_maxrss * 1024, rss()
 t = time.perf_counter()
 touch(model)          # what a first forward pays for weights a lazy loader has not read yet
 touch_seconds = time.perf_counter() - t
-out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "major_faults": usage.ru_majflt - faults, "model_bytes": nbytes(model)}
+out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "major_faults": usage.ru_majflt - u0.ru_majflt, "minor_faults": usage.ru_minflt - u0.ru_minflt, "system_seconds": usage.ru_stime - u0.ru_stime, "model_bytes": nbytes(model)}
 print("RESULT " + json.dumps(out), flush=True)   # before the forward: a crash there keeps the load figures
 if logits_out:
     from blip_core import to_numpy

@@ -28,6 +28,7 @@ from . import generation
 from ._base import PreTrainedModel, as_tensor
 from .text import BlipTextLMHeadModel, BlipTextTransformer, check_ids
 from .vision import BlipVisionTransformer
+from .layout import Linear
 
 
 def _tuple(out, return_dict):
@@ -92,8 +93,8 @@ class BlipModel(_BlipBase):
         tc, vc = config.text_config, config.vision_config
         self.text_model = BlipTextTransformer(tc, add_pooling_layer=True)
         self.vision_model = BlipVisionTransformer(vc)
-        self.visual_projection = nn.Linear(vc.hidden_size, config.projection_dim, bias=False)
-        self.text_projection = nn.Linear(tc.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = Linear(vc.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = Linear(tc.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init(seed, dtype)
 
@@ -215,9 +216,9 @@ class BlipForImageTextRetrieval(_BlipBase):
         tc, vc = config.text_config, config.vision_config
         self.vision_model = BlipVisionTransformer(vc)
         self.text_encoder = BlipTextTransformer(tc, add_pooling_layer=False)
-        self.vision_proj = nn.Linear(vc.hidden_size, config.image_text_hidden_size)
-        self.text_proj = nn.Linear(tc.hidden_size, config.image_text_hidden_size)
-        self.itm_head = nn.Linear(tc.hidden_size, 2)
+        self.vision_proj = Linear(vc.hidden_size, config.image_text_hidden_size)
+        self.text_proj = Linear(tc.hidden_size, config.image_text_hidden_size)
+        self.itm_head = Linear(tc.hidden_size, 2)
         self.post_init(seed, dtype)
 
     def forward(self, input_ids=None, pixel_values=None, use_itm_head=True, attention_mask=None,

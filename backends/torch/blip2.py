@@ -38,6 +38,7 @@ from .opt import OPTForCausalLM, causal_lm_loss
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
 from .vision import BlipVisionModel, BlipVisionTransformer
+from .layout import Linear
 
 __all__ = ["Blip2VisionModel", "Blip2QFormerModel", "Blip2Model", "Blip2ForConditionalGeneration",
            "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"]
@@ -108,7 +109,7 @@ class _Blip2WithLanguageModel(_Blip2PreTrained):
         super().__init__(config)
         self._build_front(config)
         self.qformer = Blip2QFormerModel(config.qformer_config, seed=None)
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_projection = Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         tc = config.text_config
         self.language_model = OPTForCausalLM(tc) if isinstance(tc, OPTConfig) else T5ForConditionalGeneration(tc)
         self.post_init(seed, dtype)
@@ -353,9 +354,9 @@ class Blip2ForImageTextRetrieval(_Blip2PreTrained):
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel(config.qformer_config, seed=None)
         h, e = config.qformer_config.hidden_size, config.image_text_hidden_size
-        self.vision_projection = nn.Linear(h, e)
-        self.text_projection = nn.Linear(h, e)
-        self.itm_head = nn.Linear(h, 2)
+        self.vision_projection = Linear(h, e)
+        self.text_projection = Linear(h, e)
+        self.itm_head = Linear(h, 2)
         self.post_init(seed, dtype)
 
     def _strip_placeholders(self, ids, mask):
@@ -419,7 +420,7 @@ class Blip2TextModelWithProjection(_Blip2PreTrained):
         self._build_front(config, vision=False)
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel(config.qformer_config, seed=None)
-        self.text_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
+        self.text_projection = Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
         self.post_init(seed, dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions: bool = False,
@@ -452,7 +453,7 @@ class Blip2VisionModelWithProjection(_Blip2PreTrained):
         super().__init__(config)
         self._build_front(config)
         self.qformer = Blip2QFormerModel(config.qformer_config, seed=None)
-        self.vision_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
+        self.vision_projection = Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
         self.post_init(seed, dtype)
 
     def forward(self, pixel_values=None, output_attentions: bool = False, output_hidden_states: bool = False,

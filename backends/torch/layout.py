@@ -150,13 +150,27 @@ class Linear(nn.Linear):
     _layout = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or ENABLED is False or _ONEDNN is None or _traced():
+            return F.linear(x, self.weight, self.bias)
         lay = self._layout
-        if (lay is not None and not torch.is_grad_enabled() and x.dtype == lay.dtype and x.shape[-1] > 0
+        if (lay is not None and x.dtype == lay.dtype and x.shape[-1] > 0
                 and x.numel() // x.shape[-1] == lay.rows and lay.fresh(self)):
             if lay.how == TRANSPOSED:
                 return lay.weight(x, self.bias)
             return _ONEDNN[0](x, lay.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if x.dtype == w.dtype and x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.device.type == "cpu" \
+                and x.is_contiguous() and w.is_contiguous() and x.dim() >= 2 and x.numel() > 0:
+            return _ONEDNN[0](x, w, self.bias, "none", [], "")     # oneDNN on the weight as it is (no copy)
+        return F.linear(x, w, self.bias)
+
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _traced() -> bool:
+    """Inside an ONNX / TorchScript trace or a ``torch.compile`` graph: only ``F.linear`` is understood there."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def layout_supported(module: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from blip_core.configs import OPTConfig
 from blip_core.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ._base import activation
+from .layout import Linear
 
 
 def causal_bias(mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -62,10 +63,10 @@ class OPTAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
         self.scaling = self.head_dim ** -0.5
-        self.k_proj = nn.Linear(d, d, bias=config.enable_bias)
-        self.v_proj = nn.Linear(d, d, bias=config.enable_bias)
-        self.q_proj = nn.Linear(d, d, bias=config.enable_bias)
-        self.out_proj = nn.Linear(d, d, bias=config.enable_bias)
+        self.k_proj = Linear(d, d, bias=config.enable_bias)
+        self.v_proj = Linear(d, d, bias=config.enable_bias)
+        self.q_proj = Linear(d, d, bias=config.enable_bias)
+        self.out_proj = Linear(d, d, bias=config.enable_bias)
         self.dropout = config.attention_dropout
 
     def _heads(self, x):
@@ -95,8 +96,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine, bias=affine)
-        self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
+        self.fc1 = Linear(d, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine, bias=affine)
         self.act = activation(config.activation_function)
         self.dropout = config.dropout
@@ -121,8 +122,8 @@ class OPTDecoder(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, e)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, d)
-        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
-        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.project_out = Linear(d, e, bias=False) if e != d else None
+        self.project_in = Linear(e, d, bias=False) if e != d else None
         if config.do_layer_norm_before and not config._remove_final_layer_norm:
             affine = config.layer_norm_elementwise_affine
             self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine, bias=affine)
@@ -199,7 +200,7 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self):

@@ -23,6 +23,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor
+from .layout import Linear
 
 
 def self_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,9 +55,9 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(kv_in, config.hidden_size)
-        self.value = nn.Linear(kv_in, config.hidden_size)
+        self.query = Linear(config.hidden_size, config.hidden_size)
+        self.key = Linear(kv_in, config.hidden_size)
+        self.value = Linear(kv_in, config.hidden_size)
         self.dropout = config.attention_probs_dropout_prob
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class Blip2QFormerSelfOutput(nn.Module):
 
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = config.hidden_dropout_prob
 
@@ -105,7 +106,7 @@ class Blip2QFormerAttention(nn.Module):
 class Blip2QFormerIntermediate(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, hidden_states):
@@ -115,7 +116,7 @@ class Blip2QFormerIntermediate(nn.Module):
 class Blip2QFormerOutput(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = config.hidden_dropout_prob
 

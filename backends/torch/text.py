@@ -224,7 +224,7 @@ class BlipTextEncoder(nn.Module):
 class BlipTextPooler(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, h):
         return torch.tanh(self.dense(h[:, 0]))

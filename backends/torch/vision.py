@@ -23,6 +23,7 @@ from blip_core.generation import check_pixel_values
 from blip_core.outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from ._base import PreTrainedModel, activation, as_tensor, attention
+from .layout import Linear
 
 
 class BlipVisionEmbeddings(nn.Module):
@@ -70,8 +71,8 @@ class BlipAttention(nn.Module):
         self.head_dim = d // self.num_heads
         self.scale = self.head_dim ** -0.5
         self.dropout = float(config.attention_dropout)
-        self.qkv = nn.Linear(d, 3 * d, bias=bool(getattr(config, "qkv_bias", True)))
-        self.projection = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d, bias=bool(getattr(config, "qkv_bias", True)))
+        self.projection = Linear(d, d)
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         b, n, d = hidden_states.shape
@@ -85,8 +86,8 @@ class BlipMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.act = activation(config.hidden_act)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
