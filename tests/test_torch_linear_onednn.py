@@ -3,7 +3,8 @@
 ``backends.torch.layout.Linear`` (every linear layer of the torch models) calls oneDNN on the weight as
 it is when no gradient is recorded; training, traces (ONNX export, ``torch.jit``) and the
 ``BLIP_TORCH_DECODE_LAYOUT=0`` switch keep ``F.linear``. The product is ``F.linear``'s to float32
-rounding.
+rounding; row counts of 128 or more that are not a multiple of 8 reach oneDNN padded with zero rows, and
+``linear_act`` puts the exact / tanh GELU and ReLU in oneDNN's epilogue.
 """
 import pytest
 import torch
@@ -41,7 +42,9 @@ def test_inference_product_is_f_linear_to_rounding(monkeypatch, bias, shape):
     with torch.no_grad():
         got = lin(x)
         want = F.linear(x, lin.weight, lin.bias)
-    assert calls == [x.shape]
+    rows = x.numel() // x.shape[-1]
+    padded = rows + (-rows % layout.PAD_ROWS if rows >= layout.PAD_MIN_ROWS else 0)
+    assert calls == [(padded, 96) if padded != rows else x.shape]
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -84,3 +87,62 @@ def test_strided_input_falls_back(monkeypatch):
         got = lin(x)
     assert calls == []
     torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [577, 1731, 130])
+def test_padded_rows_give_the_unpadded_numbers(monkeypatch, rows):
+    """The zero rows change no output row: the padded call's first rows equal oneDNN's unpadded product
+    bit for bit here, and the output is contiguous with the input's leading shape."""
+    calls = _recording(monkeypatch)
+    lin = _layer()
+    x = torch.randn(1, rows, 96)
+    with torch.no_grad():
+        got = lin(x)
+        unpadded = layout._ONEDNN[0](x, lin.weight, lin.bias, "none", [], "")
+    assert calls[0] == (rows + (-rows % 8), 96) and calls[0][0] % 8 == 0
+    assert got.shape == (1, rows, 80) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, unpadded, rtol=1e-6, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("rows", [5, 577])
+def test_activation_epilogue_is_the_activation_to_rounding(monkeypatch, act, rows):
+    from backends.torch._base import activation
+    posts = []
+    product, reorder = layout._ONEDNN
+    monkeypatch.setattr(layout, "_ONEDNN", (lambda *a: posts.append(a[3:]) or product(*a), reorder))
+    lin = _layer()
+    x = torch.randn(rows, 96) * 3
+    with torch.no_grad():
+        got = layout.linear_act(lin, x, act)
+        want = activation(act)(F.linear(x, lin.weight, lin.bias))
+    post, algorithm = layout.EPILOGUES[act]
+    assert posts == [(post, [], algorithm)]      # the activation ran inside the product's call
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_activation_without_an_epilogue_composes(monkeypatch):
+    """Gradients, an activation oneDNN lacks, a plain ``nn.Linear`` and a layer with a forward hook all get
+    ``activation(lin(x))``; the hook still sees the call."""
+    from backends.torch._base import activation
+    calls = _recording(monkeypatch)
+    lin = _layer()
+    x = torch.randn(6, 96)
+    want = activation("quick_gelu")(F.linear(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(layout.linear_act(lin, x, "quick_gelu"), want, rtol=1e-5, atol=1e-5)
+    y = layout.linear_act(lin, x, "gelu")
+    assert y.requires_grad and calls == [x.shape]      # the quick_gelu product only; the gelu one recorded grads
+    plain = torch.nn.Linear(96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(layout.linear_act(plain, x, "relu"), F.relu(plain(x)))
+    seen = []
+    lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(layout.linear_act(lin, x, "gelu"), F.gelu(F.linear(x, lin.weight, lin.bias)),
+                                   rtol=1e-5, atol=1e-5)
+    assert seen == [(6, 80)]

@@ -19,7 +19,7 @@ from blip_core.configs import OPTConfig
 from blip_core.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ._base import activation
-from .layout import Linear
+from .layout import Linear, linear_act
 
 
 def causal_bias(mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,6 +100,7 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine, bias=affine)
         self.act = activation(config.activation_function)
+        self.act_name = config.activation_function
         self.dropout = config.dropout
 
     def forward(self, h, bias, past=None):
@@ -109,7 +110,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if self.pre_norm else h
-        h = h + F.dropout(self.fc2(self.act(self.fc1(x))), self.dropout, self.training)
+        h = h + F.dropout(self.fc2(linear_act(self.fc1, x, self.act_name)), self.dropout, self.training)
         if not self.pre_norm:
             h = self.final_layer_norm(h)
         return h, present, probs

@@ -23,7 +23,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor
-from .layout import Linear
+from .layout import Linear, linear_act
 
 
 def self_attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -108,9 +108,10 @@ class Blip2QFormerIntermediate(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
 
     def forward(self, hidden_states):
-        return self.act(self.dense(hidden_states))
+        return linear_act(self.dense, hidden_states, self.act_name)
 
 
 class Blip2QFormerOutput(nn.Module):

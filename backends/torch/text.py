@@ -25,7 +25,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from ._base import PreTrainedModel, activation, as_tensor, attention, fits_one_query_attention, one_query_attention
-from .layout import Linear, prepare_decoding
+from .layout import Linear, linear_act, prepare_decoding
 
 
 class TextCache:
@@ -184,9 +184,10 @@ class BlipTextIntermediate(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
 
     def forward(self, x):
-        return self.act(self.dense(x))
+        return linear_act(self.dense, x, self.act_name)
 
 
 class BlipTextLayer(nn.Module):
@@ -354,10 +355,11 @@ class BlipTextPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x):
-        return self.LayerNorm(self.act(self.dense(x)))
+        return self.LayerNorm(linear_act(self.dense, x, self.act_name))
 
 
 class BlipTextLMPredictionHead(nn.Module):

@@ -23,7 +23,7 @@ from blip_core.generation import check_pixel_values
 from blip_core.outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from ._base import PreTrainedModel, activation, as_tensor, attention
-from .layout import Linear
+from .layout import Linear, linear_act
 
 
 class BlipVisionEmbeddings(nn.Module):
@@ -86,11 +86,12 @@ class BlipMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(linear_act(self.fc1, x, self.act_name))
 
 
 class BlipEncoderLayer(nn.Module):
