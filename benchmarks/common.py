@@ -26,8 +26,10 @@ OURS = BACKENDS
 REFERENCES = ("hf-torch", "hf-tf")
 IMPLS = OURS + REFERENCES
 FRAMEWORK = {"torch": "torch", "hf-torch": "torch", "tf": "tensorflow", "hf-tf": "tensorflow", "jax": "jax"}
-# Impls whose first call at a new shape traces or compiles: that call is never a timing sample.
-COMPILES = {"torch": False, "hf-torch": False, "tf": True, "hf-tf": True, "jax": True}
+# Impls whose first call at a new shape does one-time work, never a timing sample: tracing or compiling
+# (tf, jax), or (our torch) preparing the decoding layouts, a copy of the decoder's weights whose fresh
+# pages the first call makes. The cold first call is reported on its own (``coldstart``, ``first_call_s``).
+COMPILES = {"torch": True, "hf-torch": False, "tf": True, "hf-tf": True, "jax": True}
 EAGER_SAMPLE_S = 3.0   # an eager first call this long is dominated by compute and counts as a sample
 
 
@@ -204,8 +206,10 @@ def measure(calls: dict, budget_s: float, max_reps: int, min_reps: int = 1, log=
 
     Round 0 is the first call of each impl (warm-up; it counts as a sample only for an eager impl
     whose call is long enough that setup is noise). Later rounds rotate the order and run every
-    impl that still has fewer than ``min_reps`` samples, or fewer than ``max_reps`` while the timed
-    seconds spent stay under ``budget_s``. An exception stops that impl and is recorded.
+    impl that still has fewer than ``min_reps`` samples, or fewer than ``max_reps`` while its own
+    timed seconds stay under its share of ``budget_s`` (an equal share per impl: a slow reference
+    does not use up the samples of a fast impl, whose median would then rest on one or two calls).
+    An exception stops that impl and is recorded.
     """
     from blip_core import to_numpy
     # As timeit does: no collector pauses inside a timed call; long-lived objects (models, frameworks)
@@ -214,10 +218,11 @@ def measure(calls: dict, budget_s: float, max_reps: int, min_reps: int = 1, log=
     gc.freeze()
     stats = {k: {"times": [], "peaks": [], "first_s": None, "first_peak": None, "error": None, "out": None}
              for k in calls}
-    order, spent, rnd = list(calls), 0.0, 0
+    order, rnd = list(calls), 0
+    spent, share = dict.fromkeys(calls, 0.0), budget_s / max(1, len(calls))
     while rnd <= max_reps + 1:
         active = [k for k in order if stats[k]["error"] is None and (
-            rnd == 0 or len(stats[k]["times"]) < min_reps or (spent < budget_s and len(stats[k]["times"]) < max_reps))]
+            rnd == 0 or len(stats[k]["times"]) < min_reps or (spent[k] < share and len(stats[k]["times"]) < max_reps))]
         if not active:
             break
         for k in active:
@@ -244,7 +249,7 @@ def measure(calls: dict, budget_s: float, max_reps: int, min_reps: int = 1, log=
                     continue
             st["times"].append(dt)
             st["peaks"].append(mem.delta_mb)
-            spent += dt
+            spent[k] += dt
         order = order[1:] + order[:1]
         rnd += 1
     gc.unfreeze()

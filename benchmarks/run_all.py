@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads per framework (default: the frameworks' own)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per case before repetitions stop (default 30, quick 0.2)")
+                   help="seconds of timed calls per case, shared equally by the impls, before repetitions stop "
+                        "(default 30, quick 0.2)")
     p.add_argument("--max-reps", type=int, default=None, help="timed calls per impl at most (default 10, quick 2)")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/<date>-<machine>.json)")
     p.add_argument("--load", action="store_true",
