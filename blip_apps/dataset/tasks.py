@@ -109,6 +109,8 @@ class Worker:
 
     def __init__(self, spec: TaskSpec):
         from .. import cli   # the command line's loading rules and one-line errors
+        from ..memory import keep_freed_memory
+        keep_freed_memory()   # many model calls in this process: each reuses the pages the last one freed
         self.spec = spec
         self.model = cli._load(spec.model, spec.backend, spec.dtype)
         cli._check_class(self.model, "match" if spec.task == "embed" else spec.task, spec.model)
