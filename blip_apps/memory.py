@@ -7,7 +7,7 @@ page fault and the kernel zeroes it: ~300,000 faults per batch-8 caption call. W
 below, blocks up to ``MMAP_THRESHOLD`` come from the heap and up to ``TRIM_THRESHOLD`` of free heap
 stays mapped, so repeated calls reuse their pages: 2,000-10,000 faults per call, and (torch, BLIP base,
 this project's 2-core VM, alternating processes) batch-8 greedy captioning 3.98-4.26 s -> 3.79-4.11 s,
-the batch-1 vision forward 0.42-0.57 s -> 0.40 s. The price: the process keeps up to ``TRIM_THRESHOLD``
+batch 32 19.0-19.6 s -> 15.9-17.4 s, the batch-1 vision forward 0.42-0.57 s -> 0.40 s. The price: the process keeps up to ``TRIM_THRESHOLD``
 of freed memory mapped (its resident size stays near its peak) instead of handing it back between calls.
 
 The data-set engine's workers (``blip_apps.dataset``, local and Ray) turn it on; a one-shot command gains
