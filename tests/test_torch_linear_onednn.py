@@ -146,3 +146,11 @@ def test_activation_without_an_epilogue_composes(monkeypatch):
         torch.testing.assert_close(layout.linear_act(lin, x, "gelu"), F.gelu(F.linear(x, lin.weight, lin.bias)),
                                    rtol=1e-5, atol=1e-5)
     assert seen == [(6, 80)]
+    fresh, everywhere = _layer(), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: everywhere.append(type(m)))
+    try:
+        with torch.no_grad():
+            layout.linear_act(fresh, x, "gelu")
+    finally:
+        handle.remove()
+    assert everywhere == [layout.Linear]          # a global hook sees the layer's call too

@@ -183,11 +183,18 @@ def linear_act(lin: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     """``activation(act)(lin(x))``, with the activation in oneDNN's epilogue where ``lin`` is a ``Linear`` whose
     call runs through oneDNN and ``act`` is in ``EPILOGUES``; any other layer (``Int8Linear``, ``nn.Linear``) or
     call is the plain composition."""
-    if isinstance(lin, Linear) and act in EPILOGUES and not lin._forward_hooks and not lin._forward_pre_hooks:
+    if isinstance(lin, Linear) and act in EPILOGUES and not _hooked(lin):
         y = lin._onednn(x, *EPILOGUES[act])
         if y is not None:
             return y
     return activation(act)(lin(x))
+
+
+def _hooked(lin: nn.Module) -> bool:
+    """Forward hooks would see ``lin``'s call: the layer's own or any registered for every module."""
+    from torch.nn.modules import module as _module
+    return bool(lin._forward_hooks or lin._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
 
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
