@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip_core.batching import images_per_chunk
 from blip_core.generation import check_pixel_values
 from blip_core.outputs import BaseModelOutput, BaseModelOutputWithPooling
 
@@ -118,6 +119,15 @@ class BlipEncoder(nn.Module):
         self.layers = nn.ModuleList([BlipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, x, output_attentions: bool = False, output_hidden_states: bool = False) -> BaseModelOutput:
+        step = x.shape[0]
+        if len(self.layers) and not (output_attentions or output_hidden_states or torch.is_grad_enabled()):
+            # a few images at a time: same numbers, outputs of bounded size (blip_core.batching)
+            first = self.layers[0]
+            widest = max(first.mlp.fc1.out_features, first.self_attn.qkv.out_features)
+            step = images_per_chunk(x.shape[0], x.shape[1], widest, x.element_size())
+        if step < x.shape[0]:
+            out = torch.cat([self._layers(x[i:i + step]) for i in range(0, x.shape[0], step)])
+            return BaseModelOutput(last_hidden_state=out, hidden_states=None, attentions=None)
         states = (x,) if output_hidden_states else None
         attns = () if output_attentions else None
         for layer in self.layers:
@@ -127,6 +137,11 @@ class BlipEncoder(nn.Module):
             if output_attentions:
                 attns += (probs,)
         return BaseModelOutput(last_hidden_state=x, hidden_states=states, attentions=attns)
+
+    def _layers(self, x):
+        for layer in self.layers:
+            x = layer(x)[0]
+        return x
 
 
 class BlipVisionTransformer(nn.Module):
