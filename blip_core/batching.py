@@ -6,7 +6,9 @@ numbers (bit for bit on the CPU, measured in torch, TF and JAX) while each produ
 384 px, 32 images, no gradients, one pass against chunks of 8 (interleaved in one process): torch 15.4-16.6 s
 -> 10.6-12.2 s (chunks of 4: 12.2-13.3 s), JAX 14.3 s -> 12.3-12.5 s, TF 12.6-13.5 s -> 11.1-11.2 s. In torch
 the one pass's fresh 170-230 MB outputs were new pages every call (2.4 million page faults, 1.0 million
-chunked); the products also run faster at a few thousand rows than at 18,000.
+chunked); the products also run faster at a few thousand rows than at 18,000. The JAX and TF figures are
+separate calls per chunk; inside one compiled JAX program (``lax.map`` over chunks) no gain was measured,
+so today only the PyTorch tower follows this rule.
 """
 from __future__ import annotations
 
