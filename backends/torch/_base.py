@@ -296,13 +296,7 @@ def attention(q, k, v, mask=None, *, scale: float, output_attentions: bool = Fal
 @functools.lru_cache(maxsize=64)
 def bags(count: int, size: int, device) -> tuple:
     """Indices 0..count*size-1 and the offsets of ``count`` bags of ``size`` rows each (the embedding-bag
-    sums of ``one_query_attention`` and of the one-row decoding layout, ``layout._Transposed``). Kept per
-    (count, size, device): a decoding step asks for the same few dozen times per layer; nothing writes them."""
-    return _bags(count, size, torch.device(device))
-
-
-@functools.lru_cache(maxsize=64)
-def _bags(count: int, size: int, device: torch.device) -> tuple:
+    sums of ``one_query_attention`` and of the one-row decoding layout, ``layout._Transposed``)."""
     return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
 
 

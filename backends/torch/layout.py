@@ -42,6 +42,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ._base import activation, bags
 
@@ -150,20 +151,23 @@ class Linear(nn.Linear):
     _layout = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._onednn(x, "none", "")
+        y = self._onednn(x)
         return F.linear(x, self.weight, self.bias) if y is None else y
 
-    def _onednn(self, x: torch.Tensor, post: str, algorithm: str):
-        """The product through oneDNN with the epilogue ``post`` ("none", "gelu", "relu"), or None where this
-        call takes ``F.linear`` (gradients, traces, the switch, other devices / dtypes / strides) or, with an
-        epilogue, the one-row transposed layout (an embedding-bag sum has none)."""
+    def _onednn(self, x: torch.Tensor, act: str = None):
+        """The product (then ``act``, one of ``EPILOGUES``, where given) from a prepared layout or through
+        oneDNN, or None where this call takes ``F.linear`` (gradients, traces, the switch, other devices /
+        dtypes / strides). oneDNN applies ``act`` in the product's epilogue; the one-row transposed layout (an
+        embedding-bag sum, no epilogue) applies it after."""
         if torch.is_grad_enabled() or ENABLED is False or _ONEDNN is None or _traced():
             return None
+        post, algorithm = EPILOGUES[act] if act is not None else ("none", "")
         lay = self._layout
         if (lay is not None and x.dtype == lay.dtype and x.shape[-1] > 0
                 and x.numel() // x.shape[-1] == lay.rows and lay.fresh(self)):
             if lay.how == TRANSPOSED:
-                return lay.weight(x, self.bias) if post == "none" else None
+                y = lay.weight(x, self.bias)
+                return y if act is None else activation(act)(y)
             return _ONEDNN[0](x, lay.weight, self.bias, post, [], algorithm)
         w = self.weight
         if x.dtype == w.dtype and x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.device.type == "cpu" \
@@ -184,7 +188,7 @@ def linear_act(lin: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     call runs through oneDNN and ``act`` is in ``EPILOGUES``; any other layer (``Int8Linear``, ``nn.Linear``) or
     call is the plain composition."""
     if isinstance(lin, Linear) and act in EPILOGUES and not _hooked(lin):
-        y = lin._onednn(x, *EPILOGUES[act])
+        y = lin._onednn(x, act)
         if y is not None:
             return y
     return activation(act)(lin(x))
@@ -192,7 +196,6 @@ def linear_act(lin: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
 
 def _hooked(lin: nn.Module) -> bool:
     """Forward hooks would see ``lin``'s call: the layer's own or any registered for every module."""
-    from torch.nn.modules import module as _module
     return bool(lin._forward_hooks or lin._forward_pre_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks)
 

@@ -18,7 +18,6 @@ from blip_core.blip2 import check_opt_position
 from blip_core.configs import OPTConfig
 from blip_core.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ._base import activation
 from .layout import Linear, linear_act
 
 
@@ -99,7 +98,6 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = Linear(d, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine, bias=affine)
-        self.act = activation(config.activation_function)
         self.act_name = config.activation_function
         self.dropout = config.dropout
 

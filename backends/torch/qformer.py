@@ -22,7 +22,7 @@ from blip_core.configs import Blip2QFormerConfig
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from ._base import PreTrainedModel, activation, as_tensor
+from ._base import PreTrainedModel, as_tensor
 from .layout import Linear, linear_act
 
 
@@ -107,7 +107,6 @@ class Blip2QFormerIntermediate(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
         self.act_name = config.hidden_act
 
     def forward(self, hidden_states):

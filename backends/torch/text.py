@@ -24,7 +24,7 @@ from torch import nn
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
-from ._base import PreTrainedModel, activation, as_tensor, attention, fits_one_query_attention, one_query_attention
+from ._base import PreTrainedModel, as_tensor, attention, fits_one_query_attention, one_query_attention
 from .layout import Linear, linear_act, prepare_decoding
 
 
@@ -183,7 +183,6 @@ class BlipTextIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
         self.act_name = config.hidden_act
 
     def forward(self, x):
@@ -354,7 +353,6 @@ class BlipTextPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
         self.act_name = config.hidden_act
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 

@@ -23,7 +23,7 @@ from blip_core.batching import images_per_chunk
 from blip_core.generation import check_pixel_values
 from blip_core.outputs import BaseModelOutput, BaseModelOutputWithPooling
 
-from ._base import PreTrainedModel, activation, as_tensor, attention
+from ._base import PreTrainedModel, as_tensor, attention
 from .layout import Linear, linear_act
 
 
@@ -86,7 +86,6 @@ class BlipAttention(nn.Module):
 class BlipMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.act = activation(config.hidden_act)
         self.act_name = config.hidden_act
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
