@@ -107,6 +107,34 @@ def test_padded_rows_give_the_unpadded_numbers(monkeypatch, rows):
 
 
 @needs_onednn
+def test_padded_output_feeds_the_next_product_without_a_copy(monkeypatch):
+    """A padded product's output (a view of its first rows) reaches the next layer's oneDNN call as the
+    padded buffer itself, and the kept rows equal those of a fresh padded copy bit for bit; a view that
+    is not such a prefix (other rows, a wider base) is copied as before."""
+    calls = []
+    product, reorder = layout._ONEDNN
+    monkeypatch.setattr(layout, "_ONEDNN", (lambda *a: calls.append(a[0]) or product(*a), reorder))
+    torch.manual_seed(0)
+    fc1, fc2 = layout.Linear(96, 200).eval(), layout.Linear(200, 96).eval()
+    x = torch.randn(1, 577, 96)
+    with torch.no_grad():
+        h = layout.linear_act(fc1, x, "gelu")
+        got = fc2(h)
+        fresh = fc2(h.clone())       # a tensor of its own: copied into a new padded buffer
+        assert calls[1].data_ptr() == h.data_ptr() and calls[1].shape == (584, 200)
+        assert calls[2].data_ptr() != h.data_ptr()
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+        assert got.shape == (1, 577, 96)
+        calls.clear()
+        wide = torch.randn(600, 200)
+        fc2(wide[:577])               # the first rows of a larger tensor: not a padded buffer
+        tail = torch.randn(591, 200)
+        fc2(tail[7:])                 # rows that do not start at the base's first element
+        assert calls[0].data_ptr() != wide.data_ptr() and calls[1].data_ptr() != tail.data_ptr()
+        torch.testing.assert_close(fc2(wide[:577]), F.linear(wide[:577], fc2.weight, fc2.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
 @pytest.mark.parametrize("rows", [5, 577])
 def test_activation_epilogue_is_the_activation_to_rounding(monkeypatch, act, rows):
