@@ -152,6 +152,73 @@ def test_release_marks_the_pages_cold_before_dropping_them(variants, monkeypatch
     np.testing.assert_array_equal(view.view(np.uint16), want.view(np.uint16))
 
 
+def test_page_cache_policy(monkeypatch):
+    """Pages read by a load leave the page cache only where the files and the model's new memory do not
+    both fit in the available memory (or the switch says so); a bad switch value is an error."""
+    from blip_core.checkpoint import mapped
+    monkeypatch.setattr(mapped, "memory_available", lambda: 20 << 30)
+    monkeypatch.delenv(mapped.DROP_ENV, raising=False)
+    assert mapped.drop_read_pages(15 << 30, 7 << 30)          # a float32 model from a bfloat16 file
+    assert not mapped.drop_read_pages(7 << 30, 7 << 30)       # fits: the files stay cached for the next load
+    monkeypatch.setattr(mapped, "memory_available", lambda: None)      # unknown: left to the kernel
+    assert not mapped.drop_read_pages(15 << 30, 7 << 30)
+    monkeypatch.setenv(mapped.DROP_ENV, "1")
+    assert mapped.drop_read_pages(1, 1)
+    monkeypatch.setenv(mapped.DROP_ENV, "0")
+    monkeypatch.setattr(mapped, "memory_available", lambda: 1)
+    assert not mapped.drop_read_pages(15 << 30, 7 << 30)
+    monkeypatch.setenv(mapped.DROP_ENV, "sometimes")
+    with pytest.raises(ValueError, match="BLIP_LOAD_DROP_PAGE_CACHE"):
+        mapped.drop_read_pages(1, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
+def test_a_load_that_does_not_fit_drops_what_it_has_read(variants, backend, monkeypatch):
+    """With too little memory for the files and the model together, every tensor the load copies has its
+    pages (those wholly inside it) dropped from the page cache once released, and the weights are those of
+    a load that keeps the cache; with memory to spare nothing is dropped."""
+    from blip_core.checkpoint import mapped
+    path = variants["bf16-sharded"]
+    want = _params(backend, getattr(_backend(backend), ARCH).from_pretrained(path, dtype="float32"))
+    dropped = []
+    real = mapped.MappedFile.drop_cached
+
+    def spy(self, begin, end):
+        dropped.append((self.path, begin, end))
+        return real(self, begin, end)
+    monkeypatch.setattr(mapped.MappedFile, "drop_cached", spy)
+    monkeypatch.delenv(mapped.DROP_ENV, raising=False)
+    monkeypatch.setattr(mapped, "memory_available", lambda: 1 << 40)
+    getattr(_backend(backend), ARCH).from_pretrained(path, dtype="float32")
+    assert dropped == []
+    monkeypatch.setattr(mapped, "memory_available", lambda: 1024)     # less than this tiny model needs
+    got = _params(backend, getattr(_backend(backend), ARCH).from_pretrained(path, dtype="float32"))
+    refs = open_state_dict(path)
+    spans = {(ref._file.path, ref._entry.begin, ref._entry.end) for ref in refs.values() if ref.nbytes}
+    assert set(dropped) == spans and len(dropped) == len(spans)   # every tensor cast to float32, once
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+
+
+def test_drop_cached_advises_the_pages_inside_the_tensor_only(variants, monkeypatch):
+    from blip_core.checkpoint import mapped
+    calls = []
+    monkeypatch.setattr(mapped.os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    ref = max(open_state_dict(variants["bf16-sharded"]).values(), key=lambda r: r.nbytes)
+    ref.drop_cached = True
+    view = ref.view()
+    ref.release()
+    lo, hi = ref._file.header.data_start + ref._entry.begin, ref._file.header.data_start + ref._entry.end
+    page = mapped._PAGE
+    assert len(calls) == 1
+    offset, length, advice = calls[0]
+    assert advice == os.POSIX_FADV_DONTNEED and offset % page == 0 and length % page == 0
+    assert lo <= offset < lo + page and hi - page < offset + length <= hi
+    want = checkpoint.load_state_dict(variants["bf16-sharded"])[ref._entry.name]
+    np.testing.assert_array_equal(view.view(np.uint16), want.view(np.uint16))
+
+
 def test_torch_shares_the_file_privately_and_saving_over_it_is_safe(variants, tmp_path):
     import torch
     import backends.torch as bt
