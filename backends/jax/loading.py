@@ -48,13 +48,12 @@ def place(arr: np.ndarray, perm, dtype, device=None):
 def load_params(items: list, dtype, device=None, leaf_dtype=None) -> dict:
     """``{jax path: array}`` from ``blip_core.pretrained.load_items`` rows; ``device`` a ``jax.Device`` or None;
     ``leaf_dtype(path)``, where given, the dtype of each leaf instead of ``dtype`` (float16 BLIP-2's float32 parts)."""
-    # host memory this load allocates: on the CPU every floating tensor gets a buffer of its own
-    new_bytes = 0 if not on_cpu(device) else sum(
-        int(np.prod(ref.shape, dtype=np.int64)) * np.dtype(dtype if leaf_dtype is None else leaf_dtype(path)).itemsize
-        for path, ref, _ in items)
+    leaf = (lambda path: dtype) if leaf_dtype is None else leaf_dtype
+    host = on_cpu(device)     # on the CPU every tensor gets a host buffer of its own (see ``in_order``)
     out = {}
-    for path, ref, perm in in_order(items, ref=lambda item: item[1], new_bytes=new_bytes):
-        out[path] = place(ref.view(), perm, dtype if leaf_dtype is None else leaf_dtype(path), device)
+    for path, ref, perm in in_order(items, ref=lambda item: item[1],
+                                    new_itemsize=lambda item: np.dtype(leaf(item[0])).itemsize if host else 0):
+        out[path] = place(ref.view(), perm, leaf(path), device)
         out[path].block_until_ready()    # the host data must be read before its pages are dropped
         ref.release()
     return out

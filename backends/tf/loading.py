@@ -56,10 +56,9 @@ class LazyValues:
         self._items = {path: (ref, perm) for path, ref, perm in items}
         self._dtype, self._device = dtype, device
         self._host = on_host(device)
-        # host memory this load allocates: on the CPU every tensor gets a buffer of its own
-        new_bytes = 0 if not self._host else sum(
-            int(np.prod(ref.shape, dtype=np.int64)) * dtype.size for _, ref, _ in items)
-        self._order = in_order(items, ref=lambda item: item[1], new_bytes=new_bytes)
+        # on the host every tensor gets a buffer of its own (see ``in_order``)
+        self._order = in_order(items, ref=lambda item: item[1],
+                               new_itemsize=lambda item: dtype.size if self._host else 0)
 
     def __contains__(self, path) -> bool:
         return path in self._items

@@ -235,9 +235,8 @@ def _padded_base(x: torch.Tensor, padded_rows: int):
     the base itself is the padded input: its extra rows hold the previous product's outputs for the zero
     rows, and each output row depends on its input row only, so they change no kept row."""
     base = x._base
-    n_in = x.shape[-1]
-    if (base is None or base.dtype != x.dtype or not base.is_contiguous() or base.data_ptr() != x.data_ptr()
-            or base.dim() != 2 or base.shape != (padded_rows, n_in)):
+    if (base is None or base.shape != (padded_rows, x.shape[-1]) or base.data_ptr() != x.data_ptr()
+            or base.dtype != x.dtype or not base.is_contiguous()):
         return None
     return base
 

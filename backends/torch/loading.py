@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from blip_core.checkpoint import in_order
@@ -33,12 +32,12 @@ def load_params(items: list, dtype: torch.dtype, device=None, dtype_of=None) -> 
     ``dtype_of(name)``, where given, each tensor's dtype instead (float16 BLIP-2's float32 parts)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     target = {name: dtype if dtype_of is None else dtype_of(name) for name, _, _ in items}
-    # host memory this load allocates: the tensors it casts (a device's memory is not the host's)
-    new_bytes = 0 if device.type != "cpu" else sum(
-        int(np.prod(ref.shape, dtype=np.int64)) * target[name].itemsize
-        for name, ref, _ in items if ref.dtype_name != str(target[name]).removeprefix("torch."))
+
+    def new_itemsize(item):     # host bytes per element: the tensors cast on the CPU (a device's memory is not the host's)
+        name, ref, _ = item
+        return target[name].itemsize if device.type == "cpu" and getattr(torch, ref.dtype_name, None) != target[name] else 0
     out = {}
-    for name, ref, _ in in_order(items, ref=lambda item: item[1], new_bytes=new_bytes):
+    for name, ref, _ in in_order(items, ref=lambda item: item[1], new_itemsize=new_itemsize):
         dt = target[name]
         src = as_torch(ref)
         if src.dtype == dt and device.type == "cpu" and src.is_contiguous() and ref.raw().flags.writeable:

@@ -60,9 +60,13 @@ class TensorRef:
         return numpy_dtype(self.dtype_name, f"tensor of shape {self.shape}")
 
     @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def nbytes(self) -> int:
         itemsize = _RAW[self.dtype_name].itemsize if self.dtype_name in _RAW else np.dtype(self.dtype_name).itemsize
-        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        return self.size * itemsize
 
     def view(self) -> np.ndarray:
         """The data in canonical layout; may share memory with a file mapping (see ``release``)."""
@@ -177,8 +181,7 @@ class MappedFile:
     def drop_cached(self, begin: int, end: int) -> None:
         """Drop the file's pages wholly inside a byte span of the data buffer from the page cache
         (``posix_fadvise(POSIX_FADV_DONTNEED)``; pages still mapped anywhere stay)."""
-        lo, hi = self.header.data_start + begin, self.header.data_start + end
-        lo, hi = (-(-lo // _PAGE)) * _PAGE, (hi // _PAGE) * _PAGE
+        lo, hi = _pages(self.header.data_start + begin, self.header.data_start + end, inward=True)
         if hi > lo and hasattr(os, "posix_fadvise"):
             try:
                 fd = os.open(self.path, os.O_RDONLY)
@@ -195,6 +198,14 @@ class MappedFile:
             _advise(self._mmap, option, self.header.data_start + begin, self.header.data_start + end, inward)
 
 
+def _pages(lo: int, hi: int, inward: bool) -> tuple:
+    """The page-aligned span of the byte span ``[lo, hi)``: the pages wholly inside it (``inward``, so a
+    neighbour's data is never dropped) or every page it touches."""
+    if inward:
+        return -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
+    return lo // _PAGE * _PAGE, -(-hi // _PAGE) * _PAGE
+
+
 def _advise(mapping: mmap.mmap, option: int, lo: int, hi: int, inward: bool) -> None:
     """``madvise`` over the pages of the byte span ``[lo, hi)`` of a mapped file.
 
@@ -202,8 +213,8 @@ def _advise(mapping: mmap.mmap, option: int, lo: int, hi: int, inward: bool) -> 
     """
     if not hasattr(mapping, "madvise"):
         return
-    lo, hi = ((-(-lo // _PAGE)) * _PAGE, (hi // _PAGE) * _PAGE) if inward else (
-        (lo // _PAGE) * _PAGE, min(-(-hi // _PAGE) * _PAGE, len(mapping)))
+    lo, hi = _pages(lo, hi, inward)
+    hi = min(hi, len(mapping))
     if hi > lo:
         try:
             mapping.madvise(option, lo, hi - lo)
@@ -311,19 +322,21 @@ def map_safetensors(files) -> dict:
     return refs
 
 
-def in_order(items: list, ref=lambda item: item, lookahead_bytes: int = 512 * 2**20, new_bytes=None):
+def in_order(items: list, ref=lambda item: item, lookahead_bytes: int = 512 * 2**20, new_itemsize=None):
     """Yield ``items`` in turn, asking the kernel to read up to ``lookahead_bytes`` of their refs ahead.
 
     ``ref(item)`` is the item's ``TensorRef``. Readahead of mapped files is how shards are read in
     parallel with the conversion: the kernel fills the page cache from the files while the
-    caller converts the current tensor. ``new_bytes``: the memory the caller allocates for the
-    model as it goes (the tensors it copies); where given, ``drop_read_pages`` decides whether each
-    released tensor's pages also leave the page cache.
+    caller converts the current tensor. ``new_itemsize(item)``: bytes per element of the host memory
+    the caller allocates for that item (0: none, e.g. a zero-copy view or a tensor bound for a device);
+    where given, ``drop_read_pages`` decides from their sum whether each released tensor's pages also
+    leave the page cache.
     """
     refs = [ref(item) for item in items]
-    if new_bytes is not None:
+    if new_itemsize is not None:
         mapped = [r for r in refs if isinstance(r, MappedRef)]
-        drop = drop_read_pages(int(new_bytes), sum(r.nbytes for r in mapped))
+        new_bytes = sum(r.size * new_itemsize(item) for item, r in zip(items, refs))
+        drop = drop_read_pages(new_bytes, sum(r.nbytes for r in mapped))
         for r in mapped:
             r.drop_cached = drop
     ahead, queued = 0, 0
