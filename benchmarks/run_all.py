@@ -8,7 +8,8 @@
 Impls: our ``torch``, ``tf``, ``jax`` backends and transformers 4.57 ``hf-torch`` / ``hf-tf``, all
 loaded from one checkpoint of random weights and timed interleaved in this one process, so the
 ratio ours/reference compares runs under the same machine load. Results go to
-``benchmarks/results/<date>-<machine>.json`` unless ``--out`` says otherwise; the compute floor of
+``benchmarks/results/<date>-<machine>.json`` (``<date>-<machine>-<workloads>.json`` for a run of some workloads
+only) unless ``--out`` says otherwise; the compute floor of
 each figure is its FLOP count over the matmul rate measured here for the same framework.
 """
 from __future__ import annotations
@@ -206,7 +207,9 @@ def run(args) -> int:
     ctx.finalize()
     targets = evaluate_targets(ctx.cases) if args.dtype == "float32" else []   # the issue's targets are float32
     print_summary(ctx, env, targets)
-    out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{env['machine']}"
+    # a run of some workloads only is named after them, so it never overwrites the day's full run
+    part = "" if set(args.only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in args.only)
+    out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{env['machine']}{part}"
                                                 f"{'-quick' if args.quick else ''}.json")
     data = {"schema": "blip-bench/1", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join((["python"] if sys.argv[0].endswith(".py") else []) + sys.argv),
