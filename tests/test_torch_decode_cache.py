@@ -147,19 +147,64 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_transposed_one_row_product(threads):
-    """The one-row layout (an embedding-bag sum over a transposed copy in column blocks) gives F.linear's
-    product to float32 rounding, the same bits for every block count, and leaves the plain path to other rows."""
+def test_transposed_one_row_product(threads, monkeypatch):
+    """The one-row layout (an embedding-bag sum over a transposed copy in column blocks, the bias as one more
+    row) gives F.linear's product to float32 rounding, and the same bits for every block count and width,
+    the last block padded where the width does not divide the outputs; with the bias, exactly ``y + b``."""
     from backends.torch import layout
     g = torch.Generator().manual_seed(0)
-    for out, n_in in [(768, 96), (96, 768), (30, 64), (7 * 64, 64)]:
+    for out, n_in in [(768, 96), (96, 768), (30, 64), (7 * 64, 64), (1100, 48), (30524, 16)]:
         w, b, x = (torch.randn(out, n_in, generator=g), torch.randn(out, generator=g),
                    torch.randn(1, 1, n_in, generator=g))
-        t = layout._Transposed(w, threads)
-        assert 1 <= t.k <= max(1, threads) and out % t.k == 0
-        y = t(x, b)
+        t = layout._Transposed(w, b, threads)
+        k, width = layout._blocks(out, threads)
+        assert (t.k, tuple(t.table.shape)) == (k, (k * (n_in + 1), width))
+        assert k % threads == 0 and width <= layout.MAX_WIDTH and 0 <= k * width - out < k
+        y = t(x)
         assert y.shape == (1, 1, out)
         want = (x.double() @ w.double().T + b.double()).float()
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
-        assert torch.equal(y, layout._Transposed(w, 1)(x, b))    # the same ordered sums in any blocks
-        assert torch.equal(t(x, None) + b, y)
+        assert torch.equal(layout._Transposed(w, None, threads)(x) + b, y)   # the bias last, as y + b
+        for max_width in (64, 100, 10 ** 9):    # the same ordered sums in any blocks
+            monkeypatch.setattr(layout, "MAX_WIDTH", max_width)
+            assert torch.equal(y, layout._Transposed(w, b, 1)(x))
+        monkeypatch.undo()
+
+
+def test_transposed_one_row_product_bfloat16():
+    """bfloat16 weights: float32 sums with the bias inside, rounded once, as oneDNN's product on the same
+    weights rounds them (bits may differ by the order of the float32 sums only)."""
+    from backends.torch import layout
+    if layout._ONEDNN is None:
+        pytest.fail("this torch build has no oneDNN")
+    g = torch.Generator().manual_seed(1)
+    for out, n_in in [(3072, 768), (768, 3072), (1100, 48)]:
+        w, b, x = (torch.randn(out, n_in, generator=g).bfloat16(), torch.randn(out, generator=g).bfloat16(),
+                   torch.randn(1, n_in, generator=g).bfloat16())
+        y = layout._Transposed(w, b, 2)(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (1, out)
+        exact = x.double() @ w.double().T + b.double()
+        torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-6 * n_in)   # one bfloat16 rounding
+        onednn = layout._ONEDNN[0](x, layout._ONEDNN[1](w, 1), b, "none", [], "")
+        torch.testing.assert_close(y, onednn, rtol=2 ** -7, atol=0.0)
+        assert (y == onednn).float().mean() > 0.95
+
+
+def test_transposed_layout_follows_its_bias():
+    """A transposed copy holds the bias: an in-place change to the bias (or a new one) retires the layout."""
+    from backends.torch import layout
+    lin = layout.Linear(64, 96).eval()
+    with torch.no_grad():
+        layout.prepare_decoding(lin, 1)
+        assert lin._layout is not None and lin._layout.how == layout.plan(torch.float32, 1)
+        x = torch.randn(1, 64)
+        before = lin(x)
+        lin.bias.add_(1.0)
+        torch.testing.assert_close(lin(x), before + 1.0)
+        assert not lin._layout.fresh(lin)
+        layout.prepare_decoding(lin, 1)
+        assert lin._layout.fresh(lin)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        lin.bias = torch.nn.Parameter(torch.zeros(96))
+        assert not lin._layout.fresh(lin)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))

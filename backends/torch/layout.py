@@ -70,78 +70,98 @@ ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in ("0"
 # BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): float32 never copies, one row included.
 ONE_ROW = _SETTING != "unpacked"
 PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"
-MAX_BLOCKS = 8     # column blocks of a transposed copy (the threads that read it at once)
+# Output columns per block of a transposed copy at most (see ``_blocks``).
+MAX_WIDTH = 256
 
 
 def plan(dtype: torch.dtype, rows: int) -> str:
     """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
     weights as they are (``UNPACKED``, no copy), oneDNN on a copy packed for the call's row count (``PACKED``)
-    or, float32 at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``)."""
+    or, at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``)."""
     if ENABLED is False:
         return PLAIN
     if ENABLED is True:
         return PACKED
-    if dtype != torch.float32:
-        return PACKED
-    return TRANSPOSED if rows == 1 and ONE_ROW else UNPACKED
+    if rows == 1 and ONE_ROW:
+        return TRANSPOSED
+    return UNPACKED if dtype == torch.float32 else PACKED
 
 
-def _blocks(out_features: int, threads: int) -> int:
-    """Column blocks of a transposed copy: the most that divide ``out_features`` into blocks of 64 or more
-    columns, up to ``threads`` (and ``MAX_BLOCKS``). The sums do not depend on it (see ``_Transposed``)."""
-    for k in range(max(1, min(threads, MAX_BLOCKS)), 1, -1):
-        if out_features % k == 0 and out_features // k >= 64:
-            return k
-    return 1
+def _blocks(out_features: int, threads: int) -> tuple:
+    """``(k, width)``: the column blocks of a transposed copy, a multiple of ``threads`` with ``width = ceil(out /
+    k)`` at most ``MAX_WIDTH`` columns (the last block padded with zero columns to ``width``). fbgemm's kernel
+    keeps a bag's running sums in registers only for narrow rows: wider ones are summed a slice at a time,
+    each slice a strided pass over the table. Measured on this project's Zen 4 VM (two threads, 300 MB of
+    each shape, interleaved medians): BLIP base's FFN input (3072 x 768) streams at 17-19 GB/s in blocks of
+    1536 or 768 columns and 24-30 GB/s in blocks of 192-512; the LM head (30524 x 768) at 19-21 GB/s in
+    blocks of 954-15262 and 25-26 GB/s in 318-477. The sums do not depend on the blocks (see ``_Transposed``)."""
+    threads = max(1, threads)
+    k = threads * -(-out_features // (MAX_WIDTH * threads))
+    return k, -(-out_features // k)
 
 
 class _Transposed:
-    """One-row float32 product ``x @ W.T`` as an embedding-bag sum over a transposed copy of ``W``.
+    """One-row product ``x @ W.T + b`` as an embedding-bag sum over a transposed copy of ``W`` (and ``b``).
 
-    ``W`` (out, in) is stored as ``k`` column blocks, each transposed, stacked into a (k * in, out / k)
-    table: row ``j * in + i`` holds input feature ``i``'s weights to block ``j``'s outputs. One
-    ``F.embedding_bag`` call with ``k`` bags (bag ``j``: rows ``j * in .. (j + 1) * in - 1``, weighted by
-    ``x``) returns the (k, out / k) products, i.e. the output in order. fbgemm's kernel streams each
-    table row once into accumulators that stay in registers: on this project's Zen 4 cores it reads the
-    weights ~1.3-1.5x faster than oneDNN's inner product on one row (one core, CPU time), and the
-    bags run on ``k`` threads. Each output is the same ordered sum whatever ``k`` (bit for bit).
+    ``W`` (out, in) is stored as ``k`` column blocks of ``width`` columns (``_blocks``; the last padded with
+    zero columns), each transposed, with the bias's block as one more row, stacked into a
+    (k * (in + 1), width) table: row ``j * (in + 1) + i`` holds input feature ``i``'s weights to block ``j``'s
+    outputs, row ``j * (in + 1) + in`` their biases. One ``F.embedding_bag`` call with ``k`` bags (bag ``j``:
+    block ``j``'s rows, weighted by ``x`` and 1 for the bias) returns the (k, width) products, i.e. the output
+    in order (then the padding). fbgemm's kernel streams each table row once into float32 accumulators
+    that stay in registers: on this project's Zen 4 cores it reads float32 weights ~1.3-1.5x and bfloat16
+    weights 1.3-1.5x faster than oneDNN's inner product on one row, and the bags run on the threads. Each
+    output is the same ordered sum whatever ``k`` (bit for bit); the bias, added last in the accumulator,
+    gives float32 the bits of ``y + b`` and bfloat16 one rounding, as oneDNN's product does.
     """
 
-    __slots__ = ("table", "index", "offsets", "k", "n_in")
+    __slots__ = ("table", "index", "offsets", "k", "n_in", "out", "ones")
 
-    def __init__(self, w: torch.Tensor, threads: int):
+    def __init__(self, w: torch.Tensor, bias, threads: int):
         out, n_in = w.shape
-        k = _blocks(out, threads)
-        width = out // k
-        self.table = w.new_empty((k * n_in, width))
+        k, width = _blocks(out, threads)
+        rows = n_in + (bias is not None)
+        self.table = w.new_empty((k * rows, width))
         for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.25 s of CPU for BLIP base)
-            self.table[j * n_in:(j + 1) * n_in].copy_(w[j * width:(j + 1) * width].t())
-        self.index, self.offsets = bags(k, n_in, w.device)
-        self.k, self.n_in = k, n_in
+            block, lo = self.table[j * rows:(j + 1) * rows], j * width
+            cols = max(0, min(width, out - lo))
+            block[:n_in, :cols].copy_(w[lo:lo + cols].t())
+            if bias is not None:
+                block[n_in, :cols].copy_(bias[lo:lo + cols])
+            block[:, cols:].zero_()
+        self.index, self.offsets = bags(k, rows, w.device)
+        self.ones = None if bias is None else w.new_ones((k, 1))
+        self.k, self.n_in, self.out = k, n_in, out
 
-    def __call__(self, x: torch.Tensor, bias) -> torch.Tensor:
-        weights = x.reshape(self.n_in)
-        if self.k > 1:
-            weights = torch.cat((weights,) * self.k)     # one op, about a third of ``repeat``'s dispatch cost
-        y = F.embedding_bag(self.index, self.table, self.offsets, mode="sum", per_sample_weights=weights)
-        y = y.view(x.shape[:-1] + (-1,))
-        return y if bias is None else y.add_(bias)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weights = x.reshape(1, self.n_in).expand(self.k, self.n_in)    # x once per bag (then 1 for the bias)
+        weights = torch.cat((weights, self.ones), 1) if self.ones is not None else weights.reshape(-1)
+        y = F.embedding_bag(self.index, self.table, self.offsets, mode="sum", per_sample_weights=weights.view(-1))
+        return y.view(-1)[:self.out].view(x.shape[:-1] + (-1,))
 
 
 class _Layout:
-    """A weight prepared for ``rows`` input rows (a packed copy, or the weight itself for the unpacked
-    plan), valid while its source tensor is unchanged."""
+    """A weight (and bias) prepared for ``rows`` input rows (a packed or transposed copy, or the weight itself
+    for the unpacked plan), valid while its source tensors are unchanged."""
 
-    __slots__ = ("source", "version", "ptr", "rows", "dtype", "weight", "how")
+    __slots__ = ("source", "version", "ptr", "bias", "bias_state", "rows", "dtype", "weight", "how")
 
-    def __init__(self, source: torch.Tensor, rows: int, weight, how: str):
+    def __init__(self, lin: nn.Linear, rows: int, weight, how: str):
+        source = lin.weight
         self.source, self.version, self.ptr = source, source._version, source.data_ptr()
+        self.bias, self.bias_state = lin.bias, _state(lin.bias)
         self.rows, self.dtype, self.weight, self.how = rows, source.dtype, weight, how
 
     def fresh(self, lin: nn.Linear) -> bool:
-        # identity, in-place version and storage (``.data =`` / ``.to()`` swap the storage, not the version)
+        # identity, in-place version and storage (``.data =`` / ``.to()`` swap the storage, not the version);
+        # the bias too, which a transposed copy holds
         w = lin.weight
-        return w is self.source and w._version == self.version and w.data_ptr() == self.ptr and w.dtype == self.dtype
+        return (w is self.source and w._version == self.version and w.data_ptr() == self.ptr
+                and w.dtype == self.dtype and lin.bias is self.bias and _state(lin.bias) == self.bias_state)
+
+
+def _state(t):
+    return None if t is None else (t._version, t.data_ptr(), t.dtype)
 
 
 class Linear(nn.Linear):
@@ -166,7 +186,7 @@ class Linear(nn.Linear):
         if (lay is not None and x.dtype == lay.dtype and x.shape[-1] > 0
                 and x.numel() // x.shape[-1] == lay.rows and lay.fresh(self)):
             if lay.how == TRANSPOSED:
-                y = lay.weight(x, self.bias)
+                y = lay.weight(x)
                 return y if act is None else activation(act)(y)
             return _ONEDNN[0](x, lay.weight, self.bias, post, [], algorithm)
         w = self.weight
@@ -273,14 +293,14 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
             continue
         lay, w = lin._layout, lin.weight.detach()
         if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
-                how != TRANSPOSED or lay.weight.k == _blocks(w.shape[0], threads)):
+                how != TRANSPOSED or lay.weight.k == _blocks(w.shape[0], threads)[0]):
             continue
         lin._layout = None   # a stale copy goes before its replacement is made
         if how == TRANSPOSED:
-            weight = _Transposed(w, threads)
+            weight = _Transposed(w, None if lin.bias is None else lin.bias.detach(), threads)
         else:
             weight = w if how == UNPACKED else _ONEDNN[1](w, rows)
-        lin._layout = _Layout(lin.weight, rows, weight, how)
+        lin._layout = _Layout(lin, rows, weight, how)
 
 
 def release_layouts(module: nn.Module) -> None:
