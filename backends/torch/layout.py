@@ -8,18 +8,21 @@ and 2-8 rows (beam search, small batches) 3-5x slower per byte than one row, whe
 weights reordered once into its blocked layout for that row count reads them 3-5x faster. In
 bfloat16 the packed weights read about twice as fast as torch's default (unpacked) oneDNN call.
 
-The plan per weight dtype and row count (``plan``): float32 at one row (greedy or sampled batch 1, the
-commonest call) multiplies through an embedding-bag sum over a transposed copy of each weight
-(``_Transposed``): fbgemm's kernel streams it ~1.3-1.5x faster than oneDNN reads the weights as they
-are (one core, CPU time, loaded machine: a BLIP-base decoding step 1.2x faster), at the cost of a
-second copy of the decoder's weights (~490 MB for BLIP base). float32 at 2+ rows calls oneDNN on the
+The plan per weight dtype and row count (``plan``): at one row (greedy or sampled batch 1, the
+commonest call) every dtype multiplies through an embedding-bag sum over a transposed copy of each
+weight and its bias (``_Transposed``), in blocks of at most ``MAX_WIDTH`` output columns: fbgemm's
+kernel streams it ~1.3-1.5x faster than oneDNN reads float32 weights as they are (one core, CPU time,
+loaded machine: a BLIP-base decoding step 1.2x faster; narrow blocks another 1.05x), and bfloat16 weights
+1.3-1.5x faster than oneDNN's packed copy (a BLIP-base bfloat16 step 1.2x faster), at the cost of a second
+copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2+ rows calls oneDNN on the
 weights as they are (no copy; at 2-24 rows the packed copy reads another 1.1-1.4x faster, not worth a
-second copy by default; the transposed copy would read the weights once per row). bfloat16 uses the
-packed copy.
+second copy by default; the transposed copy would read the weights once per row). bfloat16 at 2+ rows
+uses the packed copy.
 
 Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``ONE_ROW`` at run time):
-unset or ``auto`` = the plan above; ``unpacked`` = float32 never copies (oneDNN on the weights as they
-are at every row count, the default before the one-row copy; ``ONE_ROW = False``); ``1`` = packed
+unset or ``auto`` = the plan above; ``unpacked`` = no transposed copy at one row (float32: oneDNN on the
+weights as they are at every row count, the default before the one-row copy; bfloat16: the packed copy;
+``ONE_ROW = False``); ``1`` = packed
 copies for every dtype and row count (``ENABLED = True``); ``0`` = ``F.linear`` everywhere (``ENABLED =
 False``). The attention of a decoding step over the cached image keys/values (``_base.one_query_attention``,
 also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
@@ -28,8 +31,8 @@ also embedding-bag sums) needs no switch: no copy, same numbers to float32 round
 layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
 marked ``runs_once``, e.g. the cross-attention keys/values of the image) the layout for ``rows``
 rows; the text decoder calls it on its first decoding step. A layout belongs to one weight tensor
-at one version: training, ``load_state_dict`` or any in-place change makes it stale and the layer
-silently returns to ``F.linear``; with gradients enabled, the plain path always runs. A packed or
+(and bias) at one version: training, ``load_state_dict`` or any in-place change makes it stale and the
+layer silently returns to ``F.linear``; with gradients enabled, the plain path always runs. A packed or
 transposed copy is kept for the next call with as many rows (about the decoder's weight bytes; a call
 with another row count replaces it); ``release_layouts(model)`` frees it. The unpacked plan keeps no copy.
 
@@ -67,7 +70,7 @@ _ONEDNN = _onednn_ops()
 # at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
 _SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
 ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in ("0", "false", "no", "off")
-# BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): float32 never copies, one row included.
+# BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): no transposed copy at one row.
 ONE_ROW = _SETTING != "unpacked"
 PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"
 # Output columns per block of a transposed copy at most (see ``_blocks``).
