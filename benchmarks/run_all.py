@@ -9,7 +9,7 @@ Impls: our ``torch``, ``tf``, ``jax`` backends and transformers 4.57 ``hf-torch`
 loaded from one checkpoint of random weights and timed interleaved in this one process, so the
 ratio ours/reference compares runs under the same machine load. Results go to
 ``benchmarks/results/<date>-<machine>.json`` (``<date>-<machine>-<workloads>.json`` for a run of some workloads
-only) unless ``--out`` says otherwise; the compute floor of
+only; ``-<HHMMSS>`` added where that file exists) unless ``--out`` says otherwise; the compute floor of
 each figure is its FLOP count over the matmul rate measured here for the same framework.
 """
 from __future__ import annotations
@@ -211,6 +211,8 @@ def run(args) -> int:
     part = "" if set(args.only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in args.only)
     out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{env['machine']}{part}"
                                                 f"{'-quick' if args.quick else ''}.json")
+    if not args.out and os.path.exists(out):    # a second run the same day keeps the first one's file
+        out = out[:-len(".json")] + time.strftime("-%H%M%S") + ".json"
     data = {"schema": "blip-bench/1", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join((["python"] if sys.argv[0].endswith(".py") else []) + sys.argv),
             "options": {"quick": args.quick, "backends": args.backends, "only": args.only, "threads": args.threads,
