@@ -207,12 +207,7 @@ def run(args) -> int:
     ctx.finalize()
     targets = evaluate_targets(ctx.cases) if args.dtype == "float32" else []   # the issue's targets are float32
     print_summary(ctx, env, targets)
-    # a run of some workloads only is named after them, so it never overwrites the day's full run
-    part = "" if set(args.only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in args.only)
-    out = args.out or os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{env['machine']}{part}"
-                                                f"{'-quick' if args.quick else ''}.json")
-    if not args.out and os.path.exists(out):    # a second run the same day keeps the first one's file
-        out = out[:-len(".json")] + time.strftime("-%H%M%S") + ".json"
+    out = args.out or results_path(env["machine"], args.only, args.quick)
     data = {"schema": "blip-bench/1", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join((["python"] if sys.argv[0].endswith(".py") else []) + sys.argv),
             "options": {"quick": args.quick, "backends": args.backends, "only": args.only, "threads": args.threads,
@@ -236,6 +231,15 @@ def run(args) -> int:
         from .report import update_readme
         print(f"{'updated' if update_readme(readme, data) else 'no benchmark-table markers in'} {readme}")
     return 1 if errors else 0
+
+
+def results_path(machine: str, only, quick: bool) -> str:
+    """The default results file: ``<date>-<machine>.json`` for a full run, ``<date>-<machine>-<workloads>.json``
+    for a run of some workloads (so it never replaces the day's full run), ``-quick`` for tiny configs, and
+    ``-<HHMMSS>`` added where that file exists already (a second run the same day keeps the first's)."""
+    part = "" if set(only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in only)
+    out = os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{machine}{part}{'-quick' if quick else ''}.json")
+    return out[:-len(".json")] + time.strftime("-%H%M%S") + ".json" if os.path.exists(out) else out
 
 
 def main(argv=None) -> int:

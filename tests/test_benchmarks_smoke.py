@@ -76,3 +76,19 @@ def test_run_all_quick_writes_complete_results(tmp_path):
     from benchmarks.report import render
     table = render(data)
     assert "PyTorch low precision" in table
+
+
+def test_results_path_never_replaces_a_run(tmp_path, monkeypatch):
+    """The default results file of a partial run is named after its workloads, and a second run the same
+    day gets a file of its own instead of replacing the first."""
+    import datetime
+    from benchmarks import run_all
+    monkeypatch.setattr(run_all, "RESULTS_DIR", str(tmp_path))
+    day = datetime.date.today().isoformat()
+    full = run_all.results_path("m", run_all.WORKLOADS, False)
+    assert full == str(tmp_path / f"{day}-m.json")
+    assert run_all.results_path("m", ["lowprec"], False) == str(tmp_path / f"{day}-m-lowprec.json")
+    assert run_all.results_path("m", ["caption", "vision"], True) == str(tmp_path / f"{day}-m-vision-caption-quick.json")
+    (tmp_path / f"{day}-m.json").write_text("{}")
+    second = run_all.results_path("m", run_all.WORKLOADS, False)
+    assert second != full and second.startswith(str(tmp_path / f"{day}-m-")) and second.endswith(".json")
