@@ -12,8 +12,8 @@ The plan per weight dtype and row count (``plan``): at one row (greedy or sample
 commonest call) every dtype multiplies through an embedding-bag sum over a transposed copy of each
 weight and its bias (``_Transposed``), in blocks of at most ``MAX_WIDTH`` output columns: fbgemm's
 kernel streams it ~1.3-1.5x faster than oneDNN reads float32 weights as they are (one core, CPU time,
-loaded machine: a BLIP-base decoding step 1.2x faster; narrow blocks another 1.05x), and bfloat16 weights
-1.3-1.5x faster than oneDNN's packed copy (a BLIP-base bfloat16 step 1.2x faster), at the cost of a second
+loaded machine: a BLIP-base decoding step 1.2x faster; narrow blocks another 1.13x), and bfloat16 weights
+1.3-1.5x faster than oneDNN's packed copy (a BLIP-base bfloat16 step 1.18x faster), at the cost of a second
 copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2+ rows calls oneDNN on the
 weights as they are (no copy; at 2-24 rows the packed copy reads another 1.1-1.4x faster, not worth a
 second copy by default; the transposed copy would read the weights once per row). bfloat16 at 2+ rows
@@ -125,7 +125,7 @@ class _Transposed:
         k, width = _blocks(out, threads)
         rows = n_in + (bias is not None)
         self.table = w.new_empty((k * rows, width))
-        for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.25 s of CPU for BLIP base)
+        for j in range(k):    # one 2-D transposing copy per block (torch's blocked transpose; ~0.4 s for BLIP base)
             block, lo = self.table[j * rows:(j + 1) * rows], j * width
             cols = max(0, min(width, out - lo))
             block[:n_in, :cols].copy_(w[lo:lo + cols].t())
@@ -147,23 +147,20 @@ class _Layout:
     """A weight (and bias) prepared for ``rows`` input rows (a packed or transposed copy, or the weight itself
     for the unpacked plan), valid while its source tensors are unchanged."""
 
-    __slots__ = ("source", "version", "ptr", "bias", "bias_state", "rows", "dtype", "weight", "how")
+    __slots__ = ("source", "bias", "state", "rows", "dtype", "weight", "how")
 
     def __init__(self, lin: nn.Linear, rows: int, weight, how: str):
-        source = lin.weight
-        self.source, self.version, self.ptr = source, source._version, source.data_ptr()
-        self.bias, self.bias_state = lin.bias, _state(lin.bias)
-        self.rows, self.dtype, self.weight, self.how = rows, source.dtype, weight, how
+        self.source, self.bias, self.state = lin.weight, lin.bias, (_state(lin.weight), _state(lin.bias))
+        self.rows, self.dtype, self.weight, self.how = rows, lin.weight.dtype, weight, how
 
     def fresh(self, lin: nn.Linear) -> bool:
-        # identity, in-place version and storage (``.data =`` / ``.to()`` swap the storage, not the version);
-        # the bias too, which a transposed copy holds
-        w = lin.weight
-        return (w is self.source and w._version == self.version and w.data_ptr() == self.ptr
-                and w.dtype == self.dtype and lin.bias is self.bias and _state(lin.bias) == self.bias_state)
+        # the same weight and bias tensors, unchanged (the bias too: a transposed copy holds it)
+        return (lin.weight is self.source and lin.bias is self.bias
+                and (_state(lin.weight), _state(lin.bias)) == self.state)
 
 
 def _state(t):
+    """In-place version, storage and dtype (``.data =`` / ``.to()`` swap the storage, not the version)."""
     return None if t is None else (t._version, t.data_ptr(), t.dtype)
 
 
