@@ -154,9 +154,10 @@ class _Layout:
         self.rows, self.dtype, self.weight, self.how = rows, lin.weight.dtype, weight, how
 
     def fresh(self, lin: nn.Linear) -> bool:
-        # the same weight and bias tensors, unchanged (the bias too: a transposed copy holds it)
-        return (lin.weight is self.source and lin.bias is self.bias
-                and (_state(lin.weight), _state(lin.bias)) == self.state)
+        # the same weight and bias tensors, unchanged (the bias too: a transposed copy holds it); each read
+        # once (a module's parameter lookup costs more than the comparisons: this runs on every decoding product)
+        w, b = lin.weight, lin.bias
+        return w is self.source and b is self.bias and (_state(w), _state(b)) == self.state
 
 
 def _state(t):
