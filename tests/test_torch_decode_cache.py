@@ -79,11 +79,21 @@ def test_one_query_attention_matches_sdpa(masked):
         got = one_query_attention(q, k, v, mask, scale=hd ** -0.5)
         want, _ = attention(q, k.contiguous(), v, mask, scale=hd ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():   # bfloat16: float32 sums, scores / probabilities / context rounded to bfloat16
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        assert fits_one_query_attention(qb, kb, vb)
+        got = one_query_attention(qb, kb, vb, mask, scale=hd ** -0.5)
+        exact, _ = attention(qb.double(), kb.double().contiguous(), vb.double(), mask, scale=hd ** -0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=0.0, atol=0.02 * float(exact.abs().max()))
 
 
-def test_bfloat16_decoding_attends_to_float32_image_keys():
+@pytest.mark.parametrize("dtype,kv_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+def test_half_precision_decoding_image_keys(dtype, kv_dtype):
+    """The cached image keys/values: bfloat16 as computed, float16 up-cast to float32 (exactly); a stepped
+    decode gives the full pass's logits to the dtype's rounding."""
     path, inputs, _ = fixture(NAME)
-    model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
     dec = model.text_decoder
     ids = torch.from_numpy(inputs["input_ids"]).long()
     with torch.no_grad():
@@ -98,19 +108,21 @@ def test_bfloat16_decoding_attends_to_float32_image_keys():
         layer = dec.bert.encoder.layer[0].crossattention.self
         k, v = cache.cross_kv[0]
         # the layouts one_query_attention reads: keys stored transposed, values contiguous
-        assert k.dtype == v.dtype == torch.float32 and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
-        assert torch.equal(k, layer.split(layer.key(states)).float())
+        assert k.dtype == v.dtype == kv_dtype and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
+        assert torch.equal(k, layer.split(layer.key(states)).to(kv_dtype))
+        assert torch.equal(v, layer.split(layer.value(states)).to(kv_dtype))
     stepped = torch.cat(steps, 1)
     assert stepped.dtype == full.dtype and stepped.shape == full.shape
     # bfloat16 rounding of logits spanning a few units: both attend to the same values
     torch.testing.assert_close(stepped, full, atol=0.05 * float(full.abs().max()), rtol=0.0)
 
 
-@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("float32", 1, 1, "transposed"),
-                                                     ("float32", 1, 3, "unpacked"), ("float32", 2, 1, "unpacked")])
+@pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("bfloat16", 1, 1, "transposed"),
+                                                     ("float32", 1, 1, "transposed"), ("float32", 1, 3, "unpacked"),
+                                                     ("float32", 2, 1, "unpacked")])
 def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
-    """bfloat16 decodes from packed copies; float32 from a transposed copy at one row, else calls oneDNN on its
-    own weights (no copy); float32 ids are transformers'."""
+    """One row decodes from a transposed copy in either dtype; more rows from packed copies (bfloat16) or
+    oneDNN on the weights themselves (float32, no copy); float32 ids are transformers'."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
     monkeypatch.setattr(layout, "ONE_ROW", True)

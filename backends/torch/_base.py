@@ -307,7 +307,9 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
     (B, H, S, hd) contiguous; ``mask`` additive, broadcastable to (B, H, 1, S). The scores are each head's
     key rows weighted by its query, the context its value rows weighted by the probabilities; fbgemm's
     kernel streams both at memory speed (on one core about 2x faster than ``scaled_dot_product_attention``
-    at one query over 577 image keys). Same numbers to float32 rounding. Returns the context (B, H, 1, hd).
+    at one query over 577 image keys). float32: the same numbers to float32 rounding; bfloat16: float32
+    sums rounded to bfloat16 once per product (scores, context), as a bfloat16 matmul rounds, and the
+    softmax's probabilities in bfloat16. Returns the context (B, H, 1, hd).
     """
     b, h, s, hd = k.shape
     kt = k.transpose(-1, -2)
@@ -323,7 +325,8 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
 
 
 def fits_one_query_attention(q, k, v) -> bool:
-    """``one_query_attention`` serves these tensors: one float32 CPU query row per head, no gradients,
+    """``one_query_attention`` serves these tensors: one float32 or bfloat16 CPU query row per head, no gradients,
     keys stored transposed and values contiguous (``TextCache``'s image keys/values)."""
-    return (q.shape[2] == 1 and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
+    return (q.shape[2] == 1 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and q.device.type == "cpu"
             and not torch.is_grad_enabled() and k.transpose(-1, -2).is_contiguous() and v.is_contiguous())
