@@ -238,7 +238,8 @@ def results_path(machine: str, only, quick: bool) -> str:
     for a run of some workloads (so it never replaces the day's full run), ``-quick`` for tiny configs, and
     ``-<HHMMSS>`` added where that file exists already (a second run the same day keeps the first's)."""
     part = "" if set(only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in only)
-    out = os.path.join(RESULTS_DIR, f"{datetime.date.today().isoformat()}-{machine}{part}{'-quick' if quick else ''}.json")
+    name = f"{datetime.date.today().isoformat()}-{machine}{part}{'-quick' if quick else ''}"
+    out = os.path.join(RESULTS_DIR, name + ".json")
     return out[:-len(".json")] + time.strftime("-%H%M%S") + ".json" if os.path.exists(out) else out
 
 
