@@ -239,8 +239,9 @@ def results_path(machine: str, only, quick: bool) -> str:
     ``-<HHMMSS>`` added where that file exists already (a second run the same day keeps the first's)."""
     part = "" if set(only) == set(WORKLOADS) else "-" + "-".join(w for w in WORKLOADS if w in only)
     name = f"{datetime.date.today().isoformat()}-{machine}{part}{'-quick' if quick else ''}"
-    out = os.path.join(RESULTS_DIR, name + ".json")
-    return out[:-len(".json")] + time.strftime("-%H%M%S") + ".json" if os.path.exists(out) else out
+    if os.path.exists(os.path.join(RESULTS_DIR, name + ".json")):
+        name += time.strftime("-%H%M%S")
+    return os.path.join(RESULTS_DIR, name + ".json")
 
 
 def main(argv=None) -> int:
