@@ -141,7 +141,8 @@ import json, os, resource, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3"); os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("USE_TF", "0"); os.environ.setdefault("USE_FLAX", "0"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, sys.argv[1])
-impl, directory, arch, dtype, logits_out, warm_dir = sys.argv[2:8]
+impl, directory, arch, dtype, logits_out, warm_dir, device = sys.argv[2:9]
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # jax's device memory: what it uses, not 75%
 import numpy as np
 BIN = {"allow_pickle_bin": True} if any(n.endswith(".bin") for n in os.listdir(directory)) else {}   # opted in for .bin dirs
 def rss():
@@ -150,28 +151,40 @@ def rss():
 if impl == "hf-torch":
     import torch, transformers
     cls = getattr(transformers, arch)
-    load = lambda: cls.from_pretrained(directory, torch_dtype=getattr(torch, dtype))
+    load = lambda: cls.from_pretrained(directory, torch_dtype=getattr(torch, dtype), **({"device_map": device} if device not in ("", "cpu") else {}))
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
 elif impl == "torch":
     import torch, backends.torch as B
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, device=device or None, **BIN)
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
 elif impl == "tf":
     import tensorflow as tf, backends.tf as B
     tf.constant(1.0) + 1
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, device=device or None, **BIN)
     nbytes = lambda m: sum(v.shape.num_elements() * v.dtype.size for v in m.params.values())
     touch = lambda m: [tf.reduce_max(tf.reshape(v, [-1])[::STRIDE]).numpy() for v in m.params.values()]
 else:
     import jax, backends.jax as B
     jax.numpy.ones(2).block_until_ready()
-    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, **BIN)
+    load = lambda: getattr(B, arch).from_pretrained(directory, dtype=dtype, device=device or None, **BIN)
     nbytes = lambda m: sum(a.nbytes for a in jax.tree_util.tree_leaves(m.params))
     touch = lambda m: [np.asarray(a).reshape(-1)[::STRIDE].max() for a in jax.tree_util.tree_leaves(m.params)]
 if impl in ("torch", "hf-torch"):    # numpy views of the parameters (bfloat16 seen as int16): no copy
     touch = lambda m: [p.detach().view(-1).view(torch.int16 if p.dtype == torch.bfloat16 else p.dtype).numpy()[::STRIDE].max()
                        for p in m.parameters()]
 STRIDE = 1024      # elements: at most 4 KB apart, so every page of every weight is read
+device_stats = lambda: {}
+if device.startswith("cuda") and impl in ("torch", "hf-torch"):
+    torch.zeros(1, device=device)          # the device's context: in the baseline, not in the load
+    touch = lambda m: torch.cuda.synchronize()
+    device_stats = lambda: {"device_peak_bytes": torch.cuda.max_memory_allocated(), "device_bytes": torch.cuda.memory_allocated(),
+                            "param_devices": sorted({str(p.device) for p in model.parameters()})}
+elif device and impl == "jax":
+    touch = lambda m: jax.block_until_ready(m.params)
+    def device_stats():
+        st = jax.devices("gpu" if device.startswith("cuda") else device.split(":")[0])[0].memory_stats() or {}
+        return {"device_peak_bytes": st.get("peak_bytes_in_use"), "device_bytes": st.get("bytes_in_use"),
+                "param_devices": sorted({str(d) for a in jax.tree_util.tree_leaves(model.params) for d in a.devices()})}
 base = rss()
 if warm_dir:   # one load of another (tiny) checkpoint first: one-time costs of a first load go in the baseline
     load_dir, directory = directory, warm_dir
@@ -188,7 +201,7 @@ peak, after = usage.ru_maxrss * 1024, rss()
 t = time.perf_counter()
 touch(model)          # what a first forward pays for weights a lazy loader has not read yet
 touch_seconds = time.perf_counter() - t
-out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "major_faults": usage.ru_majflt - u0.ru_majflt, "minor_faults": usage.ru_minflt - u0.ru_minflt, "system_seconds": usage.ru_stime - u0.ru_stime, "model_bytes": nbytes(model)}
+out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "touch_seconds": touch_seconds, "baseline_bytes": base, "warm_baseline_bytes": warm_base, "peak_bytes": peak, "after_bytes": after, "major_faults": usage.ru_majflt - u0.ru_majflt, "minor_faults": usage.ru_minflt - u0.ru_minflt, "system_seconds": usage.ru_stime - u0.ru_stime, "model_bytes": nbytes(model), "device": device or None, **device_stats()}
 print("RESULT " + json.dumps(out), flush=True)   # before the forward: a crash there keeps the load figures
 if logits_out:
     from blip_core import to_numpy
@@ -197,7 +210,7 @@ if logits_out:
     inputs = make_inputs(arch, load_config(directory), seed=0)
     if impl == "hf-torch":
         with torch.no_grad():
-            logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.float().numpy()
+            logits = model(**{k: torch.from_numpy(v).to(model.device) for k, v in inputs.items()}).logits.float().cpu().numpy()
     else:
         if impl == "torch":
             model = model.eval()
@@ -208,10 +221,12 @@ if logits_out:
 
 
 def measure(impl: str, directory: str, arch: str, dtype: str, logits_out: str = "", warm_dir: str = "",
-            timeout: float = 1800) -> dict:
+            timeout: float = 1800, device: str = "") -> dict:
     """One load in a fresh process. ``warm_dir``: a checkpoint of the same class loaded first, so
-    that ``warm_baseline_bytes`` holds the one-time costs of a first load (lazy imports, kernels)."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT, impl, directory, arch, dtype, logits_out, warm_dir],
+    that ``warm_baseline_bytes`` holds the one-time costs of a first load (lazy imports, kernels).
+    ``device`` ("cuda", "gpu"): load onto it (transformers: ``device_map``) and report its peak memory."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT, impl, directory, arch, dtype, logits_out, warm_dir,
+                           device or ""],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
@@ -240,12 +255,14 @@ def wait_for_memory(need: int, log=print, tries: int = 10, pause: float = 60.0) 
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log=print, repeats: int = REPEATS) -> dict:
+def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log=print, repeats: int = REPEATS,
+        device: str = "") -> dict:
     import importlib.metadata as md
     versions = {p: _version(md, p) for p in ("torch", "tensorflow", "jax", "transformers", "numpy")}
     env = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-           "python": platform.python_version(), "packages": versions, "load_average_start": list(os.getloadavg())}
+           "python": platform.python_version(), "packages": versions, "load_average_start": list(os.getloadavg()),
+           "device": device or None}
     log(f"load benchmark on {env['machine']} ({env['cpus']} CPUs, load {env['load_average_start'][0]:.2f}); "
         + ", ".join(f"{k} {v}" for k, v in versions.items()))
     work = workdir or tempfile.mkdtemp(prefix="blip-load-")
@@ -278,7 +295,7 @@ def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log
                             out = os.path.join(work, f"logits-{model}-{impl}.npy") if (
                                 rep == 0 and check_logits and dtype == "float32"
                                 and info["parameters"] * 4 <= LOGITS_MAX_BYTES) else ""
-                            one = measure(impl, directory, info["architecture"], dtype, out)
+                            one = measure(impl, directory, info["architecture"], dtype, out, device=device)
                             if out and one["status"] == "ok" and os.path.exists(out):
                                 logits[impl] = np.load(out)
                         one.update(load_average=list(os.getloadavg()), repeat=rep)
@@ -313,7 +330,8 @@ def run(models, impls, dtypes, workdir=None, keep=False, check_logits=False, log
         log(f"   {'met' if t['met'] else 'MISSED':<7}{t['model']:<16}{t['impl']:<6}{t['dtype']:<10}"
             f"time {t['time_ratio']:.2f} x hf-torch (with the first touch of every weight "
             f"{t['touched_time_ratio']:.2f} x), extra {t['extra_over_model']:.3f}, "
-            f"peak {t['peak_over_model']:.3f} x model")
+            f"peak {t['peak_over_model']:.3f} x model"
+            + (f"; device peak {t['device_peak_over_model']:.3f} x model" if t.get("device_peak_over_model") else ""))
     return results
 
 
@@ -330,8 +348,8 @@ def median_row(runs: list) -> dict:
     for key in TIME_KEYS:
         if all(key in r for r in ok):
             row[key] = float(np.median([r[key] for r in ok]))
-    for key in ("peak_bytes", "after_bytes", "baseline_bytes", "warm_baseline_bytes", "major_faults"):
-        if all(key in r for r in ok):
+    for key in ("peak_bytes", "after_bytes", "baseline_bytes", "warm_baseline_bytes", "major_faults", "device_peak_bytes"):
+        if all(r.get(key) is not None for r in ok):
             row[key] = max(r[key] for r in ok)
     row["load_average"] = [float(np.median([r["load_average"][i] for r in runs])) for i in range(3)]
     row.update(repeats=len(ok), runs_seconds=[r["seconds"] for r in ok], repeat=None)
@@ -349,21 +367,30 @@ def targets(rows) -> list:
             continue
         ratio = r["seconds"] / ref["seconds"]
         touched = (r["seconds"] + r.get("touch_seconds", np.nan)) / (ref["seconds"] + ref.get("touch_seconds", np.nan))
-        out.append({"model": r["model"], "impl": r["impl"], "dtype": r["dtype"], "time_ratio": ratio,
-                    "touched_time_ratio": touched,
-                    "extra_over_model": r["extra_over_model"], "peak_over_model": r["peak_over_model"],
-                    "met": ratio <= 1.0 and r["extra_over_model"] <= TARGET_RATIO})
+        row = {"model": r["model"], "impl": r["impl"], "dtype": r["dtype"], "time_ratio": ratio,
+               "touched_time_ratio": touched,
+               "extra_over_model": r["extra_over_model"], "peak_over_model": r["peak_over_model"],
+               "met": ratio <= 1.0 and r["extra_over_model"] <= TARGET_RATIO}
+        if r.get("device"):
+            # onto a device: its peak is the model's memory target; the host's extra is what a host copy would show
+            dev = r.get("device_peak_bytes")
+            row["device_peak_over_model"] = dev / r["model_bytes"] if dev else None
+            row["met"] = ratio <= 1.0 and dev is not None and dev / r["model_bytes"] <= TARGET_RATIO
+        out.append(row)
     return out
 
 
 def markdown(results: dict) -> str:
     """The README table of a results dict (``--out`` JSON)."""
     env = results["environment"]
+    dev = env.get("device")
     lines = [f"Machine: {env['machine']}, {env['cpus']} CPUs; load average {env['load_average_start'][0]:.1f} at the "
              f"start, {env.get('load_average_end', [float('nan')])[0]:.1f} at the end; "
-             + ", ".join(f"{k} {v}" for k, v in env["packages"].items()), "",
+             + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+             + (f"; loaded onto device {dev!r} (peak / extra: the host's memory)" if dev else ""), "",
              "| checkpoint | impl | dtype | load s | x transformers | load + touch s | model GB | peak GB | peak / model "
-             "| extra / model | logits max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| extra / model | logits max abs diff |" + (" device peak / model |" if dev else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if dev else "")]
     for r in results["rows"]:
         name = f"{r['model']} ({results['models'][r['model']]['bytes'] / 1e9:.1f} GB {results['models'][r['model']]['stored_dtype']})"
         if r["status"] != "ok":
@@ -375,7 +402,9 @@ def markdown(results: dict) -> str:
         diff = f"{r['logits_max_abs_diff']:.1e}" if "logits_max_abs_diff" in r else "-"
         touched = f"{r['seconds'] + r['touch_seconds']:.2f}" if "touch_seconds" in r else "-"
         lines.append(f"| {name} | {r['impl']} | {r['dtype']} | {r['seconds']:.2f} | {ratio} | {touched} | {r['model_bytes'] / 1e9:.2f} "
-                     f"| {r['peak_bytes'] / 1e9:.2f} | {r['peak_over_model']:.3f} | {r['extra_over_model']:.3f} | {diff} |")
+                     f"| {r['peak_bytes'] / 1e9:.2f} | {r['peak_over_model']:.3f} | {r['extra_over_model']:.3f} | {diff} |"
+                     + (f" {r['device_peak_bytes'] / r['model_bytes']:.3f} |" if dev and r.get("device_peak_bytes") else
+                        (" - |" if dev else "")))
     return "\n".join(lines)
 
 
@@ -391,7 +420,9 @@ def _print_row(row, log, prefix: str = "") -> None:
         f"{row['seconds'] + row.get('touch_seconds', float('nan')):>9.2f}{row['model_bytes'] / gb:>10.2f}"
         f"{row['baseline_bytes'] / gb:>9.2f}{row['peak_bytes'] / gb:>9.2f}{row['extra_over_model']:>12.3f}"
         f"{row['peak_over_model']:>11.3f}   (load avg {row['load_average'][0]:.1f}, "
-        f"{row.get('major_faults', -1)} major page faults)")
+        f"{row.get('major_faults', -1)} major page faults)"
+        + (f"; on {row.get('param_devices')}: device peak {row['device_peak_bytes'] / gb:.2f} GB = "
+           f"{row['device_peak_bytes'] / row['model_bytes']:.3f} x model" if row.get("device_peak_bytes") else ""))
 
 
 def _version(md, name):
@@ -421,6 +452,8 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="loads per (impl, dtype), the impls in a rotated order each time; medians reported")
     p.add_argument(f"--{prefix}check-logits", action="store_true",
                    help="float32: one forward per impl, logits compared with transformers'")
+    p.add_argument(f"--{prefix}device", default="",
+                   help="load onto this device (cuda, cuda:1; transformers: device_map) and report its peak memory")
 
 
 def main(argv=None) -> int:
@@ -433,7 +466,8 @@ def main(argv=None) -> int:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
         return 0
-    results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits, repeats=args.repeats)
+    results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits, repeats=args.repeats,
+                  device=args.device)
     print("\n" + markdown(results))
     if args.out:
         with open(args.out, "w") as f:

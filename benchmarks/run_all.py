@@ -219,7 +219,8 @@ def run(args) -> int:
     if args.load:   # heavy: full-size checkpoints, one fresh process per measurement
         from . import load as load_bench
         data["load"] = load_bench.run(args.load_models, args.load_impls, args.load_dtypes, args.load_workdir,
-                                      args.load_keep, args.load_check_logits, repeats=args.load_repeats)
+                                      args.load_keep, args.load_check_logits, repeats=args.load_repeats,
+                                      device=args.load_device)
         if not all(t["met"] for t in data["load"]["targets"]):
             errors["load"] = "load targets missed (see data['load']['targets'])"
     if getattr(args, "dataset", False):
