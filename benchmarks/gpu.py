@@ -7,10 +7,12 @@ BLIP base (random weights, seed 0, 384 px; one checkpoint that every impl loads 
 greedy ``generate`` with 20 new tokens forced, float32 and bfloat16, batch 1 and 32; the pixels
 are on the device before the timed calls (no host-to-device copy inside them). Every impl of a case
 is timed interleaved with the others (``common.measure``: a first call untimed, then rounds in a
-rotated order; the median). float32 means float32 products: jax's float32 calls run under
-``jax.default_matmul_precision("highest")`` (XLA would otherwise take TF32 on this hardware, as
-torch's default does not). The floor of a case: the image side at the device's measured matrix rate
-plus 20 steps, each bound by its weight bytes at the measured copy bandwidth or its FLOPs.
+rotated order; the median). Each impl runs with its defaults: float32 products in float32 (torch's
+default; our jax backend's for float32 models, ``backends.jax._base.float32_products``). The floor of
+a case: the image side at the device's measured matrix rate plus 20 steps, each bound by its weight
+bytes at the measured copy bandwidth or its FLOPs. ``--profile``: one batch-1 ``generate`` of each
+torch impl under ``torch.profiler`` (host time, device time, kernel launches); ``--checks-only``: the
+checks below without the timed cases.
 
 Checks printed beside the timings, each against an independent reference:
   * teacher-forced logits in float32 on the device against transformers' float32 on the host CPU;
@@ -102,12 +104,9 @@ class Impl:
         t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t.to(getattr(self.torch, dtype)) if dtype and t.is_floating_point() and self.name == "hf-torch" else t
 
-    def call(self, fn, dtype: str):
-        """``fn()`` under no_grad (torch) or float32 products (jax, float32 models)."""
+    def call(self, fn, dtype: str = None):
+        """``fn()`` (under no_grad in torch)."""
         if self.name == "jax":
-            if dtype == "float32":
-                with self.jax.default_matmul_precision("highest"):
-                    return fn()
             return fn()
         with self.torch.no_grad():
             return fn()
@@ -165,6 +164,8 @@ def _trim(row, eos: int) -> list:
 def run(args, log=print) -> dict:
     import torch
     device = args.device
+    start = time.perf_counter()
+    log = (lambda text, _log=log: _log(f"[{time.perf_counter() - start:6.1f} s] {text}"))
     cfg = config(args.quick)
     results = {"environment": {"machine": platform.node(), "python": platform.python_version(),
                                "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
@@ -197,7 +198,13 @@ def run(args, log=print) -> dict:
     rng = np.random.default_rng(1)
     eos = cfg.text_config.sep_token_id
 
+    def save():
+        if args.out:
+            common.write_json(args.out, results)
+
     for dtype in args.dtypes:
+        if args.checks_only and dtype != "float32":
+            continue
         models, load_s = {}, {}
         for name, impl in impls.items():
             try:
@@ -208,7 +215,7 @@ def run(args, log=print) -> dict:
                 log(f"{name} {dtype}: load failed: {common.error_text(exc)}")
                 traceback.print_exc()
                 results["impls"][name].setdefault("load_errors", {})[dtype] = common.error_text(exc)
-        for batch in args.batches:
+        for batch in () if args.checks_only else args.batches:
             pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
             calls = {}
             for name, model in models.items():
@@ -237,17 +244,62 @@ def run(args, log=print) -> dict:
             for name, row in case["results"].items():
                 row["speedup_vs_hf_torch"] = hf / row["median_s"] if hf and row["median_s"] else None
             results["cases"].append(case)
+            save()
             log(f"  {dtype:<9} batch {batch:<3} floor {floor['total_s'] * 1e3:8.2f} ms | " + " | ".join(
                 f"{n} " + (f"{row['median_s'] * 1e3:.1f} ms ({row['captions_per_s']:.1f}/s, x{row['speedup_vs_hf_torch'] or 0:.2f}"
                            f" hf, ids={row.get('ids_equal_hf_torch')})" if row["median_s"] else f"error {row['error']}")
                 for n, row in case["results"].items()))
         if dtype == "float32":
             results["checks"]["logits"] = _check_logits(impls, models, cfg, path, log)
+            save()
         del models
-        if "torch" in sys.modules and device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if args.profile:
+        results["profile"] = _profile(impls, path, cfg, args, log)
+        save()
     results["checks"]["bundled_agreement"] = _agreement(impls, args, eos_model=BUNDLED, log=log)
+    save()
     return results
+
+
+def _profile(impls, path, cfg, args, log) -> dict:
+    """One batch-1 greedy ``generate`` of each torch impl and dtype under ``torch.profiler``: wall time, host
+    time in torch's operators, device time in kernels, kernel launches; the top operators go to ``--profile``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    size = cfg.vision_config.image_size
+    pixels = np.random.default_rng(3).standard_normal((1, 3, size, size)).astype(np.float32)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    out, tables = {}, []
+    for name in [n for n in impls if n != "jax"]:
+        impl = impls[name]
+        for dtype in args.dtypes:
+            try:
+                model = impl.load(path, dtype)
+                x = impl.put(pixels, dtype)
+                kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
+                impl.call(lambda: common_to_numpy(model.generate(pixel_values=x, **kw)))
+                with profile(activities=acts) as prof:
+                    t0 = time.perf_counter()
+                    impl.call(lambda: common_to_numpy(model.generate(pixel_values=x, **kw)))
+                    wall = time.perf_counter() - t0
+                ev = prof.key_averages()
+                dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e6
+                launches = sum(e.count for e in ev if "LaunchKernel" in e.key)
+                ops = sum(e.count for e in ev if e.key.startswith("aten::"))
+                out[f"{name}:{dtype}"] = {"wall_s": wall, "device_kernel_s": dev, "launches": launches, "aten_calls": ops}
+                log(f"  profile {name} {dtype}: wall {wall * 1e3:.1f} ms, kernels {dev * 1e3:.1f} ms, "
+                    f"{launches} launches, {ops} aten calls")
+                tables.append(f"== {name} {dtype}\n" + ev.table(sort_by="self_cpu_time_total", row_limit=15))
+                del model
+            except Exception as exc:   # noqa: BLE001
+                out[f"{name}:{dtype}"] = {"error": common.error_text(exc)}
+                log(f"  profile {name} {dtype}: {common.error_text(exc)}")
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            f.write("\n\n".join(tables))
+    return out
 
 
 def _check_logits(impls, models, cfg, path, log) -> dict:
@@ -360,6 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--heldout", type=int, default=200, help="held-out images for the agreement check")
     p.add_argument("--quick", action="store_true", help="tiny configs")
+    p.add_argument("--checks-only", action="store_true", help="the float32 checks and the agreement, no timed cases")
+    p.add_argument("--profile", action="store_true", help="profile one batch-1 generate of each torch impl")
+    p.add_argument("--profile-out", default=None, help="write the profiles' top operators here")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
     args = p.parse_args(argv)
@@ -373,8 +428,6 @@ def main(argv=None) -> int:
             print("no CUDA device: run with --device cpu for a dry run", file=sys.stderr)
             return 2
     results = run(args)
-    if args.out:
-        common.write_json(args.out, results)
     print()
     print(markdown(results))
     return 0

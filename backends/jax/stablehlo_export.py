@@ -43,6 +43,8 @@ from blip_core import decoding
 from blip_core.artifact_files import copy_processor_files, export_image_size
 from blip_core.generation import resolve_blip_generation
 
+from ._base import float32_products
+
 FORMAT = "blip-stablehlo"
 ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval", "BlipModel",
                  "Blip2ForConditionalGeneration")
@@ -64,7 +66,13 @@ def export_stablehlo(model, out_dir, processor_dir=None, image_size: int | None 
     """Write a JAX BLIP task model (captioning, VQA: options as ``generate``'s, fixed at export; retrieval;
     ``BlipModel``) or BLIP-2 captioner as StableHLO programs; returns ``out_dir``. ``image_size``: the
     square pixel size the programs take (default the config's; another size interpolates the position
-    table as ``interpolate_pos_encoding=True`` does)."""
+    table as ``interpolate_pos_encoding=True`` does). A float32 model's programs multiply in float32
+    (``_base.float32_products``), as its own calls do."""
+    with float32_products(model.dtype):
+        return _export_stablehlo(model, out_dir, processor_dir, image_size, **generate_kwargs)
+
+
+def _export_stablehlo(model, out_dir, processor_dir, image_size, **generate_kwargs) -> str:
     arch = type(model).__name__
     if arch not in ARCHITECTURES:
         raise ValueError(f"StableHLO export supports {', '.join(ARCHITECTURES)}; got {arch}")
