@@ -267,6 +267,7 @@ def _profile(impls, path, cfg, args, log) -> dict:
     """One batch-1 greedy ``generate`` of each torch impl and dtype under ``torch.profiler``: wall time, host
     time in torch's operators, device time in kernels, kernel launches; the top operators go to ``--profile``."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     size = cfg.vision_config.image_size
     pixels = np.random.default_rng(3).standard_normal((1, 3, size, size)).astype(np.float32)
@@ -285,7 +286,9 @@ def _profile(impls, path, cfg, args, log) -> dict:
                     impl.call(lambda: common_to_numpy(model.generate(pixel_values=x, **kw)))
                     wall = time.perf_counter() - t0
                 ev = prof.key_averages()
-                dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e6
+                # kernels only, as the profiler's own "Self CUDA time total" (an operator's row repeats its kernels' time)
+                dev = sum(e.self_device_time_total for e in ev
+                          if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e6
                 launches = sum(e.count for e in ev if "LaunchKernel" in e.key)
                 ops = sum(e.count for e in ev if e.key.startswith("aten::"))
                 out[f"{name}:{dtype}"] = {"wall_s": wall, "device_kernel_s": dev, "launches": launches, "aten_calls": ops}
@@ -394,10 +397,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {c['dtype']} | {c['batch']} | {c['floor_s'] * 1e3:.2f} ms | " + " | ".join(cells) + " |")
     lg = results["checks"].get("logits", {})
     ag = results["checks"].get("bundled_agreement", {})
-    lines += ["", "float32 logits on the device against transformers float32 on the CPU (max |diff|): " + ", ".join(
-        f"{n} {v['max_abs_diff']:.1e}" for n, v in lg.items() if "max_abs_diff" in v) + ".",
-        f"Bundled captioner, {ag.get('images')} held-out images, bfloat16 captions equal to float32's: " + ", ".join(
-            f"{n} {100 * v:.1f}%" for n, v in ag.get("bfloat16_vs_float32", {}).items()) + "."]
+    if lg:
+        lines += ["", "float32 logits on the device against transformers float32 on the CPU (max |diff|): " + ", ".join(
+            f"{n} {v['max_abs_diff']:.1e}" for n, v in lg.items() if "max_abs_diff" in v) + "."]
+    if ag:
+        lines += [f"Bundled captioner, {ag['images']} held-out images, bfloat16 captions equal to float32's: " + ", ".join(
+            f"{n} {100 * v:.1f}%" for n, v in ag["bfloat16_vs_float32"].items()) + "."]
     return "\n".join(lines)
 
 
