@@ -93,3 +93,38 @@ def test_results_path_never_replaces_a_run(tmp_path, monkeypatch):
     (tmp_path / f"{day}-m.json").write_text("{}")
     second = run_all.results_path("m", run_all.WORKLOADS, False)
     assert second != full and second.startswith(str(tmp_path / f"{day}-m-")) and second.endswith(".json")
+
+
+def test_gpu_workload_runs_its_code_on_the_cpu(tmp_path):
+    """``benchmarks/gpu.py`` is run where a GPU is lent, rarely: its code paths run here on the CPU (tiny configs,
+    ``--device cpu``) so that it still works then. Timings are not asserted; the checks it prints are, against
+    transformers (float32 logits of every impl, greedy ids equal at float32), and the README table renders."""
+    out, prof = tmp_path / "gpu.json", tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--device", "cpu", "--quick",
+                           "--batches", "1,2", "--budget", "0.2", "--min-reps", "1", "--max-reps", "2", "--heldout", "4",
+                           "--profile", "--profile-out", str(prof), "--out", str(out)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    impls = ["torch", "jax", "hf-torch"]
+    assert [data["impls"][n]["status"] for n in impls] == ["ok"] * 3
+    assert [(c["dtype"], c["batch"]) for c in data["cases"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
+                                                                   ("bfloat16", 2)]
+    for case in data["cases"]:
+        assert case["floor_s"] > 0
+        for n in impls:
+            row = case["results"][n]
+            assert row["error"] is None and row["median_s"] > 0 and row["captions_per_s"] > 0, (case["dtype"], n, row)
+            if case["dtype"] == "float32":
+                assert row["ids_equal_hf_torch"] == 1.0, (case["batch"], n)
+    for n in impls:
+        assert data["checks"]["logits"][n]["max_abs_diff"] <= tolerance("default", "float32")[0], n
+    agree = data["checks"]["bundled_agreement"]
+    assert agree["images"] == 4 and set(agree["bfloat16_vs_float32"]) == set(impls)
+    assert agree["float32_vs_hf_torch"]["hf-torch"] == 1.0
+    assert set(data["profile"]) == {"torch:float32", "torch:bfloat16", "hf-torch:float32", "hf-torch:bfloat16"}
+    assert all(p["aten_calls"] > 0 for p in data["profile"].values()) and "== torch float32" in prof.read_text()
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import markdown
+    table = markdown(data)
+    assert "| float32 | 2 |" in table and "| bfloat16 | 1 |" in table

@@ -172,7 +172,7 @@ def test_load_benchmark_rotates_the_impls_and_reports_medians(monkeypatch, tmp_p
     order = []
     seconds = {"torch": [3.0, 1.0, 2.0], "tf": [5.0, 4.0, 6.0]}
 
-    def fake_measure(impl, directory, arch, dtype, logits_out=""):
+    def fake_measure(impl, directory, arch, dtype, logits_out="", device=""):
         order.append(impl)
         s = seconds[impl][sum(1 for i in order if i == impl) - 1]
         return {"status": "ok", "seconds": s, "cpu_seconds": s / 2, "touch_seconds": 0.1, "baseline_bytes": 10,
