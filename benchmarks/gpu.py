@@ -37,14 +37,6 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     __package__ = "benchmarks"
 
-# jax takes most of the device's memory at its first use unless told not to; torch shares the device here
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("USE_TF", "0")        # transformers' PyTorch classes only
-os.environ.setdefault("USE_FLAX", "0")
-
 import numpy as np   # noqa: E402
 
 from . import common   # noqa: E402
@@ -406,7 +398,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _environment() -> None:
+    """Settings read when the frameworks are imported: set by ``main`` only (importing this module changes nothing)."""
+    # jax takes most of the device's memory at its first use unless told not to; torch shares the device here
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("USE_TF", "0")        # transformers' PyTorch classes only
+    os.environ.setdefault("USE_FLAX", "0")
+
+
 def main(argv=None) -> int:
+    _environment()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:1, or cpu (a dry run of the code)")
     p.add_argument("--impls", default=",".join(IMPLS), type=lambda s: s.split(","))

@@ -124,7 +124,6 @@ def test_gpu_workload_runs_its_code_on_the_cpu(tmp_path):
     assert agree["float32_vs_hf_torch"]["hf-torch"] == 1.0
     assert set(data["profile"]) == {"torch:float32", "torch:bfloat16", "hf-torch:float32", "hf-torch:bfloat16"}
     assert all(p["aten_calls"] > 0 for p in data["profile"].values()) and "== torch float32" in prof.read_text()
-    sys.path.insert(0, ROOT)
-    from benchmarks.gpu import markdown
-    table = markdown(data)
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--markdown", str(out)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert "| float32 | 2 |" in table and "| bfloat16 | 1 |" in table
