@@ -22,6 +22,8 @@ import ctypes.util
 import os
 import sys
 
+from blip_core.settings import OFF, env_word
+
 MMAP_THRESHOLD = 256 << 20     # blocks up to this size come from the heap (glibc's default grows to 32 MB at most)
 TRIM_THRESHOLD = 1 << 30       # free heap kept mapped, at most
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # mallopt parameters (malloc.h)
@@ -36,7 +38,7 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if env_word(_ENV, "1") in OFF:
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         _applied = True      # the user's own glibc settings: left as they are

@@ -41,11 +41,12 @@ import tempfile
 import warnings
 from typing import Iterable, Optional, Union
 
+from .settings import OFF
+
 ENV = "BLIP_COMPILE_CACHE"
 MAX_MB_ENV = "BLIP_COMPILE_CACHE_MAX_MB"
 MAX_MB = 2048                    # default bound of the whole folder
 MIN_COMPILE_SECONDS = 0.2        # jax: faster compiles are not worth a file
-_OFF = {"0", "off", "false", "no"}
 _setting: Union[None, bool, str] = None     # set_persistent_cache's value; None: the environment decides
 
 _LOG = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def root() -> Optional[str]:
     setting = _setting
     if setting is None:
         value = os.environ.get(ENV, "").strip()
-        setting = False if value.lower() in _OFF else (value or True)
+        setting = False if value.lower() in OFF else (value or True)
     if setting is False:
         return None
     return default_root() if setting is True else os.path.abspath(os.path.expanduser(setting))

@@ -40,12 +40,12 @@ with another row count replaces it); ``release_layouts(model)`` frees it. The un
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
+
+from blip_core.settings import OFF, env_word
 
 from ._base import activation, bags
 
@@ -68,8 +68,8 @@ _ONEDNN = _onednn_ops()
 # float32 on MKL, measured on this shared machine at load 14-23, where oneDNN's small parallel kernels
 # stalled for whole scheduler slices; on a quiet machine oneDNN reads float32 weights ~1.8x faster than MKL
 # at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
-_SETTING = os.environ.get("BLIP_TORCH_DECODE_LAYOUT", "").strip().lower()
-ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in ("0", "false", "no", "off")
+_SETTING = env_word("BLIP_TORCH_DECODE_LAYOUT")
+ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in OFF
 # BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): no transposed copy at one row.
 ONE_ROW = _SETTING != "unpacked"
 PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"

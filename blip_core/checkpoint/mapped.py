@@ -30,6 +30,7 @@ import sys
 
 import numpy as np
 
+from ..settings import OFF, ON, env_word
 from .dtypes import SAFETENSORS_TO_NAME, numpy_dtype
 from .errors import CheckpointError
 from .safetensors_io import read_safetensors_header
@@ -299,10 +300,10 @@ def drop_read_pages(new_bytes: int, file_bytes: int) -> bool:
     """Whether a load that allocates ``new_bytes`` while reading ``file_bytes`` of mapped files drops each
     released tensor's pages from the page cache: ``BLIP_LOAD_DROP_PAGE_CACHE=1`` / ``0`` say so; by default
     (``auto``) when both together exceed ``FIT_FRACTION`` of the available memory."""
-    setting = os.environ.get(DROP_ENV, "auto").strip().lower()
-    if not hasattr(os, "posix_fadvise") or setting in ("0", "false", "no", "off", "never"):
+    setting = env_word(DROP_ENV, "auto")
+    if not hasattr(os, "posix_fadvise") or setting in OFF or setting == "never":
         return False
-    if setting in ("1", "true", "yes", "on", "always"):
+    if setting in ON or setting == "always":
         return True
     if setting not in ("", "auto"):
         raise ValueError(f"{DROP_ENV}={setting!r}: use auto, 1 or 0")
