@@ -49,3 +49,17 @@ def test_bfloat16_models_keep_the_default_precision(model):
 def test_a_precision_the_caller_chose_is_kept(model):
     got = _precisions(model, precision="tensorfloat32")
     assert got == {"(Precision.HIGH,"}       # TF32, as asked
+
+
+def test_a_precision_chosen_after_the_first_call_gets_its_own_program(model):
+    """The in-process programs are keyed by the caller's precision too: a call under another precision traces
+    again instead of reusing the float32 program of an earlier call with the same shapes."""
+    px = np.zeros((5, 3, 32, 32), np.float32)
+    first = np.asarray(model.get_image_features(pixel_values=px))
+    before = model.trace_count("features")
+    with jax.default_matmul_precision("tensorfloat32"):
+        model.get_image_features(pixel_values=px)
+    assert model.trace_count("features") == before + 1
+    again = np.asarray(model.get_image_features(pixel_values=px))        # the float32 program, not traced again
+    assert model.trace_count("features") == before + 1
+    np.testing.assert_array_equal(again, first)

@@ -216,7 +216,9 @@ class JaxModel:
         (``program_cache``). ``_jitted``: the jitted method to fall back on (else one made for this entry)."""
         dynamic = _dynamic or {}
         leaves, tree = jax.tree_util.tree_flatten((args, dynamic) if dynamic else args)
-        signature = (tuple(sorted(static.items())), tree, repr(self.mesh), tuple(map(_aval, leaves)))
+        # the caller's matmul precision (a context or the flag) is traced into the program (``float32_products``)
+        signature = (tuple(sorted(static.items())), tree, repr(self.mesh), tuple(map(_aval, leaves)),
+                     jax.config.jax_default_matmul_precision)
         key = (type(self).__name__, name, repr(self.config), self.dtype.name)
         return _VARIANTS.setdefault(key, LRU(COMPILE_CACHE_SIZE)).get(
             signature, lambda: self._make_program(key, method, args, static, dynamic, _jitted))
