@@ -39,6 +39,8 @@ if __name__ == "__main__" and not __package__:   # a plain script: import as the
 
 import numpy as np   # noqa: E402
 
+from blip_core import to_numpy   # noqa: E402
+
 from . import common   # noqa: E402
 from .caption import NEW_TOKENS, caption_floor_terms, config   # noqa: E402
 from .lowprec import BUNDLED, heldout_pixels   # noqa: E402
@@ -96,7 +98,7 @@ class Impl:
         t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t.to(getattr(self.torch, dtype)) if dtype and t.is_floating_point() and self.name == "hf-torch" else t
 
-    def call(self, fn, dtype: str = None):
+    def call(self, fn):
         """``fn()`` (under no_grad in torch)."""
         if self.name == "jax":
             return fn()
@@ -109,43 +111,33 @@ def device_rates(device: str) -> dict:
     import torch
     n = 8192 if device.startswith("cuda") else 1024
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def median_s(fn, warmup: int = 2, reps: int = 6) -> float:
+        times = []
+        for i in range(warmup + reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
     out = {}
     for dt in ("float32", "bfloat16"):
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, device=device, generator=g).to(getattr(torch, dt))
         b = torch.randn(n, n, device=device, generator=g).to(getattr(torch, dt))
-        times = []
-        for i in range(8):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out[f"matmul_{dt}_flops_per_s"] = 2.0 * n ** 3 / float(np.median(times))
+        out[f"matmul_{dt}_flops_per_s"] = 2.0 * n ** 3 / median_s(lambda: a @ b)
     x = torch.randn(256 << 20, device=device)       # 1 GiB, read and written
     y = torch.empty_like(x)
-    times = []
-    for i in range(8):
-        sync()
-        t0 = time.perf_counter()
-        y.copy_(x)
-        sync()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    out["copy_bytes_per_s"] = 2.0 * x.numel() * 4 / float(np.median(times))
+    out["copy_bytes_per_s"] = 2.0 * x.numel() * 4 / median_s(lambda: y.copy_(x))
     out["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32) if device.startswith("cuda") else None
     return out
 
 
 def _generated(ids) -> np.ndarray:
     """The last ``NEW_TOKENS`` ids of each row (the forced new tokens, whatever an impl puts before them)."""
-    return np.asarray(common_to_numpy(ids))[:, -NEW_TOKENS:]
-
-
-def common_to_numpy(x):
-    from blip_core import to_numpy
-    return to_numpy(x)
+    return np.asarray(to_numpy(ids))[:, -NEW_TOKENS:]
 
 
 def _trim(row, eos: int) -> list:
@@ -215,7 +207,7 @@ def run(args, log=print) -> dict:
                 x = impl.put(pixels, dtype)
                 kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
                 calls[name] = (lambda m=model, x=x, impl=impl, kw=kw:
-                               impl.call(lambda: m.generate(pixel_values=x, **kw), dtype))
+                               impl.call(lambda: m.generate(pixel_values=x, **kw)))
             stats = common.measure(calls, args.budget, args.max_reps, min_reps=args.min_reps, log=log)
             itemsize = 4 if dtype == "float32" else 2
             rate = r[f"matmul_{dtype}_flops_per_s"]
@@ -274,10 +266,10 @@ def _profile(impls, path, cfg, args, log) -> dict:
                 model = impl.load(path, dtype)
                 x = impl.put(pixels, dtype)
                 kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
-                impl.call(lambda: common_to_numpy(model.generate(pixel_values=x, **kw)))
+                impl.call(lambda: to_numpy(model.generate(pixel_values=x, **kw)))
                 with profile(activities=acts) as prof:
                     t0 = time.perf_counter()
-                    impl.call(lambda: common_to_numpy(model.generate(pixel_values=x, **kw)))
+                    impl.call(lambda: to_numpy(model.generate(pixel_values=x, **kw)))
                     wall = time.perf_counter() - t0
                 ev = prof.key_averages()
                 # kernels only, as the profiler's own "Self CUDA time total" (an operator's row repeats its kernels' time)
@@ -315,9 +307,8 @@ def _check_logits(impls, models, cfg, path, log) -> dict:
     for name, model in models.items():
         impl = impls[name]
         try:
-            got = impl.call(lambda: model(pixel_values=impl.put(pixels, "float32"), input_ids=impl.put(ids)).logits,
-                            "float32")
-            got = np.asarray(common_to_numpy(got), np.float64)
+            got = impl.call(lambda: model(pixel_values=impl.put(pixels, "float32"), input_ids=impl.put(ids)).logits)
+            got = np.asarray(to_numpy(got), np.float64)
             out[name] = {"max_abs_diff": float(np.max(np.abs(got - ref))),
                          "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
         except Exception as exc:   # noqa: BLE001
@@ -342,8 +333,8 @@ def _agreement(impls, args, eos_model: str, log) -> dict:
                 rows = []
                 for i in range(0, len(pixels), 50):
                     ids = impl.call(lambda: model.generate(pixel_values=impl.put(pixels[i:i + 50], dtype),
-                                                           max_new_tokens=NEW_TOKENS), dtype)
-                    rows.extend(_trim(r, eos) for r in np.asarray(common_to_numpy(ids)))
+                                                           max_new_tokens=NEW_TOKENS))
+                    rows.extend(_trim(r, eos) for r in np.asarray(to_numpy(ids)))
                 caps[(name, dtype)] = rows
                 del model
             except Exception as exc:   # noqa: BLE001

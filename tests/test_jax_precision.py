@@ -16,6 +16,7 @@ require("jax")
 import jax  # noqa: E402
 
 import backends.jax as BJ  # noqa: E402
+from blip_core import persistent_cache  # noqa: E402
 from blip_core.configs import BlipConfig  # noqa: E402
 from hf_configs import blip_dicts  # noqa: E402
 
@@ -51,9 +52,11 @@ def test_a_precision_the_caller_chose_is_kept(model):
     assert got == {"(Precision.HIGH,"}       # TF32, as asked
 
 
-def test_a_precision_chosen_after_the_first_call_gets_its_own_program(model):
+def test_a_precision_chosen_after_the_first_call_gets_its_own_program(model, tmp_path, monkeypatch):
     """The in-process programs are keyed by the caller's precision too: a call under another precision traces
-    again instead of reusing the float32 program of an earlier call with the same shapes."""
+    again instead of reusing the float32 program of an earlier call with the same shapes. (An empty persistent
+    cache: a program stored on disk by an earlier run would be loaded without a trace.)"""
+    monkeypatch.setattr(persistent_cache, "_setting", str(tmp_path))
     px = np.zeros((5, 3, 32, 32), np.float32)
     first = np.asarray(model.get_image_features(pixel_values=px))
     before = model.trace_count("features")
