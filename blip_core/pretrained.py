@@ -189,6 +189,22 @@ def write_pretrained(path: str, config: _Config, architecture: str, backend: str
 
 
 _QUANTIZE = ("load_in_8bit", "load_in_4bit", "quantization_config", "quantize")
+_DEVICE_KINDS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def device_kind(device) -> tuple:
+    """``(kind, index)`` of a ``device=`` as the jax and tf backends take it: ``"cpu"``, ``"gpu"``, ``"cuda"``,
+    ``"cuda:1"``, ``"rocm:0"``, ``"tpu:0"``, or TF's own spelling (``"/GPU:0"``, ``"/device:GPU:1"``); ``kind``
+    is "cpu", "gpu" or "tpu". (torch takes ``torch.device`` names as torch does.)"""
+    text = str(device).strip()
+    if text.startswith("/"):                      # TF: /GPU:0, /device:GPU:0, /job:.../device:GPU:0
+        text = text.rsplit("/", 1)[-1]
+        text = text[len("device:"):] if text.lower().startswith("device:") else text
+    kind, _, index = text.lower().partition(":")
+    if kind not in _DEVICE_KINDS or not (index == "" or index.isdigit()):
+        raise ValueError(f"device={device!r}: use 'cpu', 'gpu' or 'cuda', with ':N' for another than the first "
+                         "(or a TF device name such as '/GPU:0')")
+    return _DEVICE_KINDS[kind], int(index or 0)
 
 
 def hf_loading_kwargs(dtype=None, device=None, **kwargs):

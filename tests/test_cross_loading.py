@@ -125,3 +125,23 @@ def test_transformers_keywords(backend):
         cls.from_pretrained(path, revision="main")
     with pytest.raises(ValueError, match="disagree"):
         cls.from_pretrained(path, dtype="float32", torch_dtype="bfloat16")
+
+
+def test_device_names_of_the_jax_and_tf_backends():
+    """jax and tf take one spelling of a device (``blip_core.pretrained.device_kind``): ours, ``"cuda:1"``-style,
+    or TF's ``"/GPU:0"``; anything else is a ``ValueError`` before any tensor is read."""
+    from blip_core.pretrained import device_kind
+    assert [device_kind(d) for d in ("cpu", "gpu", "cuda", "cuda:1", "rocm:2", "tpu:0", "/GPU:0", "/device:GPU:3",
+                                      "/job:localhost/replica:0/task:0/device:CPU:0")] == [
+        ("cpu", 0), ("gpu", 0), ("gpu", 0), ("gpu", 1), ("gpu", 2), ("tpu", 0), ("gpu", 0), ("gpu", 3), ("cpu", 0)]
+    for bad in ("mps", "cuda:x", "", "gpu:-1"):
+        with pytest.raises(ValueError, match="use 'cpu', 'gpu' or 'cuda'"):
+            device_kind(bad)
+    path, inputs, _ = fixture("BlipVisionModel")
+    for backend in ("jax", "tf"):
+        cls = _backend(backend).BlipVisionModel
+        for name in ("cpu", "cpu:0", "/CPU:0"):
+            model = cls.from_pretrained(path, device=name)
+            assert model(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[0] == inputs["pixel_values"].shape[0]
+        with pytest.raises(ValueError, match="use 'cpu', 'gpu' or 'cuda'"):
+            cls.from_pretrained(path, device="mps")

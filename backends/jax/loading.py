@@ -20,6 +20,7 @@ import numpy as np
 from blip_core.checkpoint import in_order
 from blip_core.checkpoint.dtypes import is_floating
 from blip_core.checkpoint.host_layout import relayout
+from blip_core.pretrained import device_kind
 
 
 @functools.partial(jax.jit, static_argnames=("perm", "dtype"))
@@ -65,13 +66,11 @@ def resolve_device(device):
         return None
     if isinstance(device, jax.Device):
         return device
-    kind, _, index = str(device).partition(":")
-    kind = {"cuda": "gpu", "rocm": "gpu"}.get(kind, kind)
+    kind, i = device_kind(device)
     try:
         devices = jax.devices(kind)
     except RuntimeError as exc:
         raise ValueError(f"device={device!r}: jax has no {kind} devices ({exc})") from None
-    i = int(index) if index else 0
     if not 0 <= i < len(devices):
         raise ValueError(f"device={device!r}: jax has {len(devices)} {kind} device(s)")
     return devices[i]

@@ -362,10 +362,14 @@ class BlipTFModel(tf.Module):
         ``flax_model.msgpack`` through the spec layer. ``dtype`` defaults to float32 as in transformers.
         Tensors stream from the memory-mapped files into the variables one at a time
         (``backends.tf.loading``): peak memory is the model plus about one tensor.
-        Cross-class loading, ``strict`` and ``seed`` as in every backend; ``device`` is a TF device
-        name (``"/GPU:0"``) under which the variables are created.
+        Cross-class loading, ``strict`` and ``seed`` as in every backend; ``device`` names the device the
+        variables are created on as the other backends do (``"cpu"``, ``"gpu"``, ``"cuda:1"``) or as TF does
+        (``"/GPU:0"``).
         """
         dtype, device = pretrained.hf_loading_kwargs(dtype, device, **hf_kwargs)
+        if device not in (None, "auto"):
+            kind, index = pretrained.device_kind(device)
+            device = f"/{kind.upper()}:{index}"
         config, table, refs = pretrained.open_pretrained(os.fspath(path), cls.architecture,
                                                          allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
         # values are made one at a time as the variables are created, on the device, in the final dtype
