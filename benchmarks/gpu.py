@@ -1,4 +1,4 @@
-"""Captioning on a GPU (issue 19's GPU table): our torch and jax backends against transformers' PyTorch.
+"""Captioning on a GPU (issue 19's GPU table): our torch, tf and jax backends against transformers' PyTorch.
 
     python benchmarks/gpu.py --out results.json        # on a machine with a CUDA GPU
     python benchmarks/gpu.py --device cpu --quick      # the same code on tiny configs, on the CPU
@@ -45,7 +45,7 @@ from . import common   # noqa: E402
 from .caption import NEW_TOKENS, caption_floor_terms, config   # noqa: E402
 from .lowprec import BUNDLED, heldout_pixels   # noqa: E402
 
-IMPLS = ("torch", "jax", "hf-torch")
+IMPLS = ("torch", "tf", "jax", "hf-torch")
 DTYPES = ("float32", "bfloat16")
 BATCHES = (1, 32)
 
@@ -71,6 +71,11 @@ class Impl:
             self.jax = jax
             kind = "gpu" if device.startswith("cuda") else device
             self.jdev = jax.devices(kind)[0]
+        elif name == "tf":
+            import tensorflow as tf
+            self.tf = tf
+            if device.startswith("cuda") and not tf.config.list_logical_devices("GPU"):
+                raise RuntimeError("tensorflow sees no GPU")
         else:
             import torch
             self.torch = torch
@@ -82,6 +87,9 @@ class Impl:
         if self.name == "jax":
             import backends.jax as B
             return getattr(B, cls).from_pretrained(path, dtype=dtype, device=self.jdev)
+        if self.name == "tf":
+            import backends.tf as B
+            return getattr(B, cls).from_pretrained(path, dtype=dtype, device=self.device)
         import transformers
         tcls = getattr(transformers, cls)
         tdtype = getattr(self.torch, dtype)
@@ -95,11 +103,22 @@ class Impl:
         """``x`` on the device (floating inputs in ``dtype``: transformers casts nothing for its caller)."""
         if self.name == "jax":
             return self.jax.device_put(x, self.jdev)
+        if self.name == "tf":
+            with self.tf.device(self._tf_device()):
+                return self.tf.constant(x)
         t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t.to(getattr(self.torch, dtype)) if dtype and t.is_floating_point() and self.name == "hf-torch" else t
 
+    def _tf_device(self) -> str:
+        from blip_core.pretrained import device_kind
+        kind, index = device_kind(self.device)
+        return f"/{kind.upper()}:{index}"
+
     def call(self, fn):
-        """``fn()`` (under no_grad in torch)."""
+        """``fn()`` (under no_grad in torch, on the device in tf)."""
+        if self.name == "tf":
+            with self.tf.device(self._tf_device()):
+                return fn()
         if self.name == "jax":
             return fn()
         with self.torch.no_grad():
@@ -171,8 +190,7 @@ def run(args, log=print) -> dict:
         except Exception as exc:   # noqa: BLE001 - an impl that cannot start is reported, the others run
             results["impls"][name] = {"status": "error", "error": common.error_text(exc)}
             log(f"{name}: unavailable: {common.error_text(exc)}")
-    for name in ("tf", "hf-tf"):
-        results["impls"].setdefault(name, {"status": "not run", "error": "not timed on the GPU by this workload"})
+    results["impls"].setdefault("hf-tf", {"status": "not run", "error": "transformers' TF classes are not timed here"})
 
     work = tempfile.mkdtemp(prefix="blip-gpu-")
     path = os.path.join(work, "caption")
@@ -259,7 +277,7 @@ def _profile(impls, path, cfg, args, log) -> dict:
     pixels = np.random.default_rng(3).standard_normal((1, 3, size, size)).astype(np.float32)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     out, tables = {}, []
-    for name in [n for n in impls if n != "jax"]:
+    for name in [n for n in impls if n in ("torch", "hf-torch")]:
         impl = impls[name]
         for dtype in args.dtypes:
             try:
@@ -359,7 +377,7 @@ def markdown(results: dict) -> str:
     """The README table of a results file."""
     env = results["environment"]
     r = env["rates"]
-    names = [n for n in ("torch", "jax", "hf-torch") if any(n in c["results"] for c in results["cases"])]
+    names = [n for n in IMPLS if any(n in c["results"] for c in results["cases"])]
     lines = [f"Device: {env['device']}; " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
              f"Command: `{env['command']}` ({env['date']}). Measured ceilings: matmul float32 "
              f"{r['matmul_float32_flops_per_s'] / 1e12:.0f} TFLOP/s, bfloat16 {r['matmul_bfloat16_flops_per_s'] / 1e12:.0f} "

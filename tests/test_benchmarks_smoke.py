@@ -106,8 +106,8 @@ def test_gpu_workload_runs_its_code_on_the_cpu(tmp_path):
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    impls = ["torch", "jax", "hf-torch"]
-    assert [data["impls"][n]["status"] for n in impls] == ["ok"] * 3
+    impls = ["torch", "tf", "jax", "hf-torch"]
+    assert [data["impls"][n]["status"] for n in impls] == ["ok"] * 4
     assert [(c["dtype"], c["batch"]) for c in data["cases"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
                                                                    ("bfloat16", 2)]
     for case in data["cases"]:
