@@ -388,6 +388,21 @@ def fmt_s(x) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def add_results_arguments(p) -> None:
+    """``--out`` and ``--markdown`` of a standalone benchmark script (``load.py``, ``gpu.py``)."""
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
+
+
+def print_saved_table(args, markdown) -> bool:
+    """With ``--markdown``: print ``markdown`` of that results file and say so (the script then stops)."""
+    if not args.markdown:
+        return False
+    with open(args.markdown) as f:
+        print(markdown(json.load(f)))
+    return True
+
+
 def write_json(path: str, data: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 

@@ -25,7 +25,6 @@ Impls that cannot be imported (tensorflow is not on every GPU machine) are repor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -68,12 +67,13 @@ class Impl:
         self.name, self.device = name, device
         if name == "jax":
             import jax
+            from backends.jax.loading import resolve_device
             self.jax = jax
-            kind = "gpu" if device.startswith("cuda") else device
-            self.jdev = jax.devices(kind)[0]
+            self.jdev = resolve_device(device)
         elif name == "tf":
             import tensorflow as tf
-            self.tf = tf
+            from backends.tf.loading import tf_device
+            self.tf, self._tf_device = tf, tf_device(device)
             if device.startswith("cuda") and not tf.config.list_logical_devices("GPU"):
                 raise RuntimeError("tensorflow sees no GPU")
         else:
@@ -104,20 +104,15 @@ class Impl:
         if self.name == "jax":
             return self.jax.device_put(x, self.jdev)
         if self.name == "tf":
-            with self.tf.device(self._tf_device()):
+            with self.tf.device(self._tf_device):
                 return self.tf.constant(x)
         t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t.to(getattr(self.torch, dtype)) if dtype and t.is_floating_point() and self.name == "hf-torch" else t
 
-    def _tf_device(self) -> str:
-        from blip_core.pretrained import device_kind
-        kind, index = device_kind(self.device)
-        return f"/{kind.upper()}:{index}"
-
     def call(self, fn):
         """``fn()`` (under no_grad in torch, on the device in tf)."""
         if self.name == "tf":
-            with self.tf.device(self._tf_device()):
+            with self.tf.device(self._tf_device):
                 return fn()
         if self.name == "jax":
             return fn()
@@ -434,12 +429,9 @@ def main(argv=None) -> int:
     p.add_argument("--checks-only", action="store_true", help="the float32 checks and the agreement, no timed cases")
     p.add_argument("--profile", action="store_true", help="profile one batch-1 generate of each torch impl")
     p.add_argument("--profile-out", default=None, help="write the profiles' top operators here")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
+    common.add_results_arguments(p)
     args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown) as f:
-            print(markdown(json.load(f)))
+    if common.print_saved_table(args, markdown):
         return 0
     if args.device.startswith("cuda"):
         import torch

@@ -40,6 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 IMPLS = ("torch", "tf", "jax", "hf-torch")
 DTYPES = ("bfloat16", "float32")
 # name -> (preset, overrides, stored dtype, shards)
@@ -182,7 +184,7 @@ if device.startswith("cuda") and impl in ("torch", "hf-torch"):
 elif device and impl == "jax":
     touch = lambda m: jax.block_until_ready(m.params)
     def device_stats():
-        st = jax.devices("gpu" if device.startswith("cuda") else device.split(":")[0])[0].memory_stats() or {}
+        st = next(iter(jax.tree_util.tree_leaves(model.params)[0].devices())).memory_stats() or {}
         return {"device_peak_bytes": st.get("peak_bytes_in_use"), "device_bytes": st.get("bytes_in_use"),
                 "param_devices": sorted({str(d) for a in jax.tree_util.tree_leaves(model.params) for d in a.devices()})}
 base = rss()
@@ -459,12 +461,9 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README table of a results file and stop")
+    common.add_results_arguments(p)
     args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown) as f:
-            print(markdown(json.load(f)))
+    if common.print_saved_table(args, markdown):
         return 0
     results = run(args.models, args.impls, args.dtypes, args.workdir, args.keep, args.check_logits, repeats=args.repeats,
                   device=args.device)

@@ -23,7 +23,7 @@ from blip_core.generation import check_token_ids
 from blip_core.numerics import MASK_VALUE
 from blip_core.weights import backend_params, owned, random_weights, weight_table
 
-from .loading import LazyValues
+from .loading import LazyValues, tf_device
 
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
@@ -367,9 +367,7 @@ class BlipTFModel(tf.Module):
         (``"/GPU:0"``).
         """
         dtype, device = pretrained.hf_loading_kwargs(dtype, device, **hf_kwargs)
-        if device not in (None, "auto"):
-            kind, index = pretrained.device_kind(device)
-            device = f"/{kind.upper()}:{index}"
+        device = tf_device(device)
         config, table, refs = pretrained.open_pretrained(os.fspath(path), cls.architecture,
                                                          allow_pickle_bin=allow_pickle_bin, strict=strict, seed=seed)
         # values are made one at a time as the variables are created, on the device, in the final dtype

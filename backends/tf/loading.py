@@ -21,6 +21,7 @@ import tensorflow as tf
 from blip_core.checkpoint import in_order
 from blip_core.checkpoint.dtypes import is_floating
 from blip_core.checkpoint.host_layout import is_aligned, relayout
+from blip_core.pretrained import device_kind
 
 
 def as_tf(arr: np.ndarray) -> tf.Tensor:
@@ -40,6 +41,15 @@ def from_host(arr: np.ndarray) -> tf.Tensor:
     if arr.dtype.name == "bfloat16":     # numpy's DLPack export knows no bfloat16: its bits, seen again as bfloat16
         return tf.bitcast(tf.experimental.dlpack.from_dlpack(arr.view(np.uint16).__dlpack__()), tf.bfloat16)
     return tf.experimental.dlpack.from_dlpack(arr.__dlpack__())
+
+
+def tf_device(device):
+    """A ``device=`` as every backend takes it (``"cpu"``, ``"gpu"``, ``"cuda:1"``, or TF's ``"/GPU:0"``) as TF's
+    name; None / "auto" (TF's default placement) as they are."""
+    if device in (None, "auto"):
+        return device
+    kind, index = device_kind(device)
+    return f"/{kind.upper()}:{index}"
 
 
 def on_host(device) -> bool:
