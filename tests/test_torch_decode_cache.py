@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import backends.torch as bt
-from backends.torch.text import TextCache
+from backends.torch.text import BlipTextSelfAttention, TextCache
 from blip_core import to_numpy
 from fixture_utils import fixture, require
 
@@ -136,6 +136,9 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     if not laid:
         return
     assert all(m._layout.rows == batch * beams and m._layout.how == plan and not m.runs_once for m in laid)
+    selfs = [m for m in model.modules() if isinstance(m, BlipTextSelfAttention) and m.fused_projections]
+    # one row: each self-attention's query, key and value share one transposed copy (``layout.project``)
+    assert selfs and all((m.__dict__.get("_fused") is not None) == (plan == "transposed") for m in selfs)
     if plan != "transposed":
         copies = [m._layout.weight.is_mkldnn or m._layout.weight.data_ptr() != m.weight.data_ptr() for m in laid]
         assert all(copies) if plan == "packed" else not any(copies)
@@ -156,6 +159,7 @@ def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
     with torch.no_grad():
         model.generate(pixel_values=inputs["pixel_values"][:batch], max_new_tokens=2, num_beams=beams)
     assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in model.modules())
+    assert not any("_fused" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
@@ -220,3 +224,85 @@ def test_transposed_layout_follows_its_bias():
         lin.bias = torch.nn.Parameter(torch.zeros(96))
         assert not lin._layout.fresh(lin)
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
+
+
+class _ThreeProjections(torch.nn.Module):
+    """Three layers reading one input, named for fusion as a self-attention names its query, key and value."""
+
+    fused_projections = ("a", "b", "c")
+
+    def __init__(self, n_in, outs, bias=True):
+        super().__init__()
+        from backends.torch import layout
+        self.a, self.b, self.c = (layout.Linear(n_in, out, bias=bias) for out in outs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_projections_are_their_layers_products(threads, bias, monkeypatch):
+    """``prepare_decoding`` gives the layers a module names in ``fused_projections`` one transposed copy; one
+    call (``project``) returns each layer's one-row product bit for bit as its own transposed copy would, and
+    any call the copy cannot serve (more rows, gradients, a hook, a changed weight) is each layer's own call."""
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
+    torch.set_num_threads(threads)
+    try:
+        mod = _ThreeProjections(96, (96, 40, 300), bias).eval()
+        lins = (mod.a, mod.b, mod.c)
+        with torch.no_grad():
+            layout.prepare_decoding(mod, 1)
+            fused = mod.__dict__["_fused"]
+            assert fused is not None and all(lin._layout is None for lin in lins)   # one copy serves all three
+            x = torch.randn(1, 1, 96)
+            got = layout.project(mod, x, lins)
+            for y, lin in zip(got, lins):
+                alone = layout._Transposed(lin.weight, lin.bias, threads)(x)
+                assert y.shape == (1, 1, lin.out_features) and torch.equal(y, alone)
+                torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
+            two = torch.randn(2, 1, 96)     # two rows: each layer's own product
+            for y, lin in zip(layout.project(mod, two, lins), lins):
+                torch.testing.assert_close(y, torch.nn.functional.linear(two, lin.weight, lin.bias))
+            seen = []
+            handle = mod.b.register_forward_hook(lambda m, i, o: seen.append(o))
+            layout.project(mod, x, lins)
+            assert len(seen) == 1          # a hooked layer is called, not skipped
+            handle.remove()
+            mod.c.weight.mul_(2.0)         # an in-place change retires the shared copy
+            assert not fused.fits(x)
+            torch.testing.assert_close(layout.project(mod, x, lins)[2],
+                                       torch.nn.functional.linear(x, mod.c.weight, mod.c.bias))
+            layout.prepare_decoding(mod, 1)
+            assert mod.__dict__["_fused"] is not fused and mod.__dict__["_fused"].fits(x)
+        with torch.enable_grad():          # gradients: the plain layers, which autograd sees
+            ys = layout.project(mod, x, lins)
+            assert all(y.requires_grad for y in ys)
+        layout.release_layouts(mod)
+        assert "_fused" not in mod.__dict__
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_one_row_products_from_two_threads():
+    """Each thread fills its own copy of a transposed layout's input buffer: two threads multiplying different
+    rows through one layout at once each get their own products."""
+    import threading
+    from backends.torch import layout
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(768, 256, generator=g), torch.randn(768, generator=g)
+    t = layout._Transposed(w, b, 2)
+    xs = [torch.randn(1, 256, generator=g) for _ in range(2)]
+    want = [t(x) for x in xs]
+    bad = []
+
+    def run(i):
+        for _ in range(300):
+            if not torch.equal(t(xs[i]), want[i]):
+                bad.append(i)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join()
+    assert not bad and not torch.equal(want[0], want[1])

@@ -28,7 +28,9 @@ False``). The attention of a decoding step over the cached image keys/values (``
 also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
-layout. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
+layout. Layers that read the same input and that their module names in ``fused_projections`` (a
+self-attention's query, key and value) share one transposed copy at one row and run as one call
+(``project``, ``_Fused``): the same bits, two fewer calls per layer. ``prepare_decoding(module, rows)`` gives every ``Linear`` under ``module`` (except those
 marked ``runs_once``, e.g. the cross-attention keys/values of the image) the layout for ``rows``
 rows; the text decoder calls it on its first decoding step. A layout belongs to one weight tensor
 (and bias) at one version: training, ``load_state_dict`` or any in-place change makes it stale and the
@@ -39,6 +41,8 @@ with another row count replaces it); ``release_layouts(model)`` frees it. The un
 ``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
 """
 from __future__ import annotations
+
+from threading import get_ident
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +122,7 @@ class _Transposed:
     gives float32 the bits of ``y + b`` and bfloat16 one rounding, as oneDNN's product does.
     """
 
-    __slots__ = ("table", "index", "offsets", "k", "n_in", "out", "ones", "padded")
+    __slots__ = ("table", "index", "offsets", "k", "n_in", "out", "rows", "padded", "inputs")
 
     def __init__(self, w: torch.Tensor, bias, threads: int):
         out, n_in = w.shape
@@ -133,13 +137,24 @@ class _Transposed:
                 block[n_in, :cols].copy_(bias[lo:lo + cols])
             block[:, cols:].zero_()
         self.index, self.offsets = bags(k, rows, w.device)
-        self.ones = None if bias is None else w.new_ones((k, 1))
-        self.k, self.n_in, self.out = k, n_in, out
+        self.k, self.n_in, self.out, self.rows = k, n_in, out, rows
         self.padded = k * width != out
+        self.inputs = {}     # thread -> the bags' weights buffer (see ``_weights``)
+
+    def _weights(self) -> tuple:
+        """This thread's (k, rows) buffer of the bags' weights, ones in the bias column, and the view of it that
+        takes each call's ``x`` (one broadcasting copy: building the weights with ``expand`` and ``torch.cat``
+        cost ~9 us more per call, ~0.9 ms of a BLIP-base step). One per thread, so that threads sharing a
+        model do not write each other's inputs."""
+        if len(self.inputs) >= 64:      # threads come and go: keep the buffers of recent ones only
+            self.inputs.clear()
+        buf = self.table.new_ones((self.k, self.rows))
+        pair = self.inputs[get_ident()] = (buf, buf[:, :self.n_in])
+        return pair
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weights = x.reshape(1, self.n_in).expand(self.k, self.n_in)    # x once per bag (then 1 for the bias)
-        weights = torch.cat((weights, self.ones), 1) if self.ones is not None else weights.reshape(-1)
+        weights, inputs = self.inputs.get(get_ident()) or self._weights()
+        inputs.copy_(x.reshape(1, self.n_in))          # x once per bag (then 1 for the bias)
         y = F.embedding_bag(self.index, self.table, self.offsets, mode="sum", per_sample_weights=weights.view(-1))
         if self.padded:       # the last block's zero columns (the slice costs ~3.5 us a call: only where needed)
             y = y.view(-1)[:self.out]
@@ -283,7 +298,9 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
 
     A no-op with gradients enabled, in training mode and where oneDNN is unavailable; where the plan is
     ``PLAIN`` it drops the layouts an earlier call left; ``UNPACKED`` points the layers at their own
-    weights; ``PACKED`` reorders each weight into a copy once.
+    weights; ``PACKED`` reorders each weight into a copy once. Under ``TRANSPOSED``, the layers a module names
+    in ``fused_projections`` (layers that read the same input, e.g. a self-attention's query, key and value)
+    share one transposed copy (``_Fused``; the module calls them through ``project``).
     """
     if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
@@ -292,8 +309,21 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         release_layouts(module)
         return
     threads = torch.get_num_threads()
+    fused = set()
+    for mod in module.modules():
+        lins = _fusable(mod) if how == TRANSPOSED else None
+        if lins is None:
+            mod.__dict__.pop("_fused", None)
+            continue
+        old = mod.__dict__.get("_fused")
+        if old is None or not old.fresh(lins) or old.product.k != _blocks(old.product.out, threads)[0]:
+            mod.__dict__["_fused"] = None      # a stale copy goes before its replacement is made
+            mod.__dict__["_fused"] = _Fused(lins, threads)
+        for lin in lins:
+            lin._layout = None                 # the shared copy serves them
+            fused.add(lin)
     for lin in module.modules():
-        if not isinstance(lin, Linear) or lin.runs_once:
+        if not isinstance(lin, Linear) or lin.runs_once or lin in fused:
             continue
         lay, w = lin._layout, lin.weight.detach()
         if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
@@ -307,8 +337,61 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         lin._layout = _Layout(lin, rows, weight, how)
 
 
+def _fusable(mod: nn.Module):
+    """The ``Linear`` layers ``mod`` names in ``fused_projections``, where they can share a transposed copy (same
+    input width, dtype and device, all with a bias or none), else None."""
+    names = getattr(mod, "fused_projections", ())
+    lins = [getattr(mod, name, None) for name in names]
+    if len(lins) < 2 or not all(isinstance(lin, Linear) and not lin.runs_once for lin in lins):
+        return None
+    first = lins[0].weight
+    if any(lin.in_features != lins[0].in_features or lin.weight.dtype != first.dtype
+           or lin.weight.device != first.device or (lin.bias is None) != (lins[0].bias is None) for lin in lins):
+        return None
+    return lins
+
+
+class _Fused:
+    """The one-row products of layers that read the same input (``fused_projections``) as one embedding-bag
+    call over their weights stacked along the outputs: one table, one call instead of one per layer (each call
+    restarts the weight stream: a BLIP-base self-attention's three 768x768 products cost ~2 calls' overhead
+    more apart). Each output is the same ordered sum as its own layer's ``_Transposed`` (bit for bit)."""
+
+    __slots__ = ("lins", "states", "product", "sizes", "dtype")
+
+    def __init__(self, lins: list, threads: int):
+        weights = [lin.weight.detach() for lin in lins]
+        bias = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+        self.product = _Transposed(torch.cat(weights), bias, threads)
+        self.lins, self.states = tuple(lins), [_Layout(lin, 1, None, TRANSPOSED) for lin in lins]
+        self.sizes, self.dtype = [w.shape[0] for w in weights], weights[0].dtype
+
+    def fresh(self, lins) -> bool:
+        return tuple(lins) == self.lins and all(lay.fresh(lin) for lay, lin in zip(self.states, lins))
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """This call may take the shared copy: one row of its dtype, no gradients or trace, weights unchanged,
+        no hooks that would miss their layer's call."""
+        return (x.dtype == self.dtype and x.shape[-1] > 0 and x.numel() == x.shape[-1] and ENABLED is not False
+                and not torch.is_grad_enabled() and not _traced() and self.fresh(self.lins)
+                and not any(_hooked(lin) for lin in self.lins))
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        return self.product(x).split(self.sizes, -1)
+
+
+def project(module: nn.Module, x: torch.Tensor, lins: tuple) -> tuple:
+    """``tuple(lin(x) for lin in lins)``: one embedding-bag call where ``prepare_decoding`` fused ``lins`` (the
+    module's ``fused_projections``) and ``x`` is one row; otherwise each layer's own call."""
+    fused = module.__dict__.get("_fused")
+    if fused is not None and fused.lins == lins and fused.fits(x):
+        return fused(x)
+    return tuple(lin(x) for lin in lins)
+
+
 def release_layouts(module: nn.Module) -> None:
-    """Drop every prepared layout under ``module`` (frees the packed copies)."""
-    for lin in module.modules():
-        if isinstance(lin, Linear):
-            lin._layout = None
+    """Drop every prepared layout under ``module`` (frees the packed and transposed copies)."""
+    for mod in module.modules():
+        mod.__dict__.pop("_fused", None)
+        if isinstance(mod, Linear):
+            mod._layout = None

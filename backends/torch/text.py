@@ -25,7 +25,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from ._base import PreTrainedModel, as_tensor, attention, fits_one_query_attention, one_query_attention
-from .layout import Linear, linear_act, prepare_decoding
+from .layout import Linear, linear_act, prepare_decoding, project
 
 
 class TextCache:
@@ -115,6 +115,8 @@ class BlipTextSelfAttention(nn.Module):
         self.value = Linear(kv_dim, d)
         # the image's keys/values are computed once per input, never per decoding step
         self.key.runs_once = self.value.runs_once = is_cross_attention
+        # a self-attention's three projections read the same input: one decoding product (``layout.project``)
+        self.fused_projections = () if is_cross_attention else ("query", "key", "value")
         self.dropout = float(config.attention_probs_dropout_prob)
 
     def split(self, x):
@@ -139,11 +141,12 @@ class BlipTextSelfAttention(nn.Module):
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
         """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
         layer ``i`` when given). Returns ctx, probs, (k, v)."""
-        q = self.split(self.query(x))
         if cached is not None and not append:
-            k, v = cached
+            q, (k, v) = self.split(self.query(x)), cached
         else:
-            k, v = self.split(self.key(kv_states)), self.split(self.value(kv_states))
+            lins = (self.query, self.key, self.value)
+            q, k, v = map(self.split, project(self, x, lins) if kv_states is x else
+                          (self.query(x), self.key(kv_states), self.value(kv_states)))
             if cache is not None:
                 k, v = cache.append(i, k, v)
             elif cached is not None:
