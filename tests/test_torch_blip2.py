@@ -220,6 +220,29 @@ def test_generate_ids_identical(pair, case):
         assert torch.equal(got, ref), (opts, got, ref)
 
 
+def test_one_row_opt_decoding_from_transposed_copies_matches_transformers(pair, monkeypatch):
+    """Batch 1 greedy: the OPT language model decodes from the one-row transposed copies (``layout``), each
+    attention's query, key and value from one shared copy; the ids are transformers'."""
+    from backends.torch import layout
+    from backends.torch.opt import OPTAttention
+    monkeypatch.setattr(layout, "ENABLED", None)          # the default plan
+    monkeypatch.setattr(layout, "ONE_ROW", True)
+    cfg = FORWARD_CASES["opt_placeholders"]
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
+    px = _pixels(batch=1, seed=6)
+    ids, mask = _prompt([4], 4, seed=7)
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=_t(px), input_ids=_t(ids), attention_mask=_t(mask), max_new_tokens=7)
+        got = me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=7)
+    assert torch.equal(got, ref), (got, ref)
+    lm = me.language_model
+    attns = [m for m in lm.modules() if isinstance(m, OPTAttention)]
+    assert attns and all(m.__dict__.get("_fused") is not None for m in attns)
+    laid = [m for m in lm.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+    assert laid and all(m._layout.how == layout.TRANSPOSED and m._layout.rows == 1 for m in laid)
+    layout.release_layouts(me)
+
+
 def test_generate_right_padded_batch_matches_transformers(pair):
     """A right-padded OPT batch: the prefill's last slot is padding, whose position id is 1 in
     transformers' generate; the first new token depends on it."""

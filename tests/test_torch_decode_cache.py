@@ -306,3 +306,26 @@ def test_one_row_products_from_two_threads():
     for th in workers:
         th.join()
     assert not bad and not torch.equal(want[0], want[1])
+
+
+def test_no_decoding_copies_where_they_would_not_fit(monkeypatch):
+    """Copies of the decoding weights are made only where they fit in ``COPY_FRACTION`` of the memory the kernel
+    reports available; otherwise the layers multiply the weights as they are, with the same ids. Copies made
+    earlier and still fresh are kept (nothing new to allocate)."""
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
+    path, inputs, ref = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    pixels = inputs["pixel_values"][:1]
+    for available, how in [(1, layout.UNPACKED), (None, layout.TRANSPOSED), (1, layout.TRANSPOSED)]:
+        monkeypatch.setattr(layout, "memory_available", lambda: available)
+        with torch.no_grad():
+            ids = to_numpy(model.generate(pixel_values=pixels, max_new_tokens=6))
+        np.testing.assert_array_equal(ids, ref["greedy_ids"][:1, : ids.shape[1]])
+        laid = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+        assert laid and all(m._layout.how == how for m in laid)
+        if how == layout.UNPACKED:     # the weights themselves, no copy; no shared copies either
+            assert all(m._layout.weight is m.weight.detach() or m._layout.weight.data_ptr() == m.weight.data_ptr()
+                       for m in laid)
+            assert not any(m.__dict__.get("_fused") is not None for m in model.modules())

@@ -38,7 +38,7 @@ from .opt import OPTForCausalLM, causal_lm_loss
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
 from .vision import BlipVisionModel, BlipVisionTransformer
-from .layout import Linear
+from .layout import Linear, prepare_decoding
 
 __all__ = ["Blip2VisionModel", "Blip2QFormerModel", "Blip2Model", "Blip2ForConditionalGeneration",
            "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"]
@@ -314,6 +314,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             mask = torch.cat([prefix_mask, key_mask[:, : index + step_ids.shape[1]]], 1)
             positions = decoding.prefill_positions(torch, mask)
             if cache is None:
+                # later steps feed one token per row: the decoding layouts for that many rows (``layout``)
+                prepare_decoding(lm, step_ids.shape[0])
                 out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
             else:
                 out = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions[:, -1:],

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from blip_core.checkpoint.mapped import memory_available
 from blip_core.settings import OFF, env_word
 
 from ._base import activation, bags
@@ -309,6 +310,8 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         release_layouts(module)
         return
     threads = torch.get_num_threads()
+    if how in (TRANSPOSED, PACKED) and not _copies_fit(module, rows, how):
+        how = UNPACKED      # no second copy of weights that would not fit beside the model: oneDNN on them as they are
     fused = set()
     for mod in module.modules():
         lins = _fusable(mod) if how == TRANSPOSED else None
@@ -335,6 +338,33 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         else:
             weight = w if how == UNPACKED else _ONEDNN[1](w, rows)
         lin._layout = _Layout(lin, rows, weight, how)
+
+
+# The copies a layout makes (transposed or packed: about the decoding layers' weight bytes; BLIP base's text
+# decoder ~490 MB in float32, a BLIP-2 OPT-2.7b language model ~10 GB) are made only while they fill at most this
+# fraction of the memory the kernel reports available (``MemAvailable``); otherwise the layers run from the
+# weights as they are (``UNPACKED``: no copy, oneDNN's product, slower at one row).
+COPY_FRACTION = 0.5
+
+
+def _copies_fit(module: nn.Module, rows: int, how: str) -> bool:
+    """The new copies ``prepare_decoding`` would make under ``how`` fit in ``COPY_FRACTION`` of available memory
+    (where the kernel reports it; elsewhere they are made)."""
+    available = memory_available()
+    if available is None:
+        return True
+    shared = set()       # layers a fresh shared copy already serves
+    for mod in module.modules():
+        fused = mod.__dict__.get("_fused")
+        if how == TRANSPOSED and fused is not None and fused.fresh(fused.lins):
+            shared.update(fused.lins)
+    new = 0
+    for lin in module.modules():
+        if isinstance(lin, Linear) and not lin.runs_once and lin not in shared:
+            lay = lin._layout
+            if lay is None or lay.rows != rows or lay.how != how or not lay.fresh(lin):
+                new += lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
+    return new <= COPY_FRACTION * available
 
 
 def _fusable(mod: nn.Module):

@@ -18,7 +18,7 @@ from blip_core.blip2 import check_opt_position
 from blip_core.configs import OPTConfig
 from blip_core.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .layout import Linear, linear_act
+from .layout import Linear, linear_act, project
 
 
 def causal_bias(mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -67,6 +67,8 @@ class OPTAttention(nn.Module):
         self.q_proj = Linear(d, d, bias=config.enable_bias)
         self.out_proj = Linear(d, d, bias=config.enable_bias)
         self.dropout = config.attention_dropout
+        # one decoding product for the three (``layout.project``)
+        self.fused_projections = ("q_proj", "k_proj", "v_proj")
 
     def _heads(self, x):
         b, n, _ = x.shape
@@ -74,9 +76,8 @@ class OPTAttention(nn.Module):
 
     def forward(self, hidden_states, bias, past=None):
         # OPT scales the query before the product (transformers keeps this order for exactness).
-        q = self._heads(self.q_proj(hidden_states) * self.scaling)
-        k = self._heads(self.k_proj(hidden_states))
-        v = self._heads(self.v_proj(hidden_states))
+        q, k, v = project(self, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self._heads(q * self.scaling), self._heads(k), self._heads(v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
