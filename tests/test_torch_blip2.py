@@ -220,14 +220,16 @@ def test_generate_ids_identical(pair, case):
         assert torch.equal(got, ref), (opts, got, ref)
 
 
-def test_one_row_opt_decoding_from_transposed_copies_matches_transformers(pair, monkeypatch):
-    """Batch 1 greedy: the OPT language model decodes from the one-row transposed copies (``layout``), each
-    attention's query, key and value from one shared copy; the ids are transformers'."""
+@pytest.mark.parametrize("case", ["opt_placeholders", "t5_untied_gelu_new_placeholders"])
+def test_one_row_decoding_from_transposed_copies_matches_transformers(pair, monkeypatch, case):
+    """Batch 1 greedy: the language model decodes from the one-row transposed copies (``layout``; not the T5
+    cross-attention's keys/values, computed once), each OPT attention's query, key and value from one shared
+    copy; the ids are transformers'."""
     from backends.torch import layout
     from backends.torch.opt import OPTAttention
     monkeypatch.setattr(layout, "ENABLED", None)          # the default plan
     monkeypatch.setattr(layout, "ONE_ROW", True)
-    cfg = FORWARD_CASES["opt_placeholders"]
+    cfg = FORWARD_CASES[case]
     hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
     px = _pixels(batch=1, seed=6)
     ids, mask = _prompt([4], 4, seed=7)
@@ -237,9 +239,11 @@ def test_one_row_opt_decoding_from_transposed_copies_matches_transformers(pair, 
     assert torch.equal(got, ref), (got, ref)
     lm = me.language_model
     attns = [m for m in lm.modules() if isinstance(m, OPTAttention)]
-    assert attns and all(m.__dict__.get("_fused") is not None for m in attns)
+    assert all(m.__dict__.get("_fused") is not None for m in attns) and bool(attns) == (case.startswith("opt"))
     laid = [m for m in lm.modules() if isinstance(m, layout.Linear) and m._layout is not None]
-    assert laid and all(m._layout.how == layout.TRANSPOSED and m._layout.rows == 1 for m in laid)
+    assert laid and all(m._layout.how == layout.TRANSPOSED and m._layout.rows == 1 and not m.runs_once for m in laid)
+    if hasattr(lm, "encoder"):       # T5's encoder runs once per input: no copies of its weights
+        assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in lm.encoder.modules())
     layout.release_layouts(me)
 
 

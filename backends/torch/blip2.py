@@ -334,6 +334,9 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
         def step(step_ids, _positions, key_mask, cache, index, context):
             states, states_mask = context
+            if cache is None:   # every step feeds one token per row: the decoding layouts for that many rows
+                for part in (lm.decoder, lm.lm_head):     # not the encoder, which ran once
+                    prepare_decoding(part, step_ids.shape[0])
             dec, _ = lm.decoder(input_ids=step_ids, attention_mask=key_mask[:, : index + step_ids.shape[1]],
                                 encoder_hidden_states=states, encoder_attention_mask=states_mask,
                                 past_key_values=cache, use_cache=True)

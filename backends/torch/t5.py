@@ -151,6 +151,8 @@ class T5LayerCrossAttention(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.EncDecAttention = T5Attention(config, False, True)
+        # the encoder states' keys/values are computed once per input, never per decoding step
+        self.EncDecAttention.k.runs_once = self.EncDecAttention.v.runs_once = True
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
 
 
