@@ -124,3 +124,22 @@ def test_decode_layout_keeps_ids_and_logits(monkeypatch, golden, kw):
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     layout.release_layouts(model)
     assert not any(isinstance(m, layout.Linear) and m._layout is not None for m in model.modules())
+
+
+def test_quantizing_drops_the_decoding_copies(monkeypatch):
+    """A model that has decoded in float32 holds transposed copies of its decoder's weights (a shared one per
+    self-attention); quantizing it drops them with the layers they belonged to, and it decodes again."""
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
+    path, inputs, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    pixels = inputs["pixel_values"][:1]
+    with torch.no_grad():
+        before = to_numpy(model.generate(pixel_values=pixels, max_new_tokens=4))
+    assert any(m.__dict__.get("_fused") is not None for m in model.modules())
+    quantize_int8(model)
+    assert not any("_fused" in m.__dict__ for m in model.modules())
+    assert not any(isinstance(m, layout.Linear) for m in model.modules())
+    with torch.no_grad():
+        after = to_numpy(model.generate(pixel_values=pixels, max_new_tokens=4))
+    assert after.shape == before.shape and (after[:, 0] == before[:, 0]).all()    # the start token

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import release_layouts
+
 
 def int8_supported() -> bool:
     """fbgemm-style int8 GEMM in this torch build (x86 ``fbgemm`` / ``x86`` engine)."""
@@ -90,6 +92,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     p = next(model.parameters(), None)
     if p is not None and (p.dtype != torch.float32 or p.device.type != "cpu"):
         raise ValueError(f"quantize_int8 takes a float32 CPU model, got {p.dtype} on {p.device}")
+    release_layouts(model)     # decoding copies of the float32 weights (and shared ones holding the old layers)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not isinstance(child, Int8Linear):
