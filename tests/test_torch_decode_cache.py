@@ -329,3 +329,27 @@ def test_no_decoding_copies_where_they_would_not_fit(monkeypatch):
             assert all(m._layout.weight is m.weight.detach() or m._layout.weight.data_ptr() == m.weight.data_ptr()
                        for m in laid)
             assert not any(m.__dict__.get("_fused") is not None for m in model.modules())
+
+
+def test_large_decoding_copies_wait_for_the_second_call(monkeypatch):
+    """Copies above ``DEFER_BYTES`` are made from a model's second decoding call with as many rows on; the first
+    multiplies the weights as they are. Ids are the goldens on both calls."""
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "DEFER_BYTES", 1)          # every copy counts as large
+    monkeypatch.setattr(layout, "memory_available", lambda: None)
+    path, inputs, ref = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    pixels = inputs["pixel_values"][:1]
+    for how in (layout.UNPACKED, layout.TRANSPOSED, layout.TRANSPOSED):
+        with torch.no_grad():
+            ids = to_numpy(model.generate(pixel_values=pixels, max_new_tokens=6))
+        np.testing.assert_array_equal(ids, ref["greedy_ids"][:1, : ids.shape[1]])
+        laid = [m for m in model.modules() if isinstance(m, layout.Linear) and m._layout is not None]
+        assert laid and all(m._layout.how == how for m in laid)
+    layout.release_layouts(model)      # a released model starts over
+    with torch.no_grad():
+        model.generate(pixel_values=pixels, max_new_tokens=2)
+    assert all(m._layout.how == layout.UNPACKED for m in model.modules()
+               if isinstance(m, layout.Linear) and m._layout is not None)

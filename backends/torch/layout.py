@@ -31,13 +31,15 @@ also embedding-bag sums) needs no switch: no copy, same numbers to float32 round
 layout. Layers that read the same input and that their module names in ``fused_projections`` (a
 self-attention's query, key and value) share one transposed copy at one row and run as one call
 (``project``, ``_Fused``): the same bits, two fewer calls per layer. ``prepare_decoding(module, rows)``
-gives every ``Linear`` under ``module`` (except those
-marked ``runs_once``, e.g. the cross-attention keys/values of the image) the layout for ``rows``
-rows; the text decoder calls it on its first decoding step. A layout belongs to one weight tensor
-(and bias) at one version: training, ``load_state_dict`` or any in-place change makes it stale and the
-layer silently returns to ``F.linear``; with gradients enabled, the plain path always runs. A packed or
-transposed copy is kept for the next call with as many rows (about the decoder's weight bytes; a call
-with another row count replaces it); ``release_layouts(model)`` frees it. The unpacked plan keeps no copy.
+gives every ``Linear`` under ``module`` (except those marked ``runs_once``, e.g. the cross-attention
+keys/values of the image) the layout for ``rows`` rows; the text decoders (BLIP's, BLIP-2's OPT and T5)
+call it on their first decoding step. Copies are made only where they fit in ``COPY_FRACTION`` of the
+available memory, and those above ``DEFER_BYTES`` only from a model's second call with as many rows. A
+layout belongs to one weight tensor (and bias) at one version: training, ``load_state_dict`` or any
+in-place change makes it stale and the layer silently returns to ``F.linear``; with gradients enabled,
+the plain path always runs. A packed or transposed copy is kept for the next call with as many rows
+(about the decoder's weight bytes; a call with another row count replaces it); ``release_layouts(model)``
+frees it. The unpacked plan keeps no copy.
 
 ``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
 """
@@ -311,8 +313,13 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         release_layouts(module)
         return
     threads = torch.get_num_threads()
-    if how in (TRANSPOSED, PACKED) and not _copies_fit(module, rows, how):
-        how = UNPACKED      # no second copy of weights that would not fit beside the model: oneDNN on them as they are
+    if how in (TRANSPOSED, PACKED):
+        new, available = _new_copy_bytes(module, rows, how), memory_available()
+        if available is not None and new > COPY_FRACTION * available:
+            how = UNPACKED      # no second copy of weights that would not fit beside the model: oneDNN on them as they are
+        elif new > DEFER_BYTES and (rows, how) not in module.__dict__.setdefault("_decoding_calls", set()):
+            module.__dict__["_decoding_calls"].add((rows, how))
+            how = UNPACKED      # a large copy waits for this module's second call with as many rows (``DEFER_BYTES``)
     fused = set()
     for mod in module.modules():
         lins = _fusable(mod) if how == TRANSPOSED else None
@@ -346,14 +353,16 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
 # fraction of the memory the kernel reports available (``MemAvailable``); otherwise the layers run from the
 # weights as they are (``UNPACKED``: no copy, oneDNN's product, slower at one row).
 COPY_FRACTION = 0.5
+# Copies of more than this many bytes are made from a module's second decoding call with the same row count on,
+# the first running from the weights as they are: they build at ~1.3 GB/s, which one call of a few dozen tokens
+# does not win back. BLIP-2 OPT-2.7b in bfloat16 (5.4 GB of copies; this project's 2-core VM, 20 tokens): the first
+# generate 8.4 s without copies, 13.5 s building them; later calls 8.0-8.2 s without, 5.6-5.7 s with them.
+# BLIP base's decoder (0.5 GB) is below it: its copies are made on the first call.
+DEFER_BYTES = 1 << 30
 
 
-def _copies_fit(module: nn.Module, rows: int, how: str) -> bool:
-    """The new copies ``prepare_decoding`` would make under ``how`` fit in ``COPY_FRACTION`` of available memory
-    (where the kernel reports it; elsewhere they are made)."""
-    available = memory_available()
-    if available is None:
-        return True
+def _new_copy_bytes(module: nn.Module, rows: int, how: str) -> int:
+    """The bytes of the copies ``prepare_decoding`` would make under ``how`` (layers without a valid one)."""
     shared = set()       # layers a fresh shared copy already serves
     for mod in module.modules():
         fused = mod.__dict__.get("_fused")
@@ -365,7 +374,7 @@ def _copies_fit(module: nn.Module, rows: int, how: str) -> bool:
             lay = lin._layout
             if lay is None or lay.rows != rows or lay.how != how or not lay.fresh(lin):
                 new += lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
-    return new <= COPY_FRACTION * available
+    return new
 
 
 def _fusable(mod: nn.Module):
@@ -424,5 +433,6 @@ def release_layouts(module: nn.Module) -> None:
     """Drop every prepared layout under ``module`` (frees the packed and transposed copies)."""
     for mod in module.modules():
         mod.__dict__.pop("_fused", None)
+        mod.__dict__.pop("_decoding_calls", None)
         if isinstance(mod, Linear):
             mod._layout = None
