@@ -316,7 +316,7 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
     if how in (TRANSPOSED, PACKED):
         new, available = _new_copy_bytes(module, rows, how), memory_available()
         if available is not None and new > COPY_FRACTION * available:
-            how = UNPACKED      # no second copy of weights that would not fit beside the model: oneDNN on them as they are
+            how = UNPACKED      # no copy that would not fit beside the model: oneDNN on the weights as they are
         elif new > DEFER_BYTES and (rows, how) not in module.__dict__.setdefault("_decoding_calls", set()):
             module.__dict__["_decoding_calls"].add((rows, how))
             how = UNPACKED      # a large copy waits for this module's second call with as many rows (``DEFER_BYTES``)
