@@ -267,6 +267,13 @@ class Blip2Model(_Blip2WithLanguageModel):
         return qformer if legacy_output else qformer.last_hidden_state
 
 
+def _prepare_decoding(lm, rows: int) -> None:
+    """On a generation's first step: later steps feed one token per row, so the parts of the language model a
+    step runs get the decoding layouts for ``rows`` rows (``layout.prepare_decoding``)."""
+    for part in lm.decoding_parts():
+        prepare_decoding(part, rows)
+
+
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     """Image (+ prompt) -> text. ``forward`` gives logits (and the loss with ``labels``).
 
@@ -314,8 +321,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             mask = torch.cat([prefix_mask, key_mask[:, : index + step_ids.shape[1]]], 1)
             positions = decoding.prefill_positions(torch, mask)
             if cache is None:
-                # later steps feed one token per row: the decoding layouts for that many rows (``layout``)
-                prepare_decoding(lm, step_ids.shape[0])
+                _prepare_decoding(lm, step_ids.shape[0])
                 out = lm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
             else:
                 out = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions[:, -1:],
@@ -334,9 +340,8 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
         def step(step_ids, _positions, key_mask, cache, index, context):
             states, states_mask = context
-            if cache is None:   # every step feeds one token per row: the decoding layouts for that many rows
-                for part in (lm.decoder, lm.lm_head):     # not the encoder, which ran once
-                    prepare_decoding(part, step_ids.shape[0])
+            if cache is None:
+                _prepare_decoding(lm, step_ids.shape[0])
             dec, _ = lm.decoder(input_ids=step_ids, attention_mask=key_mask[:, : index + step_ids.shape[1]],
                                 encoder_hidden_states=states, encoder_attention_mask=states_mask,
                                 past_key_values=cache, use_cache=True)

@@ -202,7 +202,7 @@ class Linear(nn.Linear):
         oneDNN, or None where this call takes ``F.linear`` (gradients, traces, the switch, other devices /
         dtypes / strides). oneDNN applies ``act`` in the product's epilogue; the one-row transposed layout (an
         embedding-bag sum, no epilogue) applies it after."""
-        if torch.is_grad_enabled() or ENABLED is False or _ONEDNN is None or _traced():
+        if not _layouts_apply():
             return None
         post, algorithm = EPILOGUES[act] if act is not None else ("none", "")
         lay = self._layout
@@ -282,6 +282,11 @@ def _padded_base(x: torch.Tensor, padded_rows: int):
             or base.dtype != x.dtype or not base.is_contiguous()):
         return None
     return base
+
+
+def _layouts_apply() -> bool:
+    """A call may run from oneDNN or a prepared layout: no gradients, not switched off, oneDNN present, not traced."""
+    return not torch.is_grad_enabled() and ENABLED is not False and _ONEDNN is not None and not _traced()
 
 
 def _traced() -> bool:
@@ -407,14 +412,17 @@ class _Fused:
         self.sizes, self.dtype = [w.shape[0] for w in weights], weights[0].dtype
 
     def fresh(self, lins) -> bool:
-        return tuple(lins) == self.lins and all(lay.fresh(lin) for lay, lin in zip(self.states, lins))
+        """Made for these layers, whose weights and biases are unchanged since."""
+        return tuple(lins) == self.lins and self._unchanged()
+
+    def _unchanged(self) -> bool:
+        return all(lay.fresh(lin) for lay, lin in zip(self.states, self.lins))
 
     def fits(self, x: torch.Tensor) -> bool:
-        """This call may take the shared copy: one row of its dtype, no gradients or trace, weights unchanged,
-        no hooks that would miss their layer's call."""
-        return (x.dtype == self.dtype and x.shape[-1] > 0 and x.numel() == x.shape[-1] and ENABLED is not False
-                and not torch.is_grad_enabled() and not _traced() and self.fresh(self.lins)
-                and not any(_hooked(lin) for lin in self.lins))
+        """This call may take the shared copy: one row of its dtype, a call layouts apply to (``_layouts_apply``),
+        weights unchanged, no hooks that would miss their layer's call."""
+        return (x.dtype == self.dtype and x.shape[-1] > 0 and x.numel() == x.shape[-1] and _layouts_apply()
+                and self._unchanged() and not any(_hooked(lin) for lin in self.lins))
 
     def __call__(self, x: torch.Tensor) -> tuple:
         return self.product(x).split(self.sizes, -1)

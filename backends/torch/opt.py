@@ -222,3 +222,7 @@ class OPTForCausalLM(nn.Module):
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
     reorder_cache = staticmethod(reorder_cache)
+
+    def decoding_parts(self) -> tuple:
+        """The modules a decoding step runs (``layout.prepare_decoding`` prepares them): all of it."""
+        return (self,)

@@ -300,6 +300,11 @@ class T5ForConditionalGeneration(nn.Module):
         return BaseModelOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
                                attentions=out.attentions)
 
+    def decoding_parts(self) -> tuple:
+        """The modules a decoding step runs (``layout.prepare_decoding`` prepares them): the decoder and the LM
+        head, not the encoder, which runs once per input."""
+        return (self.decoder, self.lm_head)
+
     def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:
             # With a shared matrix the decoder output is rescaled first (Mesh TensorFlow convention).
