@@ -226,6 +226,28 @@ def test_transposed_layout_follows_its_bias():
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_decoding_layout_follows_a_weight_parametrization():
+    """A parametrization registered after the layout was made turns ``weight`` into a computed tensor: the
+    layer's calls must use it, not the copy of the old parameter."""
+    from backends.torch import layout
+    from torch.nn.utils import parametrize
+    lin = layout.Linear(64, 96).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layout.prepare_decoding(lin, 1)
+        assert lin._layout is not None and lin._layout.fresh(lin)
+        plain = lin(x)
+        parametrize.register_parametrization(lin, "weight", _Doubled())
+        assert not lin._layout.fresh(lin)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        torch.testing.assert_close(lin(x) - lin.bias, 2 * (plain - lin.bias))
+
+
 class _ThreeProjections(torch.nn.Module):
     """Three layers reading one input, named for fusion as a self-attention names its query, key and value."""
 

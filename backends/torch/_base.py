@@ -300,6 +300,13 @@ def bags(count: int, size: int, device) -> tuple:
     return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
 
 
+def bag_sums(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)`` (``weights`` flat, one per
+    index), called without the functional's argument checks: ~1 us less per call, for the ~100 calls of a
+    decoding step whose arguments are built right (``bags``)."""
+    return torch.embedding_bag(table, index, offsets, False, 0, False, weights)[0]
+
+
 def one_query_attention(q, k, v, mask=None, *, scale: float):
     """``attention`` of one query row per head over cached keys/values, as two embedding-bag sums.
 
@@ -314,13 +321,12 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
     b, h, s, hd = k.shape
     kt = k.transpose(-1, -2)
     idx, off = bags(b * h, hd, q.device)
-    scores = F.embedding_bag(idx, kt.reshape(b * h * hd, s), off, mode="sum",
-                             per_sample_weights=(q * scale).reshape(-1))
+    scores = bag_sums(kt.reshape(b * h * hd, s), idx, off, (q * scale).reshape(-1))
     if mask is not None:
         scores = (scores.view(b, h, 1, s) + mask.to(scores.dtype)).view(b * h, s)
     probs = torch.softmax(scores, dim=-1)
     idx, off = bags(b * h, s, q.device)
-    ctx = F.embedding_bag(idx, v.reshape(b * h * s, hd), off, mode="sum", per_sample_weights=probs.reshape(-1))
+    ctx = bag_sums(v.reshape(b * h * s, hd), idx, off, probs.reshape(-1))
     return ctx.view(b, h, 1, hd)
 
 
