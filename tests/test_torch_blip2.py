@@ -228,7 +228,7 @@ def test_one_row_decoding_from_transposed_copies_matches_transformers(pair, monk
     from backends.torch import layout
     from backends.torch.opt import OPTAttention
     monkeypatch.setattr(layout, "ENABLED", None)          # the default plan
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     cfg = FORWARD_CASES[case]
     hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
     px = _pixels(batch=1, seed=6)

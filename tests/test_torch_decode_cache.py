@@ -118,14 +118,15 @@ def test_half_precision_decoding_image_keys(dtype, kv_dtype):
 
 
 @pytest.mark.parametrize("dtype,batch,beams,plan", [("bfloat16", 2, 1, "packed"), ("bfloat16", 1, 1, "transposed"),
-                                                     ("float32", 1, 1, "transposed"), ("float32", 1, 3, "unpacked"),
-                                                     ("float32", 2, 1, "unpacked")])
+                                                     ("float32", 1, 1, "transposed"), ("float32", 1, 3, "packed"),
+                                                     ("float32", 2, 3, "packed"), ("float32", 2, 1, "unpacked")])
 def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
-    """One row decodes from a transposed copy in either dtype; more rows from packed copies (bfloat16) or
-    oneDNN on the weights themselves (float32, no copy); float32 ids are transformers'."""
+    """One row decodes from a transposed copy in either dtype; more rows from packed copies (bfloat16; float32 from
+    ``PACK_MIN_ROWS`` rows on) or, float32 at two rows, oneDNN on the weights themselves (no copy); float32 ids are
+    transformers'."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     path, inputs, ref = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
     kw = dict(max_new_tokens=6, num_beams=beams)   # the goldens' length (beam search's best depends on it)
@@ -206,6 +207,25 @@ def test_transposed_one_row_product_bfloat16():
         assert (y == onednn).float().mean() > 0.95
 
 
+def test_decoding_layout_switches(monkeypatch):
+    """``BLIP_TORCH_DECODE_LAYOUT``'s values as run-time settings: the default plan, ``unpacked`` (no transposed
+    copies, float32 on its weights at every row count), ``1`` (packed everywhere), ``0`` (``F.linear``)."""
+    from backends.torch import layout
+    f32, bf16 = torch.float32, torch.bfloat16
+    settings = {"default": (None, True), "unpacked": (None, False), "1": (True, True), "0": (False, True)}
+    want = {"default": {(f32, 1): "transposed", (f32, 2): "unpacked", (f32, 3): "packed", (f32, 24): "packed",
+                        (bf16, 1): "transposed", (bf16, 2): "packed"},
+            "unpacked": {(f32, 1): "unpacked", (f32, 2): "unpacked", (f32, 3): "unpacked", (f32, 24): "unpacked",
+                         (bf16, 1): "packed", (bf16, 2): "packed"},
+            "1": {(f32, 1): "packed", (f32, 3): "packed", (bf16, 1): "packed"},
+            "0": {(f32, 1): "plain", (f32, 3): "plain", (bf16, 2): "plain"}}
+    assert layout.PACK_MIN_ROWS == 3
+    for name, (enabled, copies) in settings.items():
+        monkeypatch.setattr(layout, "ENABLED", enabled)
+        monkeypatch.setattr(layout, "COPIES", copies)
+        assert {key: layout.plan(*key) for key in want[name]} == want[name], name
+
+
 def test_transposed_layout_follows_its_bias():
     """A transposed copy holds the bias: an in-place change to the bias (or a new one) retires the layout."""
     from backends.torch import layout
@@ -267,7 +287,7 @@ def test_fused_projections_are_their_layers_products(threads, bias, monkeypatch)
     any call the copy cannot serve (more rows, gradients, a hook, a changed weight) is each layer's own call."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     torch.set_num_threads(threads)
     try:
         mod = _ThreeProjections(96, (96, 40, 300), bias).eval()
@@ -336,7 +356,7 @@ def test_no_decoding_copies_where_they_would_not_fit(monkeypatch):
     earlier and still fresh are kept (nothing new to allocate)."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     path, inputs, ref = fixture(NAME)
     model = bt.BlipForConditionalGeneration.from_pretrained(path)
     pixels = inputs["pixel_values"][:1]
@@ -358,7 +378,7 @@ def test_large_decoding_copies_wait_for_the_second_call(monkeypatch):
     multiplies the weights as they are. Ids are the goldens on both calls."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     monkeypatch.setattr(layout, "DEFER_BYTES", 1)          # every copy counts as large
     monkeypatch.setattr(layout, "memory_available", lambda: None)
     path, inputs, ref = fixture(NAME)

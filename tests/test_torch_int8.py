@@ -130,7 +130,7 @@ def test_quantizing_drops_the_decoding_copies(monkeypatch):
     """A model that has decoded in float32 holds transposed copies of its decoder's weights (a shared one per
     self-attention); quantizing it drops them with the layers they belonged to, and it decodes again."""
     monkeypatch.setattr(layout, "ENABLED", None)
-    monkeypatch.setattr(layout, "ONE_ROW", True)
+    monkeypatch.setattr(layout, "COPIES", True)
     path, inputs, _ = fixture("BlipForConditionalGeneration")
     model = bt.BlipForConditionalGeneration.from_pretrained(path)
     pixels = inputs["pixel_values"][:1]

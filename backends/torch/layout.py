@@ -14,15 +14,15 @@ weight and its bias (``_Transposed``), in blocks of at most ``MAX_WIDTH`` output
 kernel streams it ~1.3-1.5x faster than oneDNN reads float32 weights as they are (one core, CPU time,
 loaded machine: a BLIP-base decoding step 1.2x faster; narrow blocks another 1.13x), and bfloat16 weights
 1.3-1.5x faster than oneDNN's packed copy (a BLIP-base bfloat16 step 1.18x faster), at the cost of a second
-copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2+ rows calls oneDNN on the
-weights as they are (no copy; at 2-24 rows the packed copy reads another 1.1-1.4x faster, not worth a
-second copy by default; the transposed copy would read the weights once per row). bfloat16 at 2+ rows
-uses the packed copy.
+copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2 rows calls oneDNN on the
+weights as they are (no copy: the packed copy reads no faster there), at ``PACK_MIN_ROWS`` (3) rows or more
+(beam search, batches) on a copy packed for the row count (the transposed copy would read the weights once
+per row). bfloat16 at 2+ rows uses the packed copy.
 
-Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``ONE_ROW`` at run time):
-unset or ``auto`` = the plan above; ``unpacked`` = no transposed copy at one row (float32: oneDNN on the
-weights as they are at every row count, the default before the one-row copy; bfloat16: the packed copy;
-``ONE_ROW = False``); ``1`` = packed
+Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``COPIES`` at run time):
+unset or ``auto`` = the plan above; ``unpacked`` = no transposed copies, and none at all for float32
+(float32: oneDNN on the weights as they are at every row count, the default before the one-row copy;
+bfloat16: the packed copy; ``COPIES = False``); ``1`` = packed
 copies for every dtype and row count (``ENABLED = True``); ``0`` = ``F.linear`` everywhere (``ENABLED =
 False``). The attention of a decoding step over the cached image keys/values (``_base.one_query_attention``,
 also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
@@ -78,11 +78,17 @@ _ONEDNN = _onednn_ops()
 # at one row, and on one core (CPU time, loaded machine) 1.3-1.6x faster per decoding step at 2-3 rows.
 _SETTING = env_word("BLIP_TORCH_DECODE_LAYOUT")
 ENABLED = None if _SETTING in ("", "auto", "unpacked") else _SETTING not in OFF
-# BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.ONE_ROW = False``): no transposed copy at one row.
-ONE_ROW = _SETTING != "unpacked"
+# BLIP_TORCH_DECODE_LAYOUT=unpacked (``layout.COPIES = False``): no transposed copy at one row, and float32 decodes
+# from its weights as they are at every row count (no copy).
+COPIES = _SETTING != "unpacked"
 PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"
 # Output columns per block of a transposed copy at most (see ``_blocks``).
 MAX_WIDTH = 256
+# float32 decodes from a copy packed for its row count from this many rows on. BLIP base, random weights, 20 tokens
+# forced, two models (one per plan) alternating in one process, this project's 2-core VM on a slow day, medians:
+# beam 3 batch 1 (3 rows) 1.617 -> 1.502 s a `generate`, greedy batch 8 6.81 -> 6.54 s, beam 3 batch 8 9.78 -> 9.41 s;
+# greedy batch 2 2.09 -> 2.04 s, within the noise: 2 rows stay on the weights as they are (no copy). Ids equal.
+PACK_MIN_ROWS = 3
 
 
 def plan(dtype: torch.dtype, rows: int) -> str:
@@ -93,9 +99,11 @@ def plan(dtype: torch.dtype, rows: int) -> str:
         return PLAIN
     if ENABLED is True:
         return PACKED
-    if rows == 1 and ONE_ROW:
+    if rows == 1 and COPIES:
         return TRANSPOSED
-    return UNPACKED if dtype == torch.float32 else PACKED
+    if dtype == torch.float32 and (rows < PACK_MIN_ROWS or not COPIES):
+        return UNPACKED
+    return PACKED
 
 
 def _blocks(out_features: int, threads: int) -> tuple:
