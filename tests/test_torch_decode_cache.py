@@ -121,9 +121,9 @@ def test_half_precision_decoding_image_keys(dtype, kv_dtype):
                                                      ("float32", 1, 1, "transposed"), ("float32", 1, 3, "packed"),
                                                      ("float32", 2, 3, "packed"), ("float32", 2, 1, "unpacked")])
 def test_decoding_layout_default_plan(monkeypatch, dtype, batch, beams, plan):
-    """One row decodes from a transposed copy in either dtype; more rows from packed copies (bfloat16; float32 from
-    ``PACK_MIN_ROWS`` rows on) or, float32 at two rows, oneDNN on the weights themselves (no copy); float32 ids are
-    transformers'."""
+    """One row decodes from a transposed copy in either dtype; more rows from packed copies (bfloat16; float32 at
+    ``PACK_MIN_ROWS`` to ``PACK_MAX_ROWS`` rows) or, float32 at two rows, oneDNN on the weights themselves (no copy);
+    float32 ids are transformers'."""
     from backends.torch import layout
     monkeypatch.setattr(layout, "ENABLED", None)          # the default (BLIP_TORCH_DECODE_LAYOUT unset)
     monkeypatch.setattr(layout, "COPIES", True)
@@ -214,12 +214,13 @@ def test_decoding_layout_switches(monkeypatch):
     f32, bf16 = torch.float32, torch.bfloat16
     settings = {"default": (None, True), "unpacked": (None, False), "1": (True, True), "0": (False, True)}
     want = {"default": {(f32, 1): "transposed", (f32, 2): "unpacked", (f32, 3): "packed", (f32, 24): "packed",
-                        (bf16, 1): "transposed", (bf16, 2): "packed"},
+                        (f32, 25): "unpacked", (f32, 32): "unpacked", (bf16, 1): "transposed", (bf16, 2): "packed",
+                        (bf16, 32): "packed"},
             "unpacked": {(f32, 1): "unpacked", (f32, 2): "unpacked", (f32, 3): "unpacked", (f32, 24): "unpacked",
                          (bf16, 1): "packed", (bf16, 2): "packed"},
             "1": {(f32, 1): "packed", (f32, 3): "packed", (bf16, 1): "packed"},
             "0": {(f32, 1): "plain", (f32, 3): "plain", (bf16, 2): "plain"}}
-    assert layout.PACK_MIN_ROWS == 3
+    assert (layout.PACK_MIN_ROWS, layout.PACK_MAX_ROWS) == (3, 24)
     for name, (enabled, copies) in settings.items():
         monkeypatch.setattr(layout, "ENABLED", enabled)
         monkeypatch.setattr(layout, "COPIES", copies)

@@ -15,9 +15,10 @@ kernel streams it ~1.3-1.5x faster than oneDNN reads float32 weights as they are
 loaded machine: a BLIP-base decoding step 1.2x faster; narrow blocks another 1.13x), and bfloat16 weights
 1.3-1.5x faster than oneDNN's packed copy (a BLIP-base bfloat16 step 1.18x faster), at the cost of a second
 copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2 rows calls oneDNN on the
-weights as they are (no copy: the packed copy reads no faster there), at ``PACK_MIN_ROWS`` (3) rows or more
-(beam search, batches) on a copy packed for the row count (the transposed copy would read the weights once
-per row). bfloat16 at 2+ rows uses the packed copy.
+weights as they are (no copy: the packed copy reads no faster there), at ``PACK_MIN_ROWS`` (3) to
+``PACK_MAX_ROWS`` (24) rows (beam search, batches) on a copy packed for the row count (the transposed copy
+would read the weights once per row), above that on the weights as they are again. bfloat16 at 2+ rows uses
+the packed copy.
 
 Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``COPIES`` at run time):
 unset or ``auto`` = the plan above; ``unpacked`` = no transposed copies, and none at all for float32
@@ -84,11 +85,13 @@ COPIES = _SETTING != "unpacked"
 PLAIN, UNPACKED, PACKED, TRANSPOSED = "plain", "unpacked", "packed", "transposed"
 # Output columns per block of a transposed copy at most (see ``_blocks``).
 MAX_WIDTH = 256
-# float32 decodes from a copy packed for its row count from this many rows on. BLIP base, random weights, 20 tokens
-# forced, two models (one per plan) alternating in one process, this project's 2-core VM on a slow day, medians:
-# beam 3 batch 1 (3 rows) 1.617 -> 1.502 s a `generate`, greedy batch 8 6.81 -> 6.54 s, beam 3 batch 8 9.78 -> 9.41 s;
-# greedy batch 2 2.09 -> 2.04 s, within the noise: 2 rows stay on the weights as they are (no copy). Ids equal.
-PACK_MIN_ROWS = 3
+# float32 decodes from a copy packed for its row count at PACK_MIN_ROWS to PACK_MAX_ROWS rows. BLIP base, random
+# weights, 20 tokens forced, two models (one per plan) alternating in one process, this project's 2-core VM on a slow
+# day, medians: beam 3 batch 1 (3 rows) 1.617 -> 1.502 s a `generate`, greedy batch 8 6.81 -> 6.54 s, beam 3 batch 8
+# (24 rows) 9.78 -> 9.41 s; greedy batch 2 2.09 -> 2.04 s, within the noise, and greedy batch 32 25.38 -> 25.80 s
+# (5 rounds in two runs; fastest 25.10 against 25.31): outside the range the layers run from the weights as they are
+# (no copy). Ids equal.
+PACK_MIN_ROWS, PACK_MAX_ROWS = 3, 24
 
 
 def plan(dtype: torch.dtype, rows: int) -> str:
@@ -101,7 +104,7 @@ def plan(dtype: torch.dtype, rows: int) -> str:
         return PACKED
     if rows == 1 and COPIES:
         return TRANSPOSED
-    if dtype == torch.float32 and (rows < PACK_MIN_ROWS or not COPIES):
+    if dtype == torch.float32 and (not PACK_MIN_ROWS <= rows <= PACK_MAX_ROWS or not COPIES):
         return UNPACKED
     return PACKED
 
