@@ -396,3 +396,40 @@ def test_large_decoding_copies_wait_for_the_second_call(monkeypatch):
         model.generate(pixel_values=pixels, max_new_tokens=2)
     assert all(m._layout.how == layout.UNPACKED for m in model.modules()
                if isinstance(m, layout.Linear) and m._layout is not None)
+
+
+def test_repeated_rows():
+    """Runs of equal neighbouring rows, as beam search's ``repeat_interleave`` gives each input's beams."""
+    from backends.torch._base import repeated_rows
+    a, b, c = (torch.randn(5, 4) for _ in range(3))
+    stack = lambda *rows: torch.stack(rows)   # noqa: E731
+    assert repeated_rows(stack(a, a, a, b, b, b)) == 3
+    assert repeated_rows(stack(a, a, a, a)) == 4
+    assert repeated_rows(stack(a, b, c)) == 1
+    assert repeated_rows(stack(a)) == 1
+    assert repeated_rows(stack(a, a, b, b, b, c)) == 1       # runs of different lengths
+    assert repeated_rows(stack(a, a, b, c)) == 1
+    nan = a.clone()
+    nan[0, 0] = float("nan")
+    assert repeated_rows(stack(nan, nan, b, b)) == 1          # NaN equals nothing: every row computed
+
+
+def test_cross_kv_of_repeated_rows_is_each_rows():
+    """Beam search's copies of one image: keys/values computed once per image equal those of every row."""
+    from blip_core.configs import BlipTextConfig
+    cfg = BlipTextConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1,
+                         vocab_size=50, encoder_hidden_size=48)
+    layer = BlipTextSelfAttention(cfg, is_cross_attention=True).eval()
+    images = torch.randn(2, 7, 48)
+    states = images.repeat_interleave(3, 0)
+    seen = []
+    hook = layer.key.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        k, v = layer.cross_kv(states)
+        assert seen == [2]        # the key product ran once per image, not once per beam
+        hook.remove()
+        for row in range(6):
+            k1, v1 = layer.cross_kv(states[row:row + 1])
+            torch.testing.assert_close(k[row:row + 1], k1, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(v[row:row + 1], v1, rtol=1e-6, atol=1e-6)
+    assert k.shape == (6, 4, 7, 16) and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()

@@ -300,6 +300,18 @@ def bags(count: int, size: int, device) -> tuple:
     return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
 
 
+def repeated_rows(x: torch.Tensor) -> int:
+    """``g`` where ``x``'s rows come in runs of ``g`` equal rows (beam search gives each input's states to each of its
+    beams: ``repeat_interleave``), else 1. A row-wise product of such rows needs computing once per run. One
+    comparison of neighbouring rows (~0.3 ms for three BLIP-base images), once per call that caches them."""
+    n = x.shape[0]
+    if n < 2:
+        return 1
+    same = (x[1:] == x[:-1]).reshape(n - 1, -1).all(1).tolist()
+    g = same.index(False) + 1 if False in same else n
+    return g if g > 1 and n % g == 0 and same == [(j + 1) % g != 0 for j in range(n - 1)] else 1
+
+
 def bag_sums(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)`` (``weights`` flat, one per
     index), called without the functional's argument checks: ~1 us less per call, for the ~100 calls of a

@@ -24,7 +24,8 @@ from torch import nn
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
-from ._base import PreTrainedModel, as_tensor, attention, fits_one_query_attention, one_query_attention
+from ._base import (PreTrainedModel, as_tensor, attention, fits_one_query_attention, one_query_attention,
+                    repeated_rows)
 from .layout import Linear, linear_act, prepare_decoding, project
 
 
@@ -131,12 +132,18 @@ class BlipTextSelfAttention(nn.Module):
         Until stop 30 bfloat16 was up-cast too: its decoding steps attended in float32, 5% slower per
         token (BLIP base) and 100% against 99.5% of held-out captions equal to float32's (bundled
         captioner, 200 images)."""
-        k, v = self.split(self.key(states)), self.split(self.value(states))
+        n, g = states.shape[0], repeated_rows(states)
+        src = states[::g] if g > 1 else states      # beam search's copies of one input: their products once
+        k, v = self.split(self.key(src)), self.split(self.value(src))
         dtype = torch.float32 if k.device.type == "cpu" and k.dtype == torch.float16 else k.dtype
-        # one buffer and one pass each, layout and dtype together (``.to`` then ``.contiguous`` made two
-        # strided passes and two fresh buffers of a half-precision model's keys/values)
-        kt = k.new_empty(k.shape[:2] + (k.shape[3], k.shape[2]), dtype=dtype).copy_(k.transpose(-1, -2))
-        return kt.transpose(-1, -2), v.new_empty(v.shape, dtype=dtype).copy_(v)
+        # one buffer and one pass each, layout, dtype and the copies per row together (``.to`` then ``.contiguous``
+        # made two strided passes and two fresh buffers of a half-precision model's keys/values)
+        b, h, s, d = k.shape
+        kt = k.new_empty((n, h, d, s), dtype=dtype)
+        kt.view(b, g, h, d, s).copy_(k.transpose(-1, -2)[:, None])
+        vs = v.new_empty((n, h, s, d), dtype=dtype)
+        vs.view(b, g, h, s, d).copy_(v[:, None])
+        return kt.transpose(-1, -2), vs
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
         """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
