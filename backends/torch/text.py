@@ -133,7 +133,9 @@ class BlipTextSelfAttention(nn.Module):
         token (BLIP base) and 100% against 99.5% of held-out captions equal to float32's (bundled
         captioner, 200 images)."""
         n, g = states.shape[0], repeated_rows(states)
-        src = states[::g] if g > 1 else states      # beam search's copies of one input: their products once
+        # beam search's copies of one input: their products once (from a contiguous copy of one row per input:
+        # oneDNN's product takes no strided rows; 8 BLIP-base images 29 -> 26 ms a product)
+        src = states[::g].contiguous() if g > 1 else states
         k, v = self.split(self.key(src)), self.split(self.value(src))
         dtype = torch.float32 if k.device.type == "cpu" and k.dtype == torch.float16 else k.dtype
         # one buffer and one pass each, layout, dtype and the copies per row together (``.to`` then ``.contiguous``
