@@ -44,6 +44,7 @@ class TextCache:
     def __init__(self, num_layers: int):
         self.self_kv = [None] * num_layers
         self.cross_kv = [None] * num_layers
+        self.cross_repeats = None     # ``repeated_rows`` of the cross-attended states, found once for every layer
         self._buffers = [None] * num_layers
 
     @property
@@ -123,7 +124,7 @@ class BlipTextSelfAttention(nn.Module):
     def split(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def cross_kv(self, states):
+    def cross_kv(self, states, repeats: Optional[int] = None):
         """The image's keys/values (N, H, S, hd) for a cache: the keys a transposed view of contiguous
         (N, H, hd, S) keys and the values contiguous, the layouts ``one_query_attention`` reads every
         step. float32 and bfloat16 stay in their dtype (``one_query_attention`` reads both: bfloat16 as the
@@ -131,8 +132,9 @@ class BlipTextSelfAttention(nn.Module):
         CPU (exactly), where torch's fused attention of one query row over float16 keys runs 5-8x slower.
         Until stop 30 bfloat16 was up-cast too: its decoding steps attended in float32, 5% slower per
         token (BLIP base) and 100% against 99.5% of held-out captions equal to float32's (bundled
-        captioner, 200 images)."""
-        n, g = states.shape[0], repeated_rows(states)
+        captioner, 200 images). ``repeats``: ``repeated_rows(states)`` where the caller has it (a cache finds it
+        once for all its layers)."""
+        n, g = states.shape[0], repeated_rows(states) if repeats is None else repeats
         # beam search's copies of one input: their products once (from a contiguous copy of one row per input:
         # oneDNN's product takes no strided rows; 8 BLIP-base images 29 -> 26 ms a product)
         src = states[::g].contiguous() if g > 1 else states
@@ -227,7 +229,9 @@ class BlipTextLayer(nn.Module):
             past = None
             if cache is not None:
                 if cache.cross_kv[i] is None:
-                    cache.cross_kv[i] = self.crossattention.self.cross_kv(enc)
+                    if cache.cross_repeats is None:
+                        cache.cross_repeats = repeated_rows(enc)
+                    cache.cross_kv[i] = self.crossattention.self.cross_kv(enc, cache.cross_repeats)
                 past = cache.cross_kv[i]
             h, cross_probs, _ = self.crossattention(h, enc_mask, enc, past, output_attentions=output_attentions)
         return self.output(self.intermediate(h), h), self_probs, cross_probs
