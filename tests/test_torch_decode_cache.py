@@ -414,8 +414,8 @@ def test_repeated_rows():
     assert repeated_rows(stack(nan, nan, b, b)) == 1          # NaN equals nothing: every row computed
 
 
-def test_cross_kv_of_repeated_rows_is_each_rows():
-    """Beam search's copies of one image: keys/values computed once per image equal those of every row."""
+def test_cross_kv_of_repeated_rows_is_one_per_image():
+    """Beam search's copies of one image: keys/values computed and kept once per image, equal to each row's own."""
     from blip_core.configs import BlipTextConfig
     cfg = BlipTextConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1,
                          vocab_size=50, encoder_hidden_size=48)
@@ -430,6 +430,45 @@ def test_cross_kv_of_repeated_rows_is_each_rows():
         hook.remove()
         for row in range(6):
             k1, v1 = layer.cross_kv(states[row:row + 1])
-            torch.testing.assert_close(k[row:row + 1], k1, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(v[row:row + 1], v1, rtol=1e-6, atol=1e-6)
-    assert k.shape == (6, 4, 7, 16) and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
+            torch.testing.assert_close(k[row // 3:row // 3 + 1], k1, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(v[row // 3:row // 3 + 1], v1, rtol=1e-6, atol=1e-6)
+    assert k.shape == (2, 4, 7, 16) and k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
+
+
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_shared_image_keys_attend_as_each_rows(output_attentions):
+    """A decoding step whose rows share one cached row of image keys/values per image (three beams each, a padding
+    mask that differs per row) gives each row's context from its own keys/values: through the one-query sums, and
+    through the full attention when the probabilities are asked for."""
+    from blip_core.configs import BlipTextConfig
+    cfg = BlipTextConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1,
+                         vocab_size=50, encoder_hidden_size=48)
+    layer = BlipTextSelfAttention(cfg, is_cross_attention=True).eval()
+    states = torch.randn(2, 7, 48).repeat_interleave(3, 0)
+    x = torch.randn(6, 1, 64)
+    keep = torch.ones(6, 7)
+    keep[4, 5:] = 0
+    mask = (1.0 - keep[:, None, None, :]) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        shared = layer.cross_kv(states)
+        own = layer.cross_kv(states, repeats=1)
+        assert shared[0].shape[0] == 2 and own[0].shape[0] == 6
+        got, probs, _ = layer(x, mask, states, shared, output_attentions=output_attentions)
+        want, want_probs, _ = layer(x, mask, states, own, output_attentions=output_attentions)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if output_attentions:
+        torch.testing.assert_close(probs, want_probs, rtol=1e-5, atol=1e-7)
+
+
+def test_beam_search_keeps_one_image_copy():
+    """After a beam-3 ``generate`` over two images, the decoder's cache holds one row of image keys/values per
+    image, not one per beam (BLIP base: 42 MB a row read every step)."""
+    path, inputs, _ = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    seen = []
+    real = bt.text.TextCache.reorder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bt.text.TextCache, "reorder", lambda self, idx: seen.append(self) or real(self, idx))
+        with torch.no_grad():
+            model.generate(pixel_values=inputs["pixel_values"][:2], num_beams=3, max_new_tokens=3)
+    assert seen and all(kv[0].shape[0] == kv[1].shape[0] == 2 for kv in seen[-1].cross_kv)

@@ -294,10 +294,16 @@ def attention(q, k, v, mask=None, *, scale: float, output_attentions: bool = Fal
 
 
 @functools.lru_cache(maxsize=64)
-def bags(count: int, size: int, device) -> tuple:
-    """Indices 0..count*size-1 and the offsets of ``count`` bags of ``size`` rows each (the embedding-bag
-    sums of ``one_query_attention`` and of the one-row decoding layout, ``layout._Transposed``)."""
-    return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
+def bags(count: int, size: int, device, repeats: int = 1) -> tuple:
+    """Indices and offsets of ``count * repeats`` embedding bags of ``size`` rows each over a table of ``count``
+    blocks of ``size`` rows: bag ``c * repeats + r`` sums block ``c`` (``repeats`` bags in a row read the same block,
+    while it is in cache). The sums of ``one_query_attention`` and of the one-row decoding layout
+    (``layout._Transposed``, ``repeats`` 1: indices 0..count*size-1)."""
+    if repeats == 1:
+        return torch.arange(count * size, device=device), torch.arange(count, device=device) * size
+    blocks = torch.arange(count, device=device).repeat_interleave(repeats)
+    index = (blocks[:, None] * size + torch.arange(size, device=device)).reshape(-1)
+    return index, torch.arange(count * repeats, device=device) * size
 
 
 def repeated_rows(x: torch.Tensor) -> int:
@@ -322,29 +328,41 @@ def bag_sums(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, we
 def one_query_attention(q, k, v, mask=None, *, scale: float):
     """``attention`` of one query row per head over cached keys/values, as two embedding-bag sums.
 
-    ``q`` (B, H, 1, hd); ``k`` (B, H, S, hd) a transposed view of contiguous (B, H, hd, S) keys; ``v``
-    (B, H, S, hd) contiguous; ``mask`` additive, broadcastable to (B, H, 1, S). The scores are each head's
-    key rows weighted by its query, the context its value rows weighted by the probabilities; fbgemm's
-    kernel streams both at memory speed (on one core about 2x faster than ``scaled_dot_product_attention``
-    at one query over 577 image keys). float32: the same numbers to float32 rounding; bfloat16: float32
-    sums rounded to bfloat16 once per product (scores, context), as a bfloat16 matmul rounds, and the
-    softmax's probabilities in bfloat16. Returns the context (B, H, 1, hd).
+    ``q`` (B, H, 1, hd); ``k`` (N, H, S, hd) a transposed view of contiguous (N, H, hd, S) keys; ``v``
+    (N, H, S, hd) contiguous, where N divides B: runs of ``B // N`` query rows share one row of keys/values (beam
+    search's beams of one image read its one copy); ``mask`` additive, broadcastable to (B, H, 1, S). The scores
+    are each head's key rows weighted by its query, the context its value rows weighted by the probabilities;
+    fbgemm's kernel streams both at memory speed (on one core about 2x faster than ``scaled_dot_product_attention``
+    at one query over 577 image keys). float32: the same numbers to float32 rounding; bfloat16: float32 sums
+    rounded to bfloat16 once per product (scores, context), as a bfloat16 matmul rounds, and the softmax's
+    probabilities in bfloat16. Returns the context (B, H, 1, hd).
     """
-    b, h, s, hd = k.shape
+    b, h, _, hd = q.shape
+    n, s = k.shape[0], k.shape[2]
+    g = b // n
     kt = k.transpose(-1, -2)
-    idx, off = bags(b * h, hd, q.device)
-    scores = bag_sums(kt.reshape(b * h * hd, s), idx, off, (q * scale).reshape(-1))
+    q = q * scale
+    if g > 1:   # bags ordered (input, head, row): a head's keys read by its rows one after another
+        q = q.view(n, g, h, hd).transpose(1, 2)
+    idx, off = bags(n * h, hd, q.device, g)
+    scores = bag_sums(kt.reshape(n * h * hd, s), idx, off, q.reshape(-1))
     if mask is not None:
-        scores = (scores.view(b, h, 1, s) + mask.to(scores.dtype)).view(b * h, s)
+        mask = mask.to(scores.dtype)
+        if g > 1:
+            mask = torch.broadcast_to(mask, (b, h, 1, s)).reshape(n, g, h, s).transpose(1, 2)
+        scores = (scores.view(n, h, g, s) + mask).view(n * h * g, s)
     probs = torch.softmax(scores, dim=-1)
-    idx, off = bags(b * h, s, q.device)
-    ctx = bag_sums(v.reshape(b * h * s, hd), idx, off, probs.reshape(-1))
+    idx, off = bags(n * h, s, q.device, g)
+    ctx = bag_sums(v.reshape(n * h * s, hd), idx, off, probs.reshape(-1))
+    if g > 1:
+        return ctx.view(n, h, g, hd).transpose(1, 2).reshape(b, h, 1, hd)
     return ctx.view(b, h, 1, hd)
 
 
 def fits_one_query_attention(q, k, v) -> bool:
     """``one_query_attention`` serves these tensors: one float32 or bfloat16 CPU query row per head, no gradients,
-    keys stored transposed and values contiguous (``TextCache``'s image keys/values)."""
+    keys stored transposed and values contiguous (``TextCache``'s image keys/values), one key/value row per run of
+    query rows."""
     return (q.shape[2] == 1 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16)
-            and q.device.type == "cpu"
+            and q.device.type == "cpu" and k.shape[0] > 0 and q.shape[0] % k.shape[0] == 0
             and not torch.is_grad_enabled() and k.transpose(-1, -2).is_contiguous() and v.is_contiguous())

@@ -30,7 +30,8 @@ from .layout import Linear, linear_act, prepare_decoding, project
 
 
 class TextCache:
-    """Per-layer ``(k, v)`` of shape (N, H, T, hd): ``self_kv`` grows, ``cross_kv`` is fixed.
+    """Per-layer ``(k, v)``: ``self_kv`` (N, H, T, hd) grows, ``cross_kv`` is fixed, one row per run of
+    ``cross_repeats`` equal rows of the cross-attended states (beam search's beams of one image share it).
 
     Self-attention keys/values are written in place into per-layer buffers with room for more
     positions (``self_kv[i]`` are views of their first ``length`` positions); a full buffer is
@@ -71,7 +72,7 @@ class TextCache:
         return self.self_kv[i]
 
     def reorder(self, idx: torch.Tensor) -> "TextCache":
-        # Beam reordering stays inside one input's beam group, whose cross keys/values are equal.
+        # Beam reordering stays inside one input's beam group, which shares one row of cross keys/values.
         # ``self_kv[i]`` is only ever set by ``append``, so a layer with keys/values has a buffer.
         for i, buf in enumerate(self._buffers):
             if buf is not None:
@@ -125,28 +126,28 @@ class BlipTextSelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def cross_kv(self, states, repeats: Optional[int] = None):
-        """The image's keys/values (N, H, S, hd) for a cache: the keys a transposed view of contiguous
-        (N, H, hd, S) keys and the values contiguous, the layouts ``one_query_attention`` reads every
-        step. float32 and bfloat16 stay in their dtype (``one_query_attention`` reads both: bfloat16 as the
-        model's other products, float32 sums rounded once); a float16 model's are up-cast to float32 on the
+        """The image's keys/values for a cache, one row per run of ``repeats`` equal rows of ``states`` (beam
+        search's beams of one image share one copy): (N / repeats, H, S, hd), the keys a transposed view of
+        contiguous (N / repeats, H, hd, S) keys and the values contiguous, the layouts ``one_query_attention``
+        reads every step. float32 and bfloat16 stay in their dtype (``one_query_attention`` reads both: bfloat16
+        as the model's other products, float32 sums rounded once); a float16 model's are up-cast to float32 on the
         CPU (exactly), where torch's fused attention of one query row over float16 keys runs 5-8x slower.
         Until stop 30 bfloat16 was up-cast too: its decoding steps attended in float32, 5% slower per
         token (BLIP base) and 100% against 99.5% of held-out captions equal to float32's (bundled
         captioner, 200 images). ``repeats``: ``repeated_rows(states)`` where the caller has it (a cache finds it
         once for all its layers)."""
-        n, g = states.shape[0], repeated_rows(states) if repeats is None else repeats
-        # beam search's copies of one input: their products once (from a contiguous copy of one row per input:
-        # oneDNN's product takes no strided rows; 8 BLIP-base images 29 -> 26 ms a product)
+        g = repeated_rows(states) if repeats is None else repeats
+        # one row per run, copied contiguous (oneDNN's product takes no strided rows; 8 BLIP-base images 29 -> 26 ms
+        # a product)
         src = states[::g].contiguous() if g > 1 else states
         k, v = self.split(self.key(src)), self.split(self.value(src))
         dtype = torch.float32 if k.device.type == "cpu" and k.dtype == torch.float16 else k.dtype
-        # one buffer and one pass each, layout, dtype and the copies per row together (``.to`` then ``.contiguous``
-        # made two strided passes and two fresh buffers of a half-precision model's keys/values)
-        b, h, s, d = k.shape
-        kt = k.new_empty((n, h, d, s), dtype=dtype)
-        kt.view(b, g, h, d, s).copy_(k.transpose(-1, -2)[:, None])
-        vs = v.new_empty((n, h, s, d), dtype=dtype)
-        vs.view(b, g, h, s, d).copy_(v[:, None])
+        # one buffer and one pass each, layout and dtype together (``.to`` then ``.contiguous`` made two strided
+        # passes and two fresh buffers of a half-precision model's keys/values)
+        kt = k.new_empty(k.transpose(-1, -2).shape, dtype=dtype)
+        kt.copy_(k.transpose(-1, -2))
+        vs = v.new_empty(v.shape, dtype=dtype)
+        vs.copy_(v)
         return kt.transpose(-1, -2), vs
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
@@ -168,6 +169,8 @@ class BlipTextSelfAttention(nn.Module):
         if not output_attentions and not self.training and fits_one_query_attention(q, k, v):
             ctx = one_query_attention(q, k, v, mask, scale=self.head_dim ** -0.5).to(dtype)
             return ctx.transpose(1, 2).reshape(x.shape), None, (k, v)
+        if k.shape[0] != q.shape[0]:      # one cached row per run of equal rows (``cross_kv``): each row's own
+            k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], 0) for t in (k, v))
         ctx, probs = attention(q, k, v, mask, scale=self.head_dim ** -0.5, output_attentions=output_attentions,
                                dropout=self.dropout if self.training else 0.0)
         if ctx.dtype != dtype:
