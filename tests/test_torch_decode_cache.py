@@ -472,3 +472,33 @@ def test_beam_search_keeps_one_image_copy():
         with torch.no_grad():
             model.generate(pixel_values=inputs["pixel_values"][:2], num_beams=3, max_new_tokens=3)
     assert seen and all(kv[0].shape[0] == kv[1].shape[0] == 2 for kv in seen[-1].cross_kv)
+
+
+@pytest.mark.parametrize("idx", [[0, 1, 2, 3, 4, 5], [2, 0, 1, 5, 5, 3], [3, 4, 5, 0, 1, 2], [4, 0], [1, 1, 4, 4, 5, 0, 2, 3]])
+def test_reordered_cache_follows_its_rows(idx):
+    """A cache whose image keys/values are shared by runs of rows (two images, three rows each), reordered by any
+    selection (beams among themselves, rows moved between images, fewer or more rows): the next step's logits equal
+    those of a cache built for the selected rows from the start."""
+    path, inputs, _ = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    dec = model.text_decoder
+    idx = torch.tensor(idx)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        images = model.vision_model(inputs["pixel_values"][:2]).last_hidden_state
+        states = images.repeat_interleave(3, 0)
+        ids = torch.randint(0, dec.config.vocab_size, (6, 3), generator=g)
+        nxt = torch.randint(0, dec.config.vocab_size, (len(idx), 1), generator=g)
+        cache = dec(ids, encoder_hidden_states=states, use_cache=True).past_key_values
+        assert cache.cross_kv[0][0].shape[0] == 2
+        cache.reorder(idx)
+        got = dec(nxt, torch.ones(len(idx), 4), encoder_hidden_states=states[idx], past_key_values=cache,
+                  use_cache=True).logits
+        fresh = dec(ids[idx], encoder_hidden_states=states[idx], use_cache=True).past_key_values
+        want = dec(nxt, torch.ones(len(idx), 4), encoder_hidden_states=states[idx], past_key_values=fresh,
+                   use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    k, v = cache.cross_kv[0]
+    assert k.transpose(-1, -2).is_contiguous() and v.is_contiguous()
+    kept = torch.equal(idx // 3, torch.arange(6) // 3)
+    assert k.shape[0] == (2 if kept else len(idx))

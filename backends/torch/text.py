@@ -48,6 +48,13 @@ class TextCache:
         self.cross_repeats = None     # ``repeated_rows`` of the cross-attended states, found once for every layer
         self._buffers = [None] * num_layers
 
+    def _rows(self, g: int) -> int:
+        """The rows the cache holds (its self-attention buffers', else ``g`` per cross row)."""
+        buf = next((b for b in self._buffers if b is not None), None)
+        if buf is not None:
+            return buf[0].shape[0]
+        return g * next((kv[0].shape[0] for kv in self.cross_kv if kv is not None), 0)
+
     @property
     def length(self) -> int:
         kv = self.self_kv[0]
@@ -72,7 +79,16 @@ class TextCache:
         return self.self_kv[i]
 
     def reorder(self, idx: torch.Tensor) -> "TextCache":
-        # Beam reordering stays inside one input's beam group, which shares one row of cross keys/values.
+        """The cache of rows ``idx``. Beam search reorders each input's beams among themselves: the cross
+        keys/values (one row per run of ``cross_repeats`` equal rows) stay as they are. Any other selection (rows
+        moved between runs, dropped or added) gives each new row its run's keys/values, one row each."""
+        g = self.cross_repeats or 1
+        runs = idx // g
+        if not torch.equal(runs, torch.arange(self._rows(g), device=idx.device) // g):
+            self.cross_kv = [None if kv is None else  # keys stay a transposed view of contiguous rows
+                             (kv[0].transpose(-1, -2).index_select(0, runs).transpose(-1, -2),
+                              kv[1].index_select(0, runs)) for kv in self.cross_kv]
+            self.cross_repeats = 1
         # ``self_kv[i]`` is only ever set by ``append``, so a layer with keys/values has a buffer.
         for i, buf in enumerate(self._buffers):
             if buf is not None:
