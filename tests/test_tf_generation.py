@@ -148,3 +148,53 @@ def test_bad_generate_options_raise(captioner):
             ours.generate(pixel_values=pixels(), **kw)
     with pytest.raises(ValueError, match="vocabulary"):
         ours.generate(pixel_values=pixels(), input_ids=PROMPT + 200)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_cross_attention_shares_an_inputs_keys_among_its_rows(record):
+    """Cross-attention of 6 query rows (2 inputs x 3 beams, 2 query positions) over one row of keys/values per
+    input, with a per-input padding bias, equals each row attending to its own copy; with probabilities recorded
+    too (the per-row shapes)."""
+    import tensorflow as tf
+    from backends.tf._base import padding_bias
+    from backends.tf.text import BertAttention
+    from blip_core.configs import BlipTextConfig
+    cfg = BlipTextConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=1,
+                         vocab_size=50, encoder_hidden_size=32)
+    rng = np.random.default_rng(0)
+    params = {f"a/{inner}/{name}/{kind}": rng.standard_normal(shape).astype(np.float32) * 0.2
+              for inner, names in (("self", ("query", "key", "value")), ("output", ("dense",)))
+              for name in names for kind, shape in (("kernel", (32, 32)), ("bias", (32,)))}
+    params.update({"a/output/LayerNorm/gamma": np.ones(32, np.float32), "a/output/LayerNorm/beta": np.zeros(32, np.float32)})
+    att = BertAttention(params, "a", cfg)
+    states = tf.constant(rng.standard_normal((2, 7, 32)).astype(np.float32))
+    keep = np.ones((2, 7), np.int32)
+    keep[1, 5:] = 0
+    h = tf.constant(rng.standard_normal((6, 2, 32)).astype(np.float32))
+    k, v = att.kv(states)
+    bias = padding_bias(tf.constant(keep))
+    probs, want_probs = ([], []) if record else (None, None)
+    got = att(h, k, v, bias, probs)
+    want = att(h, tf.repeat(k, 3, 0), tf.repeat(v, 3, 0), tf.repeat(bias, 3, 0), want_probs)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    if record:
+        assert probs[0].shape == (6, 4, 2, 7)
+        np.testing.assert_allclose(probs[0].numpy(), want_probs[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_beam_search_keeps_one_copy_of_the_image_keys(monkeypatch, captioner):
+    """The traced beam-search program hands the cross-attention one row of image keys/values per input: 2 images x
+    3 beams attend over 2 rows (the ids are checked against transformers' in the cases above)."""
+    import backends.tf.text as text
+    monkeypatch.setenv("BLIP_COMPILE_CACHE", "0")                       # the plain tf.function, traced here
+    seen = []
+    real = text.BertAttention.__call__
+    monkeypatch.setattr(text.BertAttention, "__call__",
+                        lambda self, h, k, v, *a, **kw: seen.append((h.shape[0], k.shape[0])) or real(self, h, k, v,
+                                                                                                       *a, **kw))
+    ref, ours = captioner
+    ids = ours.generate(pixel_values=pixels(2, seed=7), num_beams=3, max_new_tokens=4, min_new_tokens=4).numpy()
+    np.testing.assert_array_equal(ids, hf_generate(ref, pixel_values=pixels(2, seed=7), num_beams=3, max_new_tokens=4,
+                                                   min_new_tokens=4))
+    cross = [s for s in seen if s[0] != s[1]]
+    assert cross and all(rows == 3 * inputs for rows, inputs in cross)

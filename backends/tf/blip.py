@@ -331,7 +331,7 @@ def _run_generate(model, tag, encode, encode_inputs, prompt: np.ndarray, prompt_
     def program(inputs, prompt_ids, prompt_mask, seed, numbers):
         states, mask = encode(*inputs)
         context = (lm.bert.cross_kv(states), None if mask is None else padding_bias(mask))
-        return decode(lm.decode_step, context, prompt_ids, prompt_mask, seed, plan, numbers)
+        return decode(lm.decode_step, context, prompt_ids, prompt_mask, seed, plan, numbers, context_per_input=True)
 
     shapes = tuple(tuple(x.shape) if x is not None else None for x in encode_inputs) + (prompt.shape,)
     fn = compiled(model, (tag, plan), program, shapes)

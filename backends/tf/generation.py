@@ -202,13 +202,17 @@ def repeat_rows(tree, n: int):
 
 
 def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePlan, numbers: dict,
-           init_cache=None):
+           init_cache=None, context_per_input: bool = False):
     """Run the search on tensors (inside the compiled function). Returns ``(sequences (rows, T),
-    length, sequences_scores or None, scores buffer or None, steps)``; the caller trims."""
+    length, sequences_scores or None, scores buffer or None, steps)``; the caller trims.
+
+    ``context_per_input``: the context keeps one row per input and the model's step shares it among
+    that input's ``plan.expand`` consecutive rows (BLIP's cross-attention keys/values, read every step:
+    one copy per input instead of one per beam)."""
     xp = TFOps
     ids = repeat_rows(tf.cast(prompt_ids, tf.int32), plan.expand)
     mask = repeat_rows(tf.cast(prompt_mask, tf.int32), plan.expand)
-    context = repeat_rows(context, plan.expand)
+    context = context if context_per_input else repeat_rows(context, plan.expand)
     state = decoding.init_state(xp, plan, ids, mask, seed, numbers.get("rows"))
     cache = None if init_cache is None else init_cache(xp.rows(ids), plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
