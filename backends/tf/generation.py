@@ -208,11 +208,13 @@ def decode(step, context, prompt_ids, prompt_mask, seed, plan: decoding.DecodePl
 
     ``context_per_input``: the context keeps one row per input and the model's step shares it among
     that input's ``plan.expand`` consecutive rows (BLIP's cross-attention keys/values, read every step:
-    one copy per input instead of one per beam)."""
+    one copy per input instead of one per beam). The step finds the sharing from the static row counts, so a
+    batch of unknown size (an exported signature) gets the context repeated per row."""
     xp = TFOps
     ids = repeat_rows(tf.cast(prompt_ids, tf.int32), plan.expand)
     mask = repeat_rows(tf.cast(prompt_mask, tf.int32), plan.expand)
-    context = context if context_per_input else repeat_rows(context, plan.expand)
+    per_input = context_per_input and ids.shape[0] is not None
+    context = context if per_input else repeat_rows(context, plan.expand)
     state = decoding.init_state(xp, plan, ids, mask, seed, numbers.get("rows"))
     cache = None if init_cache is None else init_cache(xp.rows(ids), plan.total)
     logits, cache = step(ids, decoding.prefill_positions(xp, mask), state["key_mask"], cache, 0, context)
