@@ -254,16 +254,34 @@ def merge_heads(x):
 def attend(q, k, v, bias=None, probs_out: list | None = None):
     """Scaled dot-product attention on (B, H, L, d) tensors; ``bias`` is additive (broadcast to scores).
 
+    Keys/values (and bias) with fewer rows N than the queries' B, N dividing B (static sizes): each run of
+    B / N query rows attends to its one row, the run's queries side by side (decoding, where an input's beams
+    share its cross-attention keys/values: ``generation.decode(context_per_input=True)``).
     ``probs_out``: a list that receives the softmax probabilities (B, H, Lq, Lk) when attentions
     are requested; None (the default path) records nothing.
     """
+    rows, inputs = q.shape[0], k.shape[0]
+    group = rows // inputs if rows and inputs and rows > inputs and rows % inputs == 0 else 1
+    heads, n = q.shape[1], q.shape[2]
+
+    def side_by_side(x):      # (B, H, L, d) -> (N, H, B/N * L, d)
+        return tf.reshape(tf.transpose(tf.reshape(x, [inputs, group, heads, n, x.shape[-1]]), [0, 2, 1, 3, 4]),
+                          [inputs, heads, group * n, x.shape[-1]])
+
+    def per_row(x):           # the inverse
+        return tf.reshape(tf.transpose(tf.reshape(x, [inputs, heads, group, n, x.shape[-1]]), [0, 2, 1, 3, 4]),
+                          [rows, heads, n, x.shape[-1]])
+
+    if group > 1:
+        q = side_by_side(q)
     scores = tf.matmul(q, k, transpose_b=True) / tf.cast(math.sqrt(q.shape[-1]), q.dtype)
     if bias is not None:
         scores = scores + tf.cast(bias, scores.dtype)
     probs = softmax(scores)
     if probs_out is not None:
-        probs_out.append(probs)
-    return tf.matmul(probs, v)
+        probs_out.append(probs if group == 1 else per_row(probs))
+    ctx = tf.matmul(probs, v)
+    return ctx if group == 1 else per_row(ctx)
 
 
 class Recorder:

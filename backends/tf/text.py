@@ -40,21 +40,7 @@ class BertAttention(tf.Module):
         return split_heads(self.key(states), self.heads), split_heads(self.value(states), self.heads)
 
     def __call__(self, h, k, v, bias, probs_out=None):
-        q = split_heads(self.query(h), self.heads)
-        rows, inputs = q.shape[0], k.shape[0]
-        group = rows // inputs if rows and inputs else 1
-        if group == 1:
-            ctx = attend(q, k, v, bias, probs_out)
-        elif probs_out is not None:   # per-row probabilities asked for: each row its input's keys/values
-            ctx = attend(q, tf.repeat(k, group, axis=0), tf.repeat(v, group, axis=0),
-                         None if bias is None else tf.repeat(bias, group, axis=0), probs_out)
-        else:   # decoding: an input's beams share its cross keys/values (one row per input), queries side by side
-            _, heads, n, d = q.shape
-            q = tf.reshape(tf.transpose(tf.reshape(q, [inputs, group, heads, n, d]), [0, 2, 1, 3, 4]),
-                           [inputs, heads, group * n, d])
-            ctx = attend(q, k, v, bias)
-            ctx = tf.reshape(tf.transpose(tf.reshape(ctx, [inputs, heads, group, n, d]), [0, 2, 1, 3, 4]),
-                             [rows, heads, n, d])
+        ctx = attend(split_heads(self.query(h), self.heads), k, v, bias, probs_out)
         return self.norm(self.dense(merge_heads(ctx)) + h)
 
 
