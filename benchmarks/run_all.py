@@ -6,8 +6,11 @@
     blip bench [same options]
 
 Impls: our ``torch``, ``tf``, ``jax`` backends and transformers 4.57 ``hf-torch`` / ``hf-tf``, all
-loaded from one checkpoint of random weights and timed interleaved in this one process, so the
-ratio ours/reference compares runs under the same machine load. Results go to
+loaded from one checkpoint of random weights and timed interleaved in one process, so the ratio
+ours/reference compares runs under the same machine load. A full run gives each workload a fresh
+process of its own (``--isolate``, the default where more than one workload runs outside ``--quick``):
+what one workload leaves in a process (allocator state, frameworks' thread pools, compiled programs)
+then cannot change the next one's figures. ``--no-isolate`` runs them all in this process. Results go to
 ``benchmarks/results/<date>-<machine>.json`` (``<date>-<machine>-<workloads>.json`` for a run of some workloads
 only; ``-<HHMMSS>`` added where that file exists) unless ``--out`` says otherwise; the compute floor of
 each figure is its FLOP count over the matmul rate measured here for the same framework.
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -64,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load_bench.add_arguments(p, prefix="load-")
     p.add_argument("--dataset", action="store_true",
                    help="also the data-set engines' images/s, bundled models (benchmarks/dataset.py --quick, ~2 min)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each workload in a fresh process of its own (default: on for a run of more than one "
+                        "workload without --quick)")
+    p.add_argument("--part", action="store_true", help=argparse.SUPPRESS)   # a child of an isolated run
     p.add_argument("--readme", default=None, help="README whose benchmark table to rewrite (default: the repository's "
                    "README.md after a full float32 run of every workload; 'none': never)")
 
@@ -177,24 +186,30 @@ def run(args) -> int:
     started = time.time()
     frameworks = sorted({FRAMEWORK[i] for i in args.backends})
     env = common.environment(frameworks, args.dtype, args.threads)
+    if args.part:   # a child of an isolated run: the parent prints the header, summary and results
+        return _run_part(args, ctx, frameworks)
     print(f"blip benchmarks on {env['cpu']} ({env['usable_cpus']} usable CPUs, load {env['load_average'][0]:.2f}), "
           f"{args.dtype}, {'quick' if args.quick else 'full'} run")
     for fw, info in env["frameworks"].items():
         print(f"  {fw}: " + (f"{info['version']} on {info['device']}, {info['threads']} threads" if info.get("available")
                             else f"unavailable ({info['reason']})"))
     errors, walls = {}, {}
+    isolate = args.isolate if args.isolate is not None else (not args.quick and len(args.only) > 1)
     try:
-        for name in args.only:
-            t0 = time.time()
+        if isolate:
+            _run_isolated(args, ctx, errors, walls)
+        else:
+            for name in args.only:
+                t0 = time.time()
+                ctx.refresh_rates(frameworks)
+                module = importlib.import_module(f"{__package__}.{name}")
+                try:
+                    module.run(ctx)
+                except Exception as exc:   # noqa: BLE001 - report, keep the other workloads
+                    errors[name] = common.error_text(exc)
+                    print(f"\n!! workload {name} failed: {errors[name]}")
+                walls[name] = round(time.time() - t0, 1)
             ctx.refresh_rates(frameworks)
-            module = importlib.import_module(f"{__package__}.{name}")
-            try:
-                module.run(ctx)
-            except Exception as exc:   # noqa: BLE001 - report, keep the other workloads
-                errors[name] = common.error_text(exc)
-                print(f"\n!! workload {name} failed: {errors[name]}")
-            walls[name] = round(time.time() - t0, 1)
-        ctx.refresh_rates(frameworks)
         if getattr(args, "dataset", False):
             from . import dataset
             print("\n== data-set engines (benchmarks/dataset.py --quick)")
@@ -211,7 +226,8 @@ def run(args) -> int:
     data = {"schema": "blip-bench/1", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join((["python"] if sys.argv[0].endswith(".py") else []) + sys.argv),
             "options": {"quick": args.quick, "backends": args.backends, "only": args.only, "threads": args.threads,
-                        "dtype": args.dtype, "budget_s": budget, "max_reps": max_reps},
+                        "dtype": args.dtype, "budget_s": budget, "max_reps": max_reps,
+                        "isolate": isolate},
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
             "workload_errors": errors, "targets": targets,
@@ -232,6 +248,65 @@ def run(args) -> int:
         from .report import update_readme
         print(f"{'updated' if update_readme(readme, data) else 'no benchmark-table markers in'} {readme}")
     return 1 if errors else 0
+
+
+def _run_part(args, ctx, frameworks) -> int:
+    """One workload of an isolated run, in this (fresh) process; its cases and rates go to ``--out``."""
+    (name,) = args.only
+    errors = {}
+    try:
+        ctx.refresh_rates(frameworks)
+        try:
+            importlib.import_module(f"{__package__}.{name}").run(ctx)
+        except Exception as exc:   # noqa: BLE001 - reported by the parent
+            errors[name] = common.error_text(exc)
+            print(f"\n!! workload {name} failed: {errors[name]}")
+        ctx.refresh_rates(frameworks)
+    finally:
+        ctx.close()
+    common.write_json(args.out, {"cases": ctx.cases, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth,
+                                 "sections": getattr(ctx, "sections", {}), "workload_errors": errors})
+    return 1 if errors else 0
+
+
+def _merge_best(into: dict, measured: dict, best: str, seen: str) -> dict:
+    """Join two runs' rate records: every measurement kept, the best of all as the best."""
+    if not into or "error" in into:
+        return dict(measured)
+    if "error" in measured:
+        return into
+    values = into[seen] + measured[seen]
+    return dict(into, **{seen: values, best: max(values)})
+
+
+def _run_isolated(args, ctx, errors: dict, walls: dict) -> None:
+    """Run each workload in a fresh process (this script with ``--part``) and gather its cases into ``ctx``."""
+    repo = os.path.dirname(os.path.dirname(RESULTS_DIR))
+    for name in args.only:
+        t0 = time.time()
+        part = os.path.join(ctx.tmp, f"{name}.json")
+        cmd = [sys.executable, "-m", f"{__package__}.run_all", "--part", "--only", name, "--out", part,
+               "--backends", ",".join(args.backends), "--dtype", args.dtype, "--budget", str(ctx.budget_s),
+               "--max-reps", str(ctx.max_reps), "--readme", "none"]
+        cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quick"] if args.quick else [])
+        print(f"\n-- workload {name} in a fresh process", flush=True)
+        rc = subprocess.call(cmd, cwd=repo)
+        walls[name] = round(time.time() - t0, 1)
+        try:
+            with open(part, encoding="utf-8") as fh:
+                got = json.load(fh)
+        except (OSError, ValueError) as exc:
+            errors[name] = f"its process exited with status {rc} and left no results ({type(exc).__name__})"
+            print(f"\n!! workload {name} failed: {errors[name]}")
+            continue
+        errors.update(got["workload_errors"])
+        ctx.cases.extend(got["cases"])
+        ctx.__dict__.setdefault("sections", {}).update(got["sections"])
+        for fw, r in got["matmul"].items():
+            ctx.rates[fw] = _merge_best(ctx.rates.get(fw, {}), r, "best_flops_per_s", "measured_flops_per_s")
+        if got["memory_bandwidth"]:
+            ctx.bandwidth = _merge_best(ctx.bandwidth or {}, got["memory_bandwidth"], "best_bytes_per_s",
+                                        "measured_bytes_per_s")
 
 
 def results_path(machine: str, only, quick: bool) -> str:

@@ -78,6 +78,30 @@ def test_run_all_quick_writes_complete_results(tmp_path):
     assert "PyTorch low precision" in table
 
 
+def test_isolated_run_gathers_each_workloads_process(tmp_path):
+    """``--isolate`` runs every workload in a fresh process of its own: the parent gathers their cases, their
+    extra tables and every matmul / bandwidth measurement, and takes the best of them for the floors."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--quick", "--threads", "1",
+                           "--backends", "torch,hf-torch", "--only", "itm,lowprec", "--isolate", "--out", str(out)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("in a fresh process") == 2 and proc.stdout.count("== summary") == 1
+    data = json.loads(out.read_text())
+    assert data["options"]["isolate"] is True and not data["workload_errors"]
+    assert set(data["workload_wall_s"]) == {"itm", "lowprec"}
+    assert [(c["workload"], c["mode"]) for c in data["cases"]] == [("itm", "forward")]
+    assert [r["variant"] for r in data["sections"]["lowprec"]["rows"]] == ["float32", "bfloat16", "int8"]
+    seen = data["matmul"]["torch"]["measured_flops_per_s"]
+    assert len(seen) == 4 and data["matmul"]["torch"]["best_flops_per_s"] == max(seen)   # before and after each
+    bw = data["memory_bandwidth"]
+    assert len(bw["measured_bytes_per_s"]) == 4 and bw["best_bytes_per_s"] == max(bw["measured_bytes_per_s"])
+    itm = data["cases"][0]["results"]
+    assert itm["torch"]["status"] == itm["hf-torch"]["status"] == "ok"
+    assert itm["torch"]["floor_s"] == data["cases"][0]["flops"] / max(seen)   # floors from the merged best rate
+    assert itm["torch"]["check"]["max_abs_diff"] <= tolerance("default", "float32")[0]
+
+
 def test_results_path_never_replaces_a_run(tmp_path, monkeypatch):
     """The default results file of a partial run is named after its workloads, and a second run the same
     day gets a file of its own instead of replacing the first."""
