@@ -139,7 +139,64 @@ def test_quantizing_drops_the_decoding_copies(monkeypatch):
     assert any(m.__dict__.get("_fused") is not None for m in model.modules())
     quantize_int8(model)
     assert not any("_fused" in m.__dict__ for m in model.modules())
-    assert not any(isinstance(m, layout.Linear) for m in model.modules())
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(m, Int8Linear) and m._layout is None for m in lins)
     with torch.no_grad():
         after = to_numpy(model.generate(pixel_values=pixels, max_new_tokens=4))
     assert after.shape == before.shape and (after[:, 0] == before[:, 0]).all()    # the start token
+    # decoding one row gave the decoder's int8 layers int8 transposed copies (a shared one per self-attention)
+    fused = [m.__dict__["_fused"] for m in model.modules() if m.__dict__.get("_fused") is not None]
+    laid = [m for m in lins if m._layout is not None]
+    assert fused and all(f.product.int8 and f.product.table.dtype == torch.uint8 for f in fused)
+    assert laid and all(m._layout.how == layout.TRANSPOSED and m._layout.weight.int8 for m in laid)
+    assert not any(m.runs_once for m in laid) and not any(m._layout is not None for m in model.vision_model.modules()
+                                                          if isinstance(m, Int8Linear))
+
+
+def _rowwise_bound(x, w, b, width):
+    """The most a one-row product can move when each row of the transposed weights' column blocks (one input
+    feature's weights to ``width`` outputs, and the bias row) is rounded to 256 levels between its min and max:
+    half a level per weight, times |x|. Independent of the code under test (plain float64 arithmetic)."""
+    out, n_in = w.shape
+    bound = torch.zeros(out, dtype=torch.float64)
+    for lo in range(0, out, width):
+        blk = torch.cat([w[lo:lo + width].t(), b[None, lo:lo + width]]).double()      # (n_in + 1, cols)
+        cols = blk.shape[1]
+        if cols < width:     # the last block's padding columns are zeros, inside its rows' ranges
+            blk = torch.cat([blk, blk.new_zeros(n_in + 1, width - cols)], 1)
+        half = (blk.amax(1) - blk.amin(1)) / 255 / 2
+        xs = torch.cat([x.double().abs().reshape(-1), torch.ones(1, dtype=torch.float64)])
+        bound[lo:lo + cols] = (xs * half).sum()
+    return bound
+
+
+@pytest.mark.parametrize("out_features", [640, 200])
+def test_int8_one_row_products_are_weight_only(out_features):
+    """At one row (greedy decoding) an int8 layer multiplies float32 inputs by int8 weights quantised per row of the
+    transposed copy: within half a quantisation level per weight of float32, and a fraction of fbgemm's dynamic
+    product's error (its inputs are rounded to 8 bits too). More rows, or a stale copy, take fbgemm's product."""
+    torch.manual_seed(0)
+    lin = Int8Linear.from_linear(torch.nn.Linear(96, out_features))
+    mod = torch.nn.Sequential(lin).eval().requires_grad_(False)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        dynamic = lin(x)                                   # no layout yet: fbgemm's dynamic product
+        layout.prepare_decoding(mod, 1)
+        if not layout.layout_supported(mod):
+            pytest.fail("this torch build has no oneDNN: the decoding layouts cannot be checked")
+        lay = lin._layout
+        assert lay is not None and lay.how == layout.TRANSPOSED and lay.weight.int8
+        assert lay.weight.table.dtype == torch.uint8
+        assert lay.weight.table.numel() < lin.weight.nbytes / 3    # a byte a weight, 8 bytes of scale a row
+        got = lin(x)
+        width = layout._blocks(out_features, torch.get_num_threads())[1]
+        bound = _rowwise_bound(x, lin.weight, lin.bias, width)
+        err = (got - ref).double().abs().reshape(-1)
+        assert (err <= bound + 1e-5).all(), (err - bound).max()
+        assert err.max() < 0.5 * (dynamic - ref).abs().max()
+        two = torch.randn(2, 96)                           # two rows: fbgemm's product, as before
+        torch.testing.assert_close(lin(two), torch.ops.quantized.linear_dynamic(two, lin._packed, True))
+        lin.weight.mul_(2.0)                               # stale: the dynamic product on the new weights
+        assert not lay.fresh(lin)
+        torch.testing.assert_close(lin(x), torch.ops.quantized.linear_dynamic(x, lin._packed, True))

@@ -42,7 +42,9 @@ the plain path always runs. A packed or transposed copy is kept for the next cal
 (about the decoder's weight bytes; a call with another row count replaces it); ``release_layouts(model)``
 frees it. The unpacked plan keeps no copy.
 
-``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``.
+``Int8Linear`` and ``quantize_int8`` (int8 weights) live in ``quantize.py``. An ``Int8Linear`` is a ``Linear``
+whose only layout is the one-row transposed copy, in int8 (``_Transposed(..., int8=True)``: fbgemm's 8-bit
+row-wise embedding-bag table, a scale and an offset per row); at other row counts it runs fbgemm's int8 product.
 """
 from __future__ import annotations
 
@@ -71,6 +73,18 @@ def _onednn_ops():
 
 
 _ONEDNN = _onednn_ops()
+
+
+def _int8_bag_ops():
+    """fbgemm's 8-bit row-wise embedding-bag prepack and weighted sum, or (None, None) where this build lacks them."""
+    try:
+        ops = torch.ops.quantized
+        return ops.embedding_bag_byte_prepack, ops.embedding_bag_byte_rowwise_offsets
+    except (AttributeError, RuntimeError):
+        return None, None
+
+
+_INT8_PREPACK, _INT8_BAGS = _int8_bag_ops()
 # Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
 # BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (one more copy of the
 # decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
@@ -134,12 +148,14 @@ class _Transposed:
     that stay in registers: on this project's Zen 4 cores it reads float32 weights ~1.3-1.5x and bfloat16
     weights 1.3-1.5x faster than oneDNN's inner product on one row, and the bags run on the threads. Each
     output is the same ordered sum whatever ``k`` (bit for bit); the bias, added last in the accumulator,
-    gives float32 the bits of ``y + b`` and bfloat16 one rounding, as oneDNN's product does.
+    gives float32 the bits of ``y + b`` and bfloat16 one rounding, as oneDNN's product does. ``int8``: the
+    table is stored as fbgemm's 8-bit row-wise table (each row rounded between its own min and max, its scale
+    and offset beside it) and summed by its kernel, float32 inputs and sums (``quantize.Int8Linear``).
     """
 
-    __slots__ = ("table", "index", "offsets", "k", "n_in", "out", "per_bag", "padded", "inputs")
+    __slots__ = ("table", "index", "offsets", "k", "n_in", "out", "per_bag", "padded", "inputs", "int8")
 
-    def __init__(self, w: torch.Tensor, bias, threads: int):
+    def __init__(self, w: torch.Tensor, bias, threads: int, int8: bool = False):
         out, n_in = w.shape
         k, width = _blocks(out, threads)
         rows = n_in + (bias is not None)
@@ -151,8 +167,10 @@ class _Transposed:
             if bias is not None:
                 block[n_in, :cols].copy_(bias[lo:lo + cols])
             block[:, cols:].zero_()
+        if int8:      # weight-only int8 (``Int8Linear``): each table row quantised with its own scale and offset
+            self.table = _INT8_PREPACK(self.table)
         self.index, self.offsets = bags(k, rows, w.device)
-        self.k, self.n_in, self.out, self.per_bag = k, n_in, out, rows
+        self.k, self.n_in, self.out, self.per_bag, self.int8 = k, n_in, out, rows, int8
         self.padded = k * width != out
         self.inputs = {}     # thread -> the bags' weights buffer (see ``_weights``)
 
@@ -163,14 +181,18 @@ class _Transposed:
         model do not write each other's inputs."""
         if len(self.inputs) >= 64:      # threads come and go: keep the buffers of recent ones only
             self.inputs.clear()
-        buf = self.table.new_ones((self.k, self.per_bag))
+        buf = torch.ones((self.k, self.per_bag), dtype=torch.float32 if self.int8 else self.table.dtype,
+                         device=self.table.device)
         pair = self.inputs[get_ident()] = (buf.view(-1), buf[:, :self.n_in])
         return pair
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, inputs = self.inputs.get(get_ident()) or self._weights()
         inputs.copy_(x.reshape(-1))          # x once per bag (then 1 for the bias)
-        y = bag_sums(self.table, self.index, self.offsets, weights)
+        if self.int8:
+            y = _INT8_BAGS(self.table, self.index, self.offsets, False, 0, False, weights, None, False)
+        else:
+            y = bag_sums(self.table, self.index, self.offsets, weights)
         if self.padded:       # the last block's zero columns (the slice costs ~3.5 us a call: only where needed)
             y = y.view(-1)[:self.out]
         return y.view(*x.shape[:-1], -1)
@@ -204,6 +226,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` that runs from a decoding layout when one is prepared and fits the input."""
 
     runs_once = False     # set on layers called once per input (cross-attention keys/values)
+    int8 = False          # ``quantize.Int8Linear``: of the layouts only the one-row transposed copy, in int8
     _layout = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,13 +377,16 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
     for lin in module.modules():
         if not isinstance(lin, Linear) or lin.runs_once or lin in fused:
             continue
+        if lin.int8 and (how != TRANSPOSED or _INT8_BAGS is None):   # fbgemm's int8 product on its own weights
+            lin._layout = None
+            continue
         lay, w = lin._layout, lin.weight.detach()
         if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
                 how != TRANSPOSED or lay.weight.k == _blocks(w.shape[0], threads)[0]):
             continue
         lin._layout = None   # a stale copy goes before its replacement is made
         if how == TRANSPOSED:
-            weight = _Transposed(w, None if lin.bias is None else lin.bias.detach(), threads)
+            weight = _Transposed(w, None if lin.bias is None else lin.bias.detach(), threads, int8=lin.int8)
         else:
             weight = w if how == UNPACKED else _ONEDNN[1](w, rows)
         lin._layout = _Layout(lin, rows, weight, how)
@@ -388,10 +414,11 @@ def _new_copy_bytes(module: nn.Module, rows: int, how: str) -> int:
             shared.update(fused.lins)
     new = 0
     for lin in module.modules():
-        if isinstance(lin, Linear) and not lin.runs_once and lin not in shared:
+        if isinstance(lin, Linear) and not lin.runs_once and lin not in shared and (how == TRANSPOSED or not lin.int8):
             lay = lin._layout
             if lay is None or lay.rows != rows or lay.how != how or not lay.fresh(lin):
-                new += lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
+                size = lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
+                new += size // lin.weight.element_size() if lin.int8 else size    # int8: a byte a weight
     return new
 
 
@@ -400,7 +427,8 @@ def _fusable(mod: nn.Module):
     input width, dtype and device, all with a bias or none), else None."""
     names = getattr(mod, "fused_projections", ())
     lins = [getattr(mod, name, None) for name in names]
-    if len(lins) < 2 or not all(isinstance(lin, Linear) and not lin.runs_once for lin in lins):
+    if len(lins) < 2 or not all(isinstance(lin, Linear) and not lin.runs_once and lin.int8 == lins[0].int8
+                                for lin in lins) or (lins[0].int8 and _INT8_BAGS is None):
         return None
     first = lins[0].weight
     if any(lin.in_features != lins[0].in_features or lin.weight.dtype != first.dtype
@@ -420,7 +448,7 @@ class _Fused:
     def __init__(self, lins: list, threads: int):
         weights = [lin.weight.detach() for lin in lins]
         bias = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
-        self.product = _Transposed(torch.cat(weights), bias, threads)
+        self.product = _Transposed(torch.cat(weights), bias, threads, int8=lins[0].int8)
         self.lins, self.states = tuple(lins), [_Layout(lin, 1, None, TRANSPOSED) for lin in lins]
         self.sizes, self.dtype = [w.shape[0] for w in weights], weights[0].dtype
 
