@@ -178,6 +178,8 @@ def run(args) -> int:
     common.configure_environment(args.threads, args.backends)
     if args.only is None:
         args.only = [w for w in WORKLOADS if not (args.quick and w in NOT_QUICK)]
+    if args.part and (len(args.only) != 1 or not args.out):
+        raise SystemExit("--part runs one workload (--only NAME) into --out FILE")
     from .harness import Context   # after the environment is set: it may import frameworks
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 30.0)
     max_reps = args.max_reps if args.max_reps is not None else (2 if args.quick else 10)
