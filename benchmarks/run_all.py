@@ -272,13 +272,13 @@ def _run_part(args, ctx, frameworks) -> int:
 
 
 def _merge_best(into: dict, measured: dict, best: str, seen: str) -> dict:
-    """Join two runs' rate records: every measurement kept, the best of all as the best."""
+    """Join two processes' rate records: the details of the one with the better best, every measurement listed."""
     if not into or "error" in into:
         return dict(measured)
     if "error" in measured:
         return into
     values = into[seen] + measured[seen]
-    return dict(into, **{seen: values, best: max(values)})
+    return dict(measured if measured[best] > into[best] else into, **{seen: values, best: max(values)})
 
 
 def _run_isolated(args, ctx, errors: dict, walls: dict) -> None:
