@@ -203,13 +203,7 @@ def run(args) -> int:
         else:
             for name in args.only:
                 t0 = time.time()
-                ctx.refresh_rates(frameworks)
-                module = importlib.import_module(f"{__package__}.{name}")
-                try:
-                    module.run(ctx)
-                except Exception as exc:   # noqa: BLE001 - report, keep the other workloads
-                    errors[name] = common.error_text(exc)
-                    print(f"\n!! workload {name} failed: {errors[name]}")
+                _run_workload(ctx, name, frameworks, errors)
                 walls[name] = round(time.time() - t0, 1)
             ctx.refresh_rates(frameworks)
         if getattr(args, "dataset", False):
@@ -252,17 +246,21 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+def _run_workload(ctx, name: str, frameworks, errors: dict) -> None:
+    """Measure the rates again, then run workload ``name`` into ``ctx``; a failure goes to ``errors``."""
+    ctx.refresh_rates(frameworks)
+    try:
+        importlib.import_module(f"{__package__}.{name}").run(ctx)
+    except Exception as exc:   # noqa: BLE001 - report, keep the other workloads
+        errors[name] = common.error_text(exc)
+        print(f"\n!! workload {name} failed: {errors[name]}")
+
+
 def _run_part(args, ctx, frameworks) -> int:
     """One workload of an isolated run, in this (fresh) process; its cases and rates go to ``--out``."""
-    (name,) = args.only
     errors = {}
     try:
-        ctx.refresh_rates(frameworks)
-        try:
-            importlib.import_module(f"{__package__}.{name}").run(ctx)
-        except Exception as exc:   # noqa: BLE001 - reported by the parent
-            errors[name] = common.error_text(exc)
-            print(f"\n!! workload {name} failed: {errors[name]}")
+        _run_workload(ctx, args.only[0], frameworks, errors)
         ctx.refresh_rates(frameworks)
     finally:
         ctx.close()

@@ -375,10 +375,9 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
             lin._layout = None                 # the shared copy serves them
             fused.add(lin)
     for lin in module.modules():
-        if not isinstance(lin, Linear) or lin.runs_once or lin in fused:
-            continue
-        if lin.int8 and (how != TRANSPOSED or _INT8_BAGS is None):   # fbgemm's int8 product on its own weights
-            lin._layout = None
+        if not _takes_layout(lin, how) or lin in fused:
+            if isinstance(lin, Linear) and lin.int8:
+                lin._layout = None       # fbgemm's int8 product on its own weights
             continue
         lay, w = lin._layout, lin.weight.detach()
         if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
@@ -405,6 +404,13 @@ COPY_FRACTION = 0.5
 DEFER_BYTES = 1 << 30
 
 
+def _takes_layout(lin: nn.Module, how: str) -> bool:
+    """``lin`` is a ``Linear`` that ``prepare_decoding`` lays out under ``how``: not one called once per input, and an
+    ``Int8Linear`` only under ``TRANSPOSED`` where this build has fbgemm's row-wise kernel."""
+    return (isinstance(lin, Linear) and not lin.runs_once
+            and (not lin.int8 or (how == TRANSPOSED and _INT8_BAGS is not None)))
+
+
 def _new_copy_bytes(module: nn.Module, rows: int, how: str) -> int:
     """The bytes of the copies ``prepare_decoding`` would make under ``how`` (layers without a valid one)."""
     shared = set()       # layers a fresh shared copy already serves
@@ -414,7 +420,7 @@ def _new_copy_bytes(module: nn.Module, rows: int, how: str) -> int:
             shared.update(fused.lins)
     new = 0
     for lin in module.modules():
-        if isinstance(lin, Linear) and not lin.runs_once and lin not in shared and (how == TRANSPOSED or not lin.int8):
+        if _takes_layout(lin, how) and lin not in shared:
             lay = lin._layout
             if lay is None or lay.rows != rows or lay.how != how or not lay.fresh(lin):
                 size = lin.weight.nbytes + (0 if lin.bias is None else lin.bias.nbytes)
@@ -427,8 +433,7 @@ def _fusable(mod: nn.Module):
     input width, dtype and device, all with a bias or none), else None."""
     names = getattr(mod, "fused_projections", ())
     lins = [getattr(mod, name, None) for name in names]
-    if len(lins) < 2 or not all(isinstance(lin, Linear) and not lin.runs_once and lin.int8 == lins[0].int8
-                                for lin in lins) or (lins[0].int8 and _INT8_BAGS is None):
+    if len(lins) < 2 or not all(_takes_layout(lin, TRANSPOSED) and lin.int8 == lins[0].int8 for lin in lins):
         return None
     first = lins[0].weight
     if any(lin.in_features != lins[0].in_features or lin.weight.dtype != first.dtype
