@@ -88,15 +88,15 @@ class Int8Linear(Linear):
         self._packed, self._key = _pack(self.weight, self.bias), self._state()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._key != self._state():
-            self.repack()
         if x.dtype != torch.float32:
             raise ValueError(f"an int8 model takes float32 activations, got {x.dtype}; quantise a float32 model")
         if x.shape[-1] == 0 or x.numel() == 0:
             return F.linear(x, self.weight, self.bias)
         lay = self._layout
         if lay is not None and x.numel() == x.shape[-1] and _layouts_apply() and lay.fresh(self):
-            return lay.weight(x)
+            return lay.weight(x)      # ``fresh`` has checked the weights: fbgemm's packed copy is not read here
+        if self._key != self._state():
+            self.repack()
         return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
     def _onednn(self, x, act=None):
