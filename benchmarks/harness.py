@@ -32,6 +32,7 @@ class Context:
         self.tmp = tempfile.mkdtemp(prefix="blip-bench-")
         self.itemsize = 4 if dtype == "float32" else 2
         self.cases, self.rates, self.bandwidth = [], {}, None
+        self.sections = {}   # workload -> an extra table outside the impl grid (``lowprec``)
         self.failed = {}   # (impl, workload, mode) -> error: later cases of that mode are not retried
 
     def close(self):

@@ -132,11 +132,10 @@ def run(ctx) -> None:
                 f"{f(r['decode_per_token_s'], 1e3) + ' ms':>14}{f(r['speedup_generate']):>7}"
                 f"{f(r['speedup_decode']):>9}  {100 * r['heldout_agreement']:.1f}%"
                 + (f"  error: {r['error']}" if r["error"] else ""))
-    sections = ctx.__dict__.setdefault("sections", {})
-    sections["lowprec"] = {"title": "PyTorch low precision (BLIP base, random weights, greedy batch 1, 20 tokens; "
-                                    "agreement: bundled captioner, held-out synthetic set)",
-                           "load_average": list(os.getloadavg()), "threads": torch.get_num_threads(),
-                           "heldout_images": agree["images"], "rows": rows}
+    ctx.sections["lowprec"] = {"title": "PyTorch low precision (BLIP base, random weights, greedy batch 1, 20 tokens; "
+                                        "agreement: bundled captioner, held-out synthetic set)",
+                               "load_average": list(os.getloadavg()), "threads": torch.get_num_threads(),
+                               "heldout_images": agree["images"], "rows": rows}
     del models, stats
 
 

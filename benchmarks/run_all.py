@@ -227,7 +227,7 @@ def run(args) -> int:
             "environment": env, "load_average_end": list(os.getloadavg()), "wall_s": round(time.time() - started, 1),
             "workload_wall_s": walls, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth, "cases": ctx.cases,
             "workload_errors": errors, "targets": targets,
-            "sections": getattr(ctx, "sections", {})}   # extra tables of workloads outside the impl grid
+            "sections": ctx.sections}   # extra tables of workloads outside the impl grid
     if args.load:   # heavy: full-size checkpoints, one fresh process per measurement
         from . import load as load_bench
         data["load"] = load_bench.run(args.load_models, args.load_impls, args.load_dtypes, args.load_workdir,
@@ -265,7 +265,7 @@ def _run_part(args, ctx, frameworks) -> int:
     finally:
         ctx.close()
     common.write_json(args.out, {"cases": ctx.cases, "matmul": ctx.rates, "memory_bandwidth": ctx.bandwidth,
-                                 "sections": getattr(ctx, "sections", {}), "workload_errors": errors})
+                                 "sections": ctx.sections, "workload_errors": errors})
     return 1 if errors else 0
 
 
@@ -301,7 +301,7 @@ def _run_isolated(args, ctx, errors: dict, walls: dict) -> None:
             continue
         errors.update(got["workload_errors"])
         ctx.cases.extend(got["cases"])
-        ctx.__dict__.setdefault("sections", {}).update(got["sections"])
+        ctx.sections.update(got["sections"])
         for fw, r in got["matmul"].items():
             ctx.rates[fw] = _merge_best(ctx.rates.get(fw, {}), r, "best_flops_per_s", "measured_flops_per_s")
         if got["memory_bandwidth"]:

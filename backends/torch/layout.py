@@ -376,8 +376,8 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
             fused.add(lin)
     for lin in module.modules():
         if not _takes_layout(lin, how) or lin in fused:
-            if isinstance(lin, Linear) and lin.int8:
-                lin._layout = None       # fbgemm's int8 product on its own weights
+            if isinstance(lin, Linear):
+                lin._layout = None     # no copy of its own under this plan (an int8 layer: fbgemm's product)
             continue
         lay, w = lin._layout, lin.weight.detach()
         if lay is not None and lay.rows == rows and lay.how == how and lay.fresh(lin) and (
