@@ -239,17 +239,22 @@ def _seed(settings):
     return tf.constant([seed, 0], tf.int64)
 
 
+def _tensors(numbers: dict) -> dict:
+    """The plan's numbers (the spec layer's arrays: length-penalty table, eos ids...) as TF constants."""
+    return {k: tf.constant(v) for k, v in numbers.items()}
+
+
 def plan_inputs(settings, vocab_size: int):
     """``(plan, numbers as tensors, seed tensor)`` of one call."""
     plan, numbers = decoding.make_plan(settings, vocab_size, settings.output_scores)
-    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings)
+    return plan, _tensors(numbers), _seed(settings)
 
 
 def bucketed_inputs(settings, vocab_size: int, batch: int, max_new_limit=None):
     """``(plan, numbers as tensors, seed tensor, padded batch)`` of one call whose batch and length are
     rounded up to the spec layer's buckets (``blip_core.decoding.bucketed_plan``)."""
     plan, numbers, padded = decoding.bucketed_plan(settings, vocab_size, batch, max_new_limit)
-    return plan, {k: tf.constant(v) for k, v in numbers.items()}, _seed(settings), padded
+    return plan, _tensors(numbers), _seed(settings), padded
 
 
 def shape_signature(nest) -> tuple:

@@ -44,8 +44,8 @@ MUTANTS = [
            "h = self.crossattention(h, cross[0], cross[1], None,",
            ("tests/test_cross_attention_mask.py",), "tf"),
     Mutant("tf: beam length penalty ignored by the engine", "backends/tf/generation.py",
-           "return plan, {k: tf.constant(v) for k, v in numbers.items()}",
-           "return plan, {k: tf.constant(np.ones_like(v) if k.endswith('_table') else v) for k, v in numbers.items()}",
+           "return {k: tf.constant(v) for k, v in numbers.items()}",
+           "return {k: tf.constant(np.ones_like(v) if k.endswith('_table') else v) for k, v in numbers.items()}",
            ("tests/test_parity_generation.py",), "length and tf"),
     # -- jax ----------------------------------------------------------------------------------------
     Mutant("jax: cross-attention mask dropped", "backends/jax/text.py",
@@ -58,7 +58,7 @@ MUTANTS = [
            "BlipForConditionalGeneration and (float32 or jax)"),
     # -- applications -------------------------------------------------------------------------------
     Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
-           '"itm_probability": float(itm[i, 1])', '"itm_probability": float(itm[i, 0])',
+           '"itm_probability": _finite(float(itm[i, 1]))', '"itm_probability": _finite(float(itm[i, 0]))',
            ("tests/test_cli_numbers.py",), "match"),
     Mutant("cli: info counts tied weights twice", "blip_apps/cli.py",
            "for s in table.values() if s.tied_to is None))", "for s in table.values()))",
