@@ -62,6 +62,8 @@ def test_bfloat16_inference_product(monkeypatch):
 
 
 @needs_onednn
+# torch.jit.trace on purpose: it is what the ONNX exporter records (torch marks it deprecated)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*deprecated:DeprecationWarning")
 def test_gradients_traces_and_the_switch_keep_f_linear(monkeypatch):
     calls = _recording(monkeypatch)
     lin = _layer()
