@@ -80,3 +80,45 @@ def test_padded_questions_match_transformers_on_each_question_alone(padded_vqa, 
     for stage, ref in want.items():
         c = compare(stage, ref, to_numpy(got[stage]), "transformers", backend)
         assert c.ok, (stage, c)
+
+
+@pytest.mark.parametrize("backend", SUPPORT["BlipForQuestionAnswering"])
+def test_padded_questions_decode_as_each_question_alone(padded_vqa, backend):
+    """Answer decoding (one query row a step, the backends' fast paths over the cached question keys/values)
+    applies the question's mask: each row of a padded batch scores every step as its question alone, unpadded.
+    The forward-pass checks above do not reach the decoding steps."""
+    d, inp, _ = padded_vqa
+    model = _cls(backend, "BlipForQuestionAnswering").from_pretrained(d)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    batch = model.generate(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
+                           attention_mask=inp["attention_mask"], **kw)
+    for i, n in enumerate(inp["attention_mask"].sum(1)):
+        alone = model.generate(input_ids=inp["input_ids"][i:i + 1, :n], pixel_values=inp["pixel_values"][i:i + 1],
+                               attention_mask=inp["attention_mask"][i:i + 1, :n], **kw)
+        np.testing.assert_array_equal(to_numpy(batch.sequences)[i], to_numpy(alone.sequences)[0])
+        assert len(batch.scores) == len(alone.scores) == 5
+        for step, (b, a) in enumerate(zip(batch.scores, alone.scores)):
+            a, b = to_numpy(a), to_numpy(b)[i:i + 1]
+            held = np.isneginf(a)          # the minimum length holds eos back: -inf in both
+            np.testing.assert_array_equal(held, np.isneginf(b))
+            c = compare("logits", np.where(held, 0, a), np.where(held, 0, b), f"question {i} alone, step {step}",
+                        backend)
+            assert c.ok, (i, step, c)
+
+
+@pytest.mark.parametrize("backend", SUPPORT["BlipForQuestionAnswering"])
+def test_decoding_gives_padded_question_tokens_no_weight(padded_vqa, backend):
+    """Other tokens in the padded positions of a question change nothing in its answer's decoding: not a
+    rounding's worth (the masked positions' weights are exactly zero, as in the forward check above)."""
+    d, inp, _ = padded_vqa
+    model = _cls(backend, "BlipForQuestionAnswering").from_pretrained(d)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    other = inp["input_ids"].copy()
+    other[inp["attention_mask"] == 0] = 7
+    runs = [model.generate(input_ids=ids, pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"],
+                           **kw) for ids in (inp["input_ids"], other)]
+    np.testing.assert_array_equal(to_numpy(runs[0].sequences), to_numpy(runs[1].sequences))
+    for a, b in zip(runs[0].scores, runs[1].scores):
+        a, b = to_numpy(a), to_numpy(b)
+        np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
+        assert max_abs_diff(np.where(np.isneginf(a), 0, a), np.where(np.isneginf(b), 0, b)) == 0.0
