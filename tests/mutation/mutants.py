@@ -51,7 +51,13 @@ MUTANTS = [
            "buf = self._buffers[i] = (buf[0].index_select(0, idx), buf[1].index_select(0, idx))",
            "buf = self._buffers[i] = (buf[0], buf[1])",
            ("tests/test_torch_decode_cache.py", "tests/test_parity_generation.py"), "torch"),
+    Mutant("torch: fused query/key/value product split in the wrong order", "backends/torch/layout.py",
+           "return self.product(x).split(self.sizes, -1)", "return self.product(x).split(self.sizes, -1)[::-1]",
+           ("tests/test_torch_decode_cache.py", "tests/test_parity_generation.py"), "torch"),
     # -- tf -----------------------------------------------------------------------------------------
+    Mutant("tf: beams' attention outputs returned to the wrong rows", "backends/tf/_base.py",
+           "tf.reshape(x, [inputs, heads, group, n, x.shape[-1]])", "tf.reshape(x, [inputs, group, heads, n, x.shape[-1]])",
+           ("tests/test_parity_generation.py", "tests/test_tf_blip.py"), "tf and beam"),
     Mutant("tf: cross-attention mask dropped in the text layers", "backends/tf/text.py",
            "h = self.crossattention(h, cross[0], cross[1], cross_bias,",
            "h = self.crossattention(h, cross[0], cross[1], None,",
