@@ -83,6 +83,10 @@ MUTANTS = [
            "logits, _, cache = self._apply(params, ids, positions, bias, None, cross_bias, kv, cache, index,",
            "logits, _, cache = self._apply(params, ids, positions, bias, None, None, kv, cache, index,",
            ("tests/test_cross_attention_mask.py",), "jax"),
+    Mutant("jax: decoding writes each step's keys/values one position late", "backends/jax/text.py",
+           "jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=axis)",
+           "jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index + 1, axis=axis)",
+           ("tests/test_parity_generation.py",), "jax"),
     # -- applications -------------------------------------------------------------------------------
     Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
            '"itm_probability": _finite(float(itm[i, 1]))', '"itm_probability": _finite(float(itm[i, 0]))',
