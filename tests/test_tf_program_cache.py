@@ -152,3 +152,18 @@ def test_damaged_or_foreign_entries_are_traced_again(stored, fresh):
     assert program_cache.load(name) is not None
     again = BTF.BlipForConditionalGeneration(_config(), seed=5)
     assert _lists(_generate(again)) == stored["out"] and trace_count(again) == 0
+
+
+def test_a_call_with_another_plan_runs_its_own_program(stored, fresh):
+    """A decoding plan the stored entry was not traced for (a repetition penalty: same inputs and outputs,
+    other logic) gets a program of its own, with the numbers of that plan (torch's ids and scores)."""
+    call = dict(CALL, repetition_penalty=1.5)
+    model = BTF.BlipForConditionalGeneration(_config(), seed=5)
+    got = model.generate(pixel_values=_pixels(), **call)
+    assert trace_count(model) == 1 and len(os.listdir(program_cache.folder())) == 2
+    want = BT.BlipForConditionalGeneration(_config(), seed=5).eval().generate(pixel_values=_pixels(), **call)
+    assert got.sequences.numpy().tolist() == want.sequences.numpy().tolist()
+    for g, w in zip(got.scores, want.scores):
+        np.testing.assert_allclose(g.numpy(), w.detach().numpy(), rtol=1e-4, atol=1e-4)
+    plain = _lists(_generate(BTF.BlipForConditionalGeneration(_config(), seed=5)))
+    assert plain == stored["out"]      # the stored plan's entry still serves its own calls
