@@ -27,6 +27,13 @@ MUTANTS = [
     Mutant("spec: attention mask value -10 instead of -10000", "blip_core/numerics.py",
            "MASK_VALUE = -10000.0", "MASK_VALUE = -10.0",
            ("tests/test_parity_matrix.py",), "float32 and (BlipTextModel or BlipModel)"),
+    Mutant("spec: image mean's channels in BGR order", "blip_core/processing/image.py",
+           "OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]",
+           "OPENAI_CLIP_MEAN = [0.40821073, 0.4578275, 0.48145466]",
+           ("tests/test_image_processor.py", "tests/test_processors.py")),
+    Mutant("spec: images resized with PIL's default reducing gap", "blip_core/processing/image.py",
+           "resample=PIL.Image.Resampling(resample), reducing_gap=None", "resample=PIL.Image.Resampling(resample), reducing_gap=2.0",
+           ("tests/test_image_processor.py", "tests/test_processors.py")),
     # -- torch --------------------------------------------------------------------------------------
     Mutant("torch: cross-attention mask dropped in the text layers", "backends/torch/text.py",
            "self.crossattention(h, enc_mask, enc, past,", "self.crossattention(h, None, enc, past,",
