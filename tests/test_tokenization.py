@@ -97,6 +97,9 @@ def _check_against(ours, ref, texts):
     for kwargs in CALLS:
         assert_same_encoding(ours(texts, **kwargs), ref(texts, **kwargs))
         assert_same_encoding(ours(texts[0], **kwargs), ref(texts[0], **kwargs))
+    pairs = texts[::-1]          # and as pairs: the template's second segment, its truncation
+    for kwargs in ({}, {"padding": True, "truncation": True, "max_length": 10}):
+        assert_same_encoding(ours(texts, pairs, **kwargs), ref(texts, pairs, **kwargs))
     for skip in (False, True):
         batch = ours(texts, padding=True)["input_ids"]
         assert ours.batch_decode(batch, skip_special_tokens=skip) == ref.batch_decode(batch, skip_special_tokens=skip)
@@ -230,3 +233,42 @@ def test_bad_inputs_raise(dirs):
         no_pad(["a", "b c"], padding=True)
     with pytest.raises(ValueError, match="Cannot tell"):
         load_tokenizer(str(dirs["bert"].parent))
+
+
+PAIR_CALLS = [{}, {"padding": True}, {"truncation": "longest_first", "max_length": 9, "padding": True},
+              {"truncation": True, "max_length": 8}, {"return_special_tokens_mask": True},
+              {"add_special_tokens": False, "padding": True}]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bpe", "t5"])
+def test_text_pairs_match_transformers(dirs, kind):
+    """``tok(text, text_pair)``: the pair template (BERT: [CLS] a [SEP] b [SEP], second segment's token types 1),
+    truncation of pairs, and batches of pairs, as transformers' fast tokenizer builds them from the same files."""
+    ours = load_tokenizer(str(dirs[kind]))
+    ref = (transformers.T5TokenizerFast(tokenizer_file=str(dirs["t5"] / "tokenizer.json")) if kind == "t5"
+           else transformers.AutoTokenizer.from_pretrained(str(dirs[kind])))
+    firsts, seconds = random_texts(8, seed=3), random_texts(8, seed=4)
+    for kwargs in PAIR_CALLS:
+        assert_same_encoding(ours(firsts, seconds, **kwargs), ref(firsts, seconds, **kwargs))
+        assert_same_encoding(ours(firsts[2], seconds[2], **kwargs), ref(firsts[2], seconds[2], **kwargs))
+    if kind == "bert":       # the slow class builds pairs by its own code: the same ids ...
+        slow = transformers.BertTokenizer.from_pretrained(str(dirs["bert"]))
+        pairs = [(a, b) for a, b in zip(firsts, seconds) if b]   # ... except that a single call with an empty
+        # second text is a pair there ([CLS] a [SEP] [SEP]) and one text in the fast class and here ([CLS] a [SEP])
+        assert [ours(a, b)["input_ids"] for a, b in pairs] == [slow(a, b)["input_ids"] for a, b in pairs]
+
+
+@pytest.mark.parametrize("lower, accents", [(True, None), (False, False), (True, False)])
+def test_casing_options_of_the_config_win_over_tokenizer_json(dirs, tmp_path, lower, accents):
+    """As ``BertTokenizerFast``: ``do_lower_case`` / ``strip_accents`` in tokenizer_config.json replace what
+    tokenizer.json's normalizer says (a saved tokenizer.json lower-cases; the config may say otherwise)."""
+    fast = transformers.BertTokenizerFast.from_pretrained(str(dirs["bert"]))
+    fast.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": lower, "strip_accents": accents}))
+    ours = load_tokenizer(str(tmp_path))
+    ref = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    texts = random_texts(8) + ["The CAT café naïve Hello!"]
+    _check_against(ours, ref, texts)
+    assert (ours("The CAT")["input_ids"] != ours("the cat")["input_ids"]) == (not lower)
+    assert (ours("café")["input_ids"] != ours("cafe")["input_ids"]) == (accents is False)

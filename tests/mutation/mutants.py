@@ -34,6 +34,12 @@ MUTANTS = [
     Mutant("spec: images resized with PIL's default reducing gap", "blip_core/processing/image.py",
            "resample=PIL.Image.Resampling(resample), reducing_gap=None", "resample=PIL.Image.Resampling(resample), reducing_gap=2.0",
            ("tests/test_image_processor.py", "tests/test_processors.py")),
+    Mutant("spec: the config's casing option loses to tokenizer.json's normalizer", "blip_core/processing/tokenizer_kinds.py",
+           "if any(state.get(k, v) != v for k, v in wanted.items()):", "if False:",
+           ("tests/test_tokenization.py", "tests/test_processors.py")),
+    Mutant("spec: a vocab.txt tokenizer without its pair template's second [SEP]", "blip_core/processing/tokenizer_kinds.py",
+           'pair=f"{cls_tok}:0 $A:0 {sep}:0 $B:1 {sep}:1"', 'pair=f"{cls_tok}:0 $A:0 {sep}:0 $B:1"',
+           ("tests/test_tokenization.py", "tests/test_processors.py")),
     # -- torch --------------------------------------------------------------------------------------
     Mutant("torch: cross-attention mask dropped in the text layers", "backends/torch/text.py",
            "self.crossattention(h, enc_mask, enc, past,", "self.crossattention(h, None, enc, past,",
