@@ -64,6 +64,27 @@ def test_info_counts_parameters_exactly(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parameters"] == info["total_parameters"]
 
 
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+def test_overlapping_tensors_are_refused_in_every_backend(text_dir, backend):
+    """A header that points two weights at the same bytes (so that one write would change both, or one
+    tensor's bytes are read as another's) is refused on loading, with the file named."""
+    weights = text_dir / "model.safetensors"
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    sized = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            sized.setdefault(info["data_offsets"][1] - info["data_offsets"][0], []).append(name)
+    a, b = next(names for names in sized.values() if len(names) >= 2)[:2]
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])     # same byte count, same bytes
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    weights.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + n:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*overlap|overlap.*model\.safetensors"):
+        BACKEND_CLASSES[backend]().from_pretrained(str(text_dir))
+
+
 def test_corrupt_safetensors_is_not_skipped_for_a_tf_file_beside_it(text_dir, tmp_path):
     import backends.torch as bt
     convert(str(text_dir), str(tmp_path / "tf"), to="tf", progress=False)
