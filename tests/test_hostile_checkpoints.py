@@ -103,3 +103,24 @@ def test_h5_errors_name_the_file(text_dir):
     (text_dir / "tf_model.h5").write_bytes(b"not hdf5 at all" * 10)
     with pytest.raises(CheckpointError, match="tf_model.h5: not a readable HDF5"):
         bt.BlipTextModel.from_pretrained(str(text_dir))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+def test_a_tied_row_stored_with_other_values_follows_its_owner(tmp_path, backend):
+    """A file that also stores a tied row (the LM decoder weight, tied to the word embeddings), with values of
+    its own, loads tied: the row is filled from the weight it is tied to, so the model computes what the
+    untouched file gives, bit for bit."""
+    from blip_core import to_numpy
+    from blip_core.checkpoint import read_safetensors, write_safetensors
+    d, inp, _ = fixture("BlipForConditionalGeneration")
+    out = tmp_path / "m"
+    shutil.copytree(d, out)
+    state = read_safetensors(out / "model.safetensors")
+    owner = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+    state["text_decoder.cls.predictions.decoder.weight"] = np.random.default_rng(0).standard_normal(
+        owner.shape).astype(owner.dtype)
+    write_safetensors(out / "model.safetensors", state)
+    cls = getattr(__import__(f"backends.{backend}", fromlist=["x"]), "BlipForConditionalGeneration")
+    want = to_numpy(cls.from_pretrained(d).stages(**inp)["logits"])
+    got = to_numpy(cls.from_pretrained(str(out)).stages(**inp)["logits"])
+    assert np.array_equal(got, want)

@@ -46,6 +46,10 @@ MUTANTS = [
     Mutant("spec: tensors past a truncated safetensors file accepted", "blip_core/checkpoint/safetensors_io.py",
            "if entry.end > buffer_size:", "if False:",
            ("tests/test_checkpoint.py", "tests/test_hostile_checkpoints.py", "tests/test_hostile_properties.py")),
+    Mutant("converters: a TF file's tied rows written from their own (stale) copies", "converters/sinks.py",
+           "return {name: table[name].tied_to or name for name in hf_tf.tf_names(table, architecture)}",
+           "return {name: name for name in hf_tf.tf_names(table, architecture)}",
+           ("tests/test_converters.py", "tests/test_hostile_convert.py", "tests/test_pretrained_formats.py")),
     # -- torch --------------------------------------------------------------------------------------
     Mutant("torch: cross-attention mask dropped in the text layers", "backends/torch/text.py",
            "self.crossattention(h, enc_mask, enc, past,", "self.crossattention(h, None, enc, past,",
