@@ -138,7 +138,22 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
     assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(errors_file)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path):
+def _planned_ids(monkeypatch) -> list:
+    """The file items each ``run`` in this test plans to process (those ``--resume`` did not skip)."""
+    import importlib
+    dataset_run = importlib.import_module("blip_apps.dataset.run")     # the module (the package exports run())
+    planned, real = [], dataset_run.plan
+
+    def spy(*args, **kwargs):
+        units, total = real(*args, **kwargs)
+        planned.extend(i for u in units if u["kind"] == "files" for i, _ in u["items"])
+        return units, total
+
+    monkeypatch.setattr(dataset_run, "plan", spy)
+    return planned
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path, monkeypatch):
     root, good = data200
     out = str(tmp_path / "killed.parquet")
     proc = subprocess.Popen([sys.executable, "-m", "blip_apps.cli", "caption", root, "--out", out, *SETTINGS],
@@ -154,7 +169,9 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
     done = sorted(i for n in os.listdir(parts) if n.startswith("part-")
                   for i in pq.read_table(os.path.join(parts, n), columns=["id"]).column("id").to_pylist())
     assert 0 < len(done) < 203 and not os.path.exists(out)
+    planned = _planned_ids(monkeypatch)
     assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
+    assert planned and set(planned).isdisjoint(done)       # only the items the killed run had not written
     final = pq.read_table(out)
     ids = final.column("id").to_pylist()
     assert ids == good and len(set(ids)) == len(ids)                           # no duplicates, none missing
@@ -165,6 +182,17 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
     assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
     assert pq.read_table(out).equals(final)
     assert main(["caption", root, "--out", out, *SETTINGS]) == 1
+
+
+def test_resuming_a_finished_run_processes_nothing(data200, local_caption, tmp_path, monkeypatch):
+    import shutil
+    out = str(tmp_path / "finished.parquet")
+    shutil.copy(local_caption, out)
+    shutil.copy(local_caption.replace(".parquet", ".errors.jsonl"), out.replace(".parquet", ".errors.jsonl"))
+    planned = _planned_ids(monkeypatch)
+    assert main(["caption", data200[0], "--out", out, "--resume", *SETTINGS]) == 1    # its errors still count
+    assert planned == []
+    assert pq.read_table(out).equals(pq.read_table(local_caption))
 
 
 def test_ray_batches_with_null_columns():
@@ -326,6 +354,11 @@ def test_search_recall_bundled(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", index, queries[0], "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["id"] == top1[0]
+    # More results come best first, each query's top-1 leading them.
+    for v, first in zip(vecs[:8], top1):
+        scores = [s for _, s in idx.search_images(v, 5)]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+        assert idx.search_images(v, 5)[0][0] == first
     print(f"search recall@1 on 48 held-out images: {recall:.3f}")
     assert recall >= 0.9, f"recall@1 {recall:.3f} < 0.9 with the bundled retrieval model"
 

@@ -122,6 +122,12 @@ MUTANTS = [
            "model_key, str(tree),",
            ("tests/test_program_cache.py",)),
     # -- applications -------------------------------------------------------------------------------
+    Mutant("dataset: the numpy index ranks the worst matches first", "blip_apps/dataset/index.py",
+           "key=lambda i: (-float(scores[i]), str(keys[i])))[:k]", "key=lambda i: (float(scores[i]), str(keys[i])))[:k]",
+           ("tests/test_dataset.py",), "index or search"),
+    Mutant("dataset: --resume redoes the parts already written", "blip_apps/dataset/run.py",
+           "text_column=text_column, skip=parts.done,", "text_column=text_column, skip=set(),",
+           ("tests/test_dataset.py",), "resum"),
     Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
            '"itm_probability": _finite(float(itm[i, 1]))', '"itm_probability": _finite(float(itm[i, 0]))',
            ("tests/test_cli_numbers.py",), "match"),
