@@ -51,8 +51,7 @@ def shapes(tmp_path_factory):
     return str(root)
 
 
-@pytest.mark.parametrize("task", ["caption", pytest.param("vqa", marks=pytest.mark.slow),
-                                  pytest.param("retrieval", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task", ["caption", pytest.param("vqa", marks=pytest.mark.slow), "retrieval"])
 def test_three_steps_agree_across_backends(task, shapes, tmp_path):
     model_dir = tiny_model(task, str(tmp_path / "init"), seed=1)
     processor = BlipProcessor.from_pretrained(model_dir)
@@ -76,3 +75,4 @@ def test_three_steps_agree_across_backends(task, shapes, tmp_path):
         assert worst <= tol, f"{backend} {task}: max weight difference {worst:.2e}"
         if task == "vqa":      # frozen vision tower: untouched in every backend
             assert all(np.array_equal(w[k], init[k]) for k in init if k.startswith("vision_model."))
+
