@@ -23,6 +23,7 @@ from test_parity_matrix import SUPPORT
 
 require("transformers")
 CUT = 5          # encoder positions masked at the end of the second row
+DECODE = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
 
 
 def _cls(backend, name):
@@ -89,12 +90,11 @@ def test_padded_questions_decode_as_each_question_alone(padded_vqa, backend):
     The forward-pass checks above do not reach the decoding steps."""
     d, inp, _ = padded_vqa
     model = _cls(backend, "BlipForQuestionAnswering").from_pretrained(d)
-    kw = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
     batch = model.generate(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
-                           attention_mask=inp["attention_mask"], **kw)
+                           attention_mask=inp["attention_mask"], **DECODE)
     for i, n in enumerate(inp["attention_mask"].sum(1)):
         alone = model.generate(input_ids=inp["input_ids"][i:i + 1, :n], pixel_values=inp["pixel_values"][i:i + 1],
-                               attention_mask=inp["attention_mask"][i:i + 1, :n], **kw)
+                               attention_mask=inp["attention_mask"][i:i + 1, :n], **DECODE)
         np.testing.assert_array_equal(to_numpy(batch.sequences)[i], to_numpy(alone.sequences)[0])
         assert len(batch.scores) == len(alone.scores) == 5
         for step, (b, a) in enumerate(zip(batch.scores, alone.scores)):
@@ -112,11 +112,10 @@ def test_decoding_gives_padded_question_tokens_no_weight(padded_vqa, backend):
     rounding's worth (the masked positions' weights are exactly zero, as in the forward check above)."""
     d, inp, _ = padded_vqa
     model = _cls(backend, "BlipForQuestionAnswering").from_pretrained(d)
-    kw = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
     other = inp["input_ids"].copy()
     other[inp["attention_mask"] == 0] = 7
     runs = [model.generate(input_ids=ids, pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"],
-                           **kw) for ids in (inp["input_ids"], other)]
+                           **DECODE) for ids in (inp["input_ids"], other)]
     np.testing.assert_array_equal(to_numpy(runs[0].sequences), to_numpy(runs[1].sequences))
     for a, b in zip(runs[0].scores, runs[1].scores):
         a, b = to_numpy(a), to_numpy(b)
