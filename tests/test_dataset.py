@@ -3,9 +3,11 @@
 The acceptance checks of issue 17 are ``test_200_images_3_corrupt_local_and_ray_identical``,
 ``test_sigkill_then_resume_equals_uninterrupted`` and ``test_search_recall_bundled``.
 """
+import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +142,6 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
 
 def _planned_ids(monkeypatch) -> list:
     """The file items each ``run`` in this test plans to process (those ``--resume`` did not skip)."""
-    import importlib
     dataset_run = importlib.import_module("blip_apps.dataset.run")     # the module (the package exports run())
     planned, real = [], dataset_run.plan
 
@@ -185,7 +186,6 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
 
 
 def test_resuming_a_finished_run_processes_nothing(data200, local_caption, tmp_path, monkeypatch):
-    import shutil
     out = str(tmp_path / "finished.parquet")
     shutil.copy(local_caption, out)
     shutil.copy(local_caption.replace(".parquet", ".errors.jsonl"), out.replace(".parquet", ".errors.jsonl"))
@@ -356,9 +356,9 @@ def test_search_recall_bundled(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["id"] == top1[0]
     # More results come best first, each query's top-1 leading them.
     for v, first in zip(vecs[:8], top1):
-        scores = [s for _, s in idx.search_images(v, 5)]
-        assert len(scores) == 5 and scores == sorted(scores, reverse=True)
-        assert idx.search_images(v, 5)[0][0] == first
+        hits = idx.search_images(v, 5)
+        scores = [s for _, s in hits]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True) and hits[0][0] == first
     print(f"search recall@1 on 48 held-out images: {recall:.3f}")
     assert recall >= 0.9, f"recall@1 {recall:.3f} < 0.9 with the bundled retrieval model"
 

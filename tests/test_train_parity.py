@@ -75,4 +75,3 @@ def test_three_steps_agree_across_backends(task, shapes, tmp_path):
         assert worst <= tol, f"{backend} {task}: max weight difference {worst:.2e}"
         if task == "vqa":      # frozen vision tower: untouched in every backend
             assert all(np.array_equal(w[k], init[k]) for k in init if k.startswith("vision_model."))
-
