@@ -432,6 +432,17 @@ class Blip2Config(_Config):
         # Read by transformers, derived here; dropped from extra so they are not duplicated.
         self.extra.pop("use_decoder_only_language_model", None)
         self.extra.pop("is_encoder_decoder", None)
+        self._validate_declared()
+
+    def validate_for(self, architecture: str) -> None:
+        if architecture in ("Blip2Model", "Blip2ForConditionalGeneration") and self.use_decoder_only_language_model:
+            # The projected queries (text_config.hidden_size wide) sit in the OPT's input-embedding rows, which
+            # are word_embed_proj_dim wide; transformers scatters the one into the other element by element.
+            tc = self.text_config
+            _check(tc.word_embed_proj_dim == tc.hidden_size, "text_config.word_embed_proj_dim",
+                   f"{architecture} feeds the query embeddings (text_config.hidden_size={tc.hidden_size}) into the "
+                   f"language model's input embeddings, so word_embed_proj_dim must equal it, "
+                   f"got {tc.word_embed_proj_dim}")
 
     @classmethod
     def from_vision_qformer_text_configs(cls, vision_config, qformer_config, text_config=None,

@@ -135,6 +135,16 @@ def lavis_opt(tmp_path_factory):
     return d, src, lavis
 
 
+def test_full_lavis_conversion_gives_back_the_weights_it_was_written_from(lavis_opt):
+    """The LAVIS file was written from the fixture's weights (k bias zeroed): converting it back gives them,
+    tensor for tensor, the split q_bias / v_bias fused back into [q | 0 | v]."""
+    d, src, _ = lavis_opt
+    want, got = zero_k_bias(state(src)), state(d / "full")
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_partial_lavis_checkpoint_plus_vision_source_matches_the_full_conversion(lavis_opt, tmp_path):
     d, src, lavis = lavis_opt
     with pytest.raises(checkpoint.StateDictMismatchError, match="vision_model.encoder.layers.0"):

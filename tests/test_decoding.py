@@ -144,13 +144,31 @@ CASES = {
                           repetition_penalty=1.2),
     "scores_beam": dict(max_new_tokens=6, eos_token_id=4, num_beams=3, num_return_sequences=2,
                         return_dict_in_generate=True, output_scores=True),
+    # The rows below each hinge on one rule (``test_boundary_cases_are_informative`` checks that transformers'
+    # ids change when the rule is moved): row 1 emits eos 17 exactly when min length allows it, counted in new
+    # tokens or in the whole sequence (prompt of 4); the beams end differently with early_stopping=True, or the
+    # same but after fewer steps (the search stops once every row is done: 8 score steps, not 10), and with
+    # "never" (its heuristic divides by the longest possible length) than with the default.
+    "min_new_boundary": dict(max_new_tokens=12, eos_token_id=17, min_new_tokens=5),
+    "min_length_boundary": dict(max_new_tokens=12, eos_token_id=17, min_length=9),
+    "beam_early_true_decides": dict(max_new_tokens=10, eos_token_id=16, num_beams=2, early_stopping=True),
+    "beam_early_true_stops": dict(max_new_tokens=10, eos_token_id=23, num_beams=2, early_stopping=True,
+                                  return_dict_in_generate=True, output_scores=True),
+    "beam_never_decides": dict(max_new_tokens=10, eos_token_id=22, num_beams=2, length_penalty=2.0,
+                               early_stopping="never"),
 }
+# Each boundary row with the rule it hinges on moved: transformers gives other ids.
+MOVED = {"min_new_boundary": dict(min_new_tokens=6), "min_length_boundary": dict(min_length=10),
+         "beam_early_true_decides": dict(early_stopping=False), "beam_early_true_stops": dict(early_stopping=False),
+         "beam_never_decides": dict(early_stopping=False)}
 
 
 # Every case runs in every engine; the compiled engines (one XLA program per case) run the cases
 # below by default and the rest with -m slow, torch runs them all by default.
 COMPILED_DEFAULT = {"greedy_several_eos", "left_padded", "right_padded", "no_repeat_ngram", "bad_words",
-                    "beam_nrs_length_penalty", "beam_padded_penalties", "scores_beam"}
+                    "beam_nrs_length_penalty", "beam_padded_penalties", "scores_beam", "min_new_boundary",
+                    "min_length_boundary", "beam_early_true_decides", "beam_early_true_stops",
+                    "beam_never_decides"}
 ENGINE_CASES = [pytest.param(b, c, marks=[pytest.mark.slow] if b != "torch" and c not in COMPILED_DEFAULT else [])
                 for b in sorted(ENGINES) for c in sorted(CASES)]
 
@@ -171,6 +189,18 @@ def test_engines_match_transformers(reference, backend, case):
         np.testing.assert_allclose(got["scores"][finite], ref["scores"][finite], rtol=1e-5, atol=1e-5)
     if ref.get("sequences_scores") is not None:
         np.testing.assert_allclose(got["sequences_scores"], ref["sequences_scores"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(MOVED))
+def test_boundary_cases_are_informative(reference, case):
+    kw = dict(CASES[case], pad_token_id=0)
+    mask = np.ones_like(PROMPT)
+    here = _transformers(reference, PROMPT, mask, kw)
+    moved = _transformers(reference, PROMPT, mask, dict(kw, **MOVED[case]))
+    a, b = here["sequences"], moved["sequences"]
+    if kw.get("output_scores"):         # the number of steps taken
+        a, b = here["scores"], moved["scores"]
+    assert a.shape != b.shape or (a != b).any()
 
 
 @pytest.mark.parametrize("backend", sorted(ENGINES))
@@ -228,6 +258,53 @@ def test_processors_match_transformers(backend, sample):
     assert np.isinf(ref).sum() > n            # the chain banned something in every variant
     finite = np.isfinite(ref)
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+
+
+def _process(backend, plan, numbers, scores, seqs, cur):
+    """``decoding.process_scores`` in one backend's array namespace, back as numpy."""
+    from blip_core import to_numpy
+    xp, arr, scalar = _ops(backend)
+    num = {k: arr(x.astype(np.int64) if backend == "torch" and x.dtype.kind == "i" else x) for k, x in numbers.items()}
+    seq_arr = arr(seqs.astype(np.int64 if backend == "torch" else np.int32))
+    return to_numpy(decoding.process_scores(xp, plan, num, arr(scores), seq_arr, scalar(cur)))
+
+
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_min_new_tokens_ends_exactly_at_its_count(backend):
+    """eos is banned while fewer than ``min_new_tokens`` tokens are new, and allowed from then on."""
+    from transformers.generation import logits_process as lp
+    rng = np.random.default_rng(2)
+    n, v, p, min_new, eos = 3, 20, 4, 5, 6
+    scores = rng.normal(size=(n, v)).astype(np.float32)
+    seqs = rng.integers(0, v, size=(n, p + 9))
+    plan, numbers = decoding.make_plan(resolve_generation(p, max_new_tokens=9, min_new_tokens=min_new, eos_token_id=eos), v)
+    for cur in (p + min_new - 1, p + min_new):
+        ref = lp.MinNewTokensLengthLogitsProcessor(p, min_new, eos)(torch.from_numpy(seqs[:, :cur]),
+                                                                    torch.from_numpy(scores)).numpy()
+        np.testing.assert_array_equal(_process(backend, plan, numbers, scores, seqs, cur), ref, err_msg=f"cur={cur}")
+
+
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("top_k", [2, 0])
+def test_beam_sampling_keeps_a_token_beyond_the_eos_ids(reference, backend, top_k):
+    """Beam sampling keeps at least ``1 + len(eos)`` tokens through top-k and top-p (transformers'
+    ``min_tokens_to_keep``); the warpers come from transformers' own ``_get_logits_processor``."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    rng = np.random.default_rng(3)
+    n, v, p, eos = 6, V, 3, [7, 8]
+    scores = (rng.normal(size=(n, v)) * 4).astype(np.float32)
+    seqs = rng.integers(0, v, size=(n, p + 4))
+    kw = dict(do_sample=True, num_beams=3, top_k=top_k, top_p=0.05, temperature=0.7, eos_token_id=eos, pad_token_id=0)
+    gc = GenerationConfig(**kw)
+    reference._prepare_special_tokens(gc, True, device="cpu")
+    chain = reference._get_logits_processor(gc, input_ids_seq_length=p, encoder_input_ids=torch.from_numpy(seqs[:, :p]),
+                                            logits_processor=LogitsProcessorList(), device="cpu")
+    ref = chain(torch.from_numpy(seqs[:, :p]), torch.from_numpy(scores)).numpy()
+    assert (np.isfinite(ref).sum(1) == 3).all()         # the cut leaves exactly min_tokens_to_keep
+    plan, numbers = decoding.make_plan(resolve_generation(p, max_new_tokens=4, **kw), v)
+    ours = _process(backend, plan, numbers, scores, seqs, p)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    np.testing.assert_allclose(ours[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6, atol=1e-6)
 
 
 def test_engines_name_no_model():

@@ -120,3 +120,22 @@ def test_blip_info_gives_one_line_for_hostile_files(model_dir, capsys):
     assert main(["info", str(model_dir)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "JSON object" in err
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
+def test_blip2_over_a_projected_opt_is_refused_by_every_backend(tmp_path, backend):
+    """An OPT whose input embeddings are narrower than its hidden size cannot take BLIP-2's query rows
+    (transformers loads it and scatters the rows element by element); every backend refuses the file and
+    names the field, while the vision tower of the same file (declaring no class) still loads."""
+    import importlib
+    d, _, _ = fixture("Blip2ForConditionalGeneration")
+    out = tmp_path / "m"
+    shutil.copytree(d, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"]["word_embed_proj_dim"] = cfg["text_config"]["hidden_size"] // 2
+    cfg.pop("architectures", None)        # the class asked for decides, not the one the file declares
+    (out / "config.json").write_text(json.dumps(cfg))
+    module = importlib.import_module(f"backends.{backend}")
+    with pytest.raises(ValueError, match="text_config.word_embed_proj_dim"):
+        module.Blip2ForConditionalGeneration.from_pretrained(str(out))
+    assert module.Blip2VisionModel.from_pretrained(str(out)) is not None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from blip_core import to_numpy
-from fixture_utils import fixture
+from fixture_utils import fixture, require
 
 NAME = "BlipForConditionalGeneration"
 
@@ -118,6 +118,22 @@ def test_one_position_rule_in_every_backend(models, inputs):
             models[b].generate(pixel_values=px, input_ids=ids, max_new_tokens=4)
     # The compiled programs went into the bounded caches.
     assert len(models["tf"]._compiled) >= 1 and any(len(v) for v in jbase._VARIANTS.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_length_stops_at_the_position_table(models, inputs, backend):
+    """With no length option a long prompt gets 20 new tokens cut to what the position table holds, not a
+    refusal: the ids are transformers' (which caps ``max_length`` at ``max_position_embeddings`` the same way)."""
+    torch = require("torch")
+    transformers = require("transformers")
+    px, tc = inputs
+    limit = tc["max_position_embeddings"]
+    ids = np.random.RandomState(2).randint(1, 90, (1, limit - 10))      # prompt = ids[:, :-1]: 20 new would not fit
+    hf = transformers.BlipForConditionalGeneration.from_pretrained(fixture(NAME)[0]).eval()
+    with torch.no_grad():
+        want = hf.generate(pixel_values=torch.from_numpy(px), input_ids=torch.from_numpy(ids)).numpy()
+    assert want.shape[1] <= limit
+    assert to_numpy(models[backend].generate(pixel_values=px, input_ids=ids)).tolist() == want.tolist()
 
 
 def test_empty_batch_has_one_shape_everywhere(models, inputs):

@@ -36,6 +36,7 @@ T5_FLAN = dict(T5_TEXT, dense_act_fn="gelu", relative_attention_num_buckets=8, r
 CASES = {
     "t5_placeholders": dict(text=T5_FLAN, image_token_index=IMG, **SMALL),
     "opt_concat": dict(text=OPT_TEXT, **SMALL),
+    "opt_post_ln": dict(text=dict(OPT_TEXT, do_layer_norm_before=False), image_token_index=IMG, **SMALL),
 }
 
 

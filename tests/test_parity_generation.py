@@ -7,7 +7,8 @@ the same checkpoint. The transformers column is also checked against the committ
 stale fixture shows as a failure of its own.
 
 Rows:
-- captioning greedy and beam (committed goldens), and beam search with an eos that the model emits
+- captioning greedy and beam (committed goldens), greedy from right-padded prompts given without a mask
+  (transformers infers it from the pad tokens), and beam search with an eos that the model emits
   early and ``length_penalty=3.0`` (transformers ranks finished hypotheses by score / length ** 3;
   with the default penalty it picks other ids, so an engine that ignores the penalty fails here);
 - VQA greedy (committed golden) and VQA greedy and beam over a right-padded question batch. transformers
@@ -53,6 +54,7 @@ CASES = {
     "caption-beam-length-penalty": Case(CAPTIONER, CAPTIONER, ("pixel_values",),
                                         dict(max_new_tokens=6, num_beams=3, length_penalty=3.0),
                                         config={"sep_token_id": 45}),
+    "caption-prompt-inferred-mask": Case(CAPTIONER, CAPTIONER, ("pixel_values", "input_ids"), dict(max_new_tokens=5)),
     "vqa-greedy": Case(VQA, VQA, ("pixel_values", "input_ids"), dict(max_new_tokens=5), golden="greedy_ids"),
     "vqa-padded-greedy": Case(VQA, VQA, ("pixel_values", "input_ids", "attention_mask"), dict(max_new_tokens=5),
                               pad_question=True),
@@ -173,6 +175,16 @@ def test_length_penalty_row_is_informative(runs):
                  config={"sep_token_id": 45})
     default = runs.generate("transformers", plain, runs.inputs(plain))
     assert default.tolist() != runs.want("caption-beam-length-penalty").tolist()
+
+
+def test_inferred_mask_row_is_informative(runs):
+    """The captioning prompts' second row ends in pad tokens and no mask is given: transformers masks them
+    out (pad is no eos); attending to them gives other ids, so an engine that skips the rule fails the row."""
+    case = CASES["caption-prompt-inferred-mask"]
+    inputs = runs.inputs(case)
+    assert (inputs["input_ids"][1, -2:] == 0).all()
+    attended = runs.generate("transformers", case, dict(inputs, attention_mask=np.ones_like(inputs["input_ids"])))
+    assert attended.tolist() != runs.want("caption-prompt-inferred-mask").tolist()
 
 
 @pytest.mark.parametrize("backend", SUPPORT[CAPTIONER])

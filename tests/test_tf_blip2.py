@@ -40,6 +40,7 @@ CASES = {
     "opt_placeholders": dict(text=OPT_TEXT, image_token_index=IMG),
     "opt_concat": dict(text=OPT_TEXT),
     "opt_wide": dict(text=OPT_TEXT, image_token_index=IMG, **WIDE),
+    "opt_post_ln": dict(text=dict(OPT_TEXT, do_layer_norm_before=False), image_token_index=IMG),
     "t5_placeholders": dict(text=T5_GELU, image_token_index=IMG),
     "t5_tied_relu_concat": dict(text=T5_TIED_RELU),
     "flan_t5_exact_gelu": dict(text=dict(T5_GELU, dense_act_fn="gelu"), image_token_index=IMG),

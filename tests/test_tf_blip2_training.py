@@ -26,7 +26,7 @@ GRAD_PARAMS = ["query_tokens", "qformer.layernorm.weight", "language_projection.
                "vision_model.post_layernorm.weight", "vision_model.embeddings.patch_embedding.weight"]
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", "t5_placeholders"])
+@pytest.mark.parametrize("case", ["opt_placeholders", "opt_post_ln", "t5_placeholders", "t5_tied_relu_concat"])
 def test_loss_gradients_match_torch(pair, case):
     cfg = CASES[case]
     _, me, path = pair("Blip2ForConditionalGeneration", std=0.2, **cfg)
@@ -35,8 +35,10 @@ def test_loss_gradients_match_torch(pair, case):
     _, _, ids, mask = _case_inputs(cfg, seed=16)
     if _is_t5(cfg):
         labels = np.random.default_rng(17).integers(0, 99, (2, 4))
-        lm_params = ["language_model.shared.weight", "language_model.lm_head.weight",
+        lm_params = ["language_model.shared.weight",
                      "language_model.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        if not cfg["text"].get("tie_word_embeddings"):     # tied: the head is the shared table (its gradient)
+            lm_params.append("language_model.lm_head.weight")
     else:
         labels = np.where(mask[:, Q:] == 1, ids[:, Q:], -100)
         lm_params = ["language_model.model.decoder.embed_tokens.weight",

@@ -94,8 +94,11 @@ def test_inferred_mask_from_pad_tokens(lm):
     mask = torch.from_numpy(decoding.infer_prompt_mask(ids.numpy(), resolve_generation(5, eos_token_id=EOS,
                                                                                          pad_token_id=PAD)))
     assert mask[1, :2].tolist() == [0, 0] and int(mask.sum()) == ids.numel() - 2
-    np.testing.assert_array_equal(_ours(lm, ids, max_new_tokens=6).numpy(),
-                                  _ref(lm, ids, mask, max_new_tokens=6).numpy())
+    # transformers is given no mask either: it infers its own from the pad tokens
+    theirs = lm.generate(input_ids=ids, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=6)
+    np.testing.assert_array_equal(_ours(lm, ids, max_new_tokens=6).numpy(), theirs.numpy())
+    # and the inferred mask decides: with every token attended, transformers answers otherwise
+    assert not np.array_equal(theirs.numpy(), _ref(lm, ids, torch.ones_like(ids), max_new_tokens=6).numpy())
 
 
 SAMPLING = [dict(temperature=0.7, top_k=10), dict(top_p=0.8), dict(num_return_sequences=3, top_k=0),

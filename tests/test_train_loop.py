@@ -2,6 +2,7 @@
 ends with the same weights as an uninterrupted one (a ``blip train`` process really killed with
 SIGKILL in torch; stopped in-process in tf and jax), and ``blip train`` / ``blip synthetic`` work."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,11 +12,14 @@ import time
 import numpy as np
 import pytest
 from fixture_utils import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from blip_apps import synthetic
 from blip_apps.cli import main
 from blip_apps.train import TrainConfig, train
+from blip_apps.train.loop import learning_rate
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,28 @@ def _same_weights(dir_a, dir_b):
     assert set(a) == set(b)
     for k in a:
         assert np.array_equal(a[k], b[k]), k                      # bit for bit
+
+
+def test_learning_rate_schedule_by_hand():
+    """Linear warm-up reaching the peak on its last step, then a half cosine to 0 over the remaining steps
+    (steps=6, warmup=2: cosine at progress 0, 1/4, 2/4, 3/4)."""
+    cfg = TrainConfig(steps=6, warmup=2, lr=1.0)
+    want = [0.5, 1.0, 1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 + 0.5 * math.cos(3 * math.pi / 4)]
+    np.testing.assert_allclose([learning_rate(s, cfg) for s in range(6)], want, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(warmup=st.integers(1, 40), extra=st.integers(0, 40), lr=st.floats(1e-6, 1.0))
+def test_learning_rate_warm_up_properties(warmup, extra, lr):
+    """No step trains at rate 0 during warm-up; the peak comes on the warm-up's last step; the rate rises
+    through the warm-up and never rises after it."""
+    cfg = TrainConfig(steps=warmup + extra, warmup=warmup, lr=lr)
+    rates = [learning_rate(s, cfg) for s in range(cfg.steps)]
+    assert rates[0] == pytest.approx(lr / warmup, rel=1e-12)
+    assert rates[warmup - 1] == pytest.approx(lr, rel=1e-12)
+    assert all(a < b for a, b in zip(rates[:warmup - 1], rates[1:warmup]))
+    ulp = 4 * math.ulp(lr)         # lr * warmup / warmup may round one ulp below the cosine's lr * 1.0
+    assert all(a >= b - ulp for a, b in zip(rates[warmup - 1:], rates[warmup:]))
 
 
 KILL_STEPS, KILL_AFTER = 40, 3     # steps of the run; the checkpoint after which it is killed

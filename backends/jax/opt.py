@@ -130,12 +130,10 @@ class OPTDecoder(nn.Module):
         c = self.config
         if not c.layer_norm_elementwise_affine:
             raise ValueError("the JAX OPT supports layer_norm_elementwise_affine=True only (every OPT checkpoint)")
-        d, e = c.hidden_size, c.word_embed_proj_dim
-        self.embed_tokens = Embedding(c.vocab_size, e)
-        self.embed_positions = Embedding(c.max_position_embeddings + 2, d)
-        if e != d:
-            self.project_out = nn.Dense(e, use_bias=False)
-            self.project_in = nn.Dense(d, use_bias=False)
+        if c.word_embed_proj_dim != c.hidden_size:    # refused by the config for every BLIP-2 class with an LM
+            raise ValueError("the JAX OPT supports word_embed_proj_dim == hidden_size only (BLIP-2's requirement)")
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
+        self.embed_positions = Embedding(c.max_position_embeddings + 2, c.hidden_size)
         if c.do_layer_norm_before and not c._remove_final_layer_norm:
             self.final_layer_norm = LayerNorm(1e-5)
         self.layers = [OPTDecoderLayer(c) for _ in range(c.num_hidden_layers)]
@@ -144,8 +142,7 @@ class OPTDecoder(nn.Module):
         """Returns ``(last_hidden_state, hidden_states, new_cache, attentions)``."""
         c = self.config
         s = embeds.shape[1]
-        x = self.project_in(embeds) if c.word_embed_proj_dim != c.hidden_size else embeds
-        h = x + self.embed_positions(positions(key_mask, start, s, pad_position) + 2).astype(x.dtype)
+        h = embeds + self.embed_positions(positions(key_mask, start, s, pad_position) + 2).astype(embeds.dtype)
         bias = causal_bias(key_mask, start, s, h.dtype)
         hidden, new_cache, attentions = [], [], []
         for i, layer in enumerate(self.layers):
@@ -155,8 +152,6 @@ class OPTDecoder(nn.Module):
             attentions.append(probs)
         if c.do_layer_norm_before and not c._remove_final_layer_norm:
             h = self.final_layer_norm(h)
-        if c.word_embed_proj_dim != c.hidden_size:
-            h = self.project_out(h)
         hidden.append(h)
         return h, tuple(hidden), (tuple(new_cache) if cache is not None else None), tuple(attentions)
 

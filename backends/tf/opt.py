@@ -115,9 +115,8 @@ class OPTForCausalLM(tf.Module):
         self.cfg = cfg
         self.embed_tokens = params[f"{m}/embed_tokens/embeddings"]
         self.embed_positions = params[f"{m}/embed_positions/embeddings"]
-        proj = cfg.word_embed_proj_dim != cfg.hidden_size
-        self.project_in = Dense(params, f"{m}/project_in", bias=False) if proj else None
-        self.project_out = Dense(params, f"{m}/project_out", bias=False) if proj else None
+        if cfg.word_embed_proj_dim != cfg.hidden_size:    # refused by the config for every BLIP-2 class with an LM
+            raise ValueError("the TF OPT supports word_embed_proj_dim == hidden_size only (BLIP-2's requirement)")
         self.final_layer_norm = (layer_norm(params, f"{m}/final_layer_norm")
                                  if cfg.do_layer_norm_before and not cfg._remove_final_layer_norm else None)
         self.layers = [OPTDecoderLayer(params, f"{m}/layers_{i}", cfg) for i in range(cfg.num_hidden_layers)]
@@ -151,8 +150,7 @@ class OPTForCausalLM(tf.Module):
         positions = mask_positions(key_mask, slots, pad_position)
         if self.cfg.max_position_embeddings and tf.get_static_value(positions) is not None:
             check_opt_position(int(tf.reduce_max(positions)), self.cfg.max_position_embeddings)
-        x = embeds if self.project_in is None else self.project_in(embeds)
-        h = x + tf.cast(tf.gather(self.embed_positions, positions + 2), x.dtype)
+        h = embeds + tf.cast(tf.gather(self.embed_positions, positions + 2), embeds.dtype)
         bias = causal_bias(key_mask, slots, h.dtype)
         kvs = []
         for i, layer in enumerate(self.layers):
@@ -162,8 +160,6 @@ class OPTForCausalLM(tf.Module):
             kvs.append(kv)
         if self.final_layer_norm is not None:
             h = self.final_layer_norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)
         if rec is not None:
             rec.add_hidden(h)
         return h, tuple(kvs)
