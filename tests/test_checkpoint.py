@@ -429,6 +429,26 @@ def test_bin_storage_size_checked_and_legacy_refused(tmp_path):
         load_torch_state_dict(tmp_path / "legacy.bin")
 
 
+@pytest.mark.parametrize("geometry, last", [
+    (b"K\x00K\x06\x85q\x08K\x01\x85", 5),      # 6 elements of a 4-element storage
+    (b"K\x02K\x04\x85q\x08K\x01\x85", 5),      # 4 elements from offset 2
+    (b"K\x00K\x03\x85q\x08K\x02\x85", 4),      # 3 elements, stride 2: a strided view past the end
+])
+def test_bin_tensor_reaching_past_its_storage_is_refused(tmp_path, geometry, last):
+    """A pickle whose tensor geometry (offset, size, stride) reaches beyond its storage is refused, naming
+    the element: a strided view would otherwise read memory after the storage's buffer."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.bin")
+    with zipfile.ZipFile(tmp_path / "ok.bin") as src, zipfile.ZipFile(tmp_path / "bad.bin", "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("data.pkl"):
+                assert data.count(b"K\x00K\x04\x85q\x08K\x01\x85") == 1       # offset 0, size (4,), stride (1,)
+                data = data.replace(b"K\x00K\x04\x85q\x08K\x01\x85", geometry)
+            dst.writestr(name, data)
+    with pytest.raises(CheckpointError, match=f"bad.bin: tensor .* reaches element {last} of storage 0 which holds only 4"):
+        load_torch_state_dict(tmp_path / "bad.bin")
+
+
 # ----------------------------------------------------------------------------- strict checking
 
 TABLE = {s.name: s for s in [

@@ -40,6 +40,25 @@ def test_integer_or_bool_weights_are_refused_in_every_backend(text_dir, backend,
     assert info.value.wrong_dtype == [(name, np.dtype(dtype).name)]
 
 
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+def test_sharded_index_that_misplaces_a_tensor_is_refused_in_every_backend(text_dir, backend):
+    """An index that lists a tensor under another shard than the one holding it is refused by name: the
+    index is what a reader trusts to find a tensor, so the two must agree."""
+    state = checkpoint.load_state_dict(str(text_dir))
+    (text_dir / "model.safetensors").unlink()
+    checkpoint.save_state_dict(str(text_dir), state, max_shard_size=sum(a.nbytes for a in state.values()) // 2)
+    index_path = text_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    name = next(k for k, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"index and shards disagree: {name} \\(listed in {shards[1]}, found in "
+                                              f"{shards[0]}\\)"):
+        BACKEND_CLASSES[backend]().from_pretrained(str(text_dir))
+
+
 def _header_file(path, shape, dtype="F32", data=b""):
     header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, len(data)]}}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + data)

@@ -62,6 +62,30 @@ def test_exif_orientation_is_an_option():
     assert "apply_exif_orientation" not in PROC.to_dict()
 
 
+# EXIF orientation tag -> the transpose that shows the picture upright (the EXIF 2.3 table)
+_UPRIGHT = {2: PIL.Image.Transpose.FLIP_LEFT_RIGHT, 3: PIL.Image.Transpose.ROTATE_180,
+            4: PIL.Image.Transpose.FLIP_TOP_BOTTOM, 5: PIL.Image.Transpose.TRANSPOSE,
+            6: PIL.Image.Transpose.ROTATE_270, 7: PIL.Image.Transpose.TRANSVERSE, 8: PIL.Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("tag", sorted(_UPRIGHT))
+def test_every_exif_orientation_from_a_saved_processor(tmp_path, tag):
+    """A processor saved with ``apply_exif_orientation=True`` and read back turns each of the seven tagged
+    orientations upright (one white quadrant of a 8x16 picture tells all eight apart)."""
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    rgb[:4, :8] = 255
+    image = PIL.Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = tag
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", exif=exif)
+    BlipImageProcessor(size={"height": 16, "width": 16}, apply_exif_orientation=True).save_pretrained(tmp_path)
+    proc = BlipImageProcessor.from_pretrained(tmp_path)
+    got = proc(PIL.Image.open(io.BytesIO(buf.getvalue())), return_tensors="np")["pixel_values"]
+    assert np.array_equal(got, _pixels(image.transpose(_UPRIGHT[tag])))
+    assert not np.array_equal(got, _pixels(image))
+
+
 @settings(max_examples=30, deadline=None)
 @given(h=st.integers(1, 12), w=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_any_pil_image_gives_finite_pixels_of_the_configured_size(h, w, seed):

@@ -38,6 +38,26 @@ def test_int8_captions_agree_with_float32_on_the_whole_heldout_split():
     assert _agreement(200) >= INT8_AGREEMENT[200]
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_weights_use_the_whole_symmetric_range_per_output_channel(bias):
+    """The packed weights are ``round(w / s)`` with ``s = max |w| / 127`` per output row (zero point 0): every
+    row reaches +-127, so no bit of the eight is wasted and nothing is clipped."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    q = Int8Linear.from_linear(lin)
+    with torch.no_grad():
+        q(torch.randn(3, 64))                         # packs on first use
+    w_q, b = torch.ops.quantized.linear_unpack(q._packed)
+    w = lin.weight.detach()
+    scale = w.abs().amax(dim=1) / 127.0
+    np.testing.assert_allclose(w_q.q_per_channel_scales().numpy(), scale.numpy(), rtol=1e-6)
+    assert not w_q.q_per_channel_zero_points().any()
+    ints = w_q.int_repr().to(torch.int32)
+    assert (ints.abs().amax(dim=1) == 127).all()
+    assert (ints - torch.round(w / scale[:, None]).to(torch.int32)).abs().max() <= 1     # ties may round either way
+    assert (b is None) == (not bias)
+
+
 def test_int8_model_keeps_its_weights_ties_and_files(tmp_path):
     path, inputs, ref = fixture("BlipForConditionalGeneration")
     f32 = bt.BlipForConditionalGeneration.from_pretrained(path)
