@@ -105,6 +105,17 @@ def test_sources_every_kind(tmp_path):
         ("1.png", "one", False), ("2.png", "two", False)]
     assert read([str(tmp_path / "shard-000.tar")])[0] == [("shard-000.tar/k1", "text k1", True),
                                                           ("shard-000.tar/k2", "text k2", False)]
+    # WebDataset members of several text kinds: the text column picks one; a key without an image is an error row
+    with tarfile.open(tmp_path / "shard-001.tar", "w") as tar:
+        for name, payload in (("k3.png", imgs[0]), ("k3.question", b"what?"), ("k3.txt", b"plain"),
+                              ("k4.txt", b"no picture")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    units, _ = sources.plan([str(tmp_path / "shard-001.tar")], text_column="question")
+    recs = [r for u in units for r in sources.read_unit(u)]
+    assert [(r["id"], r["text"], r["error"]) for r in recs] == [
+        ("shard-001.tar/k3", "what?", None), ("shard-001.tar/k4", None, "no image member for this key")]
     ids, total = read([str(tmp_path)])
     assert [i for i, _, _ in ids] == ["0.png", "1.png", "2.png"] and total == 3
     assert [i for i, _, _ in read([str(tmp_path)], skip={"1.png"})[0]] == ["0.png", "2.png"]
@@ -112,6 +123,24 @@ def test_sources_every_kind(tmp_path):
         sources.plan([str(tmp_path / "missing*.png")])
     with pytest.raises(sources.SourceError, match="needs Parquet"):
         sources.plan([str(tmp_path / "t.csv")], bytes_column="img")
+
+
+def test_tar_shard_through_a_command(tmp_path, capsys):
+    """A WebDataset shard given to ``blip vqa --text-column question``: the question member is asked (not the
+    other text kinds beside it), and a key without an image is an error line, not a silent gap."""
+    scenes = synthetic.rows(2, 5, "test")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, payload in (("a.png", _png(scenes[0][0])), ("a.question", b"what shape is it?"),
+                              ("a.txt", b"a caption, not a question"), ("b.txt", b"no picture")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    out = str(tmp_path / "answers.jsonl")
+    assert main(["vqa", str(tmp_path / "shard.tar"), "--text-column", "question", "--out", out, "--no-progress"]) == 1
+    rows = list(read_rows(out))
+    assert [(r["id"], r["question"]) for r in rows] == [("shard.tar/a", "what shape is it?")]
+    errors = [json.loads(line) for line in _text(out.replace(".jsonl", ".errors.jsonl")).splitlines()]
+    assert [(e["id"], e["error"]) for e in errors] == [("shard.tar/b", "no image member for this key")]
 
 
 def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path, capsys):
@@ -222,31 +251,66 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert "'embed' needs a BlipForImageTextRetrieval checkpoint" in capsys.readouterr().err
 
 
-def test_embed_vqa_match_agree_with_the_single_image_commands(tmp_path, capsys):
-    rows = synthetic.rows(5, 11, "test")
-    for scene, row in rows:
-        (tmp_path / row["file_name"]).write_bytes(_png(scene))
-    pq.write_table(pa.table({"file": [r["file_name"] for _, r in rows], "caption": [r["text"] for _, r in rows],
-                             "question": [r["question"] for _, r in rows]}), tmp_path / "meta.parquet")
-    table = str(tmp_path / "meta.parquet")
-    opts = ["--path-column", "file", "--no-progress", "--batch-size", "4"]
+@pytest.fixture(scope="module")
+def five(tmp_path_factory):
+    """5 synthetic images and a Parquet table of their files, captions and questions; the commands' options
+    (batches of 3: the second holds 2 items and a copy of the last, whose result must not land on a real row)."""
+    d = tmp_path_factory.mktemp("five")
+    rows = [r for _, r in synthetic.rows(5, 11, "test")]
+    for scene, row in synthetic.rows(5, 11, "test"):
+        (d / row["file_name"]).write_bytes(_png(scene))
+    pq.write_table(pa.table({"file": [r["file_name"] for r in rows], "caption": [r["text"] for r in rows],
+                             "question": [r["question"] for r in rows]}), d / "meta.parquet")
+    opts = ["--path-column", "file", "--no-progress", "--batch-size", "3"]
+    return d, rows, str(d / "meta.parquet"), [str(d / r["file_name"]) for r in rows], opts
 
+
+def _single(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_vqa_rows_agree_with_the_single_image_command(five, tmp_path, capsys):
+    _, rows, table, files, opts = five
     assert main(["vqa", table, "--text-column", "question", "--out", str(tmp_path / "vqa.jsonl"), *opts]) == 0
     vqa = list(read_rows(str(tmp_path / "vqa.jsonl")))
-    capsys.readouterr()
-    assert main(["vqa", str(tmp_path / rows[0][1]["file_name"]), rows[0][1]["question"]]) == 0
-    assert capsys.readouterr().out.strip() == vqa[0]["answer"] and vqa[0]["question"] == rows[0][1]["question"]
+    assert [v["question"] for v in vqa] == [r["question"] for r in rows]
+    for v, f, r in zip(vqa, files, rows):
+        assert _single(capsys, ["vqa", f, r["question"]]).strip() == v["answer"], f
 
-    texts = ["a small red circle on the left", "a large blue square at the top"]
-    assert main(["match", table, *texts, "--out", str(tmp_path / "m.jsonl"), *opts]) == 0
+
+@pytest.mark.parametrize("texts", ["given", "per_item"])
+def test_match_rows_agree_with_the_single_image_command(five, tmp_path, capsys, texts):
+    """Texts given once for every image, or each image's own from a column."""
+    _, rows, table, files, opts = five
+    given = ["a small red circle on the left", "a large blue square at the top"]
+    args = given if texts == "given" else ["--text-column", "caption"]
+    assert main(["match", table, *args, "--out", str(tmp_path / "m.jsonl"), *opts]) == 0
     match = list(read_rows(str(tmp_path / "m.jsonl")))
-    capsys.readouterr()
-    assert main(["match", str(tmp_path / rows[1][1]["file_name"]), *texts, "--json"]) == 0
-    single = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert match[1]["texts"] == texts
-    np.testing.assert_allclose(match[1]["itm_probability"], [s["itm_probability"] for s in single], atol=1e-6)
-    np.testing.assert_allclose(match[1]["itc_score"], [s["itc_score"] for s in single], atol=1e-6)
+    for m, f, r in zip(match, files, rows):
+        want = given if texts == "given" else [r["text"]]
+        single = [json.loads(x) for x in _single(capsys, ["match", f, *want, "--json"]).splitlines()]
+        assert m["texts"] == want
+        np.testing.assert_allclose(m["itm_probability"], [s["itm_probability"] for s in single], atol=1e-6)
+        np.testing.assert_allclose(m["itc_score"], [s["itc_score"] for s in single], atol=1e-6)
+    assert len({tuple(np.round(m["itm_probability"], 4)) for m in match}) > 1     # the rows tell images apart
 
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prompted_captions_agree_with_the_single_image_command(five, tmp_path, capsys, beams):
+    _, _, table, files, opts = five
+    prompt = "a large red"          # words of the bundled vocabulary (others decode as [UNK], dropped)
+    beam = ["--num-beams", str(beams)]
+    assert main(["caption", table, "--prompt", prompt, *beam, "--out", str(tmp_path / "c.jsonl"), *opts]) == 0
+    captions = [c["caption"] for c in read_rows(str(tmp_path / "c.jsonl"))]
+    single = _single(capsys, ["caption", *files, "--prompt", prompt, *beam, "--json"])
+    assert captions == [json.loads(x)["caption"] for x in single.splitlines()]
+    assert all(c.startswith(prompt) for c in captions), captions
+
+
+def test_embeddings_cosines_are_the_models_itc_scores(five, tmp_path):
+    d, rows, table, _, opts = five
     assert main(["embed", table, "--text-column", "caption", "--out", str(tmp_path / "e.parquet"), *opts]) == 0
     emb = pq.read_table(str(tmp_path / "e.parquet"))
     assert emb.schema.field("image_embedding").type == pa.list_(pa.float32(), 32)
@@ -258,7 +322,7 @@ def test_embed_vqa_match_agree_with_the_single_image_commands(tmp_path, capsys):
     from blip_core.processing import BlipProcessor
     model = bt.BlipForImageTextRetrieval.from_pretrained(RETRIEVAL)
     proc = BlipProcessor.from_pretrained(RETRIEVAL)
-    enc = proc(images=[_image(tmp_path / r["file_name"]) for _, r in rows], text=[r["text"] for _, r in rows],
+    enc = proc(images=[_image(d / r["file_name"]) for r in rows], text=[r["text"] for r in rows],
                padding=True, return_tensors="np")
     itc = to_numpy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                          pixel_values=enc["pixel_values"], use_itm_head=False).itm_score)
