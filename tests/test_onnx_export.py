@@ -76,28 +76,39 @@ def test_caption_ids(caption, options):
     _same_ids(runner.generate(px, **options), model.generate(pixel_values=px, **options))
 
 
-def test_caption_padded_prompt_ids(caption):
+@pytest.mark.parametrize("options", GENERATE[:2], ids=["greedy", "beam3"])
+def test_caption_padded_prompt_ids(caption, options):
+    """Padded prompt positions hold a real token (7), not pad: only the mask given says they are padding."""
     model, runner = caption
     _, inp, _ = fixture("BlipForConditionalGeneration")
     ids, mask = inp["input_ids"].copy(), inp["attention_mask"].copy()
     mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    for options in GENERATE[:2]:
-        _same_ids(runner.generate(inp["pixel_values"], input_ids=ids, attention_mask=mask, **options),
-                  model.generate(pixel_values=inp["pixel_values"], input_ids=ids, attention_mask=mask, **options))
+    ids[1, -3:] = 7
+    _same_ids(runner.generate(inp["pixel_values"], input_ids=ids, attention_mask=mask, **options),
+              model.generate(pixel_values=inp["pixel_values"], input_ids=ids, attention_mask=mask, **options))
 
 
-def test_vqa_stages_and_ids(tmp_path_factory):
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
     model, runner = _bundle(tmp_path_factory, "BlipForQuestionAnswering")
     _, inp, _ = fixture("BlipForQuestionAnswering")
-    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"].copy()
+    mask = inp["attention_mask"].copy()
     mask[0, -2:] = 0                                  # a padded question: the library applies its mask
+    return model, runner, inp["pixel_values"], inp["input_ids"], mask
+
+
+def test_vqa_stages(vqa):
+    model, runner, px, ids, mask = vqa
     st = model.stages(ids, px, mask)
     _close(runner.vision(px)[0], st["vision"])
     _close(runner.question_embeds(ids, px, mask), st["text"])
-    for options in GENERATE:
-        _same_ids(runner.generate(ids, px, mask, **options),
-                  model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, **options))
+
+
+@pytest.mark.parametrize("options", GENERATE, ids=["greedy", "beam3", "beam3_nrs2_penalties"])
+def test_vqa_ids(vqa, options):
+    model, runner, px, ids, mask = vqa
+    _same_ids(runner.generate(ids, px, mask, **options),
+              model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, **options))
 
 
 def test_retrieval_itm_and_itc(tmp_path_factory):
