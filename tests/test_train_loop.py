@@ -42,14 +42,6 @@ def _same_weights(dir_a, dir_b):
         assert np.array_equal(a[k], b[k]), k                      # bit for bit
 
 
-def test_learning_rate_schedule_by_hand():
-    """Linear warm-up reaching the peak on its last step, then a half cosine to 0 over the remaining steps
-    (steps=6, warmup=2: cosine at progress 0, 1/4, 2/4, 3/4)."""
-    cfg = TrainConfig(steps=6, warmup=2, lr=1.0)
-    want = [0.5, 1.0, 1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 + 0.5 * math.cos(3 * math.pi / 4)]
-    np.testing.assert_allclose([learning_rate(s, cfg) for s in range(6)], want, rtol=0, atol=1e-12)
-
-
 @settings(max_examples=60, deadline=None)
 @given(warmup=st.integers(1, 40), extra=st.integers(0, 40), lr=st.floats(1e-6, 1.0))
 def test_learning_rate_warm_up_properties(warmup, extra, lr):

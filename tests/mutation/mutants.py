@@ -247,7 +247,7 @@ MUTANTS = [
            ("tests/test_program_cache.py", "tests/test_tf_program_cache.py")),
     Mutant("train: warm-up starts at rate 0 and peaks a step late", "blip_apps/train/loop.py",
            "return cfg.lr * (step + 1) / cfg.warmup", "return cfg.lr * step / cfg.warmup",
-           ("tests/test_train_loop.py",), "learning_rate"),
+           ("tests/test_train_metrics.py", "tests/test_train_loop.py"), "learning_rate"),
     Mutant("cli: match prints the no-match probability", "blip_apps/cli.py",
            '"itm_probability": _finite(float(itm[i, 1]))', '"itm_probability": _finite(float(itm[i, 0]))',
            ("tests/test_cli_numbers.py",), "match"),
