@@ -429,6 +429,9 @@ def test_bin_storage_size_checked_and_legacy_refused(tmp_path):
         load_torch_state_dict(tmp_path / "legacy.bin")
 
 
+_GEOMETRY = b"K\x00K\x04\x85q\x08K\x01\x85"     # torch.save's pickle of arange(4.0): offset 0, size (4,), stride (1,)
+
+
 @pytest.mark.parametrize("geometry, last", [
     (b"K\x00K\x06\x85q\x08K\x01\x85", 5),      # 6 elements of a 4-element storage
     (b"K\x02K\x04\x85q\x08K\x01\x85", 5),      # 4 elements from offset 2
@@ -442,8 +445,8 @@ def test_bin_tensor_reaching_past_its_storage_is_refused(tmp_path, geometry, las
         for name in src.namelist():
             data = src.read(name)
             if name.endswith("data.pkl"):
-                assert data.count(b"K\x00K\x04\x85q\x08K\x01\x85") == 1       # offset 0, size (4,), stride (1,)
-                data = data.replace(b"K\x00K\x04\x85q\x08K\x01\x85", geometry)
+                assert data.count(_GEOMETRY) == 1
+                data = data.replace(_GEOMETRY, geometry)
             dst.writestr(name, data)
     with pytest.raises(CheckpointError, match=f"bad.bin: tensor .* reaches element {last} of storage 0 which holds only 4"):
         load_torch_state_dict(tmp_path / "bad.bin")

@@ -44,6 +44,15 @@ def _image(path):
         return im.convert("RGB")
 
 
+def _tar(path, members) -> None:
+    """A tar shard of ``(name, bytes)`` members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
 def _png(scene) -> bytes:
     buf = io.BytesIO()
     synthetic.render(scene).save(buf, format="PNG")
@@ -82,12 +91,8 @@ def test_sources_every_kind(tmp_path):
     pq.write_table(pa.table({"key": ["a", "b"], "img": [imgs[0], imgs[1]], "caption": ["x", "y"]}),
                    tmp_path / "t.parquet")
     (tmp_path / "t.csv").write_text("path,caption\n1.png,one\n2.png,two\n")
-    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
-        for key, data in (("k1", imgs[0]), ("k2", imgs[2])):
-            for ext, payload in ((".png", data), (".txt", f"text {key}".encode())):
-                info = tarfile.TarInfo(key + ext)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    _tar(tmp_path / "shard-000.tar", [(key + ext, payload) for key, data in (("k1", imgs[0]), ("k2", imgs[2]))
+                                      for ext, payload in ((".png", data), (".txt", f"text {key}".encode()))])
 
     def read(inputs, **kw):
         units, total = sources.plan(inputs, **kw)
@@ -106,12 +111,8 @@ def test_sources_every_kind(tmp_path):
     assert read([str(tmp_path / "shard-000.tar")])[0] == [("shard-000.tar/k1", "text k1", True),
                                                           ("shard-000.tar/k2", "text k2", False)]
     # WebDataset members of several text kinds: the text column picks one; a key without an image is an error row
-    with tarfile.open(tmp_path / "shard-001.tar", "w") as tar:
-        for name, payload in (("k3.png", imgs[0]), ("k3.question", b"what?"), ("k3.txt", b"plain"),
-                              ("k4.txt", b"no picture")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    _tar(tmp_path / "shard-001.tar", [("k3.png", imgs[0]), ("k3.question", b"what?"), ("k3.txt", b"plain"),
+                                      ("k4.txt", b"no picture")])
     units, _ = sources.plan([str(tmp_path / "shard-001.tar")], text_column="question")
     recs = [r for u in units for r in sources.read_unit(u)]
     assert [(r["id"], r["text"], r["error"]) for r in recs] == [
@@ -129,12 +130,8 @@ def test_tar_shard_through_a_command(tmp_path, capsys):
     """A WebDataset shard given to ``blip vqa --text-column question``: the question member is asked (not the
     other text kinds beside it), and a key without an image is an error line, not a silent gap."""
     scenes = synthetic.rows(2, 5, "test")
-    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
-        for name, payload in (("a.png", _png(scenes[0][0])), ("a.question", b"what shape is it?"),
-                              ("a.txt", b"a caption, not a question"), ("b.txt", b"no picture")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    _tar(tmp_path / "shard.tar", [("a.png", _png(scenes[0][0])), ("a.question", b"what shape is it?"),
+                                  ("a.txt", b"a caption, not a question"), ("b.txt", b"no picture")])
     out = str(tmp_path / "answers.jsonl")
     assert main(["vqa", str(tmp_path / "shard.tar"), "--text-column", "question", "--out", out, "--no-progress"]) == 1
     rows = list(read_rows(out))
@@ -256,8 +253,9 @@ def five(tmp_path_factory):
     """5 synthetic images and a Parquet table of their files, captions and questions; the commands' options
     (batches of 3: the second holds 2 items and a copy of the last, whose result must not land on a real row)."""
     d = tmp_path_factory.mktemp("five")
-    rows = [r for _, r in synthetic.rows(5, 11, "test")]
-    for scene, row in synthetic.rows(5, 11, "test"):
+    scenes = synthetic.rows(5, 11, "test")
+    rows = [r for _, r in scenes]
+    for scene, row in scenes:
         (d / row["file_name"]).write_bytes(_png(scene))
     pq.write_table(pa.table({"file": [r["file_name"] for r in rows], "caption": [r["text"] for r in rows],
                              "question": [r["question"] for r in rows]}), d / "meta.parquet")

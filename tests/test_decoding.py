@@ -228,13 +228,20 @@ def _ops(backend):
     return TFOps, tf.constant, lambda c: tf.constant(c, tf.int32)
 
 
+def _process(backend, plan, numbers, scores, seqs, cur):
+    """``decoding.process_scores`` in one backend's array namespace, back as numpy."""
+    from blip_core import to_numpy
+    xp, arr, scalar = _ops(backend)
+    num = {k: arr(x.astype(np.int64) if backend == "torch" and x.dtype.kind == "i" else x) for k, x in numbers.items()}
+    seq_arr = arr(seqs.astype(np.int64 if backend == "torch" else np.int32))
+    return to_numpy(decoding.process_scores(xp, plan, num, arr(scores), seq_arr, scalar(cur)))
+
+
 @pytest.mark.parametrize("backend", sorted(ENGINES))
 @pytest.mark.parametrize("sample", [False, True])
 def test_processors_match_transformers(backend, sample):
     """Repetition penalty, no-repeat n-grams, bad words, min new tokens, temperature, top-k, top-p."""
     from transformers.generation import logits_process as lp
-
-    from blip_core import to_numpy
     rng = np.random.default_rng(1)
     n, v, p, cur, eos = 4, 50, 3, 9, 7
     scores = (rng.normal(size=(n, v)) * 3).astype(np.float32)
@@ -245,10 +252,7 @@ def test_processors_match_transformers(backend, sample):
     if sample:
         kw.update(do_sample=True, temperature=0.7, top_k=9, top_p=0.8)
     plan, numbers = decoding.make_plan(resolve_generation(p, **kw), v)
-    xp, arr, scalar = _ops(backend)
-    num = {k: arr(x.astype(np.int64) if backend == "torch" and x.dtype.kind == "i" else x) for k, x in numbers.items()}
-    seq_arr = arr(seqs.astype(np.int64 if backend == "torch" else np.int32))
-    ours = to_numpy(decoding.process_scores(xp, plan, num, arr(scores), seq_arr, scalar(cur)))
+    ours = _process(backend, plan, numbers, scores, seqs, cur)
     chain = [lp.RepetitionPenaltyLogitsProcessor(1.3), lp.NoRepeatNGramLogitsProcessor(2),
              lp.NoBadWordsLogitsProcessor(bad, eos), lp.MinNewTokensLengthLogitsProcessor(p, 9, eos)]
     if sample:
@@ -258,15 +262,6 @@ def test_processors_match_transformers(backend, sample):
     assert np.isinf(ref).sum() > n            # the chain banned something in every variant
     finite = np.isfinite(ref)
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
-
-
-def _process(backend, plan, numbers, scores, seqs, cur):
-    """``decoding.process_scores`` in one backend's array namespace, back as numpy."""
-    from blip_core import to_numpy
-    xp, arr, scalar = _ops(backend)
-    num = {k: arr(x.astype(np.int64) if backend == "torch" and x.dtype.kind == "i" else x) for k, x in numbers.items()}
-    seq_arr = arr(seqs.astype(np.int64 if backend == "torch" else np.int32))
-    return to_numpy(decoding.process_scores(xp, plan, num, arr(scores), seq_arr, scalar(cur)))
 
 
 @pytest.mark.parametrize("backend", sorted(ENGINES))

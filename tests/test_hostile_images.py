@@ -45,15 +45,20 @@ def test_sixteen_bit_grey_keeps_its_intensities():
     assert not np.array_equal(_pixels(image), _pixels(PIL.Image.new("L", (4, 4), 255)))   # not all white
 
 
+def _tagged(image, orientation):
+    """``image`` saved as a PNG whose EXIF orientation tag is ``orientation``, opened again."""
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", exif=exif)
+    return PIL.Image.open(io.BytesIO(buf.getvalue()))
+
+
 def test_exif_orientation_is_an_option():
     rgb = np.zeros((8, 16, 3), np.uint8)
     rgb[:, :8] = 255                           # left half white
     image = PIL.Image.fromarray(rgb)
-    exif = image.getexif()
-    exif[0x0112] = 3                           # rotate 180 degrees
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", exif=exif)
-    loaded = PIL.Image.open(io.BytesIO(buf.getvalue()))
+    loaded = _tagged(image, 3)                 # rotate 180 degrees
     default = _pixels(loaded)                  # transformers' behaviour: EXIF ignored
     assert np.array_equal(default, _pixels(image))
     turned = _pixels(loaded, apply_exif_orientation=True)
@@ -75,13 +80,9 @@ def test_every_exif_orientation_from_a_saved_processor(tmp_path, tag):
     rgb = np.zeros((8, 16, 3), np.uint8)
     rgb[:4, :8] = 255
     image = PIL.Image.fromarray(rgb)
-    exif = image.getexif()
-    exif[0x0112] = tag
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", exif=exif)
     BlipImageProcessor(size={"height": 16, "width": 16}, apply_exif_orientation=True).save_pretrained(tmp_path)
     proc = BlipImageProcessor.from_pretrained(tmp_path)
-    got = proc(PIL.Image.open(io.BytesIO(buf.getvalue())), return_tensors="np")["pixel_values"]
+    got = proc(_tagged(image, tag), return_tensors="np")["pixel_values"]
     assert np.array_equal(got, _pixels(image.transpose(_UPRIGHT[tag])))
     assert not np.array_equal(got, _pixels(image))
 

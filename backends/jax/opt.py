@@ -4,6 +4,8 @@ Pre-LN (post-LN for ``do_layer_norm_before=False``) decoder, ReLU feed-forward, 
 ``p + 2`` of the table where ``p`` counts the real tokens before (``cumsum(mask) - 1``; padding reads row 1, or
 row 3 in generation as transformers' ``generate``), so left padding does not move real tokens. ``lm_head`` reads ``embed_tokens`` when tied. Param paths are the
 weight table's (``model/decoder/layers_0/self_attn/q_proj/kernel``).
+Token embeddings are ``hidden_size`` wide: the BLIP-2 config refuses an OPT with another
+``word_embed_proj_dim`` (``Blip2Config.validate_for``), so there is no ``project_in`` / ``project_out``.
 
 One function serves the full forward and cached decoding: ``OPTForCausalLM.__call__(embeds, key_mask, start,
 cache)`` runs a chunk of ``s`` tokens that sits at buffer index ``start`` of a fixed-size sequence whose 0/1
@@ -130,8 +132,6 @@ class OPTDecoder(nn.Module):
         c = self.config
         if not c.layer_norm_elementwise_affine:
             raise ValueError("the JAX OPT supports layer_norm_elementwise_affine=True only (every OPT checkpoint)")
-        if c.word_embed_proj_dim != c.hidden_size:    # refused by the config for every BLIP-2 class with an LM
-            raise ValueError("the JAX OPT supports word_embed_proj_dim == hidden_size only (BLIP-2's requirement)")
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.embed_positions = Embedding(c.max_position_embeddings + 2, c.hidden_size)
         if c.do_layer_norm_before and not c._remove_final_layer_norm:

@@ -4,6 +4,8 @@ Pre-LN (or post-LN for ``do_layer_norm_before=False``) decoder; learned position
 ``p + 2`` of the table, with ``p`` counted from the cumulative attention mask so left padding does
 not move real tokens; ReLU (or the configured) FFN; ``lm_head`` is the word-embedding variable itself
 when ``tie_word_embeddings``. Built from the backend's ``Dense`` / ``LayerNorm`` / ``attend`` blocks.
+Token embeddings are ``hidden_size`` wide: the BLIP-2 config refuses an OPT with another
+``word_embed_proj_dim`` (``Blip2Config.validate_for``), so there is no ``project_in`` / ``project_out``.
 
 Cache for generation: one ``(K, V)`` pair per layer, each (rows, heads, slots, head_dim), fixed size
 (``init_cache``); ``run`` writes the keys/values of its tokens at their slots and attends over the
@@ -115,8 +117,6 @@ class OPTForCausalLM(tf.Module):
         self.cfg = cfg
         self.embed_tokens = params[f"{m}/embed_tokens/embeddings"]
         self.embed_positions = params[f"{m}/embed_positions/embeddings"]
-        if cfg.word_embed_proj_dim != cfg.hidden_size:    # refused by the config for every BLIP-2 class with an LM
-            raise ValueError("the TF OPT supports word_embed_proj_dim == hidden_size only (BLIP-2's requirement)")
         self.final_layer_norm = (layer_norm(params, f"{m}/final_layer_norm")
                                  if cfg.do_layer_norm_before and not cfg._remove_final_layer_norm else None)
         self.layers = [OPTDecoderLayer(params, f"{m}/layers_{i}", cfg) for i in range(cfg.num_hidden_layers)]
