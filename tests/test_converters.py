@@ -389,6 +389,99 @@ def test_failure_mid_write_or_in_verification_leaves_no_output(tmp_path, monkeyp
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("to", ["torch", "tf", "jax"])
+def test_a_tensor_written_with_other_bytes_fails_verification(to, tmp_path, monkeypatch):
+    """The writer stores other values than the ones fetched, with the same name, shape and dtype: only
+    the SHA-256 of the re-read tensor can tell, and the destination never appears."""
+    src = fx("BlipVisionModel")
+    real, victim = convert_module.write_target, "post_layernorm.weight"
+
+    def write_altered(target, directory, rows, fetch, *args, **kwargs):
+        def altered(name):
+            arr = fetch(name)
+            if name == victim:
+                arr = arr.copy()
+                arr.reshape(-1)[0] += 1
+            return arr
+        return real(target, directory, rows, altered, *args, **kwargs)
+    monkeypatch.setattr(convert_module, "write_target", write_altered)
+    with pytest.raises(convert_module.ConversionError, match=f"{victim}: checksum differs"):
+        convert(src, tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
+def test_a_tied_row_written_to_safetensors_fails_verification(name, tmp_path, monkeypatch):
+    """PyTorch checkpoints leave tied rows out (as transformers writes them): a writer that stores the
+    LM head beside the word embeddings it is tied to writes a file the check names as unexpected."""
+    src = fx(name)
+    _, table = table_of(src)
+    tied = sorted(n for n, s in table.items() if s.tied_to is not None)[0]
+    owner = table[tied].tied_to
+    real = convert_module.write_target
+
+    def write_tied_too(target, directory, rows, fetch, *args, **kwargs):
+        dtype = next(d for n, _, d in rows if n == owner)
+        rows = rows + [(tied, tuple(table[tied].shape), dtype)]
+        return real(target, directory, rows, lambda n: fetch(owner if n == tied else n), *args, **kwargs)
+    monkeypatch.setattr(convert_module, "write_target", write_tied_too)
+    with pytest.raises(convert_module.ConversionError, match=f"unexpected {tied}"):
+        convert(src, tmp_path / "out", to="torch")
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_position_table_of_another_size_is_a_mismatch_without_image_size(fmt, tmp_path):
+    """A Hugging Face checkpoint is resized only when asked (``image_size=``); unasked, a position table
+    of another grid is a shape mismatch like any other (original .pth files are resized: they come
+    from other resolutions by design)."""
+    src = fx("BlipVisionModel")                  # 32 px, patch 8: 1 + 4x4 positions
+    sd = state(src)
+    sd["embeddings.position_embedding"] = sd["embeddings.position_embedding"][:, :5]    # 1 + 2x2
+    (tmp_path / "bad").mkdir()
+    if fmt == "safetensors":
+        checkpoint.save_state_dict(tmp_path / "bad", sd)
+    else:
+        _torch_save(sd, tmp_path / "bad" / "pytorch_model.bin")
+    (tmp_path / "bad" / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    with pytest.raises(checkpoint.StateDictMismatchError,
+                       match=r"shape mismatch:\n    embeddings.position_embedding: expected \(1, 17, 32\), found \(1, 5, 32\)"):
+        convert(tmp_path / "bad", tmp_path / "out", to="jax", allow_pickle_bin=True)
+    assert not (tmp_path / "out").exists()
+    report = convert(tmp_path / "bad", tmp_path / "out", to="jax", allow_pickle_bin=True, image_size=32)
+    assert any("resized embeddings.position_embedding from (1, 5, 32) to (1, 17, 32)" in n for n in report.notes)
+
+
+def test_float16_through_tf_records_the_dtype_and_round_trips(tmp_path):
+    src = fx("BlipTextModel")
+    convert(src, tmp_path / "tf", to="tf", dtype="float16")
+    with open_tf_weights(tmp_path / "tf") as h5:
+        assert {np.dtype(h5.dtype(k)) for k in h5.keys()} == {np.dtype("float16")}
+    assert load_config(tmp_path / "tf").extra["torch_dtype"] == "float16"
+    back = convert(tmp_path / "tf", tmp_path / "pt", to="torch")
+    assert load_config(back.dst).extra["torch_dtype"] == "float16"
+    assert_same_state(state(back.dst), checkpoint.cast_state_dict(state(src), "float16"))
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_mixed_dtype_safetensors_are_laid_out_as_the_safetensors_library_writes_them(half, tmp_path):
+    """A source whose tensors have two dtypes, kept as they are: the file is byte for byte the one the
+    safetensors library writes for the same tensors (wider dtypes first, then by name)."""
+    import torch
+    from safetensors.torch import save_file
+    src = fx("BlipVisionModel")
+    sd = state(src)
+    names = sorted(sd)
+    mixed = {k: torch.from_numpy(v) if i % 2 else torch.from_numpy(v).to(getattr(torch, half))
+             for i, (k, v) in enumerate((k, sd[k]) for k in names)}
+    (tmp_path / "src").mkdir()
+    save_file(mixed, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "src" / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    convert(tmp_path / "src", tmp_path / "out", to="torch")
+    assert ((tmp_path / "out" / "model.safetensors").read_bytes()
+            == (tmp_path / "src" / "model.safetensors").read_bytes())
+
+
 def test_existing_destination_is_refused_unless_overwrite(tmp_path):
     src = fx("BlipTextModel")
     (tmp_path / "out").mkdir()

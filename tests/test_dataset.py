@@ -180,7 +180,7 @@ def _planned_ids(monkeypatch) -> list:
     return planned
 
 
-def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path, monkeypatch):
+def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_path, monkeypatch, capsys):
     root, good = data200
     out = str(tmp_path / "killed.parquet")
     proc = subprocess.Popen([sys.executable, "-m", "blip_apps.cli", "caption", root, "--out", out, *SETTINGS],
@@ -208,7 +208,9 @@ def test_sigkill_then_resume_equals_uninterrupted(data200, local_caption, tmp_pa
     # Resuming a finished run does nothing; starting again without --overwrite is refused.
     assert main(["caption", root, "--out", out, "--resume", *SETTINGS]) == 1
     assert pq.read_table(out).equals(final)
-    assert main(["caption", root, "--out", out, *SETTINGS]) == 1
+    capsys.readouterr()
+    assert main(["caption", root, "--out", out, *SETTINGS]) == 1 and "use --resume" in capsys.readouterr().err
+    assert pq.read_table(out).equals(final)
 
 
 def test_resuming_a_finished_run_processes_nothing(data200, local_caption, tmp_path, monkeypatch):
@@ -305,6 +307,70 @@ def test_prompted_captions_agree_with_the_single_image_command(five, tmp_path, c
     single = _single(capsys, ["caption", *files, "--prompt", prompt, *beam, "--json"])
     assert captions == [json.loads(x)["caption"] for x in single.splitlines()]
     assert all(c.startswith(prompt) for c in captions), captions
+
+
+def _reversed_listing(five, tmp_path) -> str:
+    """A list file naming the five images in reverse order of their ids."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(reversed(five[3])) + "\n")
+    return str(listing)
+
+
+RESUME = ["--no-progress", "--batch-size", "2", "--part-size", "2"]
+
+
+def test_an_interrupted_run_resumes_with_only_the_rest(five, tmp_path, capsys, monkeypatch):
+    """A run that dies after its first part (the model fails on the second batch), resumed: only the items
+    no part holds are planned, and the output is the uninterrupted run's, sorted by id although the list
+    names the images in reverse. Until it is finished, starting again or resuming with other settings is
+    refused."""
+    listing = _reversed_listing(five, tmp_path)
+    whole = str(tmp_path / "whole.jsonl")
+    assert main(["caption", listing, "--out", whole, *RESUME]) == 0
+    want = list(read_rows(whole))
+    assert len(want) == 5 and [r["id"] for r in want] == sorted(r["id"] for r in want)
+
+    tasks = importlib.import_module("blip_apps.dataset.tasks")
+    real_run, batches = tasks.Worker.run, []
+
+    def dies_on_the_second_batch(self, records):
+        batches.append(len(records))
+        if len(batches) == 2:
+            raise RuntimeError("killed")
+        return real_run(self, records)
+    monkeypatch.setattr(tasks.Worker, "run", dies_on_the_second_batch)
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["caption", listing, "--out", out, *RESUME])
+    monkeypatch.setattr(tasks.Worker, "run", real_run)
+    [part] = [n for n in os.listdir(out + ".parts") if n.startswith("part-")]
+    done = [r["id"] for r in read_rows(os.path.join(out + ".parts", part))]
+    assert len(done) == 2 and not os.path.exists(out)
+
+    capsys.readouterr()
+    assert main(["caption", listing, "--out", out, *RESUME]) == 1
+    assert "unfinished parts" in capsys.readouterr().err
+    assert main(["caption", listing, "--out", out, "--resume", "--max-new-tokens", "5", *RESUME]) == 1
+    assert "other settings (max_new_tokens)" in capsys.readouterr().err
+    planned = _planned_ids(monkeypatch)
+    assert main(["caption", listing, "--out", out, "--resume", *RESUME]) == 0
+    assert sorted(planned) == sorted(set(r["id"] for r in want) - set(done))
+    assert list(read_rows(out)) == want and not os.path.exists(out + ".parts")
+
+
+def test_a_finished_output_is_kept_unless_overwrite(five, tmp_path, capsys, monkeypatch):
+    listing = _reversed_listing(five, tmp_path)
+    out = tmp_path / "o.jsonl"
+    assert main(["caption", listing, "--out", str(out), *RESUME]) == 0
+    before = out.read_bytes()
+    out.write_bytes(before.replace(b'"caption": "', b'"caption": "edited ', 1))   # the user's file, edited
+    edited = out.read_bytes()
+    capsys.readouterr()
+    assert main(["caption", listing, "--out", str(out), *RESUME]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == edited
+    planned = _planned_ids(monkeypatch)
+    assert main(["caption", listing, "--out", str(out), "--overwrite", *RESUME]) == 0
+    assert len(planned) == 5 and out.read_bytes() == before
 
 
 def test_embeddings_cosines_are_the_models_itc_scores(five, tmp_path):

@@ -50,13 +50,14 @@ def test_overlapping_source_and_destination_are_refused(src, tmp_path):
     assert not _partials(tmp_path)
 
 
-def test_integer_weights_are_refused_by_convert(src, tmp_path):
+@pytest.mark.parametrize("dtype,to", [("int32", "tf"), ("bool", "jax")])
+def test_integer_weights_are_refused_by_convert(src, tmp_path, dtype, to):
     state = checkpoint.load_state_dict(src)
     name = sorted(state)[0]
-    state[name] = state[name].astype(np.int32)
+    state[name] = state[name].astype(dtype)
     checkpoint.save_state_dict(src, state)
-    with pytest.raises(checkpoint.StateDictMismatchError, match=f"(?s)non-floating weight.*{name}: int32"):
-        convert(src, str(tmp_path / "out"), to="tf")
+    with pytest.raises(checkpoint.StateDictMismatchError, match=f"(?s)non-floating weight.*{name}: {dtype}"):
+        convert(src, str(tmp_path / "out"), to=to)
     assert not os.path.exists(tmp_path / "out") and not _partials(tmp_path)
 
 
@@ -80,6 +81,30 @@ def test_stale_partials_of_dead_writers_are_removed_live_ones_kept(src, tmp_path
     assert not stale.exists() and os.path.isdir(live)
     shutil.rmtree(live)
     assert remove_stale_partials(dst) == []
+
+
+def test_a_partial_of_another_live_writer_is_kept(src, tmp_path):
+    """Another process writing the same destination owns its partial directory while it lives; once it
+    is dead, the next conversion removes it."""
+    dst = str(tmp_path / "out")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        theirs = tmp_path / f".out.partial-{other.pid}-abc"
+        theirs.mkdir()
+        convert(src, dst, to="torch", progress=False)
+        assert theirs.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+    assert remove_stale_partials(dst) == [str(theirs)] and not theirs.exists()
+
+
+def test_cli_refuses_a_destination_inside_the_source(src, capsys):
+    from converters.cli import main as cli_main
+    before = _digest(src)
+    assert cli_main(["convert", src, os.path.join(src, "tf"), "--to", "tf", "--no-progress"]) == 1
+    assert "overlaps the source" in capsys.readouterr().err
+    assert _digest(src) == before and not _partials(src)
 
 
 def test_crash_between_renames_is_recovered(src, tmp_path):

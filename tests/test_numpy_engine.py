@@ -49,3 +49,49 @@ def test_numpy_top_k_one_sampling_is_greedy():
     sampled = _numpy(ids, mask, resolve_generation(4, max_new_tokens=8, eos_token_id=4, pad_token_id=0,
                                                    do_sample=True, top_k=1, seed=3))
     np.testing.assert_array_equal(sampled["sequences"], greedy["sequences"])
+
+
+LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5], np.float32)
+
+
+def _softmax(x):
+    e = np.exp(np.asarray(x, np.float64) - np.max(x))
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.7, top_k=4), dict(top_p=0.8, top_k=0)])
+def test_numpy_sampling_draws_from_the_warped_distribution(options):
+    """20,000 rows sample one token from the same logits: the frequencies are the distribution the
+    options describe, computed here from their definitions (temperature divides the logits, top-k keeps
+    the k largest, top-p the smallest set whose probability reaches p), within 5 standard errors."""
+    from blip_runtime.numpy_engine import generate
+    n = 20_000
+    settings = resolve_generation(1, max_new_tokens=1, do_sample=True, pad_token_id=0, seed=11, **options)
+    step = lambda tok, pos, key_mask, cache, index, context: (np.tile(LOGITS, (tok.shape[0], 1)), tok)  # noqa: E731
+    ids = generate(step, np.ones((n, 1), np.int64), settings, vocab_size=len(LOGITS),
+                   attention_mask=np.ones((n, 1), np.int64))
+    freq = np.bincount(ids[:, 1], minlength=len(LOGITS)) / n
+    p = _softmax(LOGITS / options.get("temperature", 1.0))
+    if options["top_k"]:
+        p[options["top_k"]:] = 0                         # LOGITS are sorted: the k largest come first
+    else:
+        keep = np.cumsum(p) - p < options["top_p"]       # tokens before which the mass is still below p
+        p[~keep] = 0
+    p /= p.sum()
+    assert (freq[p == 0] == 0).all()
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(0.25 / n))
+
+
+def test_numpy_sampling_without_replacement():
+    """Several draws per row (beam sampling's 2 x beams candidates): distinct tokens, the first
+    distributed as softmax, the second as softmax without the first (Gumbel top-k draws the
+    sequential sampling without replacement)."""
+    from blip_runtime.numpy_engine import NumpyOps
+    n = 20_000
+    ops = NumpyOps(np.random.default_rng(5))
+    draws, _ = ops.sample(None, np.tile(LOGITS, (n, 1)), 2)
+    assert (draws[:, 0] != draws[:, 1]).all()
+    p = _softmax(LOGITS)
+    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=6) / n, p, atol=5 * np.sqrt(0.25 / n))
+    second = np.array([sum(p[i] * p[j] / (1 - p[i]) for i in range(6) if i != j) for j in range(6)])
+    np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=6) / n, second, atol=5 * np.sqrt(0.25 / n))

@@ -276,6 +276,32 @@ def test_prune_keeps_the_most_recently_used(tmp_path, monkeypatch):
         persistent_cache.max_bytes()
 
 
+def test_reading_an_entry_marks_it_used(tmp_path):
+    for i, name in enumerate("ab"):
+        persistent_cache.write_atomic(str(tmp_path / name), b"magic\n", name, b"x" * 100)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert persistent_cache.read_entry(str(tmp_path), "a", b"magic\n") == b"x" * 100     # "a": written first, used last
+    size = os.path.getsize(tmp_path / "a")
+    assert persistent_cache.prune(str(tmp_path), size) == size
+    assert os.listdir(tmp_path) == ["a"]
+
+
+def test_a_program_loaded_from_the_folder_is_pruned_last(stored, fresh):
+    """A model that runs a stored program marks its entry used, so a fuller folder loses an entry used
+    longer ago first."""
+    [entry] = _entries(fresh)
+    older = os.path.join(os.path.dirname(entry), "0" * len(os.path.basename(entry)))
+    shutil.copy(entry, older)
+    os.utime(entry, (1000, 1000))                 # written long ago ...
+    os.utime(older, (2000, 2000))                 # ... and another entry written after it
+    model = BJ.BlipForConditionalGeneration(_config(), seed=5)
+    traces = model.trace_count("generate")
+    _same(_generate(model), stored["out"])
+    assert model.trace_count("generate") == traces                       # run from the folder
+    assert persistent_cache.prune(str(fresh), persistent_cache.folder_size(str(fresh)) - 1) == os.path.getsize(entry)
+    assert os.path.exists(entry) and not os.path.exists(older)
+
+
 def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):
     from blip_apps.cli import main
     monkeypatch.setattr(persistent_cache, "_setting", None)

@@ -101,6 +101,26 @@ def test_bundled_caption_model(tmp_path):
         assert all(c.strip() for c in runner.caption(images))
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_caption_ids_end_where_the_library_stops(tmp_path, beams):
+    """An eos the random captioner reaches on its second token: the program's buffer holds 8 new tokens, the
+    runner returns the library's ids, cut where the search stopped."""
+    import backends.jax as J
+    import backends.torch as bt
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    model_dir, inp, _ = fixture("BlipForConditionalGeneration")
+    px = inp["pixel_values"][:1]
+    reference = bt.BlipForConditionalGeneration.from_pretrained(model_dir)
+    free = to_numpy(reference.generate(pixel_values=px, max_new_tokens=8, num_beams=beams))
+    options = dict(max_new_tokens=8, num_beams=beams, eos_token_id=int(free[0, 2]))
+    want = to_numpy(reference.generate(pixel_values=px, **options))
+    assert want.shape[1] < free.shape[1]
+    runner = StableHLOBlip(export_stablehlo(J.BlipForConditionalGeneration.from_pretrained(model_dir), tmp_path,
+                                            **options))
+    np.testing.assert_array_equal(runner.generate(px), want)
+
+
 def test_refuses_other_classes(tmp_path):
     import backends.jax as J
     from backends.jax.stablehlo_export import export_stablehlo
@@ -144,22 +164,49 @@ def test_vqa_beam_program_at_another_image_size(tmp_path):
         runner.generate(ids, _vqa_inputs()[0], mask)
 
 
-def test_retrieval_programs(tmp_path):
+@pytest.mark.parametrize("resized", [False, True])
+def test_retrieval_programs(tmp_path, resized):
     """ITM logits and the ITC cosine (image_embeds @ text_embeds.T) within the float32 tolerance of the
-    JAX library model, padded text included."""
+    JAX library model, padded text included, at the model's image size and exported for another one
+    (the reference with ``interpolate_pos_encoding=True``)."""
     import backends.jax as J
     from backends.jax.stablehlo_export import export_stablehlo
     from blip_runtime.stablehlo_runner import StableHLOBlip
     model_dir, inp, _ = fixture("BlipForImageTextRetrieval")
     model = J.BlipForImageTextRetrieval.from_pretrained(model_dir)
-    runner = StableHLOBlip(export_stablehlo(model, tmp_path))
     px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    vc = model.config.vision_config
+    size = 2 * vc.image_size - vc.patch_size if resized else None
+    if resized:
+        px = np.random.default_rng(1).standard_normal(px.shape[:2] + (size, size)).astype(np.float32)
+    runner = StableHLOBlip(export_stablehlo(model, tmp_path, image_size=size))
+    extra = dict(interpolate_pos_encoding=True) if resized else {}
     for head in (True, False):
         np.testing.assert_allclose(runner.itm(ids, px, mask, use_itm_head=head),
                                    to_numpy(model(input_ids=ids, pixel_values=px, attention_mask=mask,
-                                                  use_itm_head=head).itm_score), atol=ATOL, rtol=RTOL)
-    # ITC takes different numbers of images and texts
-    assert runner.itm(ids[:1], px, mask[:1], use_itm_head=False).shape == (px.shape[0], 1)
+                                                  use_itm_head=head, **extra).itm_score), atol=ATOL, rtol=RTOL)
+    # ITC takes different numbers of images and texts: (images, texts)
+    np.testing.assert_allclose(runner.itm(ids[:1], px, mask[:1], use_itm_head=False),
+                               to_numpy(model(input_ids=ids[:1], pixel_values=px, attention_mask=mask[:1],
+                                              use_itm_head=False, **extra).itm_score), atol=ATOL, rtol=RTOL)
+
+
+def test_vqa_greedy_program_masks_the_question(tmp_path):
+    """The VQA greedy program at the model's size on a question whose last two tokens are masked (real
+    tokens under the mask, so only the mask tells): the library's ids (the torch backend's generate)."""
+    import backends.jax as J
+    import backends.torch as bt
+    from backends.jax.stablehlo_export import export_stablehlo
+    from blip_runtime.stablehlo_runner import StableHLOBlip
+    model_dir = fixture("BlipForQuestionAnswering")[0]
+    runner = StableHLOBlip(export_stablehlo(J.BlipForQuestionAnswering.from_pretrained(model_dir), tmp_path,
+                                            max_new_tokens=6))
+    px, ids, mask = _vqa_inputs()
+    reference = bt.BlipForQuestionAnswering.from_pretrained(model_dir)
+    want = to_numpy(reference.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=6))
+    np.testing.assert_array_equal(runner.generate(ids, px, mask), want)
+    unmasked = to_numpy(reference.generate(input_ids=ids, pixel_values=px, max_new_tokens=6))
+    assert not np.array_equal(unmasked, want)        # the mask decides the answer here
 
 
 @pytest.mark.slow

@@ -6,6 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixture_utils import ROOT
 
 from blip_apps import synthetic
 from blip_apps.train import TrainConfig, learning_rate
@@ -19,6 +23,9 @@ def test_bleu4_by_hand():
     assert metrics.bleu4(["a b c d e"], ["a b c d f"]) == pytest.approx(want, rel=1e-12)
     # clipping: "a a a a a" vs "a b c d e f" -> p1 = 1/5 (one "a" in the reference), p2 = 0 -> 0
     assert metrics.bleu4(["a a a a a"], ["a b c d e f"]) == 0.0
+    # clipping with every order matched: "a a b c d" vs "a b c d e" -> p1 = 4/5 (the second "a" unmatched),
+    # p2 = 3/4, p3 = 2/3, p4 = 1/2
+    assert metrics.bleu4(["a a b c d"], ["a b c d e"]) == pytest.approx(want, rel=1e-12)
     # brevity: cand 4 words, ref 6 words, all 4 candidate n-grams found -> exp(1 - 6/4)
     assert metrics.bleu4(["a b c d"], ["a b c d e f"]) == pytest.approx(math.exp(1 - 6 / 4), rel=1e-12)
     # corpus counts are summed before the ratio: p1 = (4 + 4) / (4 + 5), ...
@@ -26,6 +33,22 @@ def test_bleu4_by_hand():
     p = [(4 + 4) / (4 + 5), (3 + 3) / (3 + 4), (2 + 2) / (2 + 3), (1 + 1) / (1 + 2)]
     assert pair == pytest.approx(math.exp(sum(map(math.log, p)) / 4), rel=1e-12)
     assert metrics.bleu4(["The cat sat on the mat"], ["the cat sat on the mat"]) == 1.0
+
+
+_WORDS = st.lists(st.sampled_from(["a", "red", "blue", "circle", "square", "on", "the", "left"]), max_size=9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs=st.lists(st.tuples(_WORDS, _WORDS.filter(bool)), min_size=1, max_size=4))
+def test_bleu4_is_sacrebleus_unsmoothed_corpus_bleu(pairs):
+    """Against sacrebleu's ``corpus_bleu`` (one reference per candidate, no smoothing, whitespace tokens)
+    on random sentences over a small vocabulary, so that matches, misses, short and empty candidates all
+    occur. (nltk's ``corpus_bleu`` is no reference here: it counts at least one n-gram of every order
+    per candidate, so candidates shorter than four words lower its precisions.)"""
+    from sacrebleu import corpus_bleu
+    cands, refs = [" ".join(c) for c, _ in pairs], [" ".join(r) for _, r in pairs]
+    want = corpus_bleu(cands, [refs], smooth_method="none", tokenize="none", force=True).score / 100
+    assert metrics.bleu4(cands, refs) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 def test_exact_match_vqa_accuracy_and_recall():
@@ -83,6 +106,127 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert np.array_equal(stream[:10], np.random.default_rng([3, 0]).permutation(10))
     assert np.array_equal(data_mod.sample_indices(n, seed=3, start=17, count=18), stream[17:])
     assert not np.array_equal(data_mod.sample_indices(n, seed=4, start=0, count=10), stream[:10])
+
+
+def _epochs(n, seed, upto):
+    """The run's sample stream as the module docstring defines it: each epoch's permutation in turn."""
+    return np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(upto // n + 1)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 2**31), start=st.integers(0, 40), count=st.integers(1, 40))
+def test_sample_stream_is_each_epochs_permutation_in_turn(n, seed, start, count):
+    assert np.array_equal(data_mod.sample_indices(n, seed, start, count), _epochs(n, seed, start + count)[start:start + count])
+
+
+class _Rows:
+    """A stand-in for TaskData: ``batch`` returns the row indices it was given."""
+    n = 7
+
+    def batch(self, indices):
+        return list(indices)
+
+
+def test_step_batches_are_consecutive_slices_of_the_stream():
+    """Step s with K accumulation slices of B rows reads samples [s*K*B, (s+1)*K*B) of the stream, slice k
+    the k-th B of them; four steps of 2 x 3 cross three epochs of 7 rows."""
+    stream = _epochs(7, 5, 4 * 6)
+    for step in range(4):
+        got = data_mod.step_batches(_Rows(), seed=5, step=step, batch_size=3, accum=2)
+        want = stream[step * 6:(step + 1) * 6]
+        assert got == [list(want[:3]), list(want[3:])], step
+
+
+def test_accumulation_only_slices_the_steps_batch():
+    """2 slices of 3 rows read, step for step, the rows one batch of 6 reads."""
+    for step in range(5):
+        sliced = data_mod.step_batches(_Rows(), seed=2, step=step, batch_size=3, accum=2)
+        [whole] = data_mod.step_batches(_Rows(), seed=2, step=step, batch_size=6, accum=1)
+        assert sliced[0] + sliced[1] == whole, step
+
+
+BUNDLED = os.path.join(ROOT, "blip_apps", "models")
+
+
+def _task_data(task, texts=None, extra=0):
+    """TaskData of three synthetic pictures (or of ``texts``, retrieval) with the bundled model's processor;
+    ``extra`` more padding positions than the longest text needs."""
+    from blip_core.configs import load_config
+    from blip_core.processing import BlipProcessor
+    model_dir = os.path.join(BUNDLED, "vqa" if task == "vqa" else "caption")
+    processor = BlipProcessor.from_pretrained(model_dir)
+    scenes = synthetic.rows(3 if texts is None else len(texts), seed=2)
+    rows = [dict(r) for _, r in scenes] if texts is None else [{"file_name": f"{i}.png", "text": t}
+                                                             for i, t in enumerate(texts)]
+    px = processor.image_processor([synthetic.render(s) for s, _ in scenes], return_tensors="np")["pixel_values"]
+    split = data_mod.Split("memory", rows, px)
+    lengths = {k: v + extra for k, v in data_mod.lengths_for(task, processor.tokenizer, split).items()}
+    return data_mod.TaskData(split, task, processor.tokenizer, load_config(model_dir).text_config.bos_token_id, lengths)
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_labels_are_the_decoder_ids_with_padding_ignored(task):
+    """Caption: input ids with bos in place of [CLS]; VQA: the answer's ids after bos, closed by [SEP]. The
+    labels are those ids where the mask is 1 and -100 (ignored by the loss) on padding."""
+    batch = _task_data(task, extra=4).batch([0, 1, 2])
+    ids, mask = ((batch["input_ids"], batch["attention_mask"]) if task == "caption"
+                 else (batch["decoder_input_ids"], batch["decoder_attention_mask"]))
+    assert (ids[:, 0] == 32).all() and (mask[:, -4:] == 0).all()          # the bundled models' bos
+    np.testing.assert_array_equal(batch["labels"], np.where(mask == 1, ids, -100))
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_padding_does_not_change_the_loss(task):
+    """The torch loss of the bundled model on the same three pictures, with their texts padded to the
+    longest and 6 positions further: equal (padding is neither attended to by the real positions nor
+    scored)."""
+    import torch
+
+    import backends.torch as bt
+    from blip_apps.train.torch_step import task_loss
+    cls = bt.BlipForConditionalGeneration if task == "caption" else bt.BlipForQuestionAnswering
+    model = cls.from_pretrained(os.path.join(BUNDLED, task)).eval()
+    with torch.no_grad():
+        tight, padded = (float(task_loss(model, task, _task_data(task, extra=e).batch([0, 1, 2]), 0.07))
+                         for e in (0, 6))
+    assert padded == pytest.approx(tight, rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_training_starts_the_decoder_where_generate_does(task):
+    """The first decoder token the training data feeds is the one ``generate`` starts its output with
+    (bos), so the model learns the continuation it is asked for."""
+    import backends.torch as bt
+    data = _task_data(task)
+    batch = data.batch([0, 1, 2])
+    model_dir = os.path.join(BUNDLED, task)
+    if task == "caption":
+        first = bt.BlipForConditionalGeneration.from_pretrained(model_dir).generate(
+            pixel_values=batch["pixel_values"], max_new_tokens=2)[:, 0]
+        fed = batch["input_ids"][:, 0]
+    else:
+        first = bt.BlipForQuestionAnswering.from_pretrained(model_dir).generate(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+            max_new_tokens=2)[:, 0]
+        fed = batch["decoder_input_ids"][:, 0]
+    np.testing.assert_array_equal(fed, first.numpy())
+
+
+def test_equal_captions_share_a_retrieval_group():
+    data = _task_data("retrieval", texts=["a red circle", "a blue square", "a red circle", "a green star",
+                                          "a blue square"])
+    assert data.arrays["text_group"].tolist() == [0, 1, 0, 2, 1]
+
+
+def test_a_batch_numbers_its_retrieval_groups_afresh():
+    """Within a batch the groups are 0 .. k-1 (only which rows share one matters)."""
+    texts = ["a red circle", "a blue square", "a red circle", "a green star", "a blue square"]
+    data = _task_data("retrieval", texts=texts)
+    for rows in ([4, 2, 1, 0], [3, 0], [1, 4]):
+        got = data.batch(rows)["text_group"]
+        want = np.array([[texts[i] == texts[j] for j in rows] for i in rows])
+        np.testing.assert_array_equal(got[:, None] == got[None, :], want)
+        assert sorted(set(got.tolist())) == list(range(len({texts[i] for i in rows}))), rows
 
 
 def test_learning_rate_warmup_then_cosine():

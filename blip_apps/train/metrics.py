@@ -8,7 +8,9 @@
   prediction: the geometric mean of the clipped 1- to 4-gram precisions (uniform weights, counts
   summed over the corpus, whitespace tokens) times the brevity penalty ``exp(1 - r/c)`` when the total
   candidate length c is below the total reference length r. A zero n-gram precision gives 0 (no
-  smoothing), as sacrebleu's ``smooth_method="none"`` and nltk's unsmoothed ``corpus_bleu``.
+  smoothing), as sacrebleu's ``corpus_bleu(..., smooth_method="none", tokenize="none")`` (tested against
+  it). nltk's unsmoothed ``corpus_bleu`` differs where a candidate is shorter than four words: it counts
+  at least one n-gram of each order per candidate.
 - ``recall_at_1(scores, positives)``: for a (queries, candidates) score matrix, the share of queries
   whose best-scoring candidate is one of their positives.
 """
