@@ -520,6 +520,26 @@ def test_flax_msgpack_matches_flax_serialization(tmp_path, monkeypatch):
     np.testing.assert_array_equal(back["a"]["kernel"], big["a"]["kernel"])
 
 
+def test_a_checkpoint_flax_wrote_in_chunks_converts_to_its_weights(tmp_path, monkeypatch):
+    """flax writes arrays above its chunk size as numbered chunks: a checkpoint serialized by flax with a
+    512-byte chunk size (most leaves in several chunks) converts back to the weights it was written from."""
+    serialization = require("flax.serialization")
+    src = fx("BlipTextModel")
+    convert(src, tmp_path / "jax", to="jax")
+    tree: dict = {}
+    for path, arr in read_flax_weights(tmp_path / "jax").items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = arr
+    monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 512)
+    (tmp_path / "chunked").mkdir()
+    (tmp_path / "chunked" / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    (tmp_path / "chunked" / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    back = convert(tmp_path / "chunked", tmp_path / "pt", to="torch")
+    assert_same_state(state(back.dst), state(src))
+
+
 # -- command line ------------------------------------------------------------------------------------------
 def test_cli_convert(tmp_path, capsys):
     assert cli_main(["convert", fx("Blip2VisionModel"), str(tmp_path / "o"), "--to", "tf", "--dtype", "float16"]) == 0

@@ -143,3 +143,191 @@ def test_a_tied_row_stored_with_other_values_follows_its_owner(tmp_path, backend
     want = to_numpy(cls.from_pretrained(d).stages(**inp)["logits"])
     got = to_numpy(cls.from_pretrained(str(out)).stages(**inp)["logits"])
     assert np.array_equal(got, want)
+
+
+# -- flax msgpack files ----------------------------------------------------------------------------------------
+def _flax_file(leaves: dict, short=None) -> bytes:
+    """A flax_model.msgpack of ``leaves`` ({jax path: array}) written here, byte by byte, as flax lays it out
+    (nested maps; each array a msgpack extension holding [shape, dtype name, bytes]); the leaf at ``short``
+    keeps its shape but stores half of its bytes."""
+    import msgpack
+
+    from blip_core.formats.flax_msgpack import _EXT_NDARRAY
+    packer = msgpack.Packer(use_bin_type=True)
+    tree: dict = {}
+    for path, arr in leaves.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = (path, np.ascontiguousarray(arr))
+
+    def pack(node) -> bytes:
+        out = packer.pack_map_header(len(node))
+        for key, value in node.items():
+            out += packer.pack(key)
+            if isinstance(value, dict):
+                out += pack(value)
+                continue
+            path, arr = value
+            payload = arr.tobytes()
+            payload = payload[: len(payload) // 2] if path == short else payload
+            inner = (packer.pack_array_header(3) + packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name)
+                     + b"\xc6" + struct.pack(">I", len(payload)))
+            out += b"\xc9" + struct.pack(">I", len(inner) + len(payload)) + struct.pack("b", _EXT_NDARRAY) + inner + payload
+        return out
+    return pack(tree)
+
+
+@pytest.fixture()
+def flax_dir(text_dir, tmp_path):
+    """The text model as a flax_model.msgpack (and its config) alone, plus its leaves."""
+    from blip_core.formats import read_flax_weights
+    convert(str(text_dir), str(tmp_path / "flax"), to="jax", progress=False)
+    leaves = read_flax_weights(str(tmp_path / "flax"))
+    return tmp_path / "flax", leaves
+
+
+def test_the_tests_flax_writer_writes_loadable_files(flax_dir):
+    import backends.torch as bt
+    folder, leaves = flax_dir
+    want = bt.BlipTextModel.from_pretrained(str(folder)).state_dict()
+    (folder / "flax_model.msgpack").write_bytes(_flax_file(leaves))
+    got = bt.BlipTextModel.from_pretrained(str(folder)).state_dict()
+    assert all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in want)
+
+
+FLAX_DAMAGE = {
+    "trailing bytes": (lambda data, leaves: data + b"\0" * 7, "7 bytes of trailing data"),
+    "truncated": (lambda data, leaves: data[:-100], "truncated: the param tree runs 100 bytes past the end"),
+    "short payload": (lambda data, leaves: _flax_file(leaves, short=sorted(leaves)[0]), r"holds \d+ bytes, not \d+"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("damage", sorted(FLAX_DAMAGE))
+def test_a_damaged_flax_file_is_refused_in_every_backend(flax_dir, backend, damage):
+    """Extra bytes after the tree, a file cut short, and a leaf whose bytes are fewer than its shape needs
+    (read as it stands, it would take the following leaves' bytes as its values) are refused by name."""
+    folder, leaves = flax_dir
+    path = folder / "flax_model.msgpack"
+    spoil, message = FLAX_DAMAGE[damage]
+    path.write_bytes(spoil(path.read_bytes(), leaves))
+    with pytest.raises(ValueError, match=message):
+        BACKEND_CLASSES[backend]().from_pretrained(str(folder))
+
+
+# -- safetensors layouts --------------------------------------------------------------------------------------
+def _raw_safetensors(folder, header: str, body: bytes) -> str:
+    """``folder/model.safetensors`` holding ``header`` (JSON, padded to 8 bytes as the format does) and ``body``."""
+    raw = header.encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    folder.mkdir(exist_ok=True)
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return str(path)
+
+
+def _row(dtype, shape, begin, end) -> str:
+    return json.dumps({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]})
+
+
+_BODY = np.arange(8, dtype="<f4").tobytes()      # 32 bytes
+REFUSED_BY_THE_REFERENCE = {
+    "a gap before the first tensor": (f'{{"x": {_row("F32", [4], 16, 32)}}}', "bytes 0..16 of the data buffer, "
+                                      "before tensor 'x', belong to no tensor"),
+    "a gap between tensors": (f'{{"x": {_row("F32", [2], 0, 8)}, "y": {_row("F32", [4], 16, 32)}}}',
+                              "bytes 8..16 of the data buffer, before tensor 'y', belong to no tensor"),
+    "bytes after the last tensor": (f'{{"x": {_row("F32", [4], 0, 16)}}}', "the last 16 bytes of the data buffer"),
+    "a name twice over other bytes": (f'{{"x": {_row("F32", [4], 0, 16)}, "x": {_row("F32", [4], 16, 32)}}}',
+                                      "names 'x' twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BY_THE_REFERENCE))
+def test_safetensors_layouts_the_reference_reader_refuses_are_refused(tmp_path, case):
+    """The safetensors library (the format's reference reader) refuses a buffer with bytes outside every tensor;
+    so does this reader, saying where."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    header, message = REFUSED_BY_THE_REFERENCE[case]
+    path = _raw_safetensors(tmp_path / "m", header, _BODY)
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_state_dict(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+def test_a_name_twice_over_the_same_bytes_is_refused_in_every_backend(text_dir, backend):
+    """Two header rows for one name over the same bytes, as float32 and as float16: the safetensors library
+    keeps the last row silently (it reads the float32 bytes as float16); this reader refuses the file."""
+    state = checkpoint.load_state_dict(str(text_dir))
+    data = (text_dir / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = "embeddings.LayerNorm.weight"
+    row = header[name]
+    twice = json.dumps(header)[:-1] + f', "{name}": ' + _row("F16", [2 * row["shape"][0]], *row["data_offsets"]) + "}"
+    _raw_safetensors(text_dir, twice, data[8 + n:])
+    from safetensors.numpy import load_file
+    assert load_file(str(text_dir / "model.safetensors"))[name].dtype == np.float16
+    with pytest.raises(CheckpointError, match=f"names '{name}' twice"):
+        BACKEND_CLASSES[backend]().from_pretrained(str(text_dir))
+    assert state[name].dtype == np.float32
+
+
+# -- tf_model.h5 files ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def tf_dir(text_dir, tmp_path):
+    convert(str(text_dir), str(tmp_path / "tf"), to="tf", progress=False)
+    return tmp_path / "tf"
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
+def test_an_h5_weight_listed_by_two_layers_is_refused_in_every_backend(tf_dir, backend):
+    """A second layer group that lists a weight another layer holds (with its own data): which one is the
+    weight? The file is refused, naming it."""
+    import h5py
+    with h5py.File(tf_dir / "tf_model.h5", "r+") as f:
+        layer = [n.decode() for n in f.attrs["layer_names"]][0]
+        full = f[layer].attrs["weight_names"][0].decode()
+        f.create_group("copy").attrs["weight_names"] = np.asarray([full.encode()])
+        f["copy"].create_dataset(full, data=np.zeros_like(f[layer][full][()]))
+        f.attrs["layer_names"] = np.asarray([n for n in f.attrs["layer_names"]] + [b"copy"])
+    key = full.split("/", 1)[1].removesuffix(":0")
+    with pytest.raises(ValueError, match=f"TF weight '{key}' is stored twice"):
+        BACKEND_CLASSES[backend]().from_pretrained(str(tf_dir))
+
+
+@pytest.fixture()
+def split_h5(text_dir, tmp_path, monkeypatch):
+    """The text model converted to tf twice: as is, and with a 200-byte attribute limit (lists split)."""
+    from blip_core.formats import hf_tf
+    convert(str(text_dir), str(tmp_path / "whole"), to="tf", progress=False)
+    monkeypatch.setattr(hf_tf, "_HDF5_ATTR_LIMIT", 200)
+    convert(str(text_dir), str(tmp_path / "split"), to="tf", progress=False)
+    monkeypatch.undo()
+    return tmp_path / "whole", tmp_path / "split"
+
+
+def test_h5_name_lists_above_hdf5s_attribute_limit_are_split_as_keras_reads_them(split_h5):
+    """HDF5 attributes hold at most 64 KB, so Keras splits longer name lists over ``weight_names0``,
+    ``weight_names1``, ... (BLIP-2 with OPT-2.7b needs it). transformers' own reader of that convention reads
+    the split file's names as the unsplit file's."""
+    import h5py
+    from transformers.modeling_tf_utils import load_attributes_from_hdf5_group
+    whole_dir, split_dir = split_h5
+    with h5py.File(whole_dir / "tf_model.h5", "r") as whole, h5py.File(split_dir / "tf_model.h5", "r") as split:
+        layers = load_attributes_from_hdf5_group(split, "layer_names")
+        assert any("weight_names" not in split[la].attrs and "weight_names1" in split[la].attrs for la in layers)
+        assert layers == load_attributes_from_hdf5_group(whole, "layer_names")
+        for layer in layers:
+            assert (load_attributes_from_hdf5_group(split[layer], "weight_names")
+                    == load_attributes_from_hdf5_group(whole[layer], "weight_names"))
+
+
+def test_h5_with_split_name_lists_converts_back_to_its_weights(split_h5, text_dir, tmp_path):
+    back = convert(str(split_h5[1]), str(tmp_path / "back"), to="torch", progress=False)
+    want = checkpoint.load_state_dict(str(text_dir))
+    got = checkpoint.load_state_dict(back.dst)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)

@@ -88,6 +88,19 @@ def _parse_entry(path, name, info, buffer_size: int) -> TensorEntry:
     return entry
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_header(f, path: str, file_size: int) -> SafetensorsHeader:
     if file_size < 8:
         _fail(path, f"file is {file_size} bytes, too short for the 8-byte header length "
@@ -100,9 +113,11 @@ def _parse_header(f, path: str, file_size: int) -> SafetensorsHeader:
         _fail(path, f"header length {n} runs beyond the file size of {file_size} bytes (truncated?)")
     raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(path, f"header is not valid JSON ({exc})")
+    except _DuplicateKey as exc:
+        _fail(path, f"header names {exc.args[0]!r} twice (which one holds the data?)")
     if not isinstance(header, dict):
         _fail(path, f"header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -115,6 +130,15 @@ def _parse_header(f, path: str, file_size: int) -> SafetensorsHeader:
     for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
         if begin1 < end0:
             _fail(path, f"tensors {name0!r} and {name1!r} overlap in the data buffer (corrupt header)")
+    # As the reference reader requires: the tensors' bytes follow each other from the buffer's first byte to
+    # its last, so no byte of the file is outside the tensors the header lists.
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            _fail(path, f"bytes {at}..{begin} of the data buffer, before tensor {name!r}, belong to no tensor")
+        at = end
+    if at != buffer_size:
+        _fail(path, f"the last {buffer_size - at} bytes of the data buffer belong to no tensor")
     return SafetensorsHeader(path, metadata, entries, 8 + n, file_size)
 
 

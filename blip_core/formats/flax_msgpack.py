@@ -115,8 +115,14 @@ def _ext(f, code: int, size: int, file: str):
     offset = f.tell()
     if offset + nbytes != start + size:
         raise ValueError("array leaf sizes disagree")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"array leaf with shape {shape!r}")
+    # the payload must hold the array exactly: a shorter one would be read on into the bytes that follow
+    want = int(np.prod(shape, dtype=np.int64)) * _dtype(str(dtype_name)).itemsize
+    if nbytes != want:
+        raise ValueError(f"array leaf of shape {tuple(shape)} {dtype_name} holds {nbytes} bytes, not {want}")
     f.seek(offset + nbytes)
-    return _Leaf(file, offset, tuple(int(d) for d in shape), str(dtype_name), code == _EXT_NPSCALAR)
+    return _Leaf(file, offset, tuple(shape), str(dtype_name), code == _EXT_NPSCALAR)
 
 
 def _parse(f, file: str):
@@ -171,6 +177,8 @@ def _scan_file(path: str, out: dict) -> None:
             tree = _parse(f, path)
         except (ValueError, UnicodeDecodeError, IndexError) as exc:
             raise ValueError(f"{path}: not a flax msgpack checkpoint ({exc})") from None
+        if f.tell() > size:
+            raise ValueError(f"{path}: truncated: the param tree runs {f.tell() - size} bytes past the end of the file")
         if f.tell() != size:
             raise ValueError(f"{path}: {size - f.tell()} bytes of trailing data after the param tree")
     if not isinstance(tree, dict):
