@@ -146,10 +146,10 @@ def test_a_tied_row_stored_with_other_values_follows_its_owner(tmp_path, backend
 
 
 # -- flax msgpack files ----------------------------------------------------------------------------------------
-def _flax_file(leaves: dict, short=None) -> bytes:
+def _flax_file(leaves: dict, short=None, twice=None) -> bytes:
     """A flax_model.msgpack of ``leaves`` ({jax path: array}) written here, byte by byte, as flax lays it out
     (nested maps; each array a msgpack extension holding [shape, dtype name, bytes]); the leaf at ``short``
-    keeps its shape but stores half of its bytes."""
+    keeps its shape but stores half of its bytes, the one at ``twice`` is written twice in its map."""
     import msgpack
 
     from blip_core.formats.flax_msgpack import _EXT_NDARRAY
@@ -162,8 +162,10 @@ def _flax_file(leaves: dict, short=None) -> bytes:
         node[path[-1]] = (path, np.ascontiguousarray(arr))
 
     def pack(node) -> bytes:
-        out = packer.pack_map_header(len(node))
-        for key, value in node.items():
+        items = list(node.items())
+        items += [(k, v) for k, v in items if not isinstance(v, dict) and v[0] == twice]
+        out = packer.pack_map_header(len(items))
+        for key, value in items:
             out += packer.pack(key)
             if isinstance(value, dict):
                 out += pack(value)
@@ -200,14 +202,16 @@ FLAX_DAMAGE = {
     "trailing bytes": (lambda data, leaves: data + b"\0" * 7, "7 bytes of trailing data"),
     "truncated": (lambda data, leaves: data[:-100], "truncated: the param tree runs 100 bytes past the end"),
     "short payload": (lambda data, leaves: _flax_file(leaves, short=sorted(leaves)[0]), r"holds \d+ bytes, not \d+"),
+    "a leaf twice": (lambda data, leaves: _flax_file(leaves, twice=sorted(leaves)[-1]), "appears twice in one map"),
 }
 
 
 @pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
 @pytest.mark.parametrize("damage", sorted(FLAX_DAMAGE))
 def test_a_damaged_flax_file_is_refused_in_every_backend(flax_dir, backend, damage):
-    """Extra bytes after the tree, a file cut short, and a leaf whose bytes are fewer than its shape needs
-    (read as it stands, it would take the following leaves' bytes as its values) are refused by name."""
+    """Extra bytes after the tree, a file cut short, a leaf whose bytes are fewer than its shape needs (read
+    as it stands, it would take the following leaves' bytes as its values) and a leaf written twice in its
+    map (which one holds the weight?) are refused by name."""
     folder, leaves = flax_dir
     path = folder / "flax_model.msgpack"
     spoil, message = FLAX_DAMAGE[damage]

@@ -138,7 +138,10 @@ def _parse(f, file: str):
         node = {}
         for _ in range(n):
             key = _parse(f, file)
-            node[key.decode() if isinstance(key, bytes) else str(key)] = _parse(f, file)
+            key = key.decode() if isinstance(key, bytes) else str(key)
+            if key in node:
+                raise ValueError(f"the key {key!r} appears twice in one map")
+            node[key] = _parse(f, file)
         return _Chunked(node, file) if node.get(_CHUNKED) is True else node
     if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
         n = b & 0x0F if b <= 0x9F else _num(f, _LEN[b])
