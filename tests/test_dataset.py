@@ -359,9 +359,14 @@ def test_an_interrupted_run_resumes_with_only_the_rest(five, tmp_path, capsys, m
 
 
 def test_a_finished_output_is_kept_unless_overwrite(five, tmp_path, capsys, monkeypatch):
+    """A finished output (rows sorted by id although the list names the images in reverse): running again
+    is refused and resuming does nothing, so a file the user edited since stays as it is; --overwrite
+    redoes every item."""
     listing = _reversed_listing(five, tmp_path)
     out = tmp_path / "o.jsonl"
     assert main(["caption", listing, "--out", str(out), *RESUME]) == 0
+    ids = [r["id"] for r in read_rows(str(out))]
+    assert len(ids) == 5 and ids == sorted(ids)
     before = out.read_bytes()
     out.write_bytes(before.replace(b'"caption": "', b'"caption": "edited ', 1))   # the user's file, edited
     edited = out.read_bytes()
@@ -369,6 +374,8 @@ def test_a_finished_output_is_kept_unless_overwrite(five, tmp_path, capsys, monk
     assert main(["caption", listing, "--out", str(out), *RESUME]) == 1
     assert "exists" in capsys.readouterr().err and out.read_bytes() == edited
     planned = _planned_ids(monkeypatch)
+    assert main(["caption", listing, "--out", str(out), "--resume", *RESUME]) == 0
+    assert planned == [] and out.read_bytes() == edited
     assert main(["caption", listing, "--out", str(out), "--overwrite", *RESUME]) == 0
     assert len(planned) == 5 and out.read_bytes() == before
 

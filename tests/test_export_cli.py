@@ -119,6 +119,81 @@ def test_parity_catches_a_perturbed_export(tmp_path, capsys):
     assert "question_encoder" in text and "FAIL" in text
 
 
+@pytest.mark.parametrize("fmt,task", [("onnx", "caption"), ("savedmodel", "caption"), ("savedmodel", "vqa")])
+def test_an_artifact_carries_its_models_processor(tmp_path, capsys, fmt, task):
+    """An artifact answers from images and text alone: the bundled model's tokenizer and image-processor
+    files are copied byte for byte, and the captions or answers made with them (ONNX: the runner's
+    ``caption``; SavedModel: its serving signature on the artifact processor's inputs, decoded by that
+    processor) are those of ``blip caption`` / ``blip vqa``."""
+    from blip_apps.cli import BUNDLED
+    from blip_core.artifact_files import PROCESSOR_FILES
+    from blip_core.processing import BlipProcessor
+    from PIL import Image
+    model_dir = os.path.join(BUNDLED, task)
+    out = tmp_path / fmt
+    assert main(["export", model_dir, str(out), "--format", fmt, "--max-new-tokens", "20"]) == 0
+    copied = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(model_dir, n))]
+    assert {"tokenizer.json", "vocab.txt", "preprocessor_config.json"} <= set(copied)
+    for name in copied:
+        assert (out / name).read_bytes() == open(os.path.join(model_dir, name), "rb").read(), name
+    samples = os.path.join(os.path.dirname(BUNDLED), "assets", "samples")
+    with open(os.path.join(samples, "metadata.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()][:3]
+    files = [os.path.join(samples, r["file_name"]) for r in rows]
+    images = [Image.open(f).convert("RGB") for f in files]
+    questions = [r["question"] for r in rows]
+    if fmt == "onnx":
+        from blip_runtime import OnnxBlip
+        got = OnnxBlip(str(out)).caption(images)
+    else:
+        import tensorflow as tf
+        processor = BlipProcessor.from_pretrained(str(out))
+        serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+        if task == "caption":
+            px = processor(images=images, return_tensors="np")["pixel_values"]
+            ids = serve(pixel_values=tf.constant(px))["sequences"]
+        else:
+            enc = processor(images=images, text=questions, padding=True, return_tensors="np")
+            ids = serve(pixel_values=tf.constant(enc["pixel_values"]), input_ids=tf.constant(enc["input_ids"]),
+                        attention_mask=tf.constant(enc["attention_mask"]))["sequences"]
+        got = processor.batch_decode(ids.numpy(), skip_special_tokens=True)
+    capsys.readouterr()
+    if task == "caption":
+        assert main(["caption", *files, "--json"]) == 0
+        assert got == [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()]
+    else:
+        for answer, f, q in zip(got, files, questions):
+            assert main(["vqa", f, q]) == 0
+            assert capsys.readouterr().out.strip() == answer, (f, q)
+
+
+def test_parity_of_a_perturbed_retrieval_export_fails_in_json(tmp_path, capsys):
+    """The ITM head's bias moved after export: export-parity's JSON rows name the stage, and it exits 1."""
+    import backends.torch as bt
+    import torch
+    name = "BlipForImageTextRetrieval"
+    model = bt.BlipForImageTextRetrieval.from_pretrained(fixture(name)[0])
+    with torch.no_grad():
+        model.itm_head.bias[1] += 0.5
+    bad = tmp_path / "bad"
+    model.save_pretrained(str(bad))
+    assert main(["export", str(bad), str(tmp_path / "out"), "--format", "onnx"]) == 0
+    capsys.readouterr()
+    assert main(["export-parity", str(tmp_path / "out"), fixture(name)[0], "--json"]) == 1
+    rows = {r["stage"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert not rows["itm_score"]["ok"] and rows["itc_cosine"]["ok"]
+
+
+def test_export_refuses_a_blip2_task_mismatch_and_a_file_as_destination(tmp_path, capsys):
+    d = fixture("Blip2ForConditionalGeneration")[0]
+    assert main(["export", d, str(tmp_path / "a"), "--format", "stablehlo", "--task", "vqa"]) == 1
+    assert "holds a Blip2ForConditionalGeneration (task caption), not a vqa model" in capsys.readouterr().err
+    (tmp_path / "file").write_text("mine")
+    assert main(["export", fixture("BlipModel")[0], str(tmp_path / "file"), "--format", "onnx"]) == 1
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "a").exists()
+
+
 def test_export_refusals(tmp_path, capsys):
     d = fixture("BlipModel")[0]
     assert main(["export", d, str(tmp_path / "a"), "--format", "onnx", "--task", "caption"]) == 1

@@ -11,6 +11,9 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from blip_core import BACKENDS, checkpoint
 from converters import convert
@@ -112,3 +115,75 @@ def test_cli_parity_exit_codes(tmp_path, capsys):
     assert cli_main(["parity", CAPTIONER, "--backends", "torch"]) == 2          # one column: nothing to compare
     assert cli_main(["parity", CAPTIONER, "--backends", "torch,mxnet"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_against_refuses_checkpoints_of_two_models():
+    retrieval = os.path.join(MODELS, "BlipForImageTextRetrieval")
+    with pytest.raises(ValueError, match="is a BlipForImageTextRetrieval.* not the same model"):
+        against(CAPTIONER, retrieval, out=io.StringIO())
+
+
+def test_cli_against_refuses_checkpoints_of_two_models(capsys):
+    assert cli_main(["parity", CAPTIONER, "--against", os.path.join(MODELS, "BlipForImageTextRetrieval")]) != 0
+    assert "not the same model" in capsys.readouterr().err
+
+
+_VALUES = arrays(np.float64, 6, elements=st.floats(-2000, 2000))
+_FACTORS = arrays(np.float64, 6, elements=st.floats(-3, 3).filter(lambda f: abs(abs(f) - 1) > 1e-6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(left=_VALUES, factors=_FACTORS, stage=st.sampled_from(["logits", "vision", "loss"]),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_compare_verdict_is_numpys_allclose_with_the_left_column_as_reference(left, factors, stage, dtype):
+    """``|right - left| <= atol + rtol * |left|`` everywhere: numpy's ``allclose(right, left)``. The right
+    column is drawn as ``left + f * (atol + rtol * |left|)``, so every element sits a known factor of its
+    tolerance away, on either side of the boundary."""
+    from blip_core.numerics import effective_tolerance
+    atol, rtol = effective_tolerance(left, stage, dtype)
+    right = left + factors * (atol + rtol * np.abs(left))
+    got = compare(stage, left, right, "l", "r", dtype)
+    assert (got.atol, got.rtol) == (atol, rtol)
+    assert got.ok == np.allclose(right, left, atol=atol, rtol=rtol) == bool(np.all(np.abs(factors) <= 1))
+    assert got.ratio == pytest.approx(np.max(np.abs(factors)), rel=1e-6)
+
+
+def test_compare_scales_the_relative_term_by_the_left_column_only():
+    # logits: atol = rtol = 1e-4. 1000 -> 1000.15 is 0.15 / (1e-4 + 0.1) = 1.5 times the tolerance, either way
+    # round; with |left| + |right| in the relative term it would pass at 0.75.
+    for left, right in ((1000.0, 1000.15), (1000.15, 1000.0)):
+        c = compare("logits", np.array([left]), np.array([right]), "l", "r")
+        assert not c.ok and c.ratio == pytest.approx(0.15 / (1e-4 + 1e-4 * left), rel=1e-4)
+
+
+def test_compare_refuses_shapes_that_only_broadcast():
+    a = np.array([1.0, 2.0, 3.0], np.float32)
+    assert compare("vision", a, a[None], "x", "y").error == "shape (3,) vs (1, 3)"
+    assert compare("vision", a[:1], a[:1, None] * np.ones(3), "x", "y").error == "shape (1,) vs (1, 3)"
+
+
+def test_low_precision_parity_uses_the_dtypes_tolerances():
+    """bfloat16 columns are judged by the table's bfloat16 row (a float32 tolerance would fail them)."""
+    out = io.StringIO()
+    result = parity(CAPTIONER, backends=("torch", "jax"), dtype="bfloat16", out=out)
+    assert result.exit_code == 0, out.getvalue()
+    assert all(c.atol >= 2.0 ** -3 for c in result.comparisons)
+    assert any(c.max_abs > 1e-3 for c in result.comparisons)       # bfloat16 differences, beyond float32's table
+
+
+def test_cli_low_precision_parity_passes(capsys):
+    assert cli_main(["parity", CAPTIONER, "--backends", "torch,tf", "--dtype", "bfloat16"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_cli_exits_2_when_a_requested_backend_cannot_run(monkeypatch, capsys):
+    real = importlib.import_module
+
+    def no_tf(name, *args):
+        if name == "backends.tf":
+            raise ImportError("No module named 'tensorflow'")
+        return real(name, *args)
+    monkeypatch.setattr(parity_module.importlib, "import_module", no_tf)
+    assert cli_main(["parity", os.path.join(MODELS, "BlipVisionModel"), "--backends", "torch,jax,tf"]) == 2
+    text = capsys.readouterr().out
+    assert "tf: unavailable" in text and "torch vs jax" in text and "INCOMPLETE" in text
