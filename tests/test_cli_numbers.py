@@ -42,16 +42,20 @@ def _pt(enc, *keys):
     return {k: torch.from_numpy(np.asarray(enc[k])) for k in keys}
 
 
-def test_caption_text_is_transformers_caption(demo, capsys):
+@pytest.mark.parametrize("beams", [1, 4])
+def test_caption_text_is_transformers_caption(demo, capsys, beams):
     dirs, processor, image, path = demo
     d = dirs["BlipForConditionalGeneration"]
-    assert main(["caption", path, "--model", d, "--num-beams", "2", "--max-new-tokens", "5"]) == 0
+    assert main(["caption", path, "--model", d, "--num-beams", str(beams), "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out.strip().split("\t")
     enc = processor(images=image, return_tensors="np")
+    hf = _hf(d, "BlipForConditionalGeneration")
     with torch.no_grad():
-        ids = _hf(d, "BlipForConditionalGeneration").generate(**_pt(enc, "pixel_values"), num_beams=2, max_new_tokens=5)
+        ids = hf.generate(**_pt(enc, "pixel_values"), num_beams=beams, max_new_tokens=5)
+        greedy = hf.generate(**_pt(enc, "pixel_values"), max_new_tokens=5)
     want = processor.decode(ids[0].tolist(), skip_special_tokens=True).strip()
     assert printed == [path, want]
+    assert (beams == 1) == (ids.tolist() == greedy.tolist())      # 4 beams find another caption here
 
 
 @pytest.mark.parametrize("beams", [1, 2])

@@ -95,13 +95,13 @@ def test_blip2_processor_matches(dirs, kind, num_query_tokens):
             ref.batch_decode(got["input_ids"], skip_special_tokens=skip)
 
 
-@pytest.mark.parametrize("kind", ["bert", "opt"])
+@pytest.mark.parametrize("kind", ["bert", "opt", "t5"])
 def test_save_pretrained_round_trips_through_transformers(dirs, tmp_path, kind):
     ours, _ = pair(kind, dirs, num_query_tokens=3)
     ours.save_pretrained(str(tmp_path / "ours"))
     ref_cls = transformers.BlipProcessor if kind == "bert" else transformers.Blip2Processor
     ref = ref_cls.from_pretrained(str(tmp_path / "ours"))
-    if kind == "opt":
+    if kind != "bert":
         assert ref.num_query_tokens == 3
     texts, ims = random_texts(3, seed=6), images(seed=6)
     kwargs = {"padding": True, "return_tensors": "np"}
@@ -109,8 +109,27 @@ def test_save_pretrained_round_trips_through_transformers(dirs, tmp_path, kind):
     ref.save_pretrained(str(tmp_path / "ref"))
     again = type(ours).from_pretrained(str(tmp_path / "ref"))
     assert_same(again(images=ims, text=texts, **kwargs), ref(images=ims, text=texts, **kwargs))
-    if kind == "opt":
+    if kind != "bert":
         assert again.num_query_tokens == 3 and len(again.tokenizer) == len(ref.tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["bert", "opt"])
+def test_text_options_saved_with_the_tokenizer_are_the_processors_defaults(dirs, tmp_path, kind):
+    """Text options in tokenizer_config.json (padding to max_length 7, truncation) are the processor's
+    defaults, as transformers' processors take them, though the tokenizer alone does not apply them."""
+    import json
+    import shutil
+    folder = tmp_path / kind
+    shutil.copytree(dirs[kind], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(padding="max_length", max_length=7, truncation=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, ref = pair(kind, {kind: folder}, num_query_tokens=2)
+    texts = random_texts(3, seed=8)
+    ims = images(len(texts), seed=8)
+    got, want = ours(images=ims, text=texts, return_tensors="np"), ref(images=ims, text=texts, return_tensors="np")
+    assert_same(got, want)
+    assert got["input_ids"].shape == (len(texts), 7)          # BLIP-2: 2 placeholders + 5 tokens
 
 
 def test_bad_calls_raise(dirs):
