@@ -59,6 +59,7 @@ def test_fields_follow_transformers():
     (BlipVisionConfig, dict(image_size=30, patch_size=16), "image_size"),
     (BlipVisionConfig, dict(hidden_act="gelu_fancy"), "hidden_act"),
     (BlipTextConfig, dict(vocab_size=0), "vocab_size"),
+    (BlipTextConfig, dict(num_hidden_layers=True), "num_hidden_layers"),        # a bool is no count
     (BlipTextConfig, dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
     (T5Config, dict(feed_forward_proj="gated-gelu-x"), "feed_forward_proj"),
     (OPTConfig, dict(activation_function="nope"), "activation_function"),

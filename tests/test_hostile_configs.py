@@ -90,6 +90,44 @@ def test_absurd_sizes_are_refused_before_any_table_is_built(model_dir, field):
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.parametrize("field", ["num_hidden_layers", "num_attention_heads"])
+def test_a_boolean_count_in_a_file_is_refused(model_dir, field):
+    """``true`` is not the count 1 (json's booleans are Python ints): refused by name on loading."""
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"][field] = True
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"invalid config field '{field}': must be a positive integer, got True"):
+        read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
+
+
+def test_a_width_its_heads_do_not_divide_is_refused(model_dir):
+    data = json.loads((model_dir / "config.json").read_text())
+    heads = data["text_config"]["num_attention_heads"]
+    data["text_config"]["hidden_size"] = 8 * heads + 1
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"'hidden_size': {8 * heads + 1} is not divisible by num_attention_heads={heads}"):
+        read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
+
+
+def test_a_dropout_outside_0_1_in_a_file_is_refused(model_dir):
+    data = json.loads((model_dir / "config.json").read_text())
+    data["text_config"]["hidden_dropout_prob"] = 1.5
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"'hidden_dropout_prob': must be in \[0, 1\], got 1.5"):
+        read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
+
+
+def test_a_blip2_image_token_outside_the_vocabulary_is_refused(tmp_path):
+    d, _, _ = fixture("Blip2ForConditionalGeneration")
+    shutil.copytree(d, tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    vocab = data["text_config"]["vocab_size"]
+    data["image_token_index"] = vocab
+    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"'image_token_index': {vocab} is outside the language model's vocabulary"):
+        read_pretrained(str(tmp_path / "m"), "Blip2ForConditionalGeneration", "torch")
+
+
 def test_limits_leave_real_sizes_alone():
     cfg = BlipTextConfig(num_hidden_layers=MAX_LAYERS, vocab_size=250_000, hidden_size=8192, num_attention_heads=64,
                          intermediate_size=32768)
