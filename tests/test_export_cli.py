@@ -194,6 +194,14 @@ def test_export_refuses_a_blip2_task_mismatch_and_a_file_as_destination(tmp_path
     assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("got_shape, want_shape", [((1, 3), (3,)), ((3, 1), (1, 3))])
+def test_export_parity_rows_fail_on_shapes_that_only_broadcast(got_shape, want_shape):
+    """Equal values in shapes numpy would broadcast together are a failing row, not a pass."""
+    from blip_apps.export_parity import _array_row
+    row = _array_row("stage", np.zeros(got_shape), np.zeros(want_shape), "float32")
+    assert not row["ok"] and row["max_abs_diff"] == float("inf")
+
+
 def test_export_refusals(tmp_path, capsys):
     d = fixture("BlipModel")[0]
     assert main(["export", d, str(tmp_path / "a"), "--format", "onnx", "--task", "caption"]) == 1

@@ -147,10 +147,11 @@ def test_a_tied_row_stored_with_other_values_follows_its_owner(tmp_path, backend
 
 
 # -- flax msgpack files ----------------------------------------------------------------------------------------
-def _flax_file(leaves: dict, short=None, twice=None) -> bytes:
+def _flax_file(leaves: dict, short=None, twice=None, flat=None) -> bytes:
     """A flax_model.msgpack of ``leaves`` ({jax path: array}) written here, byte by byte, as flax lays it out
     (nested maps; each array a msgpack extension holding [shape, dtype name, bytes]); the leaf at ``short``
-    keeps its shape but stores half of its bytes, the one at ``twice`` is written twice in its map."""
+    keeps its shape but stores half of its bytes, the one at ``twice`` is written twice in its map, the one at
+    ``flat`` also at the top level under its "/"-joined path (the flat keys of sharded files)."""
     import msgpack
 
     from blip_core.formats.flax_msgpack import _EXT_NDARRAY
@@ -161,6 +162,8 @@ def _flax_file(leaves: dict, short=None, twice=None) -> bytes:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = (path, np.ascontiguousarray(arr))
+    if flat is not None:
+        tree["/".join(flat)] = (flat, np.ascontiguousarray(leaves[flat]))
 
     def pack(node) -> bytes:
         items = list(node.items())
@@ -204,6 +207,7 @@ FLAX_DAMAGE = {
     "truncated": (lambda data, leaves: data[:-100], "truncated: the param tree runs 100 bytes past the end"),
     "short payload": (lambda data, leaves: _flax_file(leaves, short=sorted(leaves)[0]), r"holds \d+ bytes, not \d+"),
     "a leaf twice": (lambda data, leaves: _flax_file(leaves, twice=sorted(leaves)[-1]), "appears twice in one map"),
+    "a path nested and flat": (lambda data, leaves: _flax_file(leaves, flat=sorted(leaves)[-1]), "is stored twice"),
 }
 
 
