@@ -132,7 +132,7 @@ _VALUES = arrays(np.float64, 6, elements=st.floats(-2000, 2000))
 _FACTORS = arrays(np.float64, 6, elements=st.floats(-3, 3).filter(lambda f: abs(abs(f) - 1) > 1e-6))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(left=_VALUES, factors=_FACTORS, stage=st.sampled_from(["logits", "vision", "loss"]),
        dtype=st.sampled_from(["float32", "bfloat16"]))
 def test_compare_verdict_is_numpys_allclose_with_the_left_column_as_reference(left, factors, stage, dtype):
