@@ -401,6 +401,70 @@ def test_embeddings_cosines_are_the_models_itc_scores(five, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def partly_captioned(five, tmp_path_factory):
+    """``blip embed`` of the five images from a table in which images 1 and 3 have no caption."""
+    d, rows, _, _, opts = five
+    out = tmp_path_factory.mktemp("partly")
+    pq.write_table(pa.table({"file": [r["file_name"] for r in rows],
+                             "caption": [None if i in (1, 3) else r["text"] for i, r in enumerate(rows)]}),
+                   d / "partly.parquet")
+    assert main(["embed", str(d / "partly.parquet"), "--text-column", "caption", "--out", str(out / "e.jsonl"),
+                 *opts]) == 0
+    return out, list(read_rows(str(out / "e.jsonl")))
+
+
+def test_an_item_without_text_has_no_text_embedding(partly_captioned):
+    _, got = partly_captioned
+    assert [r["text"] is None for r in got] == [False, True, False, True, False]
+    assert all((r["text_embedding"] is None) == (r["text"] is None) for r in got)
+    assert all(len(r["image_embedding"]) == 32 for r in got)
+
+
+def test_an_index_holds_only_the_texts_items_have(partly_captioned, tmp_path):
+    from blip_apps.dataset import index as ix
+    folder, got = partly_captioned
+    info = ix.build_index(str(folder / "e.jsonl"), str(tmp_path / "index"), kind="numpy")
+    assert (info["images"], info["texts"]) == (5, 3)
+    assert [t[0] for t in ix.Index(str(tmp_path / "index")).texts] == [r["id"] for r in got if r["text"] is not None]
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_a_batch_the_model_fails_on_is_retried_item_by_item(five, tmp_path, monkeypatch, task):
+    """The model raises on any batch holding the third image: the batch is run again one item at a time, so
+    its other items get their results and only that one an error row."""
+    tasks = importlib.import_module("blip_apps.dataset.tasks")
+    _, rows, table, files, opts = five
+    bad = os.path.basename(files[2])
+    real = tasks.Worker._batch
+
+    def fails_on_the_third(self, batch):
+        if any(r["id"].endswith(bad) for r in batch):
+            raise ValueError("the model cannot take this one")
+        return real(self, batch)
+    monkeypatch.setattr(tasks.Worker, "_batch", fails_on_the_third)
+    out = str(tmp_path / "o.jsonl")
+    extra = ["--text-column", "question"] if task == "vqa" else []
+    assert main([task, table, *extra, "--out", out, *opts]) == 1
+    got = list(read_rows(out))
+    errors = [json.loads(line) for line in _text(out.replace(".jsonl", ".errors.jsonl")).splitlines()]
+    assert len(got) == 4 and not any(r["id"].endswith(bad) for r in got)
+    assert [e["error"] for e in errors] == ["model: ValueError: the model cannot take this one"]
+
+
+@pytest.mark.parametrize("task", ["match", "embed"])
+def test_a_text_length_beyond_the_position_table_is_capped(five, tmp_path, task):
+    """``--text-length 100000`` pads to the model's position table (its default), not past it: the same rows
+    as the default."""
+    _, _, table, _, opts = five
+    outs = []
+    for extra in ([], ["--text-length", "100000"]):
+        out = str(tmp_path / f"{task}{len(extra)}.jsonl")
+        assert main([task, table, "--text-column", "caption", "--out", out, *extra, *opts]) == 0
+        outs.append([{k: v for k, v in r.items()} for r in read_rows(out)])
+    assert len(outs[1]) == 5 and outs[1] == outs[0]
+
+
 class _FakeFaiss:
     """A stand-in with faiss's calls (exact inner products), to test the faiss branch without faiss."""
     METRIC_INNER_PRODUCT = 0
@@ -462,6 +526,30 @@ def test_index_numpy_and_faiss_branch(tmp_path, monkeypatch):
     assert info["kind"] == "faiss" and os.path.exists(tmp_path / "fa" / "images.faiss")
     fa = ix.Index(str(tmp_path / "fa"))
     assert [h[0] for h in fa.search_images(q, 3)] == [h[0] for h in hits]
+
+
+def _tied_index(tmp_path, ids) -> str:
+    """An index over ``ids`` whose rows all hold the same unit vector (the same picture, several times)."""
+    from blip_apps.dataset import index as ix
+    vec = [0.6, 0.8, 0.0, 0.0]
+    rows = [{"id": i, "model": "m", "backend": "torch", "image_embedding": vec, "text": f"text of {i}",
+             "text_embedding": vec} for i in ids]
+    with open(tmp_path / "e.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    ix.build_index(str(tmp_path / "e.jsonl"), str(tmp_path / "index"), kind="numpy")
+    return str(tmp_path / "index")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_search_breaks_exact_ties_by_id(tmp_path, k):
+    """Six rows with the same embedding, listed in reverse order of their ids: a search returns the smallest
+    ids first, images and texts alike, whatever k cuts the tie."""
+    from blip_apps.dataset import index as ix
+    ids = ["f", "e", "d", "c", "b", "a"]
+    index = ix.Index(_tied_index(tmp_path, ids))
+    query = np.array([0.6, 0.8, 0.0, 0.0], np.float32)
+    assert [h[0] for h in index.search_images(query, k)] == sorted(ids)[:k]
+    assert [(h[0], h[1]) for h in index.search_texts(query, k)] == [(i, f"text of {i}") for i in sorted(ids)[:k]]
 
 
 def test_search_recall_bundled(tmp_path, capsys):
