@@ -251,3 +251,96 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(4, cfg) == 1.0
     assert learning_rate(9, cfg) == pytest.approx(0.5)          # half-way through the cosine
     assert learning_rate(13, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+# -- the loop's bookkeeping: checkpoints, held-out loss, retrieval ranking ---------------------------------------
+def _checkpoints(out, steps, without_state=()):
+    from blip_apps.train.loop import STATE_FILE
+    for s in steps:
+        d = out / f"checkpoint-{s}"
+        d.mkdir(parents=True)
+        if s not in without_state:
+            (d / STATE_FILE).write_text("{}")
+
+
+def test_the_latest_checkpoint_is_the_highest_step(tmp_path):
+    from blip_apps.train.loop import latest_checkpoint
+    _checkpoints(tmp_path, [30, 200, 1000, 90])
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
+
+
+def test_a_checkpoint_without_its_state_file_is_not_the_latest(tmp_path):
+    """A run killed while saving leaves a checkpoint folder without trainer_state.json: resuming skips it."""
+    from blip_apps.train.loop import latest_checkpoint
+    _checkpoints(tmp_path, [900, 1000, 1100], without_state=(1100,))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
+
+
+class _Held:
+    """A stand-in held-out set of ``n`` rows whose 'loss' per row is its index."""
+
+    def __init__(self, n):
+        self.n, self.texts = n, ["a shape"] * n
+        self.arrays = {"pixel_values": np.zeros((n, 1)), "input_ids": np.zeros((n, 2), np.int64)}
+
+    def batch(self, idx):
+        return {"row": np.asarray(idx, np.float64)}
+
+
+class _Constant:
+    def generate(self, pixel_values, max_new_tokens):
+        return np.zeros((len(pixel_values), 2), np.int64)
+
+    def decode(self, row, skip_special_tokens):
+        return "a shape"
+
+    def loss(self, batch):                      # the trainer: the mean 'loss' of the batch's rows
+        return float(batch["row"].mean())
+
+
+@pytest.mark.parametrize("n, batch_size", [(5, 2), (7, 3)])
+def test_the_held_out_loss_is_the_mean_over_rows(n, batch_size):
+    """Batches of unequal size (the last is short) weigh by their rows: the mean over the rows, 0..n-1."""
+    from blip_apps.train.loop import TrainConfig, evaluate
+    stub = _Constant()
+    out = evaluate(stub, stub, _Held(n), TrainConfig(task="caption"), trainer=stub, batch_size=batch_size)
+    assert out["loss"] == pytest.approx((n - 1) / 2, rel=1e-12) and out["exact_match"] == 1.0
+
+
+_ITC = np.array([[0.2, 0.5, 0.1], [0.1, 0.6, 0.3], [0.0, 0.2, 0.9]])         # (images, captions)
+_MATCH = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])       # ITM logit of "match"
+_NO_MATCH = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 3.0]])    # ITM logit of "no match"
+
+
+class _Scores:
+    """A stand-in retrieval model reading the tables above: the image index rides in pixel_values, the
+    caption index in input_ids (what the stand-in tokenizer writes)."""
+
+    def __call__(self, input_ids, pixel_values, attention_mask, use_itm_head):
+        i, j = pixel_values[:, 0].astype(int), input_ids[:, 0]
+        if not use_itm_head:
+            return type("Out", (), {"itm_score": _ITC[np.ix_(i, j)]})
+        return type("Out", (), {"itm_score": np.stack([_NO_MATCH[i, j], _MATCH[i, j]], 1)})
+
+
+class _Captions:
+    n, texts = 3, ["t0", "t1", "t2"]
+    arrays = {"pixel_values": np.arange(3, dtype=np.float32)[:, None], "input_ids": np.zeros((3, 4), np.int64)}
+
+    @staticmethod
+    def tokenizer(texts, padding, max_length, truncation, return_tensors):
+        ids = np.zeros((len(texts), max_length), np.int64)
+        ids[:, 0] = [int(t[1:]) for t in texts]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_retrieval_scores_rank_as_blip_does(k):
+    """On hand-made tables: ITC alone picks captions [1, 1, 2], the ITM head alone (match minus no-match) is
+    right for images 0 and 1 only, BLIP's score (match logit + ITC cosine) picks [0, 1, 2]; captions to images
+    by ITC [0, 1, 2]. The ITM head re-ranks every caption (k=0) or ITC's top 2 (k=2): the same scores here."""
+    from blip_apps.train.loop import retrieval_scores
+    got = retrieval_scores(_Scores(), _Captions(), 3, k=k)
+    assert got["top1"] == [0, 1, 2] and got["itc_top1"] == [1, 1, 2]
+    assert (got["recall@1"], got["itc_recall@1"]) == (1.0, pytest.approx(2 / 3))
+    assert got["itm_recall@1"] == pytest.approx(2 / 3) and got["itc_text_to_image_recall@1"] == 1.0
