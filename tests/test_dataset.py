@@ -126,6 +126,66 @@ def test_sources_every_kind(tmp_path):
         sources.plan([str(tmp_path / "t.csv")], bytes_column="img")
 
 
+@pytest.fixture()
+def odd_inputs(tmp_path, monkeypatch):
+    """Inputs whose ids or paths need care, read from another working directory: two folders each holding
+    ``a.png``; a list file of relative paths; a Parquet table of image bytes in two row groups, without an id
+    column, with one empty cell; a CSV of relative paths whose id cell is empty on one row."""
+    imgs = [_png(s) for s, _ in synthetic.rows(4, 13, "test")]
+    for k in (0, 1):
+        (tmp_path / f"dir{k}").mkdir()
+        (tmp_path / f"dir{k}" / "a.png").write_bytes(imgs[k])
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "b.png").write_bytes(imgs[2])
+    (tmp_path / "lists" / "list.txt").write_text("b.png\n")
+    pq.write_table(pa.table({"img": [imgs[0], imgs[1], None, imgs[3]]}), tmp_path / "t.parquet", row_group_size=2)
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "c.png").write_bytes(imgs[3])
+    (tmp_path / "tables" / "t.csv").write_text("key,path\nk1,c.png\n,c.png\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return tmp_path
+
+
+ODD_IDS = {"0:a.png": None, "1:a.png": None, "b.png": None, "k1": None, "t.csv#000000001": None,
+           "t.parquet#000000000": None, "t.parquet#000000001": None, "t.parquet#000000002": "empty path / bytes cell",
+           "t.parquet#000000003": None}
+
+
+def test_odd_inputs_plan_one_item_per_id(odd_inputs):
+    """Folders' ids get the folder's index, list and table paths resolve beside their file, row numbers run
+    on across row groups, an empty id cell takes the row number, an empty cell is an error item."""
+    t = odd_inputs
+    got = {}
+    for inputs, kw in (([str(t / "dir0"), str(t / "dir1"), str(t / "lists" / "list.txt")], {}),
+                       ([str(t / "t.parquet")], {"bytes_column": "img"}),
+                       ([str(t / "tables" / "t.csv")], {"path_column": "path", "id_column": "key"})):
+        units, _ = sources.plan(inputs, **kw)
+        for r in (r for u in units for r in sources.read_unit(json.loads(json.dumps(u)))):
+            assert r["id"] not in got
+            got[r["id"]] = (r["error"], r["data"] is not None)
+    assert {i: e for i, (e, _) in got.items()} == ODD_IDS
+    assert all(has_data == (error is None) for error, has_data in got.values())
+
+
+def test_odd_inputs_through_a_command(odd_inputs, capsys):
+    t = odd_inputs
+    out = str(t / "o.jsonl")
+    assert main(["caption", str(t / "dir0"), str(t / "dir1"), str(t / "lists" / "list.txt"), "--out", out,
+                 "--no-progress"]) == 0
+    assert sorted(r["id"] for r in read_rows(out)) == ["0:a.png", "1:a.png", "b.png"]
+    out = str(t / "p.jsonl")
+    assert main(["caption", str(t / "t.parquet"), "--bytes-column", "img", "--out", out, "--no-progress"]) == 1
+    assert [r["id"] for r in read_rows(out)] == [f"t.parquet#00000000{i}" for i in (0, 1, 3)]
+    errors = [json.loads(line) for line in _text(out.replace(".jsonl", ".errors.jsonl")).splitlines()]
+    assert errors == [{"id": "t.parquet#000000002", "error": "empty path / bytes cell"}]
+    out = str(t / "c.jsonl")
+    assert main(["caption", str(t / "tables" / "t.csv"), "--path-column", "path", "--id-column", "key", "--out", out,
+                 "--no-progress"]) == 0
+    assert [r["id"] for r in read_rows(out)] == ["k1", "t.csv#000000001"]
+
+
 def test_tar_shard_through_a_command(tmp_path, capsys):
     """A WebDataset shard given to ``blip vqa --text-column question``: the question member is asked (not the
     other text kinds beside it), and a key without an image is an error line, not a silent gap."""

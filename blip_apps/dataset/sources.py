@@ -11,8 +11,8 @@ Item ids (the output's sort key):
 - directory: the path relative to the directory, with ``/`` (``cats/0001.jpg``); several directories
   get their own prefix only when more than one input is given (``0:cats/0001.jpg``);
 - glob, single image file or file list: the path as matched or as written in the list;
-- Parquet / CSV: ``--id-column`` if given, else the ``--path-column`` value, else
-  ``<table file name>#<row number, 9 digits>``;
+- Parquet / CSV: ``--id-column`` if given, else the ``--path-column`` value, else (and for an empty or
+  null id cell) ``<table file name>#<row number, 9 digits>``;
 - tar shard (WebDataset layout: members ``key.jpg``, ``key.txt``, ... grouped by key):
   ``<shard file name>/<key>``.
 
@@ -236,7 +236,7 @@ def _read_table(unit, skip):
             item_id = cols[ic][i] if ic else (path if pc else f"{name}#{row:09d}")
             row += 1
             text = cols[tc][i] if tc else None
-            if item_id is None:
+            if item_id is None or item_id == "":      # an empty id cell (CSV reads it as ""): the row number
                 item_id = f"{name}#{row - 1:09d}"
             if str(item_id) in skip:
                 continue
