@@ -76,13 +76,16 @@ def test_caption_json_lines_and_a_bad_image_in_the_batch(demo_models, tmp_path, 
     assert "broken.png" in out.err and "cannot read image" in out.err
 
 
-@pytest.mark.parametrize("command", [["caption"], ["vqa", "QUESTION"], ["match", "a shape"]])
+# Each single-image command's arguments after the image, and the bundled model it uses without --model.
+_COMMANDS = {"caption": ([], "caption"), "vqa": (["what is it?"], "vqa"), "match": (["a shape"], "retrieval")}
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
 def test_a_command_without_a_model_says_it_uses_the_bundled_one(command, capsys):
     from blip_apps.cli import BUNDLED
     from blip_apps.demo import DEMO_IMAGE
-    task = {"caption": "caption", "vqa": "vqa", "match": "retrieval"}[command[0]]
-    args = [command[0], DEMO_IMAGE] + [("what is it?" if a == "QUESTION" else a) for a in command[1:]]
-    assert main(args + ["--max-new-tokens", "3"] if command[0] != "match" else args) == 0
+    extra, task = _COMMANDS[command]
+    assert main([command, DEMO_IMAGE, *extra] + (["--max-new-tokens", "3"] if command != "match" else [])) == 0
     err = capsys.readouterr().err
     assert f"no --model: using the bundled {task} model ({os.path.join(BUNDLED, task)})" in err
 
@@ -93,8 +96,7 @@ def test_the_backend_asked_for_is_the_one_loaded(command, backend, monkeypatch, 
     installed (so the command did ask for it), naming the extra to install."""
     from blip_apps.demo import DEMO_IMAGE
     monkeypatch.setitem(sys.modules, f"backends.{backend}", None)
-    extra = {"caption": [], "vqa": ["what is it?"], "match": ["a shape"]}[command]
-    assert main([command, DEMO_IMAGE, *extra, "--backend", backend]) != 0
+    assert main([command, DEMO_IMAGE, *_COMMANDS[command][0], "--backend", backend]) != 0
     assert f"backend '{backend}' is not installed" in capsys.readouterr().err
 
 

@@ -526,12 +526,7 @@ def test_a_checkpoint_flax_wrote_in_chunks_converts_to_its_weights(tmp_path, mon
     serialization = require("flax.serialization")
     src = fx("BlipTextModel")
     convert(src, tmp_path / "jax", to="jax")
-    tree: dict = {}
-    for path, arr in read_flax_weights(tmp_path / "jax").items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = arr
+    tree = flax_msgpack._tree(read_flax_weights(tmp_path / "jax").items())       # nested {name: array} as flax's
     monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 512)
     (tmp_path / "chunked").mkdir()
     (tmp_path / "chunked" / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))

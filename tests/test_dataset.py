@@ -27,6 +27,8 @@ from blip_apps.cli import BUNDLED, main  # noqa: E402
 from blip_apps.dataset import sources  # noqa: E402
 from blip_apps.dataset.output import read_rows  # noqa: E402
 
+dataset_tasks = importlib.import_module("blip_apps.dataset.tasks")    # the module (its Worker is patched below)
+
 CAPTION = os.path.join(BUNDLED, "caption")
 RETRIEVAL = os.path.join(BUNDLED, "retrieval")
 VQA = os.path.join(BUNDLED, "vqa")
@@ -390,19 +392,18 @@ def test_an_interrupted_run_resumes_with_only_the_rest(five, tmp_path, capsys, m
     want = list(read_rows(whole))
     assert len(want) == 5 and [r["id"] for r in want] == sorted(r["id"] for r in want)
 
-    tasks = importlib.import_module("blip_apps.dataset.tasks")
-    real_run, batches = tasks.Worker.run, []
+    real_run, batches = dataset_tasks.Worker.run, []
 
     def dies_on_the_second_batch(self, records):
         batches.append(len(records))
         if len(batches) == 2:
             raise RuntimeError("killed")
         return real_run(self, records)
-    monkeypatch.setattr(tasks.Worker, "run", dies_on_the_second_batch)
+    monkeypatch.setattr(dataset_tasks.Worker, "run", dies_on_the_second_batch)
     out = str(tmp_path / "o.jsonl")
     with pytest.raises(RuntimeError, match="killed"):
         main(["caption", listing, "--out", out, *RESUME])
-    monkeypatch.setattr(tasks.Worker, "run", real_run)
+    monkeypatch.setattr(dataset_tasks.Worker, "run", real_run)
     [part] = [n for n in os.listdir(out + ".parts") if n.startswith("part-")]
     done = [r["id"] for r in read_rows(os.path.join(out + ".parts", part))]
     assert len(done) == 2 and not os.path.exists(out)
@@ -493,16 +494,15 @@ def test_an_index_holds_only_the_texts_items_have(partly_captioned, tmp_path):
 def test_a_batch_the_model_fails_on_is_retried_item_by_item(five, tmp_path, monkeypatch, task):
     """The model raises on any batch holding the third image: the batch is run again one item at a time, so
     its other items get their results and only that one an error row."""
-    tasks = importlib.import_module("blip_apps.dataset.tasks")
-    _, rows, table, files, opts = five
+    _, _, table, files, opts = five
     bad = os.path.basename(files[2])
-    real = tasks.Worker._batch
+    real = dataset_tasks.Worker._batch
 
     def fails_on_the_third(self, batch):
         if any(r["id"].endswith(bad) for r in batch):
             raise ValueError("the model cannot take this one")
         return real(self, batch)
-    monkeypatch.setattr(tasks.Worker, "_batch", fails_on_the_third)
+    monkeypatch.setattr(dataset_tasks.Worker, "_batch", fails_on_the_third)
     out = str(tmp_path / "o.jsonl")
     extra = ["--text-column", "question"] if task == "vqa" else []
     assert main([task, table, *extra, "--out", out, *opts]) == 1
@@ -521,7 +521,7 @@ def test_a_text_length_beyond_the_position_table_is_capped(five, tmp_path, task)
     for extra in ([], ["--text-length", "100000"]):
         out = str(tmp_path / f"{task}{len(extra)}.jsonl")
         assert main([task, table, "--text-column", "caption", "--out", out, *extra, *opts]) == 0
-        outs.append([{k: v for k, v in r.items()} for r in read_rows(out)])
+        outs.append(list(read_rows(out)))
     assert len(outs[1]) == 5 and outs[1] == outs[0]
 
 

@@ -126,9 +126,9 @@ def test_an_artifact_carries_its_models_processor(tmp_path, capsys, fmt, task):
     ``caption``; SavedModel: its serving signature on the artifact processor's inputs, decoded by that
     processor) are those of ``blip caption`` / ``blip vqa``."""
     from blip_apps.cli import BUNDLED
+    from blip_apps.demo import SAMPLES, _samples
     from blip_core.artifact_files import PROCESSOR_FILES
     from blip_core.processing import BlipProcessor
-    from PIL import Image
     model_dir = os.path.join(BUNDLED, task)
     out = tmp_path / fmt
     assert main(["export", model_dir, str(out), "--format", fmt, "--max-new-tokens", "20"]) == 0
@@ -136,11 +136,8 @@ def test_an_artifact_carries_its_models_processor(tmp_path, capsys, fmt, task):
     assert {"tokenizer.json", "vocab.txt", "preprocessor_config.json"} <= set(copied)
     for name in copied:
         assert (out / name).read_bytes() == open(os.path.join(model_dir, name), "rb").read(), name
-    samples = os.path.join(os.path.dirname(BUNDLED), "assets", "samples")
-    with open(os.path.join(samples, "metadata.jsonl")) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()][:3]
-    files = [os.path.join(samples, r["file_name"]) for r in rows]
-    images = [Image.open(f).convert("RGB") for f in files]
+    rows, images = (x[:3] for x in _samples())
+    files = [os.path.join(SAMPLES, r["file_name"]) for r in rows]
     questions = [r["question"] for r in rows]
     if fmt == "onnx":
         from blip_runtime import OnnxBlip

@@ -28,6 +28,23 @@ def text_dir(tmp_path):
     return out
 
 
+def _read_safetensors(folder):
+    """``(header dict, data buffer)`` of ``folder/model.safetensors``."""
+    data = (folder / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _raw_safetensors(folder, header: str, body: bytes) -> str:
+    """``folder/model.safetensors`` holding ``header`` (JSON, padded to 8 bytes as the format does) and ``body``."""
+    raw = header.encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    folder.mkdir(exist_ok=True)
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return str(path)
+
+
 @pytest.mark.parametrize("backend", sorted(BACKEND_CLASSES))
 @pytest.mark.parametrize("dtype", [np.int32, np.bool_])
 def test_integer_or_bool_weights_are_refused_in_every_backend(text_dir, backend, dtype):
@@ -87,19 +104,14 @@ def test_info_counts_parameters_exactly(tmp_path, capsys):
 def test_overlapping_tensors_are_refused_in_every_backend(text_dir, backend):
     """A header that points two weights at the same bytes (so that one write would change both, or one
     tensor's bytes are read as another's) is refused on loading, with the file named."""
-    weights = text_dir / "model.safetensors"
-    data = weights.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header, body = _read_safetensors(text_dir)
     sized = {}
     for name, info in header.items():
         if name != "__metadata__":
             sized.setdefault(info["data_offsets"][1] - info["data_offsets"][0], []).append(name)
     a, b = next(names for names in sized.values() if len(names) >= 2)[:2]
     header[b]["data_offsets"] = list(header[a]["data_offsets"])     # same byte count, same bytes
-    body = json.dumps(header).encode()
-    body += b" " * (-len(body) % 8)
-    weights.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + n:])
+    _raw_safetensors(text_dir, json.dumps(header), body)
     # (the message itself: tmp_path's name holds "overlapping", so the file's path alone would match "overlap")
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensors '{a}' and '{b}' overlap in the data buffer"):
         BACKEND_CLASSES[backend]().from_pretrained(str(text_dir))
@@ -154,14 +166,9 @@ def _flax_file(leaves: dict, short=None, twice=None, flat=None) -> bytes:
     ``flat`` also at the top level under its "/"-joined path (the flat keys of sharded files)."""
     import msgpack
 
-    from blip_core.formats.flax_msgpack import _EXT_NDARRAY
+    from blip_core.formats.flax_msgpack import _EXT_NDARRAY, _tree
     packer = msgpack.Packer(use_bin_type=True)
-    tree: dict = {}
-    for path, arr in leaves.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = (path, np.ascontiguousarray(arr))
+    tree = _tree((path, (path, np.ascontiguousarray(arr))) for path, arr in leaves.items())
     if flat is not None:
         tree["/".join(flat)] = (flat, np.ascontiguousarray(leaves[flat]))
 
@@ -226,16 +233,6 @@ def test_a_damaged_flax_file_is_refused_in_every_backend(flax_dir, backend, dama
 
 
 # -- safetensors layouts --------------------------------------------------------------------------------------
-def _raw_safetensors(folder, header: str, body: bytes) -> str:
-    """``folder/model.safetensors`` holding ``header`` (JSON, padded to 8 bytes as the format does) and ``body``."""
-    raw = header.encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    folder.mkdir(exist_ok=True)
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-    return str(path)
-
-
 def _row(dtype, shape, begin, end) -> str:
     return json.dumps({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]})
 
@@ -271,13 +268,11 @@ def test_a_name_twice_over_the_same_bytes_is_refused_in_every_backend(text_dir, 
     """Two header rows for one name over the same bytes, as float32 and as float16: the safetensors library
     keeps the last row silently (it reads the float32 bytes as float16); this reader refuses the file."""
     state = checkpoint.load_state_dict(str(text_dir))
-    data = (text_dir / "model.safetensors").read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header, body = _read_safetensors(text_dir)
     name = "embeddings.LayerNorm.weight"
     row = header[name]
     twice = json.dumps(header)[:-1] + f', "{name}": ' + _row("F16", [2 * row["shape"][0]], *row["data_offsets"]) + "}"
-    _raw_safetensors(text_dir, twice, data[8 + n:])
+    _raw_safetensors(text_dir, twice, body)
     from safetensors.numpy import load_file
     assert load_file(str(text_dir / "model.safetensors"))[name].dtype == np.float16
     with pytest.raises(CheckpointError, match=f"names '{name}' twice"):

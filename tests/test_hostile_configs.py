@@ -79,11 +79,16 @@ def _error_of(fn, *args):
     return None
 
 
+def _edit_config(model_dir, edit) -> None:
+    """Rewrite ``model_dir/config.json`` with ``edit(data)`` applied to its dict."""
+    data = json.loads((model_dir / "config.json").read_text())
+    edit(data)
+    (model_dir / "config.json").write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize("field", ["num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings"])
 def test_absurd_sizes_are_refused_before_any_table_is_built(model_dir, field):
-    data = json.loads((model_dir / "config.json").read_text())
-    data["text_config"][field] = 10**9
-    (model_dir / "config.json").write_text(json.dumps(data))
+    _edit_config(model_dir, lambda d: d["text_config"].update({field: 10**9}))
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=f"invalid config field '{field}'.*sanity limit"):
         read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
@@ -93,26 +98,20 @@ def test_absurd_sizes_are_refused_before_any_table_is_built(model_dir, field):
 @pytest.mark.parametrize("field", ["num_hidden_layers", "num_attention_heads"])
 def test_a_boolean_count_in_a_file_is_refused(model_dir, field):
     """``true`` is not the count 1 (json's booleans are Python ints): refused by name on loading."""
-    data = json.loads((model_dir / "config.json").read_text())
-    data["text_config"][field] = True
-    (model_dir / "config.json").write_text(json.dumps(data))
+    _edit_config(model_dir, lambda d: d["text_config"].update({field: True}))
     with pytest.raises(ValueError, match=f"invalid config field '{field}': must be a positive integer, got True"):
         read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
 
 
 def test_a_width_its_heads_do_not_divide_is_refused(model_dir):
-    data = json.loads((model_dir / "config.json").read_text())
-    heads = data["text_config"]["num_attention_heads"]
-    data["text_config"]["hidden_size"] = 8 * heads + 1
-    (model_dir / "config.json").write_text(json.dumps(data))
+    heads = json.loads((model_dir / "config.json").read_text())["text_config"]["num_attention_heads"]
+    _edit_config(model_dir, lambda d: d["text_config"].update(hidden_size=8 * heads + 1))
     with pytest.raises(ValueError, match=f"'hidden_size': {8 * heads + 1} is not divisible by num_attention_heads={heads}"):
         read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
 
 
 def test_a_dropout_outside_0_1_in_a_file_is_refused(model_dir):
-    data = json.loads((model_dir / "config.json").read_text())
-    data["text_config"]["hidden_dropout_prob"] = 1.5
-    (model_dir / "config.json").write_text(json.dumps(data))
+    _edit_config(model_dir, lambda d: d["text_config"].update(hidden_dropout_prob=1.5))
     with pytest.raises(ValueError, match=r"'hidden_dropout_prob': must be in \[0, 1\], got 1.5"):
         read_pretrained(str(model_dir), "BlipForConditionalGeneration", "torch")
 
@@ -120,10 +119,8 @@ def test_a_dropout_outside_0_1_in_a_file_is_refused(model_dir):
 def test_a_blip2_image_token_outside_the_vocabulary_is_refused(tmp_path):
     d, _, _ = fixture("Blip2ForConditionalGeneration")
     shutil.copytree(d, tmp_path / "m")
-    data = json.loads((tmp_path / "m" / "config.json").read_text())
-    vocab = data["text_config"]["vocab_size"]
-    data["image_token_index"] = vocab
-    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    vocab = json.loads((tmp_path / "m" / "config.json").read_text())["text_config"]["vocab_size"]
+    _edit_config(tmp_path / "m", lambda data: data.update(image_token_index=vocab))
     with pytest.raises(ValueError, match=f"'image_token_index': {vocab} is outside the language model's vocabulary"):
         read_pretrained(str(tmp_path / "m"), "Blip2ForConditionalGeneration", "torch")
 

@@ -3,6 +3,9 @@
 Same images, texts and keyword arguments through both: every output key, dtype and value must
 agree, including BLIP-2's `<image>` placeholders prepended after padding and truncation.
 """
+import json
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -117,8 +120,6 @@ def test_save_pretrained_round_trips_through_transformers(dirs, tmp_path, kind):
 def test_text_options_saved_with_the_tokenizer_are_the_processors_defaults(dirs, tmp_path, kind):
     """Text options in tokenizer_config.json (padding to max_length 7, truncation) are the processor's
     defaults, as transformers' processors take them, though the tokenizer alone does not apply them."""
-    import json
-    import shutil
     folder = tmp_path / kind
     shutil.copytree(dirs[kind], folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())

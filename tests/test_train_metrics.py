@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixture_utils import ROOT
-
 from blip_apps import synthetic
+from blip_apps.cli import BUNDLED
 from blip_apps.train import TrainConfig, learning_rate
+from blip_apps.train.loop import STATE_FILE, evaluate, latest_checkpoint, retrieval_scores
 from blip_apps.train import data as data_mod
 from blip_apps.train import metrics
 
@@ -161,9 +161,6 @@ def test_accumulation_only_slices_the_steps_batch():
         assert sliced[0] + sliced[1] == whole, step
 
 
-BUNDLED = os.path.join(ROOT, "blip_apps", "models")
-
-
 def _task_data(task, texts=None, extra=0):
     """TaskData of three synthetic pictures (or of ``texts``, retrieval) with the bundled model's processor;
     ``extra`` more padding positions than the longest text needs."""
@@ -255,7 +252,6 @@ def test_learning_rate_warmup_then_cosine():
 
 # -- the loop's bookkeeping: checkpoints, held-out loss, retrieval ranking ---------------------------------------
 def _checkpoints(out, steps, without_state=()):
-    from blip_apps.train.loop import STATE_FILE
     for s in steps:
         d = out / f"checkpoint-{s}"
         d.mkdir(parents=True)
@@ -264,14 +260,12 @@ def _checkpoints(out, steps, without_state=()):
 
 
 def test_the_latest_checkpoint_is_the_highest_step(tmp_path):
-    from blip_apps.train.loop import latest_checkpoint
     _checkpoints(tmp_path, [30, 200, 1000, 90])
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
 
 
 def test_a_checkpoint_without_its_state_file_is_not_the_latest(tmp_path):
     """A run killed while saving leaves a checkpoint folder without trainer_state.json: resuming skips it."""
-    from blip_apps.train.loop import latest_checkpoint
     _checkpoints(tmp_path, [900, 1000, 1100], without_state=(1100,))
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
 
@@ -301,7 +295,6 @@ class _Constant:
 @pytest.mark.parametrize("n, batch_size", [(5, 2), (7, 3)])
 def test_the_held_out_loss_is_the_mean_over_rows(n, batch_size):
     """Batches of unequal size (the last is short) weigh by their rows: the mean over the rows, 0..n-1."""
-    from blip_apps.train.loop import TrainConfig, evaluate
     stub = _Constant()
     out = evaluate(stub, stub, _Held(n), TrainConfig(task="caption"), trainer=stub, batch_size=batch_size)
     assert out["loss"] == pytest.approx((n - 1) / 2, rel=1e-12) and out["exact_match"] == 1.0
@@ -339,7 +332,6 @@ def test_retrieval_scores_rank_as_blip_does(k):
     """On hand-made tables: ITC alone picks captions [1, 1, 2], the ITM head alone (match minus no-match) is
     right for images 0 and 1 only, BLIP's score (match logit + ITC cosine) picks [0, 1, 2]; captions to images
     by ITC [0, 1, 2]. The ITM head re-ranks every caption (k=0) or ITC's top 2 (k=2): the same scores here."""
-    from blip_apps.train.loop import retrieval_scores
     got = retrieval_scores(_Scores(), _Captions(), 3, k=k)
     assert got["top1"] == [0, 1, 2] and got["itc_top1"] == [1, 1, 2]
     assert (got["recall@1"], got["itc_recall@1"]) == (1.0, pytest.approx(2 / 3))

@@ -126,17 +126,15 @@ def _parse_header(f, path: str, file_size: int) -> SafetensorsHeader:
         _fail(path, f"__metadata__ must map strings to strings, got {metadata!r}")
     buffer_size = file_size - 8 - n
     entries = {name: _parse_entry(path, name, info, buffer_size) for name, info in header.items()}
-    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
-    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
-        if begin1 < end0:
-            _fail(path, f"tensors {name0!r} and {name1!r} overlap in the data buffer (corrupt header)")
-    # As the reference reader requires: the tensors' bytes follow each other from the buffer's first byte to
-    # its last, so no byte of the file is outside the tensors the header lists.
-    at = 0
-    for begin, end, name in spans:
-        if begin != at:
+    # As the reference reader requires, the tensors' bytes follow each other from the buffer's first byte to its
+    # last: no byte belongs to two tensors, none to no tensor.
+    at, previous = 0, None
+    for begin, end, name in sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin):
+        if begin < at:
+            _fail(path, f"tensors {previous!r} and {name!r} overlap in the data buffer (corrupt header)")
+        if begin > at:
             _fail(path, f"bytes {at}..{begin} of the data buffer, before tensor {name!r}, belong to no tensor")
-        at = end
+        at, previous = end, name
     if at != buffer_size:
         _fail(path, f"the last {buffer_size - at} bytes of the data buffer belong to no tensor")
     return SafetensorsHeader(path, metadata, entries, 8 + n, file_size)
