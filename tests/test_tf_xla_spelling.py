@@ -1,9 +1,12 @@
-"""The XLA spellings of the TensorFlow backend (``backends/tf/_base.py``: ``for_xla``, ``rsqrt_eps``, ``softmax``).
+"""The XLA spellings of the TensorFlow backend (``backends/tf/_base.py``: ``for_xla``, ``rsqrt_eps``, ``softmax``,
+``plus_bias``).
 
 Inside a graph traced for XLA, ``rsqrt(var + eps)`` and the softmax go through native tf2xla kernels, not
 through TF 2.21's per-op MLIR lowering (some 10 ms of CPU per node at each process start): the numbers
 must be TensorFlow's own ``Rsqrt`` / ``Softmax`` under XLA bit for bit, and a traced generate program
-must hold none of the ops known to take the slow path.
+must hold none of the ops known to take the slow path. A bias added to a one-row product under XLA sits behind
+an optimization barrier (XLA:CPU would fuse the add into the product and leave the matrix-vector fast path),
+and is still the plain add's result.
 """
 import numpy as np
 import pytest
@@ -47,6 +50,26 @@ def test_softmax_is_softmax_bit_for_bit():
     np.testing.assert_array_equal(_base.softmax(tf.constant(x)).numpy(), tf.nn.softmax(x, axis=-1).numpy())
 
 
+def _graph_ops(fn, *args):
+    return [op.type for op in tf.function(fn, autograph=False).get_concrete_function(*args).graph.get_operations()]
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (1,), (3, 1), (2, 4)])
+def test_plus_bias_is_the_add_bit_for_bit(rows):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(rows + (48,)).astype(np.float32)
+    w = rng.standard_normal((48, 40)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    ref = _xla(lambda v: tf.matmul(v, w) + b, x)
+    spelled = _base.for_xla(lambda v: _base.plus_bias(tf.matmul(v, w), b))
+    np.testing.assert_array_equal(_xla(spelled, x), ref)
+    barriers = _graph_ops(spelled, tf.constant(x)).count("XlaOptimizationBarrier")
+    assert barriers == (1 if int(np.prod(rows)) == 1 else 0)
+    eager = _base.plus_bias(tf.matmul(tf.constant(x), w), b)                 # outside an XLA trace: the add
+    np.testing.assert_array_equal(eager.numpy(), (tf.matmul(x, w) + b).numpy())
+    assert "XlaOptimizationBarrier" not in _graph_ops(lambda v: _base.plus_bias(tf.matmul(v, w), b), tf.constant(x))
+
+
 def _ops(cf):
     ops = {op.type for op in cf.graph.get_operations()}
     for fdef in cf.graph.as_graph_def().library.function:      # the decoding loop's body and condition
@@ -54,13 +77,23 @@ def _ops(cf):
     return ops
 
 
-def test_generate_program_avoids_the_slow_lowerings(monkeypatch):
-    monkeypatch.setenv("BLIP_COMPILE_CACHE", "0")                       # the plain tf.function, traced here
+def _program_ops(batch):
     model = BTF.BlipForConditionalGeneration(core_blip_config(), seed=0)
-    model.generate(pixel_values=tiny_pixels(), max_new_tokens=3)
+    model.generate(pixel_values=tiny_pixels(batch), max_new_tokens=3)
     fns = [getattr(fn, "fn", fn) for fn in model._compiled.values()]
     cfs = [cf for fn in fns for cf in fn._list_all_concrete_functions()]
     assert cfs
-    ops = set().union(*map(_ops, cfs))
+    return set().union(*map(_ops, cfs))
+
+
+def test_generate_program_avoids_the_slow_lowerings(monkeypatch):
+    monkeypatch.setenv("BLIP_COMPILE_CACHE", "0")                       # the plain tf.function, traced here
+    ops = _program_ops(2)
     assert {"FusedBatchNorm", "SoftmaxCrossEntropyWithLogits", "While"} <= ops
     assert not ops & SLOW_OPS, ops & SLOW_OPS
+    assert "XlaOptimizationBarrier" not in ops          # two rows: the products keep their fused bias
+
+
+def test_one_row_generate_program_keeps_bias_adds_apart(monkeypatch):
+    monkeypatch.setenv("BLIP_COMPILE_CACHE", "0")
+    assert "XlaOptimizationBarrier" in _program_ops(1)

@@ -18,7 +18,7 @@ from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from ._base import (BlipTFModel, Dense, LayerNorm, Recorder, activation, as_float, as_ids, as_mask, as_positions, lookup,
-                    attend, cross_entropy, dim, flag, merge_heads, padding_bias, split_heads)
+                    attend, cross_entropy, dim, flag, merge_heads, padding_bias, plus_bias, split_heads)
 
 
 class BertAttention(tf.Module):
@@ -189,7 +189,7 @@ class LMHead(tf.Module):
 
     def __call__(self, h):
         x = self.norm(self.act(self.dense(h)))
-        return tf.matmul(x, self.word_embeddings, transpose_b=True) + self.bias
+        return plus_bias(tf.matmul(x, self.word_embeddings, transpose_b=True), self.bias)
 
 
 class TextLMHeadModel(tf.Module):
