@@ -134,10 +134,6 @@ def same_dim(a, b) -> bool:
 # same HLO (same numbers, bit for bit); eager and plain-graph code keeps the usual ops, whose TF kernels
 # round differently.
 _XLA_TRACE = threading.local()
-try:        # an XLA op (XlaOptimizationBarrier); graphs traced for XLA only
-    from tensorflow.compiler.tf2xla.python.xla import optimization_barrier as _barrier
-except ImportError:   # pragma: no cover - a TensorFlow without it fuses as before
-    _barrier = None
 
 
 def for_xla(fn):
@@ -177,12 +173,12 @@ def rsqrt_eps(var, eps: float):
 
 def plus_bias(y, bias):
     """``y + bias`` for a product ``y``. For XLA, one row (a decoding step at batch 1): XLA:CPU fuses an add
-    that follows a product into the product's output, which takes a matrix-vector product off its fast path
-    (BLIP base's 98 decoder products plus the LM head, one row: 30 against 24 ms a step), so an optimization
-    barrier keeps the add a fusion of its own. Same product, same add: the numbers do not change. Several rows
-    lose nothing to the fusion (3 to 200 rows measured) and keep it."""
-    if _xla_trace() and _barrier is not None and _one_row(y):
-        y = _barrier(y)[0]
+    that follows a matrix-vector product into it, which takes the product off its fast path (BLIP base's 98
+    decoder products plus the LM head, one row: 30 against 24 ms a step). It fuses only an add, so this spells
+    the add as ``y - (-bias)``, the same number in IEEE arithmetic (subtraction is addition of the negation).
+    Several rows are not matrix-vector products; they keep the add."""
+    if _xla_trace() and _one_row(y):
+        return y - (-bias)
     return y + bias
 
 
