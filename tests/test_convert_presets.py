@@ -84,6 +84,61 @@ def test_presets_carry_the_released_sizes_and_the_original_codes_settings():
         assert len(weight_table(arch, cfg)) > 400     # the full-size table builds
 
 
+_VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+_BLIP_VISION = {"layer_norm_eps": 1e-6}                  # BLIP's vit.py (timm); the hub configs and class default say 1e-5
+_BLIP_TEXT = {"num_attention_heads": 12}                 # the released models; the class default is 8
+_BLIP2_T5 = {"use_decoder_only_language_model": False, "is_encoder_decoder": True}
+_FLAN = {"feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "is_gated_act": True, "tie_word_embeddings": False,
+         "decoder_start_token_id": 0, "num_layers": 24, "num_decoder_layers": 24}
+_OPT_SIZES = {"2.7b": {"hidden_size": 2560, "ffn_dim": 10240, "num_attention_heads": 32},
+              "6.7b": {"hidden_size": 4096, "ffn_dim": 16384, "num_attention_heads": 32}}
+
+
+def _opt(size):
+    width = _OPT_SIZES[size]["hidden_size"]
+    return dict(_OPT_SIZES[size], num_hidden_layers=32, word_embed_proj_dim=width, eos_token_id=50118)  # LAVIS stops at "\n"
+
+
+_DIFFERENCES = {  # preset: {section ("" the top level): {field: value where it differs from transformers' default}}
+        "blip-base-captioning": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
+        "blip-base-retrieval": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
+        "blip-base-vqa": {"vision_config": dict(_BLIP_VISION, image_size=480), "text_config": _BLIP_TEXT},
+        "blip-large-captioning": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
+                                  "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
+        "blip-large-retrieval": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
+                                 "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
+        "blip2-opt-2.7b": {"text_config": _opt("2.7b")},
+        "blip2-opt-6.7b": {"text_config": _opt("6.7b")},
+        "blip2-flan-t5-xl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=2048, d_ff=5120, num_heads=32)},
+        "blip2-flan-t5-xxl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=4096, d_ff=10240, num_heads=64)},
+        "blip2-itm-vit-g": {"qformer_config": {"vocab_size": 30523, "use_qformer_text_input": True}},   # + [DEC]
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_differ_from_transformers_defaults_only_by_the_released_sizes(name):
+    """transformers' config defaults describe the base releases (blip-image-captioning-base, blip2-opt-2.7b's
+    vision tower and Q-Former; OPT's and T5's shared settings): every preset field equals the default of
+    transformers' class for its section except the released sizes and the settings the presets' docstring
+    gives reasons for, listed in ``_DIFFERENCES``."""
+    import transformers as T
+
+    assert set(_DIFFERENCES) == set(PRESETS)
+    data = preset_config(name)[1].to_dict()
+    blip2 = name.startswith("blip2")
+    refs = {"": T.Blip2Config() if blip2 else T.BlipConfig(),
+            "vision_config": T.Blip2VisionConfig() if blip2 else T.BlipVisionConfig(),
+            "text_config": T.BlipTextConfig()}
+    if blip2:
+        refs["qformer_config"] = T.Blip2QFormerConfig()
+        refs["text_config"] = T.T5Config() if "t5" in name else T.OPTConfig()
+    for section, ref in refs.items():
+        ours = data[section] if section else {k: v for k, v in data.items() if not isinstance(v, dict)}
+        ref = ref.to_dict()
+        diff = {k: v for k, v in ours.items() if k not in ("model_type", "architectures") and k in ref and v != ref[k]}
+        assert diff == _DIFFERENCES[name].get(section, {}), (section, diff)
+
+
 def test_preset_for_an_original_blip_checkpoint_with_sizes_read_from_it(tmp_path, capsys):
     arch, cfg, sd = small("blip-base-captioning", {
         "text_config.hidden_size": 32, "text_config.intermediate_size": 37, "text_config.num_hidden_layers": 2,
@@ -313,3 +368,69 @@ def test_t5_heads_are_read_from_the_relative_bias_and_the_head_error_names_the_f
     out = capsys.readouterr().out
     assert "text_config.num_heads=4" in out and "text_config.d_kv=8" in out, out
     assert load_config(tmp_path / "out").to_dict() == cfg.to_dict()
+
+
+# -- which names a tower's checkpoint may fill ---------------------------------------------------------------
+def _without(lavis, *prefixes):
+    return {k: v for k, v in lavis.items() if not k.startswith(prefixes)}
+
+
+def _component_case(case, lavis_opt, tmp_path):
+    """One rule of ``converters/components.py``, checked on the LAVIS fixture (see the test's cases)."""
+    d, src, lavis = lavis_opt
+    full_cfg = load_config(d / "full")
+    if case in ("vision sizes from a whole model's config", "language-model sizes from a whole model's config"):
+        vision = case.startswith("vision")
+        torch_save(_without(lavis, "visual_encoder." if vision else "opt_model."), tmp_path / "partial.pth")
+        heads = {"qformer_config.num_attention_heads": 4, "vision_config.num_attention_heads": 4,
+                 "text_config.num_attention_heads": 4}
+        r = convert(tmp_path / "partial.pth", tmp_path / "out", to="torch", allow_pickle_bin=True,
+                    preset="blip2-opt-2.7b", overrides={k: v for k, v in heads.items() if not k.startswith(
+                        "vision" if vision else "text")}, **{"vision_model" if vision else "language_model": d / "full"})
+        section = "vision_config" if vision else "text_config"
+        assert any(f"{section} sizes from the config.json" in n for n in r.notes), r.notes
+        got = getattr(load_config(tmp_path / "out"), section)
+        assert got.hidden_size == getattr(full_cfg, section).hidden_size
+        assert same_bytes(tmp_path / "out", d / "full")
+    elif case in ("a vision checkpoint does not fill the Q-Former", "a language model does not fill the vision tower"):
+        vision = case.startswith("a vision")
+        torch_save(_without(lavis, "visual_encoder.", "Qformer." if vision else "opt_model."), tmp_path / "p.pth")
+        with pytest.raises(checkpoint.StateDictMismatchError, match="qformer" if vision else "vision_model"):
+            convert(tmp_path / "p.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                    **{"vision_model" if vision else "language_model": d / "full"})
+    elif case == "a name in a layer the model has is not a deeper layer":
+        torch_save(_without(lavis, "opt_model."), tmp_path / "nolm.pth")
+        lm = {k[len("opt_model."):]: v for k, v in lavis.items() if k.startswith("opt_model.")}
+        lm["model.decoder.layers.0.self_attn.rotary_inv_freq"] = np.zeros(4, np.float32)
+        checkpoint.save_state_dict(tmp_path / "opt", lm)
+        with pytest.raises(checkpoint.StateDictMismatchError, match="rotary_inv_freq"):
+            convert(tmp_path / "nolm.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                    language_model=tmp_path / "opt")
+    elif case == "a tower the checkpoint has whole supplies nothing":
+        with pytest.raises(ValueError, match="supplies no vision_model weight"):
+            convert(d / "full.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                    vision_model=d / "full")
+    elif case == "the bare EVA file through the command line":
+        torch_save(_without(lavis, "visual_encoder."), tmp_path / "partial.pth")
+        eva = {k[len("visual_encoder."):]: v for k, v in lavis.items() if k.startswith("visual_encoder.")}
+        torch_save(eva, tmp_path / "eva_vit_g.pth", wrap=False)
+        assert cli_main(["convert", str(tmp_path / "partial.pth"), str(tmp_path / "out"), "--to", "torch",
+                         "--config", src, "--allow-pickle-bin", "--vision-model", str(tmp_path / "eva_vit_g.pth"),
+                         "--no-progress"]) == 0
+        assert same_bytes(tmp_path / "out", d / "full")
+    else:
+        raise AssertionError(case)
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("case", ["vision sizes from a whole model's config", "language-model sizes from a whole model's config",
+                                  "a vision checkpoint does not fill the Q-Former",
+                                  "a language model does not fill the vision tower",
+                                  "a name in a layer the model has is not a deeper layer",
+                                  "a tower the checkpoint has whole supplies nothing",
+                                  "the bare EVA file through the command line"])
+def test_component_checkpoint_rules(lavis_opt, tmp_path, case):
+    """A component fills only its own tower's missing names (a whole model given as one tower lends nothing
+    else), takes that tower's sizes from the section of a whole model's config.json, refuses a name of a layer
+    the model has but no place for, and must fill something."""
+    _component_case(case, lavis_opt, tmp_path)

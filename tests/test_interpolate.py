@@ -12,7 +12,9 @@ def test_matches_torch_bicubic(h, w, oh, ow):
     grid = np.random.default_rng(h * 100 + ow).standard_normal((h, w, 5)).astype(np.float32)
     ref = torch.nn.functional.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=(oh, ow),
                                           mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(resize_grid(grid, oh, ow), ref, rtol=0, atol=1e-5)
+    got = resize_grid(grid, oh, ow)
+    assert got.dtype == grid.dtype
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
 def test_identity_size_is_identity_and_rows_sum_to_one():

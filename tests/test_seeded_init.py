@@ -189,22 +189,19 @@ def _hf_case(d):
     return arch, getattr(transformers, arch)(getattr(transformers, arch).config_class.from_pretrained(d))
 
 
-@pytest.mark.parametrize("d", FIXTURES, ids=[os.path.basename(d) for d in FIXTURES])
-def test_rules_match_transformers_init(d):
+def _check_against_transformers(arch, hf, cfg):
     """Per row: transformers' constants exactly, its std within sampling error, its zeroed rows.
 
-    The one planned difference: BLIP-2 ``query_tokens`` (transformers zero-fills them).
+    The one planned difference: BLIP-2 ``query_tokens`` (transformers zero-fills them; drawn here at the
+    composite config's ``initializer_range``).
     """
-    import torch
-    torch.manual_seed(0)
-    arch, hf = _hf_case(d)
     ref = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    cfg = config_for(arch, d)
     ours = random_weights(arch, cfg, 0)
     for name, rule in init_rules(arch, cfg).items():
         h, o = ref[name], ours[name]
         if name == "query_tokens":
-            assert not h.any() and rule.dist == "normal" and o.std() > 0
+            assert not h.any() and rule.dist == "normal" and rule.std == np.float32(cfg.initializer_range)
+            assert abs(math.log(o.std() / rule.std)) < 5 / math.sqrt(2 * o.size) + 0.01
         elif (h == h.flat[0]).all():
             assert rule.dist == "constant" and (o == h.flat[0]).all(), name
         else:
@@ -213,3 +210,45 @@ def test_rules_match_transformers_init(d):
             assert abs(math.log(o.std() / rule.std)) < tol, name
             if h.ndim == 2:
                 assert np.array_equal(~h.any(axis=1), ~o.any(axis=1)), name
+
+
+@pytest.mark.parametrize("d", FIXTURES, ids=[os.path.basename(d) for d in FIXTURES])
+def test_rules_match_transformers_init(d):
+    import torch
+    torch.manual_seed(0)
+    arch, hf = _hf_case(d)
+    _check_against_transformers(arch, hf, config_for(arch, d))
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_t5_rules_match_transformers_init_where_every_size_differs(factor):
+    """T5's Mesh TensorFlow scaling needs sizes the fixtures make equal kept apart: d_model 64, d_kv 24 with
+    4 heads (96 wide), d_ff 256, and an ``initializer_factor`` other than 1; the Q-Former, vision tower and
+    composite config each get their own range."""
+    import torch
+    import transformers
+    from hf_configs import T5_TEXT
+    hf_cfg = blip2_config(text=dict(T5_TEXT, vocab_size=300, d_model=64, d_kv=24, num_heads=4, d_ff=256,
+                                    initializer_factor=factor),
+                          vision=dict(initializer_range=0.05), qformer=dict(initializer_range=0.03),
+                          initializer_range=0.04, num_query_tokens=64)
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(hf_cfg)
+    cfg = config_from_dict(hf_cfg.to_dict())
+    _check_against_transformers("Blip2ForConditionalGeneration", hf, cfg)
+
+
+@pytest.mark.parametrize("std", [0.02, 1.5])
+def test_truncated_rows_follow_torchs_trunc_normal(std):
+    """Vision class and position embeddings: torch's ``trunc_normal_(std=std)``, whose bounds are -2 and 2 in
+    absolute terms: compared by quantiles with torch's own draw of as many values."""
+    import torch
+    cfg = blip_config(vision=dict(hidden_size=256, image_size=384, patch_size=16, initializer_range=std,
+                                  num_attention_heads=4, intermediate_size=37))
+    w = random_weights("BlipVisionModel", config_from_dict(cfg.to_dict()), 0)
+    ours = np.concatenate([w["embeddings.class_embedding"].ravel(), w["embeddings.position_embedding"].ravel()])
+    torch.manual_seed(0)
+    ref = torch.nn.init.trunc_normal_(torch.empty(ours.size), std=std).numpy()
+    assert np.abs(ours).max() <= 2.0
+    qs = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+    np.testing.assert_allclose(np.quantile(ours, qs), np.quantile(ref, qs), rtol=0, atol=0.05 * std)   # ~3.5 s.e. at 1%

@@ -16,6 +16,7 @@ from backends.torch import layout
 from backends.torch.quantize import Int8Linear, quantize_int8
 from blip_core import to_numpy
 from fixture_utils import fixture
+from hf_configs import randomize
 
 INT8_AGREEMENT = {64: 0.90, 200: 0.95}   # measured 98.5% on 200 (see the module docstring)
 
@@ -90,6 +91,16 @@ def test_int8_follows_in_place_weight_changes():
         after = q(x)
         assert torch.allclose(after, 2 * (before - lin.bias) + lin.bias, atol=0.1)
         assert torch.allclose(after, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=0.1)
+
+
+def test_int8_follows_in_place_bias_changes():
+    lin = torch.nn.Linear(16, 8)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = q(x)
+        lin.bias.add_(5.0)            # fbgemm's packed copy holds the bias too
+        np.testing.assert_allclose(q(x).numpy(), (before + 5.0).numpy(), rtol=0, atol=1e-5)
 
 
 def test_int8_refuses_what_it_cannot_do(tmp_path):
@@ -220,3 +231,76 @@ def test_int8_one_row_products_are_weight_only(out_features):
         lin.weight.mul_(2.0)                               # stale: the dynamic product on the new weights
         assert not lay.fresh(lin)
         torch.testing.assert_close(lin(x), torch.ops.quantized.linear_dynamic(x, lin._packed, True))
+
+
+def _int8_models():
+    """The two ways to an int8 model: quantising a float32 one that has decoded (and holds its float32 decoding
+    copies), and loading with ``quantize="int8"``."""
+    path, inputs, _ = fixture("BlipForConditionalGeneration")
+    decoded = bt.BlipForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        decoded.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=3)
+    return {"quantize_int8": lambda: quantize_int8(decoded),
+            "from_pretrained": lambda: bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")}
+
+
+@pytest.mark.parametrize("way", ["quantize_int8", "from_pretrained"])
+def test_int8_model_is_for_inference_and_keeps_its_run_once_layers(monkeypatch, way):
+    """Eval mode and no gradients (``quantize_int8``'s docstring); the image's cross-attention keys and values,
+    computed once per input, stay marked so and get no decoding copy when the model decodes one row."""
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "COPIES", True)
+    model = _int8_models()[way]()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert not any(m.__dict__.get("_fused") is not None for m in model.modules())     # no float32 decoding copy left
+    _, inputs, _ = fixture("BlipForConditionalGeneration")
+    with torch.no_grad():
+        model.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=3)
+    cross = [m for layer in model.text_decoder.bert.encoder.layer
+             for m in (layer.crossattention.self.key, layer.crossattention.self.value)]
+    assert cross and all(isinstance(m, Int8Linear) and m.runs_once and m._layout is None for m in cross)
+    assert any(m._layout is not None for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_refuses_a_half_precision_model(dtype):
+    path, _, _ = fixture("BlipForConditionalGeneration")
+    with pytest.raises(ValueError, match="float32"):
+        quantize_int8(bt.BlipForConditionalGeneration.from_pretrained(path).to(dtype))
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=5), dict(max_new_tokens=5, output_scores=True,
+                                                                return_dict_in_generate=True)])
+def test_int8_prompt_of_several_tokens_after_a_one_row_decode(monkeypatch, kw):
+    """A one-row layout serves only one-row calls: a batch-1 prompt of several tokens (1, n, d) runs fbgemm's
+    product whether or not an earlier call left the layers their one-row copies."""
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "COPIES", True)
+    path, inputs, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")
+    prompt = dict(pixel_values=inputs["pixel_values"][:1], input_ids=inputs["input_ids"][:1, :4], **kw)
+    with torch.no_grad():
+        first = model.generate(**prompt)
+        assert any(m._layout is not None for m in model.modules() if isinstance(m, Int8Linear))
+        again = model.generate(**prompt)
+    if isinstance(first, torch.Tensor):
+        np.testing.assert_array_equal(to_numpy(again), to_numpy(first))
+    else:
+        np.testing.assert_array_equal(to_numpy(again.sequences), to_numpy(first.sequences))
+        for a, b in zip(again.scores, first.scores):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_int8_model_follows_load_state_dict():
+    """New weights copied into an int8 model (``load_state_dict`` writes in place) are the ones it multiplies by:
+    its outputs equal those of the new weights quantised afresh, bit for bit."""
+    path, inputs, _ = fixture("BlipForConditionalGeneration")
+    model = bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")
+    other = randomize(bt.BlipForConditionalGeneration(model.config, seed=None), seed=1, std=0.2)
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+        fresh = quantize_int8(other)
+        px = torch.as_tensor(inputs["pixel_values"])
+        got = model.vision_model(pixel_values=px).last_hidden_state
+        want = fresh.vision_model(pixel_values=px).last_hidden_state
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
