@@ -91,16 +91,8 @@ def test_int8_follows_in_place_weight_changes():
         after = q(x)
         assert torch.allclose(after, 2 * (before - lin.bias) + lin.bias, atol=0.1)
         assert torch.allclose(after, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=0.1)
-
-
-def test_int8_follows_in_place_bias_changes():
-    lin = torch.nn.Linear(16, 8)
-    q = Int8Linear.from_linear(lin)
-    x = torch.randn(3, 16)
-    with torch.no_grad():
-        before = q(x)
-        lin.bias.add_(5.0)            # fbgemm's packed copy holds the bias too
-        np.testing.assert_allclose(q(x).numpy(), (before + 5.0).numpy(), rtol=0, atol=1e-5)
+        lin.bias.add_(5.0)            # and the bias
+        np.testing.assert_allclose(q(x).numpy(), (after + 5.0).numpy(), rtol=0, atol=1e-5)
 
 
 def test_int8_refuses_what_it_cannot_do(tmp_path):
