@@ -100,18 +100,18 @@ def _opt(size):
 
 
 _DIFFERENCES = {  # preset: {section ("" the top level): {field: value where it differs from transformers' default}}
-        "blip-base-captioning": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
-        "blip-base-retrieval": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
-        "blip-base-vqa": {"vision_config": dict(_BLIP_VISION, image_size=480), "text_config": _BLIP_TEXT},
-        "blip-large-captioning": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
-                                  "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
-        "blip-large-retrieval": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
-                                 "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
-        "blip2-opt-2.7b": {"text_config": _opt("2.7b")},
-        "blip2-opt-6.7b": {"text_config": _opt("6.7b")},
-        "blip2-flan-t5-xl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=2048, d_ff=5120, num_heads=32)},
-        "blip2-flan-t5-xxl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=4096, d_ff=10240, num_heads=64)},
-        "blip2-itm-vit-g": {"qformer_config": {"vocab_size": 30523, "use_qformer_text_input": True}},   # + [DEC]
+    "blip-base-captioning": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
+    "blip-base-retrieval": {"vision_config": _BLIP_VISION, "text_config": _BLIP_TEXT},
+    "blip-base-vqa": {"vision_config": dict(_BLIP_VISION, image_size=480), "text_config": _BLIP_TEXT},
+    "blip-large-captioning": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
+                              "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
+    "blip-large-retrieval": {"vision_config": dict(_BLIP_VISION, **_VIT_L),
+                             "text_config": dict(_BLIP_TEXT, encoder_hidden_size=1024)},
+    "blip2-opt-2.7b": {"text_config": _opt("2.7b")},
+    "blip2-opt-6.7b": {"text_config": _opt("6.7b")},
+    "blip2-flan-t5-xl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=2048, d_ff=5120, num_heads=32)},
+    "blip2-flan-t5-xxl": {"": _BLIP2_T5, "text_config": dict(_FLAN, d_model=4096, d_ff=10240, num_heads=64)},
+    "blip2-itm-vit-g": {"qformer_config": {"vocab_size": 30523, "use_qformer_text_input": True}},   # + [DEC]
 }
 
 
@@ -375,62 +375,63 @@ def _without(lavis, *prefixes):
     return {k: v for k, v in lavis.items() if not k.startswith(prefixes)}
 
 
-def _component_case(case, lavis_opt, tmp_path):
-    """One rule of ``converters/components.py``, checked on the LAVIS fixture (see the test's cases)."""
+_HEADS_BUT = {"vision": {"qformer_config.num_attention_heads": 4, "text_config.num_attention_heads": 4},
+              "language": HEADS}          # the small fixture's heads, but for the tower whose config.json is read
+_TOWER = {"vision": ("vision_model", "vision_config", "visual_encoder."),
+          "language": ("language_model", "text_config", "opt_model.")}   # argument, config section, LAVIS prefix
+
+
+@pytest.mark.parametrize("tower", ["vision", "language"])
+def test_component_whole_model_lends_its_config_sections_sizes(lavis_opt, tmp_path, tower):
+    """A whole BLIP-2 directory given as one tower: that tower's sizes come from its config.json's section."""
+    d, _, lavis = lavis_opt
+    arg, section, prefix = _TOWER[tower]
+    torch_save(_without(lavis, prefix), tmp_path / "partial.pth")
+    r = convert(tmp_path / "partial.pth", tmp_path / "out", to="torch", allow_pickle_bin=True,
+                preset="blip2-opt-2.7b", overrides=_HEADS_BUT[tower], **{arg: d / "full"})
+    assert any(f"{section} sizes from the config.json" in n for n in r.notes), r.notes
+    got = getattr(load_config(tmp_path / "out"), section)
+    assert got.hidden_size == getattr(load_config(d / "full"), section).hidden_size
+    assert same_bytes(tmp_path / "out", d / "full")
+
+
+@pytest.mark.parametrize("tower", ["vision", "language"])
+def test_component_whole_model_fills_only_its_own_tower(lavis_opt, tmp_path, tower):
+    """Given as one tower, a whole model lends nothing to another tower the checkpoint lacks."""
     d, src, lavis = lavis_opt
-    full_cfg = load_config(d / "full")
-    if case in ("vision sizes from a whole model's config", "language-model sizes from a whole model's config"):
-        vision = case.startswith("vision")
-        torch_save(_without(lavis, "visual_encoder." if vision else "opt_model."), tmp_path / "partial.pth")
-        heads = {"qformer_config.num_attention_heads": 4, "vision_config.num_attention_heads": 4,
-                 "text_config.num_attention_heads": 4}
-        r = convert(tmp_path / "partial.pth", tmp_path / "out", to="torch", allow_pickle_bin=True,
-                    preset="blip2-opt-2.7b", overrides={k: v for k, v in heads.items() if not k.startswith(
-                        "vision" if vision else "text")}, **{"vision_model" if vision else "language_model": d / "full"})
-        section = "vision_config" if vision else "text_config"
-        assert any(f"{section} sizes from the config.json" in n for n in r.notes), r.notes
-        got = getattr(load_config(tmp_path / "out"), section)
-        assert got.hidden_size == getattr(full_cfg, section).hidden_size
-        assert same_bytes(tmp_path / "out", d / "full")
-    elif case in ("a vision checkpoint does not fill the Q-Former", "a language model does not fill the vision tower"):
-        vision = case.startswith("a vision")
-        torch_save(_without(lavis, "visual_encoder.", "Qformer." if vision else "opt_model."), tmp_path / "p.pth")
-        with pytest.raises(checkpoint.StateDictMismatchError, match="qformer" if vision else "vision_model"):
-            convert(tmp_path / "p.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
-                    **{"vision_model" if vision else "language_model": d / "full"})
-    elif case == "a name in a layer the model has is not a deeper layer":
-        torch_save(_without(lavis, "opt_model."), tmp_path / "nolm.pth")
-        lm = {k[len("opt_model."):]: v for k, v in lavis.items() if k.startswith("opt_model.")}
-        lm["model.decoder.layers.0.self_attn.rotary_inv_freq"] = np.zeros(4, np.float32)
-        checkpoint.save_state_dict(tmp_path / "opt", lm)
-        with pytest.raises(checkpoint.StateDictMismatchError, match="rotary_inv_freq"):
-            convert(tmp_path / "nolm.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
-                    language_model=tmp_path / "opt")
-    elif case == "a tower the checkpoint has whole supplies nothing":
-        with pytest.raises(ValueError, match="supplies no vision_model weight"):
-            convert(d / "full.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
-                    vision_model=d / "full")
-    elif case == "the bare EVA file through the command line":
-        torch_save(_without(lavis, "visual_encoder."), tmp_path / "partial.pth")
-        eva = {k[len("visual_encoder."):]: v for k, v in lavis.items() if k.startswith("visual_encoder.")}
-        torch_save(eva, tmp_path / "eva_vit_g.pth", wrap=False)
-        assert cli_main(["convert", str(tmp_path / "partial.pth"), str(tmp_path / "out"), "--to", "torch",
-                         "--config", src, "--allow-pickle-bin", "--vision-model", str(tmp_path / "eva_vit_g.pth"),
-                         "--no-progress"]) == 0
-        assert same_bytes(tmp_path / "out", d / "full")
-    else:
-        raise AssertionError(case)
+    arg, _, _ = _TOWER[tower]
+    other = "Qformer." if tower == "vision" else "opt_model."
+    torch_save(_without(lavis, "visual_encoder.", other), tmp_path / "p.pth")
+    with pytest.raises(checkpoint.StateDictMismatchError, match="qformer" if tower == "vision" else "vision_model"):
+        convert(tmp_path / "p.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True, **{arg: d / "full"})
     assert not os.path.exists(tmp_path / "x")
 
 
-@pytest.mark.parametrize("case", ["vision sizes from a whole model's config", "language-model sizes from a whole model's config",
-                                  "a vision checkpoint does not fill the Q-Former",
-                                  "a language model does not fill the vision tower",
-                                  "a name in a layer the model has is not a deeper layer",
-                                  "a tower the checkpoint has whole supplies nothing",
-                                  "the bare EVA file through the command line"])
-def test_component_checkpoint_rules(lavis_opt, tmp_path, case):
-    """A component fills only its own tower's missing names (a whole model given as one tower lends nothing
-    else), takes that tower's sizes from the section of a whole model's config.json, refuses a name of a layer
-    the model has but no place for, and must fill something."""
-    _component_case(case, lavis_opt, tmp_path)
+def test_component_name_in_a_layer_the_model_has_is_not_a_deeper_layer(lavis_opt, tmp_path):
+    d, src, lavis = lavis_opt
+    torch_save(_without(lavis, "opt_model."), tmp_path / "nolm.pth")
+    lm = {k[len("opt_model."):]: v for k, v in lavis.items() if k.startswith("opt_model.")}
+    lm["model.decoder.layers.0.self_attn.rotary_inv_freq"] = np.zeros(4, np.float32)
+    checkpoint.save_state_dict(tmp_path / "opt", lm)
+    with pytest.raises(checkpoint.StateDictMismatchError, match="rotary_inv_freq"):
+        convert(tmp_path / "nolm.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                language_model=tmp_path / "opt")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_component_for_a_tower_the_checkpoint_has_whole_supplies_nothing(lavis_opt, tmp_path):
+    d, src, _ = lavis_opt
+    with pytest.raises(ValueError, match="supplies no vision_model weight"):
+        convert(d / "full.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True, vision_model=d / "full")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_component_bare_eva_file_through_the_command_line(lavis_opt, tmp_path):
+    d, src, lavis = lavis_opt
+    torch_save(_without(lavis, "visual_encoder."), tmp_path / "partial.pth")
+    eva = {k[len("visual_encoder."):]: v for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    torch_save(eva, tmp_path / "eva_vit_g.pth", wrap=False)
+    assert cli_main(["convert", str(tmp_path / "partial.pth"), str(tmp_path / "out"), "--to", "torch",
+                     "--config", src, "--allow-pickle-bin", "--vision-model", str(tmp_path / "eva_vit_g.pth"),
+                     "--no-progress"]) == 0
+    assert same_bytes(tmp_path / "out", d / "full")

@@ -199,13 +199,13 @@ def _check_against_transformers(arch, hf, cfg):
     ours = random_weights(arch, cfg, 0)
     for name, rule in init_rules(arch, cfg).items():
         h, o = ref[name], ours[name]
+        tol = 5 / math.sqrt(2 * h.size) + 0.01          # sampling error of a std over h.size values
         if name == "query_tokens":
             assert not h.any() and rule.dist == "normal" and rule.std == np.float32(cfg.initializer_range)
-            assert abs(math.log(o.std() / rule.std)) < 5 / math.sqrt(2 * o.size) + 0.01
+            assert abs(math.log(o.std() / rule.std)) < tol
         elif (h == h.flat[0]).all():
             assert rule.dist == "constant" and (o == h.flat[0]).all(), name
         else:
-            tol = 5 / math.sqrt(2 * h.size) + 0.01
             assert rule.dist != "constant" and abs(math.log(h.std() / rule.std)) < tol, name
             assert abs(math.log(o.std() / rule.std)) < tol, name
             if h.ndim == 2:

@@ -225,15 +225,16 @@ def test_int8_one_row_products_are_weight_only(out_features):
         torch.testing.assert_close(lin(x), torch.ops.quantized.linear_dynamic(x, lin._packed, True))
 
 
-def _int8_models():
+def _int8_model(way):
     """The two ways to an int8 model: quantising a float32 one that has decoded (and holds its float32 decoding
     copies), and loading with ``quantize="int8"``."""
     path, inputs, _ = fixture("BlipForConditionalGeneration")
+    if way == "from_pretrained":
+        return bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")
     decoded = bt.BlipForConditionalGeneration.from_pretrained(path)
     with torch.no_grad():
         decoded.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=3)
-    return {"quantize_int8": lambda: quantize_int8(decoded),
-            "from_pretrained": lambda: bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")}
+    return quantize_int8(decoded)
 
 
 @pytest.mark.parametrize("way", ["quantize_int8", "from_pretrained"])
@@ -242,7 +243,7 @@ def test_int8_model_is_for_inference_and_keeps_its_run_once_layers(monkeypatch, 
     computed once per input, stay marked so and get no decoding copy when the model decodes one row."""
     monkeypatch.setattr(layout, "ENABLED", None)
     monkeypatch.setattr(layout, "COPIES", True)
-    model = _int8_models()[way]()
+    model = _int8_model(way)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert not any(m.__dict__.get("_fused") is not None for m in model.modules())     # no float32 decoding copy left
     _, inputs, _ = fixture("BlipForConditionalGeneration")

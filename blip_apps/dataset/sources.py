@@ -233,11 +233,11 @@ def _read_table(unit, skip):
         cols = {c: batch.column(c).to_pylist() for c in batch.schema.names}
         for i in range(batch.num_rows):
             path = cols[pc][i] if pc else None
-            item_id = cols[ic][i] if ic else (path if pc else f"{name}#{row:09d}")
+            item_id = cols[ic][i] if ic else path
+            if item_id is None or item_id == "":      # no id or path column, or an empty cell (CSV reads it as "")
+                item_id = f"{name}#{row:09d}"
             row += 1
             text = cols[tc][i] if tc else None
-            if item_id is None or item_id == "":      # an empty id cell (CSV reads it as ""): the row number
-                item_id = f"{name}#{row - 1:09d}"
             if str(item_id) in skip:
                 continue
             if bc and cols[bc][i] is not None:
