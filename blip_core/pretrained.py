@@ -116,15 +116,18 @@ def select_weights(state: dict, table: dict, architecture: str, config: _Config,
       from ``seed`` as ``Cls(config, seed=seed)`` would draw them, with a warning naming them.
     """
     owned = {name for name, spec in table.items() if spec.tied_to is None}
-    unused = []
+    unused, family = [], None
     if config is not full_config and not owned <= set(state):
         for prefix in TOWER_PREFIXES.get(architecture, ()):
             if any(k.startswith(prefix) for k in state):
-                unused = sorted(k for k in state if not k.startswith(prefix))      # the rest of the model
-                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                family = family_keys(full_config)
+                # the rest of the model is dropped; a name of no class of the family stays, to be refused below
+                unused = sorted(k for k in state if not k.startswith(prefix) and k in family)
+                state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
+                         if k.startswith(prefix) or k not in family}
                 break
     extra = sorted(k for k in state if k not in table)
-    if extra and set(extra) <= family_keys(full_config):
+    if extra and set(extra) <= (family if family is not None else family_keys(full_config)):
         unused += extra
         state = {k: v for k, v in state.items() if k in table}
     if unused:

@@ -145,3 +145,37 @@ def test_device_names_of_the_jax_and_tf_backends():
             assert model(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[0] == inputs["pixel_values"].shape[0]
         with pytest.raises(ValueError, match="use 'cpu', 'gpu' or 'cuda'"):
             cls.from_pretrained(path, device="mps")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name, name", [("BlipForConditionalGeneration", "vision_model.encoder.not_a_weight"),
+                                            ("BlipVisionModel", "vision_model.encoder.not_a_weight"),
+                                            ("BlipVisionModel", "not_a_weight.bias"),
+                                            ("BlipTextModel", "text_decoder.cls.not_a_weight")])
+def test_a_weight_no_class_of_the_family_has_is_an_error_in_every_backend(tmp_path, backend, cls_name, name):
+    """A name no BLIP class uses (a damaged or foreign file) is never dropped as another class's weight: loading
+    the whole model, or a tower from it, raises naming it, whether the name is under the tower's prefix or
+    outside it (where the rest of the model's names are dropped)."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    path, _, _ = fixture("BlipForConditionalGeneration")
+    shutil.copy(f"{path}/config.json", tmp_path / "config.json")
+    state = load_file(f"{path}/model.safetensors")
+    state[name] = np.zeros(3, np.float32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StateDictMismatchError, match="not_a_weight"):
+        getattr(_backend(backend), cls_name).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantisation_keywords_that_ask_for_none_are_accepted(backend):
+    """transformers' defaults (``load_in_8bit=False``, ``load_in_4bit=False``, ``quantization_config=None``)
+    ask for no quantisation: they load the float model, as transformers does."""
+    path, inputs, _ = fixture("BlipVisionModel")
+    hf = transformers.BlipVisionModel.from_pretrained(path, load_in_8bit=False, load_in_4bit=False,
+                                                      quantization_config=None).eval()
+    with torch.no_grad():
+        want = hf(pixel_values=torch.from_numpy(inputs["pixel_values"])).last_hidden_state.numpy()
+    model = _backend(backend).BlipVisionModel.from_pretrained(path, load_in_8bit=False, load_in_4bit=False,
+                                                              quantization_config=None)
+    _close(model(pixel_values=inputs["pixel_values"]).last_hidden_state, want)
