@@ -523,6 +523,45 @@ def test_cast_state_dict_only_touches_floats():
         cast_state_dict({"x": x}, "int32")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cast_state_dict_casts_what_torch_module_to_casts(dtype):
+    """``cast_state_dict(state, dtype)`` is torch's ``module.to(dtype)`` on the module's state: floating
+    parameters and buffers cast (round to nearest even), integer and bool buffers kept as they are."""
+    module = torch.nn.Linear(5, 3)
+    module.register_buffer("position_ids", torch.arange(7).expand(1, -1).clone())
+    module.register_buffer("mask", torch.tensor([True, False, True]))
+    module.register_buffer("scale", torch.tensor(0.1, dtype=torch.float64))
+    with torch.no_grad():
+        module.weight.mul_(1000.0)
+    state = {k: to_np(v) for k, v in module.state_dict().items()}
+    out = cast_state_dict(state, dtype)
+    want = {k: to_np(v) for k, v in module.to(getattr(torch, dtype)).state_dict().items()}
+    assert list(out) == list(want)
+    for k in want:
+        assert_same(out[k], want[k], k)
+    assert out["position_ids"] is state["position_ids"] and out["mask"] is state["mask"]
+
+
+def test_check_without_filling_ties_keeps_the_tied_rows_the_state_holds():
+    """``fill_ties=False`` leaves absent tied rows absent but keeps a present one, as its owner's array."""
+    out = check_state_dict(_state(**{"head.weight": np.zeros((10, 4), np.float32)}), TABLE, fill_ties=False)
+    assert list(out) == ["emb.weight", "fc.weight", "fc.bias", "head.weight"]
+    assert out["head.weight"] is out["emb.weight"]
+
+
+def test_check_without_filling_ties_gives_each_file_its_own_rows(caption_dirs):
+    """transformers' ``.bin`` holds the tied rows and its safetensors omit them: checked with ``fill_ties=False``
+    each keeps exactly the names transformers wrote, in its state dict's order."""
+    model, root, ref = caption_dirs
+    table = table_for(model, CAPTION_TIES)
+    from_bin = check_state_dict(load_state_dict(root / "bin", allow_pickle_bin=True), table, fill_ties=False)
+    assert list(from_bin) == list(ref)
+    for tied, owner in CAPTION_TIES.items():
+        assert from_bin[tied] is from_bin[owner]
+    from_st = check_state_dict(load_state_dict(root / "st"), table, fill_ties=False)
+    assert list(from_st) == [k for k in ref if k not in CAPTION_TIES]
+
+
 def test_spec_layer_imports_no_framework():
     code = ("import sys, blip_core.checkpoint, blip_core.safe_pickle\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & "

@@ -134,3 +134,36 @@ def test_bad_model_path_and_unknown_backend_class(tmp_path, capsys):
     assert main(["caption", DEMO_IMAGE, "--model", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a model directory" in err[0]
+
+
+def _safetensors_dtypes(path) -> dict:
+    """Tensor name -> dtype string, read from a safetensors header (8-byte little-endian length, then JSON)."""
+    import struct
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("dtype, code", [("float16", "F16"), ("bfloat16", "BF16")])
+def test_convert_dtype_casts_the_floating_tensors(tmp_path, capsys, dtype, code):
+    """``blip convert --dtype`` writes every floating tensor in that dtype (safetensors header codes)."""
+    src = fixture("BlipTextModel")[0]
+    before = _safetensors_dtypes(os.path.join(src, "model.safetensors"))
+    assert "F32" in before.values()
+    out = tmp_path / "out"
+    assert main(["convert", src, str(out), "--to", "torch", "--dtype", dtype, "--no-progress"]) == 0
+    after = _safetensors_dtypes(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    assert {k: after[k] for k in before if before[k] == "F32"} == {k: code for k in before if before[k] == "F32"}
+
+
+@pytest.mark.parametrize("against", [False, True])
+def test_parity_on_a_missing_checkpoint_exits_2(tmp_path, capsys, against):
+    """``blip parity`` on a path that does not exist (or ``--against`` one) cannot run: one line, exit 2
+    (1 means drift)."""
+    missing = str(tmp_path / "nowhere")
+    argv = ["parity", fixture("BlipTextModel")[0], "--against", missing] if against else ["parity", missing]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blip parity: error:") and err.count("\n") == 1 and "nowhere" in err

@@ -482,6 +482,63 @@ def test_mixed_dtype_safetensors_are_laid_out_as_the_safetensors_library_writes_
             == (tmp_path / "src" / "model.safetensors").read_bytes())
 
 
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_bin_is_not_unpickled_without_the_opt_in(tmp_path, layout):
+    """A ``pytorch_model.bin``, single or sharded (transformers' index), is pickle: converting it without
+    ``allow_pickle_bin=True`` raises the opt-in error and writes nothing."""
+    src = fx("BlipVisionModel")
+    sd = state(src)
+    d = tmp_path / "bin"
+    os.makedirs(d)
+    if layout == "single":
+        _torch_save(sd, d / "pytorch_model.bin")
+    else:
+        names = list(sd)
+        weight_map = {}
+        for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+            _torch_save({k: sd[k] for k in part}, d / f"pytorch_model-0000{i + 1}-of-00002.bin")
+            weight_map.update({k: f"pytorch_model-0000{i + 1}-of-00002.bin" for k in part})
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    with pytest.raises(checkpoint.CheckpointError, match="allow_pickle_bin"):
+        convert(d, tmp_path / "out", to="torch")
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+    convert(d, tmp_path / "out", to="torch", allow_pickle_bin=True)
+    assert_same_state(state(tmp_path / "out"), sd)
+
+
+def _two_original_vision_files(tmp_path):
+    """A folder with two original ViT checkpoints (a base and a fine-tuned one) of the vision fixture."""
+    sd = state(fx("BlipVisionModel"))
+    d = tmp_path / "pths"
+    os.makedirs(d)
+    orig = _original_blip_names({f"vision_model.{k}": v for k, v in sd.items()})
+    _torch_save(orig, d / "model_base.pth")
+    _torch_save({k: v + np.float32(1) for k, v in orig.items()}, d / "model_finetuned.pth")
+    return d, sd
+
+
+def test_a_folder_of_several_original_files_names_none_of_them(tmp_path):
+    """``detect_format`` takes a folder's original ``.pth`` only when it is the only one: with two, which is
+    meant is the caller's to say (by the file's path)."""
+    from converters import detect_format
+    d, _ = _two_original_vision_files(tmp_path)
+    with pytest.raises(FileNotFoundError, match="single original .pth"):
+        detect_format(d)
+    with pytest.raises(FileNotFoundError, match="single original .pth"):
+        detect_format(d, "original")
+    assert detect_format(d / "model_finetuned.pth") == ("original", str(d / "model_finetuned.pth"))
+
+
+def test_converting_a_folder_of_several_original_files_raises_and_writes_nothing(tmp_path):
+    d, sd = _two_original_vision_files(tmp_path)
+    with pytest.raises(FileNotFoundError, match="single original .pth"):
+        convert(d, tmp_path / "out", to="torch", config=fx("BlipVisionModel"), allow_pickle_bin=True)
+    assert not (tmp_path / "out").exists()
+    convert(d / "model_base.pth", tmp_path / "out", to="torch", config=fx("BlipVisionModel"), allow_pickle_bin=True)
+    assert_same_state(state(tmp_path / "out"), sd)
+
+
 def test_existing_destination_is_refused_unless_overwrite(tmp_path):
     src = fx("BlipTextModel")
     (tmp_path / "out").mkdir()

@@ -441,6 +441,48 @@ def test_a_finished_output_is_kept_unless_overwrite(five, tmp_path, capsys, monk
     assert len(planned) == 5 and out.read_bytes() == before
 
 
+@pytest.mark.parametrize("batch, part, sizes", [(1, 1, [1, 1, 1, 1, 1]), (1, 2, [2, 2, 1]), (2, 2, [2, 2, 1]),
+                                                (2, 3, [4, 1])])
+def test_a_part_is_committed_as_soon_as_part_size_rows_wait(five, tmp_path, monkeypatch, batch, part, sizes):
+    """The local engine commits the waiting rows as one part the moment at least ``--part-size`` of them wait
+    (after the batch that brought them), and the rest at the end: five items, batches of ``batch``."""
+    output = importlib.import_module("blip_apps.dataset.output")
+    real, written = output.Parts.write, []
+
+    def spy(self, rows):
+        written.append(len(rows))
+        return real(self, rows)
+    monkeypatch.setattr(output.Parts, "write", spy)
+    _, _, table, _, _ = five
+    out = str(tmp_path / "c.jsonl")
+    assert main(["caption", table, "--path-column", "file", "--no-progress", "--max-new-tokens", "2",
+                 "--batch-size", str(batch), "--part-size", str(part), "--out", out]) == 0
+    assert [n for n in written if n] == sizes and len(list(read_rows(out))) == 5
+
+
+@pytest.mark.parametrize("error", ["source", "os"])
+def test_a_failure_while_reading_ends_the_run(five, tmp_path, monkeypatch, capsys, error):
+    """An input that fails part-way through reading (after two of its five records) ends the run with that
+    failure, reported as one line with exit 1; no output is finished."""
+    engines = importlib.import_module("blip_apps.dataset.engines")
+    real = engines.read_unit
+
+    def fails_after_two(unit, skip=frozenset()):
+        for n, record in enumerate(real(unit, skip)):
+            if n == 2:
+                raise sources.SourceError("meta.parquet: row group 1 unreadable") if error == "source" \
+                    else OSError(5, "Input/output error")
+            yield record
+    monkeypatch.setattr(engines, "read_unit", fails_after_two)
+    _, _, table, _, opts = five
+    out = str(tmp_path / "c.jsonl")
+    argv = ["caption", table, "--out", out, "--max-new-tokens", "2", *opts]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("row group 1 unreadable" if error == "source" else "Input/output error") in err
+    assert "Traceback" not in err and not os.path.exists(out)
+
+
 def test_embeddings_cosines_are_the_models_itc_scores(five, tmp_path):
     d, rows, table, _, opts = five
     assert main(["embed", table, "--text-column", "caption", "--out", str(tmp_path / "e.parquet"), *opts]) == 0
@@ -610,6 +652,55 @@ def test_search_breaks_exact_ties_by_id(tmp_path, k):
     query = np.array([0.6, 0.8, 0.0, 0.0], np.float32)
     assert [h[0] for h in index.search_images(query, k)] == sorted(ids)[:k]
     assert [(h[0], h[1]) for h in index.search_texts(query, k)] == [(i, f"text of {i}") for i in sorted(ids)[:k]]
+
+
+def _bundled_dim_index(tmp_path, with_texts=True) -> str:
+    """An index in the bundled retrieval model's embedding size over ids c, b, a: every image row holds the
+    same unit vector (so a search ranks them by id), the texts other unit vectors."""
+    from blip_apps.dataset import index as ix
+    with open(os.path.join(RETRIEVAL, "config.json")) as fh:
+        dim = json.load(fh)["image_text_hidden_size"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in ("c", "b", "a"):
+        text_vec = rng.standard_normal(dim)
+        rows.append({"id": i, "model": RETRIEVAL, "backend": "torch", "image_embedding": np.eye(dim)[0].tolist(),
+                     "text": f"text of {i}" if with_texts else None,
+                     "text_embedding": (text_vec / np.linalg.norm(text_vec)).tolist() if with_texts else None})
+    with open(tmp_path / "e.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    ix.build_index(str(tmp_path / "e.jsonl"), str(tmp_path / "index"), kind="numpy")
+    return str(tmp_path / "index")
+
+
+@pytest.mark.parametrize("with_texts", [True, False])
+def test_search_takes_a_text_or_an_image_not_both(five, tmp_path, capsys, with_texts):
+    """``blip search`` takes exactly one query: a TEXT and --image together is one usage line, exit 1."""
+    index = _bundled_dim_index(tmp_path, with_texts)
+    capsys.readouterr()
+    assert main(["search", index, "a red circle", "--image", five[3][0]]) == 1
+    err = capsys.readouterr().err
+    assert "one of them" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_search_images_only_answers_an_image_with_images(five, tmp_path, capsys, as_json):
+    """An image query on an index with texts: ``--images-only`` returns images (no text field), the two
+    smallest ids of the three tied image rows, with equal scores."""
+    index = _bundled_dim_index(tmp_path)
+    capsys.readouterr()
+    assert main(["search", index, "--image", five[3][0], "--images-only", "-k", "2"]
+                + (["--json"] if as_json else [])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    if as_json:
+        hits = [json.loads(ln) for ln in lines]
+        assert [set(h) for h in hits] == [{"id", "score"}] * 2
+        got = [(h["id"], h["score"]) for h in hits]
+    else:
+        fields = [ln.split("\t") for ln in lines]
+        assert [len(f) for f in fields] == [2, 2]
+        got = [(f[1], float(f[0])) for f in fields]
+    assert [g[0] for g in got] == ["a", "b"] and got[0][1] == pytest.approx(got[1][1], abs=1e-4)
 
 
 def test_search_recall_bundled(tmp_path, capsys):

@@ -176,3 +176,18 @@ def test_sigkill_at_a_random_moment_never_leaves_a_partial_destination(src, tmp_
     _complete(dst, state, np.float32)
     assert not _partials(tmp_path)
     assert kills >= 1
+
+
+@pytest.mark.parametrize("to", ["torch", "jax"])
+def test_a_tf_weight_the_table_cannot_place_is_refused_by_convert(src, tmp_path, to):
+    """A ``tf_model.h5`` with a weight no row of the class maps to (a layer of another model, a damaged
+    file) is a strict mismatch naming it, not a weight silently left behind; nothing is written."""
+    import h5py
+    convert(src, str(tmp_path / "tf"), to="tf", progress=False)
+    with h5py.File(tmp_path / "tf" / "tf_model.h5", "r+") as f:
+        f.create_group("extra").attrs["weight_names"] = np.asarray([b"extra/not_a_weight:0"])
+        f["extra"].create_dataset("extra/not_a_weight:0", data=np.zeros(3, np.float32))
+        f.attrs["layer_names"] = np.asarray(list(f.attrs["layer_names"]) + [b"extra"])
+    with pytest.raises(checkpoint.StateDictMismatchError, match="not_a_weight"):
+        convert(str(tmp_path / "tf"), str(tmp_path / "out"), to=to, progress=False)
+    assert not (tmp_path / "out").exists() and not _partials(tmp_path)

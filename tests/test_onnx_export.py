@@ -253,3 +253,53 @@ def test_bundled_models_at_another_image_size(tmp_path_factory):
                 _close(runner.itm(ids, px, mask, use_itm_head=head),
                        model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=head,
                              interpolate_pos_encoding=True).itm_score)
+
+
+@pytest.fixture(scope="module")
+def embed(tmp_path_factory):
+    return _bundle(tmp_path_factory, "BlipModel")
+
+
+def test_embed_manifest_holds_the_checkpoints_logit_scale(embed):
+    """The manifest's ``logit_scale`` is the checkpoint's stored (log-space) parameter, read from its safetensors."""
+    from safetensors.numpy import load_file
+    _, runner = embed
+    stored = load_file(os.path.join(fixture("BlipModel")[0], "model.safetensors"))["logit_scale"]
+    assert runner.manifest["logit_scale"] == pytest.approx(float(stored), rel=1e-6)
+
+
+def test_embed_features_and_logit_scale_give_the_models_logits(embed):
+    """A consumer's CLIP logits, normalised features times ``exp(logit_scale)`` of the manifest, are the
+    library model's ``logits_per_image``."""
+    model, runner = embed
+    _, inp, _ = fixture("BlipModel")
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    image = runner.get_image_features(px)
+    text = runner.get_text_features(ids, mask)
+    image = image / np.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    _close(image @ text.T * np.exp(runner.manifest["logit_scale"]),
+           model(input_ids=ids, pixel_values=px, attention_mask=mask).logits_per_image)
+
+
+@pytest.mark.parametrize("name", ["BlipModel", "BlipForImageTextRetrieval"])
+def test_a_resized_bundle_resizes_the_given_processor(tmp_path_factory, name):
+    """Exported for another image size with a model directory's processor files: the bundle's preprocessor
+    config is that directory's with the size replaced by the export's (its other fields kept)."""
+    import json
+
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_apps.cli import BUNDLED
+    processor_dir = os.path.join(BUNDLED, "retrieval")
+    model = getattr(bt, name).from_pretrained(fixture(name)[0])
+    vc = model.config.vision_config
+    size = 2 * vc.image_size - vc.patch_size
+    out = export_onnx(model, tmp_path_factory.mktemp("sized"), processor_dir=processor_dir, image_size=size)
+    with open(os.path.join(processor_dir, "preprocessor_config.json")) as fh:
+        want = json.load(fh)
+    with open(os.path.join(out, "preprocessor_config.json")) as fh:
+        got = json.load(fh)
+    assert want["size"] != {"height": size, "width": size}
+    assert got == dict(want, size={"height": size, "width": size})
+    assert os.path.isfile(os.path.join(out, "vocab.txt"))

@@ -124,3 +124,13 @@ def test_options_refused_for_non_generating_models(tmp_path):
     model = B.BlipModel.from_pretrained(fixture("BlipModel")[0])
     with pytest.raises(ValueError, match="generation options"):
         export_saved_model(model, tmp_path, num_beams=3)
+
+
+def test_options_refused_for_retrieval(tmp_path):
+    """Generation options mean nothing to a retrieval model: refused, naming them, nothing written."""
+    import backends.tf as B
+    from backends.tf.saved_model_export import export_saved_model
+    model = B.BlipForImageTextRetrieval.from_pretrained(fixture("BlipForImageTextRetrieval")[0])
+    with pytest.raises(ValueError, match="generation options.*max_new_tokens"):
+        export_saved_model(model, tmp_path / "out", max_new_tokens=5)
+    assert not os.path.exists(tmp_path / "out" / "saved_model.pb")

@@ -129,6 +129,17 @@ def test_refuses_other_classes(tmp_path):
         export_stablehlo(model, tmp_path)
 
 
+@pytest.mark.parametrize("name", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
+def test_refuses_a_sampling_program_without_a_seed(tmp_path, name):
+    """Sampling bakes its seed into the program: ``do_sample=True`` without ``seed`` is refused, nothing written."""
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    model = getattr(J, name).from_pretrained(fixture(name)[0])
+    with pytest.raises(ValueError, match="seed"):
+        export_stablehlo(model, tmp_path / "out", do_sample=True, max_new_tokens=3)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
 def _vqa_inputs():
     _, inp, _ = fixture("BlipForQuestionAnswering")
     mask = inp["attention_mask"].copy()

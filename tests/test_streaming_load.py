@@ -219,6 +219,105 @@ def test_drop_cached_advises_the_pages_inside_the_tensor_only(variants, monkeypa
     np.testing.assert_array_equal(view.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_releasing_a_tensor_keeps_the_writes_to_its_neighbours(tmp_path, fmt):
+    """``release`` drops only the pages wholly inside its tensor: a neighbour sharing its first or last page,
+    written through its (private, copy-on-write) view, keeps what was written, and the released tensor still
+    reads as stored."""
+    import mmap
+    import torch
+    from safetensors.numpy import save_file
+    page = mmap.PAGESIZE
+    stored = {"a": np.full(1500, 1.0, np.float32), "b": np.arange(5000, dtype=np.float32),
+              "c": np.full(1500, 3.0, np.float32)}
+    if fmt == "safetensors":
+        save_file(stored, str(tmp_path / "w.safetensors"))
+        refs = open_state_dict(str(tmp_path / "w.safetensors"))
+    else:
+        torch.save({k: torch.from_numpy(v) for k, v in stored.items()}, tmp_path / "w.bin")
+        refs = open_state_dict(str(tmp_path / "w.bin"), allow_pickle_bin=True)
+    views = {k: refs[k].view() for k in stored}
+    first, last = sorted(views, key=lambda k: views[k].ctypes.data)[::2]
+    middle = views["b"].ctypes.data
+    assert sorted(views, key=lambda k: views[k].ctypes.data)[1] == "b"
+    # the layout this test needs: b's first page holds the tail of one neighbour, its last page the head of the other
+    assert (views[first].ctypes.data + views[first].nbytes - 1) // page == middle // page
+    assert views[last].ctypes.data // page == (middle + views["b"].nbytes - 1) // page
+    views["a"][:] = 7.0
+    views["c"][:] = 9.0
+    refs["b"].release()
+    assert (views["a"] == 7.0).all() and (views["c"] == 9.0).all()
+    np.testing.assert_array_equal(views["b"], stored["b"])
+
+
+def test_memory_available_is_the_kernels_estimate_in_bytes():
+    """``memory_available`` is /proc/meminfo's MemAvailable (given there in kB) in bytes, as psutil reports it."""
+    import sys
+    from blip_core.checkpoint import mapped
+    from fixture_utils import require
+    psutil = require("psutil")
+    if not sys.platform.startswith("linux"):
+        pytest.fail("MemAvailable is Linux's")
+    got, want, total = mapped.memory_available(), psutil.virtual_memory().available, psutil.virtual_memory().total
+    assert isinstance(got, int) and 0 < got <= total
+    assert want / 2 <= got <= want * 2, (got, want)      # two readings a moment apart: the same order of bytes
+
+
+def test_page_cache_policy_against_the_memory_of_this_machine(monkeypatch):
+    """By default the pages are dropped when the new memory and the files together exceed 90% of what the
+    kernel says is available (psutil's reading of it; the cases keep well away from the 90% line, as the
+    available memory moves while they run): 1.5 times it does, in either part, 0.4 times it does not."""
+    from blip_core.checkpoint import mapped
+    from fixture_utils import require
+    a = require("psutil").virtual_memory().available
+    monkeypatch.delenv(mapped.DROP_ENV, raising=False)
+    assert mapped.drop_read_pages(a * 3 // 4, a * 3 // 4)
+    assert mapped.drop_read_pages(a // 10, a * 14 // 10)     # the files' bytes count too
+    assert mapped.drop_read_pages(a * 14 // 10, a // 10)
+    assert not mapped.drop_read_pages(a // 5, a // 5)
+
+
+def test_in_order_weighs_the_memory_each_item_allocates(variants, monkeypatch):
+    """``in_order`` asks ``drop_read_pages`` about the bytes the caller allocates (each item's element count
+    times its ``new_itemsize``, 0 for a zero-copy item) and the mapped files' bytes of the items."""
+    from blip_core.checkpoint import mapped
+    from safetensors.numpy import load_file
+    path = variants["bf16-sharded"]
+    sizes = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            sizes.update({k: v.size for k, v in load_file(os.path.join(path, f)).items()})
+    asked = []
+    monkeypatch.setattr(mapped, "drop_read_pages", lambda new, files: asked.append((new, files)) or False)
+    refs = open_state_dict(path)
+    items = sorted(refs)
+    zero_copy = set(items[::3])
+    assert list(mapped.in_order(items, ref=refs.__getitem__,
+                                new_itemsize=lambda k: 0 if k in zero_copy else 4)) == items
+    want_new = sum(4 * sizes[k] for k in items if k not in zero_copy)
+    assert asked == [(want_new, sum(2 * n for n in sizes.values()))]
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
+def test_the_page_cache_decision_counts_the_model_at_the_dtype_it_is_loaded_in(variants, backend, monkeypatch):
+    """With the bfloat16 files (F bytes) and 2.5 F of memory to fill, a float32 load (2 F of new memory beside the
+    files) drops what it has read, a bfloat16 load (F or, in torch, no new memory) does not."""
+    from blip_core.checkpoint import mapped
+    from safetensors.numpy import load_file
+    path = variants["bf16-sharded"]
+    file_bytes = sum(v.nbytes for f in os.listdir(path) if f.endswith(".safetensors")
+                     for v in load_file(os.path.join(path, f)).values())
+    dropped = []
+    real = mapped.MappedFile.drop_cached
+    monkeypatch.setattr(mapped.MappedFile, "drop_cached", lambda self, b, e: dropped.append((b, e)) or real(self, b, e))
+    monkeypatch.delenv(mapped.DROP_ENV, raising=False)
+    monkeypatch.setattr(mapped, "memory_available", lambda: int(2.5 * file_bytes / mapped.FIT_FRACTION))
+    getattr(_backend(backend), ARCH).from_pretrained(path, dtype="bfloat16")
+    assert dropped == []
+    getattr(_backend(backend), ARCH).from_pretrained(path, dtype="float32")
+    assert len(dropped) == len({(r._file.path, r._entry.begin) for r in open_state_dict(path).values() if r.nbytes})
+
+
 def test_torch_shares_the_file_privately_and_saving_over_it_is_safe(variants, tmp_path):
     import torch
     import backends.torch as bt

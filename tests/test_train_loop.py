@@ -108,6 +108,48 @@ def test_resume_refuses_other_settings(shapes, tmp_path):
         train(None, shapes, out, _cfg("torch", lr=1e-2), resume=True, progress=False, log=lambda m: None)
 
 
+@pytest.mark.parametrize("field, value", [("seed", 3), ("batch_size", 2), ("warmup", 3), ("task", "vqa")])
+def test_resume_refuses_each_training_setting(shapes, tmp_path, field, value):
+    """A setting that shapes the training (seed, batch size, warm-up, task) differs from the checkpoint's:
+    ``--resume`` is refused, naming it."""
+    out = str(tmp_path / "run")
+    train(None, shapes, out, _cfg("torch"), progress=False, log=lambda m: None, stop_after=1)
+    with pytest.raises(ValueError, match=field):
+        train(None, shapes, out, _cfg("torch", **{field: value}), resume=True, progress=False, log=lambda m: None)
+
+
+def test_a_resumed_runs_log_holds_every_step(shapes, tmp_path):
+    """Stopped after 2 of 6 steps and resumed: the returned history and training_log.json list steps 1..6,
+    the first two with the losses the first run recorded."""
+    out = str(tmp_path / "run")
+    first = train(None, shapes, out, _cfg("torch"), progress=False, log=lambda m: None, stop_after=2)
+    rest = train(None, shapes, out, _cfg("torch"), resume=True, progress=False, log=lambda m: None)
+    with open(os.path.join(out, "training_log.json")) as fh:
+        log = json.load(fh)
+    for history in (rest["history"], log["history"]):
+        assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+        assert [h["loss"] for h in history[:2]] == [h["loss"] for h in first["history"]]
+
+
+@pytest.mark.parametrize("stop_after", [None, 3])
+def test_step_s_trains_at_the_rate_of_step_s(shapes, tmp_path, monkeypatch, stop_after):
+    """The rate of the schedule for step s (0-based) is the one step s trains at, in a fresh run and in the
+    part of a run resumed after step 3."""
+    import importlib
+    run_mod = importlib.import_module("blip_apps.train.run")
+    asked = []
+
+    def spy(step, cfg):
+        asked.append(step)
+        return learning_rate(step, cfg)
+    out = str(tmp_path / "run")
+    if stop_after:
+        train(None, shapes, out, _cfg("torch"), progress=False, log=lambda m: None, stop_after=stop_after)
+    monkeypatch.setattr(run_mod, "learning_rate", spy)
+    train(None, shapes, out, _cfg("torch"), resume=bool(stop_after), progress=False, log=lambda m: None)
+    assert asked == list(range(stop_after or 0, 6))
+
+
 def test_cli_synthetic_and_train(tmp_path, capsys):
     data = str(tmp_path / "data")
     assert main(["synthetic", data, "--train", "16", "--test", "4", "--seed", "1"]) == 0

@@ -128,3 +128,20 @@ def test_backend_paths_follow_the_documented_rules():
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         weight_table("BlipForEverything", None)
+
+
+OPT_FINAL_NORM_VARIANTS = {"post_norm": dict(OPT_TEXT, do_layer_norm_before=False),
+                           "final_norm_removed": dict(OPT_TEXT, _remove_final_layer_norm=True)}
+
+
+@pytest.mark.parametrize("variant", sorted(OPT_FINAL_NORM_VARIANTS))
+@pytest.mark.parametrize("cls", LM_CLASSES)
+def test_opt_without_a_final_layer_norm_matches_transformers(cls, variant):
+    """An OPT decoder has ``final_layer_norm`` only when it is pre-norm and the config does not remove it
+    (OPT-350m is post-norm): the table's names and shapes are transformers' state dict's."""
+    hf_cfg = blip2_config(text=OPT_FINAL_NORM_VARIANTS[variant])
+    sd = getattr(transformers, cls)(hf_cfg).state_dict()
+    table = weight_table(cls, config_from_dict(hf_cfg.to_dict()))
+    assert "language_model.model.decoder.final_layer_norm.weight" not in sd
+    assert list(table) == list(sd)
+    assert {k: s.shape for k, s in table.items()} == {k: tuple(v.shape) for k, v in sd.items()}
