@@ -221,10 +221,85 @@ def test_decoding_layout_switches(monkeypatch):
             "1": {(f32, 1): "packed", (f32, 3): "packed", (bf16, 1): "packed"},
             "0": {(f32, 1): "plain", (f32, 3): "plain", (bf16, 2): "plain"}}
     assert (layout.PACK_MIN_ROWS, layout.PACK_MAX_ROWS) == (3, 24)
-    for name, (enabled, copies) in settings.items():
-        monkeypatch.setattr(layout, "ENABLED", enabled)
-        monkeypatch.setattr(layout, "COPIES", copies)
-        assert {key: layout.plan(*key) for key in want[name]} == want[name], name
+    for mkl_rows in (0, 3):
+        monkeypatch.setattr(layout, "MKL_ROWS", mkl_rows)
+        for name, (enabled, copies) in settings.items():
+            monkeypatch.setattr(layout, "ENABLED", enabled)
+            monkeypatch.setattr(layout, "COPIES", copies)
+            expected = dict(want[name])
+            if name == "default" and mkl_rows:      # an Intel CPU's plan: float32 at 1-3 rows through MKL, no copy
+                expected.update({(f32, 1): "plain", (f32, 2): "plain", (f32, 3): "plain", (f32, 4): "packed"})
+            assert {key: layout.plan(*key) for key in expected} == expected, (name, mkl_rows)
+            # int8 layers (float32 parameters) keep their one-row int8 copy under every default plan
+            if name == "default":
+                assert layout.plan(f32, 1, int8=True) == "transposed"
+
+
+@pytest.mark.parametrize("batch,beams", [(1, 1), (2, 1), (1, 3)])
+def test_intel_plan_decodes_few_rows_through_mkl_without_copies(monkeypatch, batch, beams):
+    """Under ``MKL_ROWS`` (3 on Intel CPUs) float32 decoding at 1-3 rows makes no copy of any weight and runs every
+    product of 1-3 rows through ``F.linear``, never oneDNN; its ids are transformers'."""
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "COPIES", True)
+    monkeypatch.setattr(layout, "MKL_ROWS", 3)
+    path, inputs, ref = fixture(NAME)
+    model = bt.BlipForConditionalGeneration.from_pretrained(path)
+    onednn_rows, plain_rows = [], []
+    product, linear = layout._ONEDNN[0], torch.nn.functional.linear
+    monkeypatch.setattr(layout, "_ONEDNN", (lambda x, *a: onednn_rows.append(x.numel() // x.shape[-1])
+                                            or product(x, *a), layout._ONEDNN[1]))
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: plain_rows.append(x.numel() // x.shape[-1])
+                        or linear(x, *a))
+    with torch.no_grad():
+        ids = to_numpy(model.generate(pixel_values=inputs["pixel_values"][:batch], max_new_tokens=6, num_beams=beams))
+    np.testing.assert_array_equal(ids, ref["greedy_ids" if beams == 1 else "beam_ids"][:batch, : ids.shape[1]])
+    assert all(m._layout is None for m in model.modules() if isinstance(m, layout.Linear))
+    assert not any(m.__dict__.get("_fused") for m in model.modules())
+    # every step after the first: at least the 8 products of each decoder layer at batch x beams rows
+    assert plain_rows.count(batch * beams) >= 8 * model.config.text_config.num_hidden_layers * (ids.shape[1] - 2)
+    assert all(r > 3 for r in onednn_rows) and onednn_rows       # the vision tower and image keys/values: oneDNN
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "quantize_int8"])
+def test_int8_model_keeps_its_one_row_copy_under_the_intel_plan(monkeypatch, how):
+    """An int8 model's parameters are float32, but its one-row products stay on the int8 copy under ``MKL_ROWS``:
+    loaded with ``quantize="int8"``, or a float32 model that has decoded (through MKL, no copy) quantised after."""
+    from backends.torch import layout
+    from backends.torch.quantize import Int8Linear, int8_supported, quantize_int8
+    if not int8_supported():
+        pytest.fail("this torch build has no fbgemm int8 engine")
+    monkeypatch.setattr(layout, "ENABLED", None)
+    monkeypatch.setattr(layout, "COPIES", True)
+    monkeypatch.setattr(layout, "MKL_ROWS", 3)
+    path, inputs, _ = fixture(NAME)
+    if how == "from_pretrained":
+        model = bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")
+    else:
+        model = bt.BlipForConditionalGeneration.from_pretrained(path)
+        with torch.no_grad():
+            model.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=3)
+        quantize_int8(model)
+    with torch.no_grad():
+        model.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=3)
+    decoding = [m for m in model.text_decoder.modules() if isinstance(m, Int8Linear) and not m.runs_once]
+    fused = [m.__dict__.get("_fused") for m in model.text_decoder.modules() if m.__dict__.get("_fused")]
+    assert decoding and fused
+    assert all(m._layout is not None and m._layout.how == "transposed" for m in decoding
+               if not any(m in f.lins for f in fused))
+
+
+@pytest.mark.parametrize("setting,vendor,want", [("", "GenuineIntel", 3), ("", "AuthenticAMD", 0), ("", "", 0),
+                                                 ("0", "GenuineIntel", 0), ("5", "AuthenticAMD", 5)])
+def test_mkl_rows_setting(monkeypatch, setting, vendor, want):
+    """``MKL_ROWS``: ``BLIP_TORCH_MKL_ROWS`` where set, else 3 on Intel CPUs and 0 elsewhere; a word is refused."""
+    from backends.torch import layout
+    monkeypatch.setattr(layout, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setenv("BLIP_TORCH_MKL_ROWS", setting)
+    assert layout._mkl_rows() == want
+    monkeypatch.setenv("BLIP_TORCH_MKL_ROWS", "three")
+    with pytest.raises(ValueError, match="BLIP_TORCH_MKL_ROWS"):
+        layout._mkl_rows()
 
 
 def test_transposed_layout_follows_its_bias():

@@ -18,15 +18,18 @@ copy of the decoder's weights (~490 MB for BLIP base in float32). float32 at 2 r
 weights as they are (no copy: the packed copy reads no faster there), at ``PACK_MIN_ROWS`` (3) to
 ``PACK_MAX_ROWS`` (24) rows (beam search, batches) on a copy packed for the row count (the transposed copy
 would read the weights once per row), above that on the weights as they are again. bfloat16 at 2+ rows uses
-the packed copy.
+the packed copy. On Intel CPUs float32 at 1 to ``MKL_ROWS`` (3) rows runs through ``F.linear`` instead, with no
+copy: MKL reads a few rows there as fast as the copies do, or faster (see ``MKL_ROWS``).
 
-Switches, all in ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``COPIES`` at run time):
+Switches: ``BLIP_TORCH_DECODE_LAYOUT`` (read at import; ``ENABLED`` / ``COPIES`` at run time):
 unset or ``auto`` = the plan above; ``unpacked`` = no transposed copies, and none at all for float32
 (float32: oneDNN on the weights as they are at every row count, the default before the one-row copy;
 bfloat16: the packed copy; ``COPIES = False``); ``1`` = packed
 copies for every dtype and row count (``ENABLED = True``); ``0`` = ``F.linear`` everywhere (``ENABLED =
-False``). The attention of a decoding step over the cached image keys/values (``_base.one_query_attention``,
-also embedding-bag sums) needs no switch: no copy, same numbers to float32 rounding.
+False``). ``BLIP_TORCH_MKL_ROWS=N`` (read at import; ``MKL_ROWS`` at run time): float32 at 1 to N rows takes
+MKL under the default plan whatever the CPU (0: never). The attention of a decoding step over the cached image
+keys/values (``_base.one_query_attention``, also embedding-bag sums) needs no switch: no copy, same numbers to
+float32 rounding.
 
 ``Linear`` is ``nn.Linear`` (same parameters, same state-dict keys) that can run from such a
 layout. Layers that read the same input and that their module names in ``fused_projections`` (a
@@ -108,14 +111,51 @@ MAX_WIDTH = 256
 PACK_MIN_ROWS, PACK_MAX_ROWS = 3, 24
 
 
-def plan(dtype: torch.dtype, rows: int) -> str:
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``) from ``/proc/cpuinfo``, or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _mkl_rows() -> int:
+    """``MKL_ROWS``: ``BLIP_TORCH_MKL_ROWS`` where set (a row count, 0 = never), else 3 on Intel CPUs, 0 elsewhere."""
+    setting = env_word("BLIP_TORCH_MKL_ROWS")
+    if not setting:
+        return 3 if _cpu_vendor() == "GenuineIntel" else 0
+    if not setting.isdigit():
+        raise ValueError(f"BLIP_TORCH_MKL_ROWS must be a row count (0: never), got {setting!r}")
+    return int(setting)
+
+
+# float32 products of 1 to MKL_ROWS rows run through torch's own GEMM (``F.linear``, MKL) under the default plan,
+# with no decoding copy. MKL picks its kernels by CPU vendor: on AMD CPUs its float32 GEMM runs at about half of
+# oneDNN's rate (see above), on Intel CPUs it reads a few rows as fast as anything here. Measured on an Intel Xeon
+# host of this project's 2-core VM (AVX-512, AMX; BLIP base's 73 decoder products + LM head, interleaved medians):
+# 1 row 19.6 ms (MKL) against 20.8 (the embedding-bag copy) and 24.9 (oneDNN); 2 rows 21.4 against 30.0 (oneDNN,
+# the plan's choice there) and 24.0 (packed); 3 rows 23.0 against 24.5 (packed); 4 rows 35.7 against 24.6 (packed).
+# Whole decoding steps (random weights, 20 tokens forced, two models alternating in one process): greedy batch 1
+# 34.7 -> 32.6 ms a token, greedy batch 2 52.3 -> 38.5, beam 3 batch 1 43.6 -> 38.8, ids equal; and the decoding
+# copy (~490 MB in float32 for BLIP base) is not made. 0 (AMD and unknown CPUs) keeps the plan below.
+MKL_ROWS = _mkl_rows()
+
+
+def plan(dtype: torch.dtype, rows: int, int8: bool = False) -> str:
     """How the decoding layers multiply ``rows`` rows of ``dtype``: ``F.linear`` (``PLAIN``), oneDNN on the
     weights as they are (``UNPACKED``, no copy), oneDNN on a copy packed for the call's row count (``PACKED``)
-    or, at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``)."""
+    or, at one row, an embedding-bag sum over a transposed copy (``TRANSPOSED``). ``int8``: the layers are
+    ``Int8Linear`` (float32 parameters, int8 products), whose only layout is the one-row copy."""
     if ENABLED is False:
         return PLAIN
     if ENABLED is True:
         return PACKED
+    if dtype == torch.float32 and not int8 and COPIES and rows <= MKL_ROWS:
+        return PLAIN
     if rows == 1 and COPIES:
         return TRANSPOSED
     if dtype == torch.float32 and (not PACK_MIN_ROWS <= rows <= PACK_MAX_ROWS or not COPIES):
@@ -251,6 +291,8 @@ class Linear(nn.Linear):
         w = self.weight
         if x.dtype == w.dtype and x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.device.type == "cpu" \
                 and x.is_contiguous() and w.is_contiguous() and x.dim() >= 2 and x.numel() > 0:
+            if x.dtype == torch.float32 and ENABLED is None and COPIES and x.numel() <= MKL_ROWS * x.shape[-1]:
+                return None     # a few float32 rows on an Intel CPU: MKL's product (``MKL_ROWS``)
             return _onednn_rows(x, w, self.bias, post, algorithm)     # oneDNN on the weight as it is (no copy)
         return None
 
@@ -349,7 +391,7 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
     """
     if torch.is_grad_enabled() or module.training or rows < 1 or not layout_supported(module):
         return
-    how = plan(next(module.parameters()).dtype, rows)
+    how = plan(next(module.parameters()).dtype, rows, int8=any(getattr(m, "int8", False) for m in module.modules()))
     if how == PLAIN:   # switched off since an earlier call: its layouts must not serve this one
         release_layouts(module)
         return
