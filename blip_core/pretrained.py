@@ -93,15 +93,20 @@ def load_items(table: dict, refs: dict, backend: str) -> list:
 
 def family_keys(full_config: _Config) -> set:
     """Every weight name of every class that shares ``full_config``'s type (the file's family)."""
+    return _family(full_config)[0]
+
+
+def _family(full_config: _Config) -> tuple:
+    """``(family_keys(full_config), whether every class of the family could be built from full_config)``."""
     from .weights.tables import TABLES
-    keys = set()
+    keys, whole = set(), True
     for arch, (cfg_cls, _) in TABLES.items():
         if type(full_config) is cfg_cls:
             try:
                 keys.update(weight_table(arch, full_config))
             except ValueError:      # a class this config cannot build (e.g. VQA with unequal widths)
-                continue
-    return keys
+                whole = False
+    return keys, whole
 
 
 def select_weights(state: dict, table: dict, architecture: str, config: _Config, full_config: _Config,
@@ -120,11 +125,13 @@ def select_weights(state: dict, table: dict, architecture: str, config: _Config,
     if config is not full_config and not owned <= set(state):
         for prefix in TOWER_PREFIXES.get(architecture, ()):
             if any(k.startswith(prefix) for k in state):
-                family = family_keys(full_config)
-                # the rest of the model is dropped; a name of no class of the family stays, to be refused below
-                unused = sorted(k for k in state if not k.startswith(prefix) and k in family)
+                family, whole = _family(full_config)
+                # the rest of the model is dropped; a name of no class of the family stays, to be refused below,
+                # where every class could be built (else some of the family's names are not known here)
+                foreign = {k for k in state if not k.startswith(prefix) and whole and k not in family}
+                unused = sorted(k for k in state if not k.startswith(prefix) and k not in foreign)
                 state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
-                         if k.startswith(prefix) or k not in family}
+                         if k.startswith(prefix) or k in foreign}
                 break
     extra = sorted(k for k in state if k not in table)
     if extra and set(extra) <= (family if family is not None else family_keys(full_config)):
