@@ -143,8 +143,9 @@ def generation_settings(config: Blip2Config, prompt_length: int, **kwargs) -> Ge
 
 def check_opt_positions(config: Blip2Config, prefix: int, max_length: int) -> None:
     """OPT's learned position table must cover the ``prefix`` (image queries in front of the prompt) plus
-    the prompt and every new token (``max_length``); checked before anything is decoded."""
-    needed, limit = prefix + max_length, config.text_config.max_position_embeddings
+    the positions the decoder is fed of the ``max_length`` tokens of the output (prompt and new tokens): all
+    but the last, as ``generation.check_position_limit`` counts them; checked before anything is decoded."""
+    needed, limit = prefix + max_length - 1, config.text_config.max_position_embeddings
     if needed > limit:
         raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
                          f"max_position_embeddings={limit}")

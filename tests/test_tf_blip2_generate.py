@@ -128,6 +128,59 @@ def test_generate_from_inputs_embeds(pair, case):
     assert got.shape[1] == (6 if _is_t5(cfg) else 5)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
+def test_generate_from_inputs_embeds_concat_opt(pair, opts):
+    """OPT concatenating the queries in front, the prompt given as embeddings alone: the queries and the
+    prompt form the prefix; the new tokens alone are transformers' (the same weights with placeholders)."""
+    cfg = CASES["opt_concat"]
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
+    ref_model = _reference(hf, cfg)
+    px = _pixels(batch=3, seed=8)
+    full_ids, full_mask, ids, mask = _case_inputs(cfg, (5, 2, 4), 5, seed=9)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(_t(ids))
+        ref = ref_model.generate(pixel_values=_t(px), inputs_embeds=ref_model.get_input_embeddings()(_t(full_ids)),
+                                 attention_mask=_t(full_mask), max_new_tokens=5, **opts).numpy()
+    got = me.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask, max_new_tokens=5,
+                      **opts).numpy()
+    assert got.shape == (3, 5)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
+def test_opt_concat_fills_its_position_table_exactly(pair, opts):
+    """The boundary of that rule: 41 ids (Q queries + prompt + new tokens, every one but the last fed, 40
+    positions) decode transformers' ids (stop 41: TF counted the last token too and refused this call)."""
+    cfg = CASES["opt_concat"]
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
+    px = _pixels(batch=2, seed=3)
+    full_ids, full_mask, ids, mask = _case_inputs(cfg, (5, 3), 5, seed=3)
+    new = 41 - full_ids.shape[1]
+    with torch.no_grad():
+        ref = _reference(hf, cfg).generate(pixel_values=_t(px), input_ids=_t(full_ids), attention_mask=_t(full_mask),
+                                           max_new_tokens=new, min_new_tokens=new, **opts).numpy()
+    got = me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                      min_new_tokens=new, **opts).numpy()
+    assert ref.shape[1] == 41
+    np.testing.assert_array_equal(got, ref[:, Q:])
+
+
+@pytest.mark.parametrize("prompt", [5, None], ids=["prompt", "default_prompt"])
+def test_opt_concat_positions_count_the_queries_in_front(pair, prompt):
+    """OPT's 40 positions must hold the Q=4 queries in front, the prompt and the new tokens fed back (every
+    one but the last): a call needing 41 is refused before decoding (inside XLA an out-of-table position
+    would be clamped)."""
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **CASES["opt_concat"])
+    px = _pixels(batch=2, seed=3)
+    kw = {}
+    if prompt is not None:
+        _, _, ids, mask = _case_inputs(CASES["opt_concat"], (5, 3), prompt, seed=3)
+        kw = dict(input_ids=ids, attention_mask=mask)
+    length = prompt or 1                                   # the default prompt is OPT's bos
+    with pytest.raises(ValueError, match="positions but OPT has only max_position_embeddings=40"):
+        me.generate(pixel_values=px, max_new_tokens=42 - Q - length, **kw)
+
+
 # -- SavedModel export -----------------------------------------------------------------------------
 # Runs with ``python -S`` (no .pth files, so no editable install of this repository), cwd outside the
 # repository and only site-packages on the path: TensorFlow and numpy, not this library.
