@@ -119,3 +119,45 @@ def test_demo_exits_1_when_a_backend_cannot_run(monkeypatch, capsys):
     assert run_demo(backends=("torch", "tf")) == 1
     out = capsys.readouterr().out
     assert "   tf: unavailable (No module named 'tensorflow')" in out and "backends agree (torch)" in out
+
+
+# -- the synthetic shapes generator behind the bundled models and their held-out samples -------------------------
+def test_synthetic_splits_draw_their_own_streams():
+    """Same seed, same scenes; the test and samples splits draw streams of their own, so their scenes and
+    metadata rows are not the training split's."""
+    from blip_apps import synthetic
+    train = synthetic.scenes(40, seed=7, split="train")
+    assert synthetic.scenes(40, seed=7, split="train") == train
+    assert synthetic.scenes(40, seed=8, split="train") != train
+    for split in ("test", "samples"):
+        held_out = synthetic.scenes(40, seed=7, split=split)
+        assert not set(held_out) & set(train), split
+        assert [r for _, r in synthetic.rows(40, 7, split)] != [r for _, r in synthetic.rows(40, 7, "train")]
+
+
+def test_synthetic_test_images_are_not_training_images(tmp_path):
+    """``write_dataset``: the same seed writes the same bytes, and no test picture is a training picture."""
+    from blip_apps import synthetic
+
+    def pictures(out):
+        synthetic.write_dataset(str(out), n_train=12, n_test=6, seed=2)
+        return {split: sorted(p.read_bytes() for p in (out / split).glob("*.png")) for split in ("train", "test")}
+    first, again = pictures(tmp_path / "a"), pictures(tmp_path / "b")
+    assert first == again and len(first["train"]) == 12 and len(first["test"]) == 6
+    assert not set(first["test"]) & set(first["train"])
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_synthetic_scenes_span_their_documented_ranges(size):
+    """Half-widths cover ``SIZES[size]`` with both ends included, jitter covers -3..3 pixels, and a square of
+    half-width r is drawn as (2r + 1)^2 pixels of its colour centred at its place plus jitter."""
+    from blip_apps import synthetic
+    drawn = [s for s in synthetic.scenes(600, seed=1) if s.size == size]
+    lo, hi = synthetic.SIZES[size]
+    assert {s.radius for s in drawn} == set(range(lo, hi + 1))
+    assert {s.dx for s in drawn} == {s.dy for s in drawn} == set(range(-3, 4))
+    scene = synthetic.Scene("square", "blue", size, "left", 0, 2, -1, hi)
+    img = np.asarray(synthetic.render(scene))
+    ys, xs = np.nonzero((img == synthetic.COLORS["blue"]).all(-1))
+    assert len(xs) == (2 * hi + 1) ** 2
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (16 + 2 - hi, 16 + 2 + hi, 32 - 1 - hi, 32 - 1 + hi)

@@ -131,3 +131,35 @@ def test_config_special_ids_outside_the_vocabulary(tmp_path, backend):
     for bad in BAD:
         with pytest.raises(ValueError, match=f"decoder_start_token_id={bad} is outside the vocabulary of size 99"):
             good.generate(pixel_values=px, max_new_tokens=2, decoder_start_token_id=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_placeholder_count_is_exactly_the_queries(backend):
+    """A row holding one placeholder more than ``num_query_tokens`` (a text id replaced by the image id) is
+    refused like one holding fewer: the forward and ``generate`` raise instead of placing the queries."""
+    _, inputs, _ = fixture("Blip2ForConditionalGeneration")
+    model = _model(backend, "Blip2ForConditionalGeneration")
+    ids = np.array(inputs["input_ids"], copy=True)
+    q = model.config.num_query_tokens
+    assert (ids == model.config.image_token_index).sum(1).tolist() == [q, q]
+    ids[1, -1] = model.config.image_token_index              # q + 1 placeholders in the second row
+    px, mask = inputs["pixel_values"], inputs["attention_mask"]
+    with pytest.raises(ValueError, match=r"exactly num_query_tokens=4 image placeholder tokens.*\[4, 5\]"):
+        model(pixel_values=px, input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"exactly num_query_tokens=4 image placeholder tokens.*\[4, 5\]"):
+        model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retrieval_text_must_start_with_every_placeholder(backend):
+    """The Q-Former text behind the placeholders: the first ``num_query_tokens`` ids must all be
+    placeholders; a row where one of them is a text id is refused, not stripped."""
+    _, inputs, _ = fixture("Blip2ForImageTextRetrieval")
+    model = _model(backend, "Blip2ForImageTextRetrieval")
+    ids = np.array(inputs["input_ids"], copy=True)
+    ids[:, :4] = model.config.image_token_index
+    ids[0, 0] = 5                                             # three placeholders, then text
+    for itm in (False, True):
+        with pytest.raises(ValueError, match="must start with num_query_tokens=4 placeholder ids"):
+            model(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=inputs["attention_mask"],
+                  use_image_text_matching_head=itm)

@@ -18,7 +18,7 @@ from blip_core.configs import BlipConfig, BlipVisionConfig
 from blip_core.numerics import max_abs_diff, tolerance
 from blip_core.weights import owned, weight_table
 
-from fixture_utils import require
+from fixture_utils import fixture, require
 torch = require("torch")
 transformers = require("transformers")
 
@@ -392,3 +392,72 @@ def test_embeddings_normalise_by_the_shared_rule():
     got = np.asarray(_normalize(jnp.asarray(x)))
     np.testing.assert_allclose(got, x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS), rtol=1e-6)
     assert np.isfinite(got).all() and not got[1].any()
+
+
+# -- the weight spec's layouts and the input checks of backends.jax._base --------------------------------------
+def test_conv_layout_is_hwio_and_inverts():
+    """CONV2D moves torch's OIHW kernel to Flax's HWIO: a jax convolution with the moved kernel is torch's
+    conv2d; ``inverse`` undoes it; ``perm`` / ``inverse_perm`` / ``canonical_shape`` describe the same move
+    (a non-square kernel, every axis of a different size)."""
+    from blip_core.weights.spec import CONV2D, LINEAR
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3, 2, 4)).astype(np.float32)          # O, I, H, W
+    x = rng.standard_normal((1, 3, 6, 7)).astype(np.float32)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+    k = CONV2D.forward(w)
+    got = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(k), (1, 1), "VALID",
+                                       dimension_numbers=("NCHW", "HWIO", "NCHW"))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+    np.testing.assert_array_equal(CONV2D.inverse(k), w)
+    np.testing.assert_array_equal(k, w.transpose(CONV2D.perm))
+    np.testing.assert_array_equal(k.transpose(CONV2D.inverse_perm), w)
+    assert CONV2D.canonical_shape(k.shape) == w.shape
+    assert LINEAR.canonical_shape((4, 5)) == (5, 4)
+
+
+@pytest.mark.parametrize("name", ["BlipVisionModel", "BlipForConditionalGeneration"])
+def test_loaded_params_map_back_to_the_table_shapes(name):
+    """Every loaded jax param, read back through its row's transform (``canonical_shape``), has the row's
+    torch shape, and its array is the checkpoint's tensor moved by ``perm`` (conv patch embedding included)."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+    d, _, _ = fixture(name)
+    model = getattr(J, name).from_pretrained(d)
+    state = load_file(os.path.join(d, "model.safetensors"))
+    flat = traverse_util.flatten_dict(model.params)
+    rows = owned(weight_table(name, model.config))
+    assert any(s.kind == "conv_weight" for s in rows)
+    for s in rows:
+        arr = np.asarray(flat[s.backend_path("jax")])
+        assert s.transform.canonical_shape(arr.shape) == tuple(s.shape) == state[s.name].shape, s.name
+        want = state[s.name] if s.transform.perm is None else state[s.name].transpose(s.transform.perm)
+        np.testing.assert_array_equal(arr, want, err_msg=s.name)
+
+
+@pytest.mark.parametrize("name", ["BlipTextModel", "BlipForConditionalGeneration", "BlipForImageTextRetrieval"])
+def test_a_mask_of_another_shape_than_the_ids_is_refused(name):
+    """An attention mask one column longer than the ids is an error, not broadcast or cut."""
+    d, inputs, _ = fixture(name)
+    model = getattr(J, name).from_pretrained(d)
+    ids = inputs["input_ids"]
+    with pytest.raises(ValueError, match="does not match the ids shape"):
+        model(**dict(inputs, attention_mask=np.ones((ids.shape[0], ids.shape[1] + 1), np.int64)))
+
+
+@pytest.mark.parametrize("name", ["BlipTextModel", "BlipForConditionalGeneration"])
+def test_ids_as_long_as_the_position_table(name):
+    """Ids exactly ``max_position_embeddings`` long run and give transformers' outputs; one more is refused."""
+    d, inputs, _ = fixture(name)
+    model = getattr(J, name).from_pretrained(d)
+    hf = getattr(transformers, name).from_pretrained(d).eval()
+    tc = model.config if name == "BlipTextModel" else model.config.text_config
+    n = tc.max_position_embeddings
+    ids = np.random.default_rng(3).integers(3, tc.vocab_size, (1, n)).astype(np.int64)
+    kw = {} if name == "BlipTextModel" else {"pixel_values": inputs["pixel_values"][:1]}
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), **{k: torch.from_numpy(v) for k, v in kw.items()})
+    ours = model(input_ids=ids, **kw)
+    field = "last_hidden_state" if name == "BlipTextModel" else "logits"
+    assert max_abs_diff(ours[field], getattr(ref, field).numpy()) <= ATOL
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=np.concatenate([ids, ids[:, :1]], 1), **kw)

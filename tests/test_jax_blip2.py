@@ -171,6 +171,28 @@ def test_retrieval_fixture_itm_and_itc(fixed):
         model(**dict(kw, input_ids=inputs["input_ids"]))
 
 
+
+@pytest.mark.parametrize("itm,texts", [(False, 1), (False, 3), (True, 1), (True, 3)],
+                         ids=["itc-1-text", "itc-3-texts", "itm-1-pair", "itm-3-pairs"])
+def test_retrieval_heads_on_other_batches_match_transformers(fixed, itm, texts):
+    """Batches the fixture does not have: ITC of 2 images against 1 or 3 padded texts (each image-text score
+    the best over the queries; ``logits_per_text`` its transpose) and ITM of 1 or 3 pairs (the head's two
+    logits averaged over the queries) are transformers'."""
+    model, _, _, d = fixed("Blip2ForImageTextRetrieval")
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(d).eval()
+    rng = np.random.default_rng(texts + 10 * itm)
+    text = rng.integers(3, 80, (texts, 5))
+    ids = np.concatenate([np.full((texts, Q), model.config.image_token_index), text], 1).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[-1, -2:] = 0                                               # the last text is padded
+    pv = _pixels(texts if itm else 2, seed=texts)
+    with torch.no_grad():
+        ref = hf(pixel_values=t(pv), input_ids=t(ids), attention_mask=t(mask), use_image_text_matching_head=itm)
+    out = model(pixel_values=pv, input_ids=ids, attention_mask=mask, use_image_text_matching_head=itm)
+    assert out.logits_per_image.shape == ((texts, 2) if itm else (2, texts))
+    close(out.logits_per_image, ref.logits_per_image)
+    close(out.logits_per_text, ref.logits_per_image.T if itm else ref.logits_per_text)
+
 def test_qformer_with_text_masks_and_maps(tmp_path):
     """Queries + text, a padded text row and a padded image row, hidden states and attention maps."""
     hf = _scramble(transformers.Blip2QFormerModel(blip2_config(**SMALL).qformer_config), seed=2)

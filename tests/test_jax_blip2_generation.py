@@ -189,3 +189,41 @@ def test_generate_default_prompt_and_errors(fixed):
     for bad in (dict(bogus_option=1), dict(num_beams=2, num_return_sequences=3), dict(generator=object())):
         with pytest.raises(ValueError):
             model.generate(pixel_values=px, max_new_tokens=2, **bad)
+
+
+def test_beam_scores_keep_a_row_per_beam(fixed):
+    """Beam search returning fewer sequences than beams (3 inputs, a padded batch inside): every step's
+    scores hold one row per beam (inputs x num_beams), ``sequences_scores`` one per returned sequence,
+    as transformers."""
+    model, _, _, d = fixed("Blip2ForConditionalGeneration")
+    ref = transformers.Blip2ForConditionalGeneration.from_pretrained(d).eval()
+    text, text_mask = _prompt([5, 2, 4], 5, seed=3, placeholders=False)
+    ids = np.concatenate([np.full((3, Q), model.config.image_token_index), text], 1)
+    mask = np.concatenate([np.ones((3, Q), np.int64), text_mask], 1)
+    px = _pixels(batch=3, seed=2)
+    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, return_dict_in_generate=True,
+              output_scores=True)
+    with torch.no_grad():
+        want = ref.generate(pixel_values=t(px), input_ids=t(ids), attention_mask=t(mask), **kw)
+    got = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    _same(got.sequences, want.sequences)
+    assert np.asarray(got.sequences_scores).shape == (6,)
+    close(np.asarray(got.sequences_scores), want.sequences_scores.numpy())
+    assert len(got.scores) == len(want.scores)
+    for ours, theirs in zip(got.scores, want.scores):
+        assert np.asarray(ours).shape == tuple(theirs.shape) == (9, model.config.text_config.vocab_size)
+        finite = torch.isfinite(theirs).numpy()
+        assert (np.isfinite(np.asarray(ours)) == finite).all()
+        close(np.asarray(ours)[finite], theirs.numpy()[finite])
+
+
+def test_an_explicit_prng_key_decides_the_draws(fixed):
+    """A given ``prng_key`` is what sampling draws from: the same key repeats the ids, and ``seed=s`` is
+    ``prng_key=jax.random.key(s)`` (the documented rule)."""
+    model, inputs, _, _ = fixed("Blip2ForConditionalGeneration")
+    kw = dict(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+              attention_mask=inputs["attention_mask"], do_sample=True, temperature=2.0, max_new_tokens=8)
+    a = model.generate(prng_key=jax.random.key(5), **kw)
+    b = model.generate(prng_key=jax.random.key(5), **kw)
+    _same(a, b)
+    _same(a, model.generate(seed=5, **kw))

@@ -137,6 +137,61 @@ def test_concatenated_queries(bundle, tmp_path):
                   model.generate(px, input_ids=ids, attention_mask=mask, **options))
 
 
+@pytest.mark.parametrize("start", [5, 7])
+def test_t5_decoder_start_option(bundle, start):
+    """T5's ``decoder_start_token_id`` option: the decoder ids start from it, as the library's; OPT (no
+    decoder start) takes the option as the library does."""
+    kind, model, runner, _ = bundle
+    px, ids, mask = _inputs(kind)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, decoder_start_token_id=start)
+    got = runner.generate(px, **kw)
+    _same_ids(got, model.generate(px, **kw))
+    if kind == "t5":
+        assert (got[:, 0] == start).all()
+
+
+def _concat_bundle(runner, model_dir, tmp_path):
+    """The bundle and checkpoint copied with ``image_token_index`` removed: the queries go in front."""
+    import backends.torch as bt
+    from blip_runtime import OnnxBlip
+    art, ckpt = shutil.copytree(runner.path, tmp_path / "onnx"), shutil.copytree(model_dir, tmp_path / "ckpt")
+    for d in (art, ckpt):
+        with open(os.path.join(d, "config.json")) as fh:
+            config = json.load(fh)
+        config.pop("image_token_index")
+        with open(os.path.join(d, "config.json"), "w") as fh:
+            json.dump(config, fh)
+    return bt.Blip2ForConditionalGeneration.from_pretrained(str(ckpt)), OnnxBlip(art, threads=1)
+
+
+@pytest.mark.parametrize("prompt", ["given", "default"])
+def test_concatenated_queries_fill_the_position_table(bundle, tmp_path, prompt):
+    """Queries in front: OPT's 40 positions hold the Q queries, the prompt (given, or the default one: OPT's
+    bos) and the new tokens fed back (all but the last): 41 ids decode as the library's, one more is refused
+    with a ValueError (not an out-of-table gather); T5's relative positions have no table."""
+    kind, _, runner, model_dir = bundle
+    model, concat = _concat_bundle(runner, model_dir, tmp_path)
+    q = runner.config.num_query_tokens
+    px, ids, mask = _inputs(kind)
+    kw = dict(input_ids=ids[:, q:], attention_mask=mask[:, q:]) if prompt == "given" else {}
+    if kind == "t5" and prompt == "default":      # neither placeholders nor a bos: no default prompt
+        for generate in (concat.generate, model.generate):
+            with pytest.raises(ValueError, match="pass input_ids"):
+                generate(px, max_new_tokens=2)
+        return
+    new = 41 - q - (ids.shape[1] - q if prompt == "given" else 1)             # OPT's default prompt: bos
+    kw.update(max_new_tokens=new, min_new_tokens=new)
+    got = concat.generate(px, **kw)
+    _same_ids(got, model.generate(px, **kw))
+    kw.update(max_new_tokens=new + 1, min_new_tokens=new + 1)
+    if kind == "opt":
+        assert got.shape[1] + q == 41
+        with pytest.raises(ValueError, match="OPT has only 40 positions"):
+            concat.generate(px, **kw)
+    else:
+        _same_ids(concat.generate(px, **kw), model.generate(px, **kw))
+
+
 def test_refusals(bundle):
     kind, _, runner, _ = bundle
     px, ids, mask = _inputs(kind)

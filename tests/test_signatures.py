@@ -21,6 +21,7 @@ import transformers
 import backends.jax as bj
 import backends.tf as btf
 import backends.torch as bt
+from blip_core import outputs as outputs_mod
 from blip_core import to_numpy
 from blip_core.configs import load_config
 from blip_core.exports import SHARED
@@ -225,3 +226,63 @@ def test_torch_generate_takes_generator_from_its_keywords():
     torch.manual_seed(1)
     unseeded = [model.generate(px, do_sample=True, max_new_tokens=6) for _ in range(4)]
     assert any(not torch.equal(u, unseeded[0]) for u in unseeded[1:])   # sampling does depend on the generator
+
+
+# -- output containers: transformers' fields, order and dict / tuple behaviour --------------------------------
+def _hf_output_class(name):
+    import dataclasses
+    from transformers import modeling_outputs
+    from transformers.models.blip import modeling_blip
+    from transformers.models.blip_2 import modeling_blip_2
+    for module in (modeling_blip, modeling_blip_2, modeling_outputs):
+        cls = getattr(module, name, None)
+        if cls is not None and dataclasses.is_dataclass(cls):
+            return cls
+    raise AssertionError(f"transformers 4.57 has no output class {name}")
+
+
+OUTPUT_NAMES = [n for n in outputs_mod.__all__ if n not in ("ModelOutput", "GenerateOutput")]
+
+
+@pytest.mark.parametrize("name", OUTPUT_NAMES)
+def test_output_classes_have_transformers_fields_in_order(name):
+    """Each output class has the fields of transformers' class of the same name, in the same order, so that
+    ``out[i]`` and ``to_tuple()`` mean what they mean there."""
+    import dataclasses
+    ours = [f.name for f in dataclasses.fields(getattr(outputs_mod, name))]
+    assert ours == [f.name for f in dataclasses.fields(_hf_output_class(name))]
+
+
+def test_output_dict_and_tuple_access_is_transformers():
+    """None fields are not keys: ``keys()``, ``len``, ``in``, ``out[i]``, ``to_tuple()`` (nested outputs as
+    tuples) and ``out[key]`` (KeyError for a None field) behave as transformers' ``ModelOutput``."""
+    logits, embeds, hidden = np.ones((1, 2)), np.zeros((1, 3)), np.full((1, 4), 2.0)
+    kw = dict(logits=logits, image_embeds=embeds)
+    ours = outputs_mod.BlipForConditionalGenerationModelOutput(**kw)
+    ref = _hf_output_class("BlipForConditionalGenerationModelOutput")(**kw)
+    assert list(ours.keys()) == list(ref.keys()) == ["logits", "image_embeds"]
+    assert len(ours) == len(ref) == 2 and len(ours.to_tuple()) == len(ref.to_tuple()) == 2
+    assert ("loss" in ours) == ("loss" in ref) is False and ("logits" in ours) is True
+    assert ours[0] is logits and ours[1] is embeds and ours["image_embeds"] is embeds
+    with pytest.raises(KeyError):
+        ref["loss"]
+    with pytest.raises(KeyError):
+        ours["loss"]
+    inner = outputs_mod.BaseModelOutputWithPooling(last_hidden_state=hidden)
+    outer = outputs_mod.BlipOutput(logits_per_image=logits, vision_model_output=inner)
+    assert outer.keys() == ["logits_per_image", "vision_model_output"]
+    tup = outer.to_tuple()
+    assert tup[0] is logits and tup[1] == (hidden,)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "jax"])
+def test_blip_model_tuple_output_is_transformers_order(backend):
+    """``return_dict=False`` (and ``out[i]``) of BlipModel: logits_per_image, then logits_per_text, as in
+    transformers' tuple (the fixture's reference)."""
+    d, inputs, reference = fixture("BlipModel")
+    model = getattr(BACKENDS[backend], "BlipModel").from_pretrained(d)
+    tup = model(**inputs, return_dict=False)
+    out = model(**inputs)
+    np.testing.assert_allclose(to_numpy(tup[0]), reference["logits_per_image"], atol=ATOL)
+    np.testing.assert_allclose(to_numpy(tup[1]), reference["logits_per_image"].T, atol=ATOL)
+    np.testing.assert_allclose(to_numpy(out[0]), reference["logits_per_image"], atol=ATOL)

@@ -299,6 +299,25 @@ def test_generate_without_prompt_starts_from_placeholders_and_bos(pair):
         assert torch.equal(me.generate(pixel_values=px), hf.generate(pixel_values=_t(px)))
 
 
+def test_concat_opt_fills_its_position_table_exactly(pair):
+    """OPT concatenating the queries in front: the decoder is fed Q queries + prompt + every new token but the
+    last, which may use all 40 positions (41 ids: transformers', where the placeholders take the queries'
+    positions); one token more is refused."""
+    cfg = FORWARD_CASES["opt_concat"]
+    hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
+    px = _pixels(batch=2, seed=3)
+    full_ids, full_mask = _prompt([5, 3], 5, seed=3)
+    ids, mask = full_ids[:, Q:], full_mask[:, Q:]
+    new = 41 - full_ids.shape[1]
+    with torch.no_grad():
+        ref = _reference_model(hf, cfg).generate(pixel_values=_t(px), input_ids=_t(full_ids),
+                                                 attention_mask=_t(full_mask), max_new_tokens=new, min_new_tokens=new)
+        got = me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+    assert ref.shape[1] == 41 and torch.equal(got, ref[:, Q:])
+    with pytest.raises(ValueError, match="OPT has only 40 positions"):
+        me.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=new + 1, min_new_tokens=new + 1)
+
+
 def test_sampling_is_seeded(pair):
     _, me, _ = pair("Blip2ForConditionalGeneration", **FORWARD_CASES["t5_untied_gelu_new_placeholders"])
     px = _pixels(seed=7)

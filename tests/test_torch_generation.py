@@ -164,3 +164,42 @@ def test_expand_size_and_bad_mask():
     with pytest.raises(ValueError, match="attention_mask shape"):
         generation.generate(lambda *a: None, torch.zeros(2, 3, dtype=torch.long), resolve_generation(3), vocab_size=10,
                             attention_mask=torch.ones(2, 4))
+
+
+BEAM_SCORES = [dict(max_new_tokens=7, num_beams=3),
+               dict(max_new_tokens=7, num_beams=4, num_return_sequences=2, length_penalty=0.5)]
+
+
+@pytest.mark.parametrize("kw", BEAM_SCORES, ids=str)
+def test_beam_dict_output_holds_transformers_scores(lm, kw):
+    """``return_dict_in_generate`` under beam search: the sequences, each step's processed scores and the
+    final beam scores (``sequences_scores``, one per returned sequence) are transformers'."""
+    ids = _prompts()
+    kw = dict(kw, return_dict_in_generate=True, output_scores=True)
+    got, ref = _ours(lm, ids, **kw), _ref(lm, ids, **kw)
+    np.testing.assert_array_equal(got.sequences.numpy(), ref.sequences.numpy())
+    assert got.sequences_scores is not None and got.sequences_scores.shape == ref.sequences_scores.shape
+    np.testing.assert_allclose(got.sequences_scores.numpy(), ref.sequences_scores.numpy(), rtol=1e-5, atol=1e-5)
+    assert len(got.scores) == len(ref.scores)
+    for mine, theirs in zip(got.scores, ref.scores):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(mine), finite)
+        np.testing.assert_allclose(mine[finite].numpy(), theirs[finite].numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=6, num_beams=3),
+                                dict(max_new_tokens=6, do_sample=True, seed=3, num_return_sequences=2)], ids=str)
+def test_without_a_mask_the_pad_tokens_are_masked(lm, kw):
+    """No ``attention_mask``: the prompt's pad tokens (pad != eos) are left out, as transformers infers
+    its own mask; the ids equal a call given that mask explicitly and transformers' unmasked call."""
+    ids = _prompts()
+    ids[0, :2] = PAD
+    ids[2, :1] = PAD
+    mask = (ids != PAD).long()
+    got = _ours(lm, ids, **kw)
+    np.testing.assert_array_equal(got.numpy(), _ours(lm, ids, mask, **kw).numpy())
+    if kw.get("do_sample"):
+        torch.manual_seed(kw["seed"])
+    theirs = lm.generate(input_ids=ids, eos_token_id=EOS, pad_token_id=PAD,
+                         **{k: v for k, v in kw.items() if k != "seed"})
+    np.testing.assert_array_equal(got.numpy(), theirs.numpy())
