@@ -116,12 +116,10 @@ def test_sampling(bundle):
     _same_ids(runner.generate(px, do_sample=True, top_k=1, seed=5, **prompt), model.generate(px, **prompt))
 
 
-def test_concatenated_queries(bundle, tmp_path):
-    """Configs without ``image_token_index`` put the queries in front; the graphs are the same."""
+def _concat_bundle(runner, model_dir, tmp_path):
+    """The bundle and checkpoint copied with ``image_token_index`` removed: the queries go in front."""
     import backends.torch as bt
     from blip_runtime import OnnxBlip
-    kind, _, runner, model_dir = bundle
-    q = runner.config.num_query_tokens
     art, ckpt = shutil.copytree(runner.path, tmp_path / "onnx"), shutil.copytree(model_dir, tmp_path / "ckpt")
     for d in (art, ckpt):
         with open(os.path.join(d, "config.json")) as fh:
@@ -129,7 +127,14 @@ def test_concatenated_queries(bundle, tmp_path):
         config.pop("image_token_index")
         with open(os.path.join(d, "config.json"), "w") as fh:
             json.dump(config, fh)
-    model, concat = bt.Blip2ForConditionalGeneration.from_pretrained(str(ckpt)), OnnxBlip(art, threads=1)
+    return bt.Blip2ForConditionalGeneration.from_pretrained(str(ckpt)), OnnxBlip(art, threads=1)
+
+
+def test_concatenated_queries(bundle, tmp_path):
+    """Configs without ``image_token_index`` put the queries in front; the graphs are the same."""
+    kind, _, runner, model_dir = bundle
+    q = runner.config.num_query_tokens
+    model, concat = _concat_bundle(runner, model_dir, tmp_path)
     px, ids, mask = _inputs(kind)
     ids, mask = ids[:, q:], mask[:, q:]
     for options in (GENERATE["greedy"], GENERATE["beam3_nrs2_penalties"]):
@@ -148,20 +153,6 @@ def test_t5_decoder_start_option(bundle, start):
     _same_ids(got, model.generate(px, **kw))
     if kind == "t5":
         assert (got[:, 0] == start).all()
-
-
-def _concat_bundle(runner, model_dir, tmp_path):
-    """The bundle and checkpoint copied with ``image_token_index`` removed: the queries go in front."""
-    import backends.torch as bt
-    from blip_runtime import OnnxBlip
-    art, ckpt = shutil.copytree(runner.path, tmp_path / "onnx"), shutil.copytree(model_dir, tmp_path / "ckpt")
-    for d in (art, ckpt):
-        with open(os.path.join(d, "config.json")) as fh:
-            config = json.load(fh)
-        config.pop("image_token_index")
-        with open(os.path.join(d, "config.json"), "w") as fh:
-            json.dump(config, fh)
-    return bt.Blip2ForConditionalGeneration.from_pretrained(str(ckpt)), OnnxBlip(art, threads=1)
 
 
 @pytest.mark.parametrize("prompt", ["given", "default"])

@@ -107,10 +107,13 @@ def test_generate_right_padded_batch_matches_transformers(pair):
             close(ours[finite], theirs[finite], f"scores {opts}")
 
 
-@pytest.mark.parametrize("case", ["opt_placeholders", pytest.param("t5_tied_relu_concat", marks=pytest.mark.slow)])
-def test_generate_from_inputs_embeds(pair, case):
-    """A prompt given as embeddings alone (placeholders found by their embedding): transformers' ids,
-    for OPT the new tokens alone."""
+@pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
+@pytest.mark.parametrize("case", ["opt_placeholders", "opt_concat",
+                                  pytest.param("t5_tied_relu_concat", marks=pytest.mark.slow)])
+def test_generate_from_inputs_embeds(pair, case, opts):
+    """A prompt given as embeddings alone (placeholders found by their embedding; or, OPT concatenating the
+    queries in front, the queries and the prompt as the prefix): transformers' ids (the same weights with
+    placeholders), for OPT the new tokens alone."""
     cfg = CASES[case]
     hf, me, path = pair("Blip2ForConditionalGeneration", **cfg)
     ref_model = _reference(hf, cfg)
@@ -119,32 +122,14 @@ def test_generate_from_inputs_embeds(pair, case):
     with torch.no_grad():
         embeds = hf.get_input_embeddings()(_t(ids))
         ref = ref_model.generate(pixel_values=_t(px), inputs_embeds=ref_model.get_input_embeddings()(_t(full_ids)),
-                                 attention_mask=_t(full_mask), max_new_tokens=5).numpy()
+                                 attention_mask=_t(full_mask), max_new_tokens=5, **opts).numpy()
         theirs = torch_blip2.Blip2ForConditionalGeneration.from_pretrained(path).generate(
-            pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5).numpy()
-    got = me.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask, max_new_tokens=5).numpy()
+            pixel_values=px, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, **opts).numpy()
+    got = me.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask, max_new_tokens=5,
+                      **opts).numpy()
     np.testing.assert_array_equal(got, theirs)
     np.testing.assert_array_equal(got, ref)
     assert got.shape[1] == (6 if _is_t5(cfg) else 5)
-
-
-@pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
-def test_generate_from_inputs_embeds_concat_opt(pair, opts):
-    """OPT concatenating the queries in front, the prompt given as embeddings alone: the queries and the
-    prompt form the prefix; the new tokens alone are transformers' (the same weights with placeholders)."""
-    cfg = CASES["opt_concat"]
-    hf, me, _ = pair("Blip2ForConditionalGeneration", **cfg)
-    ref_model = _reference(hf, cfg)
-    px = _pixels(batch=3, seed=8)
-    full_ids, full_mask, ids, mask = _case_inputs(cfg, (5, 2, 4), 5, seed=9)
-    with torch.no_grad():
-        embeds = hf.get_input_embeddings()(_t(ids))
-        ref = ref_model.generate(pixel_values=_t(px), inputs_embeds=ref_model.get_input_embeddings()(_t(full_ids)),
-                                 attention_mask=_t(full_mask), max_new_tokens=5, **opts).numpy()
-    got = me.generate(pixel_values=px, inputs_embeds=embeds.numpy(), attention_mask=mask, max_new_tokens=5,
-                      **opts).numpy()
-    assert got.shape == (3, 5)
-    np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
