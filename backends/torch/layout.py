@@ -139,8 +139,8 @@ def _mkl_rows() -> int:
 # host of this project's 2-core VM (AVX-512, AMX; BLIP base's 73 decoder products + LM head, interleaved medians):
 # 1 row 19.6 ms (MKL) against 20.8 (the embedding-bag copy) and 24.9 (oneDNN); 2 rows 21.4 against 30.0 (oneDNN,
 # the plan's choice there) and 24.0 (packed); 3 rows 23.0 against 24.5 (packed); 4 rows 35.7 against 24.6 (packed).
-# Whole decoding steps (random weights, 20 tokens forced, two models alternating in one process): greedy batch 1
-# 34.7 -> 32.6 ms a token, greedy batch 2 52.3 -> 38.5, beam 3 batch 1 43.6 -> 38.8, ids equal; and the decoding
+# Whole captions (random weights, 20 tokens forced, MKL_ROWS 0 and 3 alternating in one process): greedy batch 1
+# 1.105 -> 1.087 s, greedy batch 2 1.833 -> 1.594 s, beam 3 batch 1 1.321 -> 1.226 s, ids equal; and the decoding
 # copy (~490 MB in float32 for BLIP base) is not made. 0 (AMD and unknown CPUs) keeps the plan below.
 MKL_ROWS = _mkl_rows()
 
