@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from .configs import Blip2Config, OPTConfig
-from .generation import GenerationSettings, check_special_token_id, resolve_generation
+from .generation import GenerationSettings, check_special_token_id, fed_positions, resolve_generation
 
 # transformers' ``_keep_in_fp32_modules`` for BLIP-2. In 4.57 the rule applies to float16 only: in
 # bfloat16 the whole model is bfloat16.
@@ -142,10 +142,10 @@ def generation_settings(config: Blip2Config, prompt_length: int, **kwargs) -> Ge
 
 
 def check_opt_positions(config: Blip2Config, prefix: int, max_length: int) -> None:
-    """OPT's learned position table must cover the ``prefix`` (image queries in front of the prompt) plus
-    the positions the decoder is fed of the ``max_length`` tokens of the output (prompt and new tokens): all
-    but the last, as ``generation.check_position_limit`` counts them; checked before anything is decoded."""
-    needed, limit = prefix + max_length - 1, config.text_config.max_position_embeddings
+    """OPT's learned position table must cover the ``prefix`` (image queries in front of the prompt) plus the
+    ``fed_positions`` of the ``max_length`` tokens of the output (prompt and new tokens); checked before anything
+    is decoded."""
+    needed, limit = prefix + fed_positions(max_length), config.text_config.max_position_embeddings
     if needed > limit:
         raise ValueError(f"the image queries, prompt and new tokens need {needed} positions but OPT has only "
                          f"max_position_embeddings={limit}")

@@ -95,15 +95,18 @@ def _as_eos_tuple(eos) -> tuple:
     return tuple(_integer(e, "eos_token_id") for e in eos)
 
 
-def check_position_limit(prompt_length: int, max_new_tokens: int, max_positions: Optional[int]) -> None:
-    """The one length rule of every backend, checked before anything runs.
+def fed_positions(length: int) -> int:
+    """The decoder positions an output of ``length`` tokens (prompt and new tokens) takes: it is fed every token
+    but the last."""
+    return length - 1
 
-    The decoder is fed the prompt and every new token but the last, so it needs
-    ``prompt_length + max_new_tokens - 1`` positions; the model's table must hold them.
-    """
+
+def check_position_limit(prompt_length: int, max_new_tokens: int, max_positions: Optional[int]) -> None:
+    """The one length rule of every backend, checked before anything runs: the model's table must hold the
+    ``fed_positions`` of the prompt and the new tokens."""
     if max_positions is None:
         return
-    need = prompt_length + max_new_tokens - 1
+    need = fed_positions(prompt_length + max_new_tokens)
     if need > max_positions:
         raise ValueError(f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) needs {need} decoder "
                          f"positions, more than max_position_embeddings={max_positions}; at most "

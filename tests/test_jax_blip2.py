@@ -171,7 +171,6 @@ def test_retrieval_fixture_itm_and_itc(fixed):
         model(**dict(kw, input_ids=inputs["input_ids"]))
 
 
-
 @pytest.mark.parametrize("itm,texts", [(False, 1), (False, 3), (True, 1), (True, 3)],
                          ids=["itc-1-text", "itc-3-texts", "itm-1-pair", "itm-3-pairs"])
 def test_retrieval_heads_on_other_batches_match_transformers(fixed, itm, texts):
@@ -192,6 +191,7 @@ def test_retrieval_heads_on_other_batches_match_transformers(fixed, itm, texts):
     assert out.logits_per_image.shape == ((texts, 2) if itm else (2, texts))
     close(out.logits_per_image, ref.logits_per_image)
     close(out.logits_per_text, ref.logits_per_image.T if itm else ref.logits_per_text)
+
 
 def test_qformer_with_text_masks_and_maps(tmp_path):
     """Queries + text, a padded text row and a padded image row, hidden states and attention maps."""

@@ -11,6 +11,7 @@
 
 A few behaviour checks follow for the parameters that only some backends used to have.
 """
+import dataclasses
 import inspect
 
 import numpy as np
@@ -230,7 +231,6 @@ def test_torch_generate_takes_generator_from_its_keywords():
 
 # -- output containers: transformers' fields, order and dict / tuple behaviour --------------------------------
 def _hf_output_class(name):
-    import dataclasses
     from transformers import modeling_outputs
     from transformers.models.blip import modeling_blip
     from transformers.models.blip_2 import modeling_blip_2
@@ -248,7 +248,6 @@ OUTPUT_NAMES = [n for n in outputs_mod.__all__ if n not in ("ModelOutput", "Gene
 def test_output_classes_have_transformers_fields_in_order(name):
     """Each output class has the fields of transformers' class of the same name, in the same order, so that
     ``out[i]`` and ``to_tuple()`` mean what they mean there."""
-    import dataclasses
     ours = [f.name for f in dataclasses.fields(getattr(outputs_mod, name))]
     assert ours == [f.name for f in dataclasses.fields(_hf_output_class(name))]
 

@@ -291,7 +291,7 @@ class Linear(nn.Linear):
         w = self.weight
         if x.dtype == w.dtype and x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.device.type == "cpu" \
                 and x.is_contiguous() and w.is_contiguous() and x.dim() >= 2 and x.numel() > 0:
-            if x.dtype == torch.float32 and ENABLED is None and COPIES and x.numel() <= MKL_ROWS * x.shape[-1]:
+            if plan(x.dtype, x.numel() // x.shape[-1]) == PLAIN:
                 return None     # a few float32 rows on an Intel CPU: MKL's product (``MKL_ROWS``)
             return _onednn_rows(x, w, self.bias, post, algorithm)     # oneDNN on the weight as it is (no copy)
         return None

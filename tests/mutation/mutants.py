@@ -910,7 +910,7 @@ MUTANTS = [
            ('tests/test_onnx_blip2_export.py',)),
     Mutant("blip2 rules: OPT's positions counted with the last new token, which is never fed",
            'blip_core/blip2.py',
-           'needed, limit = prefix + max_length - 1, config.text_config.max_position_embeddings',
+           'needed, limit = prefix + fed_positions(max_length), config.text_config.max_position_embeddings',
            'needed, limit = prefix + max_length, config.text_config.max_position_embeddings',
            ('tests/test_tf_blip2_generate.py', 'tests/test_torch_blip2.py', 'tests/test_hostile_blip2_ids.py')),
     # -- round 6: training steps (jax, TF), synthetic data, outputs, weight spec, JAX base, JAX BLIP-2 -----------
