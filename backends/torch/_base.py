@@ -325,7 +325,52 @@ def bag_sums(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, we
     return torch.embedding_bag(table, index, offsets, False, 0, False, weights)[0]
 
 
-def one_query_attention(q, k, v, mask=None, *, scale: float):
+def _int8_bag_ops():
+    """fbgemm's 8-bit row-wise embedding-bag prepack and weighted sum, or (None, None) where this build lacks them."""
+    try:
+        ops = torch.ops.quantized
+        return ops.embedding_bag_byte_prepack, ops.embedding_bag_byte_rowwise_offsets
+    except (AttributeError, RuntimeError):
+        return None, None
+
+
+_INT8_PREPACK, _INT8_SUMS = _int8_bag_ops()
+INT8_BAGS = _INT8_PREPACK is not None     # this build has fbgemm's 8-bit row-wise tables
+
+
+def int8_rows(table: torch.Tensor) -> torch.Tensor:
+    """fbgemm's 8-bit row-wise table of a float32 (rows, width) table: each row rounded to 256 levels between its own
+    min and max, its scale and min stored beside it as float32 (8 more bytes a row)."""
+    return _INT8_PREPACK(table)
+
+
+def int8_bag_sums(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor):
+    """``bag_sums`` over an ``int8_rows`` table: float32 weights and float32 sums of the rows as stored."""
+    return _INT8_SUMS(table, index, offsets, False, 0, False, weights, None, False)
+
+
+class ImageKV(tuple):
+    """A decoder layer's cached image keys/values ``(k, v)`` (``BlipTextSelfAttention.cross_kv``), and for an int8
+    model (``quantize.Int8Linear`` projections) their 8-bit row-wise tables, ``rows8``: the keys' rows (one feature
+    of one head over every image position) and the values' rows (one position of one head), the tables
+    ``one_query_attention`` reads in place of ``k`` and ``v``. Unpacks as ``k, v``."""
+
+    rows8 = None
+
+    def __new__(cls, k, v, rows8=None):
+        pair = super().__new__(cls, (k, v))
+        pair.rows8 = rows8
+        return pair
+
+
+def image_rows8(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """``ImageKV.rows8`` of float32 keys ``k`` (N, H, S, hd; a transposed view of contiguous keys) and values ``v``
+    (N, H, S, hd, contiguous): the two tables ``one_query_attention`` sums, each row rounded on its own."""
+    n, h, s, hd = v.shape
+    return int8_rows(k.transpose(-1, -2).reshape(n * h * hd, s)), int8_rows(v.reshape(n * h * s, hd))
+
+
+def one_query_attention(q, k, v, mask=None, *, scale: float, rows8=None):
     """``attention`` of one query row per head over cached keys/values, as two embedding-bag sums.
 
     ``q`` (B, H, 1, hd); ``k`` (N, H, S, hd) a transposed view of contiguous (N, H, hd, S) keys; ``v``
@@ -335,7 +380,9 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
     fbgemm's kernel streams both at memory speed (on one core about 2x faster than ``scaled_dot_product_attention``
     at one query over 577 image keys). float32: the same numbers to float32 rounding; bfloat16: float32 sums
     rounded to bfloat16 once per product (scores, context), as a bfloat16 matmul rounds, and the softmax's
-    probabilities in bfloat16. Returns the context (B, H, 1, hd).
+    probabilities in bfloat16. ``rows8``: ``image_rows8(k, v)`` (float32): both sums read these 8-bit tables
+    instead (a quarter of the bytes; each key and value row rounded between its own min and max, the query and the
+    probabilities not rounded). Returns the context (B, H, 1, hd).
     """
     b, h, _, hd = q.shape
     n, s = k.shape[0], k.shape[2]
@@ -345,7 +392,10 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
     if g > 1:   # bags ordered (input, head, row): a head's keys read by its rows one after another
         q = q.view(n, g, h, hd).transpose(1, 2)
     idx, off = bags(n * h, hd, q.device, g)
-    scores = bag_sums(kt.reshape(n * h * hd, s), idx, off, q.reshape(-1))
+    if rows8 is not None:
+        scores = int8_bag_sums(rows8[0], idx, off, q.reshape(-1))
+    else:
+        scores = bag_sums(kt.reshape(n * h * hd, s), idx, off, q.reshape(-1))
     if mask is not None:
         mask = mask.to(scores.dtype)
         if g > 1:
@@ -353,7 +403,10 @@ def one_query_attention(q, k, v, mask=None, *, scale: float):
         scores = (scores.view(n, h, g, s) + mask).view(n * h * g, s)
     probs = torch.softmax(scores, dim=-1)
     idx, off = bags(n * h, s, q.device, g)
-    ctx = bag_sums(v.reshape(n * h * s, hd), idx, off, probs.reshape(-1))
+    if rows8 is not None:
+        ctx = int8_bag_sums(rows8[1], idx, off, probs.reshape(-1))
+    else:
+        ctx = bag_sums(v.reshape(n * h * s, hd), idx, off, probs.reshape(-1))
     if g > 1:
         return ctx.view(n, h, g, hd).transpose(1, 2).reshape(b, h, 1, hd)
     return ctx.view(b, h, 1, hd)

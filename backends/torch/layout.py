@@ -61,7 +61,7 @@ from torch.nn.modules import module as _module
 from blip_core.checkpoint.mapped import memory_available
 from blip_core.settings import OFF, env_word
 
-from ._base import activation, bag_sums, bags
+from ._base import INT8_BAGS, activation, bag_sums, bags, int8_bag_sums, int8_rows
 
 
 def _onednn_ops():
@@ -78,16 +78,6 @@ def _onednn_ops():
 _ONEDNN = _onednn_ops()
 
 
-def _int8_bag_ops():
-    """fbgemm's 8-bit row-wise embedding-bag prepack and weighted sum, or (None, None) where this build lacks them."""
-    try:
-        ops = torch.ops.quantized
-        return ops.embedding_bag_byte_prepack, ops.embedding_bag_byte_rowwise_offsets
-    except (AttributeError, RuntimeError):
-        return None, None
-
-
-_INT8_PREPACK, _INT8_BAGS = _int8_bag_ops()
 # Default (``ENABLED = None``, BLIP_TORCH_DECODE_LAYOUT unset or ``auto``): ``plan`` below.
 # BLIP_TORCH_DECODE_LAYOUT=1 (``layout.ENABLED = True``) packs every dtype (one more copy of the
 # decoder's weights); =0 (False) leaves every layer on ``F.linear`` (MKL in float32). An earlier default kept
@@ -208,7 +198,7 @@ class _Transposed:
                 block[n_in, :cols].copy_(bias[lo:lo + cols])
             block[:, cols:].zero_()
         if int8:      # weight-only int8 (``Int8Linear``): each table row quantised with its own scale and offset
-            self.table = _INT8_PREPACK(self.table)
+            self.table = int8_rows(self.table)
         self.index, self.offsets = bags(k, rows, w.device)
         self.k, self.n_in, self.out, self.per_bag, self.int8 = k, n_in, out, rows, int8
         self.padded = k * width != out
@@ -230,7 +220,7 @@ class _Transposed:
         weights, inputs = self.inputs.get(get_ident()) or self._weights()
         inputs.copy_(x.reshape(-1))          # x once per bag (then 1 for the bias)
         if self.int8:
-            y = _INT8_BAGS(self.table, self.index, self.offsets, False, 0, False, weights, None, False)
+            y = int8_bag_sums(self.table, self.index, self.offsets, weights)
         else:
             y = bag_sums(self.table, self.index, self.offsets, weights)
         if self.padded:       # the last block's zero columns (the slice costs ~3.5 us a call: only where needed)
@@ -450,7 +440,7 @@ def _takes_layout(lin: nn.Module, how: str) -> bool:
     """``lin`` is a ``Linear`` that ``prepare_decoding`` lays out under ``how``: not one called once per input, and an
     ``Int8Linear`` only under ``TRANSPOSED`` where this build has fbgemm's row-wise kernel."""
     return (isinstance(lin, Linear) and not lin.runs_once
-            and (not lin.int8 or (how == TRANSPOSED and _INT8_BAGS is not None)))
+            and (not lin.int8 or (how == TRANSPOSED and INT8_BAGS)))
 
 
 def _new_copy_bytes(module: nn.Module, rows: int, how: str) -> int:

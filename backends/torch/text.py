@@ -24,9 +24,17 @@ from torch import nn
 from blip_core.numerics import MASK_VALUE
 from blip_core.outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
-from ._base import (PreTrainedModel, as_tensor, attention, fits_one_query_attention, one_query_attention,
-                    repeated_rows)
+from ._base import (INT8_BAGS, ImageKV, PreTrainedModel, as_tensor, attention, fits_one_query_attention,
+                    image_rows8, one_query_attention, repeated_rows)
 from .layout import Linear, linear_act, prepare_decoding, project
+
+
+def _select_runs(kv: ImageKV, runs: torch.Tensor) -> ImageKV:
+    """Image keys/values ``kv`` of the rows ``runs`` (the keys stay a transposed view of contiguous rows; an int8
+    model's 8-bit tables are made again for them)."""
+    k = kv[0].transpose(-1, -2).index_select(0, runs).transpose(-1, -2)
+    v = kv[1].index_select(0, runs)
+    return ImageKV(k, v, None if kv.rows8 is None else image_rows8(k, v))
 
 
 class TextCache:
@@ -85,9 +93,7 @@ class TextCache:
         g = self.cross_repeats or 1
         runs = idx // g
         if not torch.equal(runs, torch.arange(self._rows(g), device=idx.device) // g):
-            self.cross_kv = [None if kv is None else  # keys stay a transposed view of contiguous rows
-                             (kv[0].transpose(-1, -2).index_select(0, runs).transpose(-1, -2),
-                              kv[1].index_select(0, runs)) for kv in self.cross_kv]
+            self.cross_kv = [None if kv is None else _select_runs(kv, runs) for kv in self.cross_kv]
             self.cross_repeats = 1
         # ``self_kv[i]`` is only ever set by ``append``, so a layer with keys/values has a buffer.
         for i, buf in enumerate(self._buffers):
@@ -150,8 +156,9 @@ class BlipTextSelfAttention(nn.Module):
         CPU (exactly), where torch's fused attention of one query row over float16 keys runs 5-8x slower.
         Until stop 30 bfloat16 was up-cast too: its decoding steps attended in float32, 5% slower per
         token (BLIP base) and 100% against 99.5% of held-out captions equal to float32's (bundled
-        captioner, 200 images). ``repeats``: ``repeated_rows(states)`` where the caller has it (a cache finds it
-        once for all its layers)."""
+        captioner, 200 images). An int8 model (``quantize.Int8Linear`` projections) also gets their 8-bit row-wise
+        tables (``ImageKV.rows8``), which its one-row decoding steps read. ``repeats``: ``repeated_rows(states)``
+        where the caller has it (a cache finds it once for all its layers)."""
         g = repeated_rows(states) if repeats is None else repeats
         # one row per run, copied contiguous (oneDNN's product takes no strided rows; 8 BLIP-base images 29 -> 26 ms
         # a product)
@@ -164,7 +171,8 @@ class BlipTextSelfAttention(nn.Module):
         kt.copy_(k.transpose(-1, -2))
         vs = v.new_empty(v.shape, dtype=dtype)
         vs.copy_(v)
-        return kt.transpose(-1, -2), vs
+        k = kt.transpose(-1, -2)
+        return ImageKV(k, vs, image_rows8(k, vs) if self.key.int8 and dtype == torch.float32 and INT8_BAGS else None)
 
     def forward(self, x, mask, kv_states, cached=None, append=False, output_attentions=False, cache=None, i=0):
         """``cached``: (k, v) to reuse (cross) or extend (self, when ``append``; in place in ``cache``'s
@@ -183,7 +191,8 @@ class BlipTextSelfAttention(nn.Module):
         if k.dtype != dtype:      # float32 cross keys/values of a half-precision model (``cross_kv``)
             q = q.to(k.dtype)
         if not output_attentions and not self.training and fits_one_query_attention(q, k, v):
-            ctx = one_query_attention(q, k, v, mask, scale=self.head_dim ** -0.5).to(dtype)
+            rows8 = cached.rows8 if isinstance(cached, ImageKV) and not append else None
+            ctx = one_query_attention(q, k, v, mask, scale=self.head_dim ** -0.5, rows8=rows8).to(dtype)
             return ctx.transpose(1, 2).reshape(x.shape), None, (k, v)
         if k.shape[0] != q.shape[0]:      # one cached row per run of equal rows (``cross_kv``): each row's own
             k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], 0) for t in (k, v))
