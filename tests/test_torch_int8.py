@@ -2,8 +2,8 @@
 
 int8 is not float32 to rounding, so its tolerance is measured, not assumed: on the bundled trained
 captioner and the held-out synthetic test split (``blip_apps.synthetic``, seed 0), greedy captions
-in int8 equal float32's on 200 of 200 images since stop 42 (98.5% at first; ``python benchmarks/lowprec.py``); the default test
-takes the first 64 and asks for >= 90% (at most 6 differ), a slow test all 200 and >= 95%.
+in int8 equal float32's on 200 of 200 images since stop 42 (98.5% at first; ``python benchmarks/lowprec.py``);
+the default test takes the first 64 and asks for >= 90% (at most 6 differ), a slow test all 200 and >= 95%.
 The oneDNN decoding layout (``backends/torch/layout.py``, opt-in) is float32 maths in another
 kernel: ids must stay identical to the committed goldens (transformers' own ids).
 """
@@ -377,7 +377,8 @@ def test_float_models_attend_to_their_image_keys_values_as_computed(dtype):
     att = model.text_decoder.bert.encoder.layer[0].crossattention.self
     torch.manual_seed(0)
     with torch.no_grad():
-        enc = model.vision_model(pixel_values=torch.as_tensor(inputs["pixel_values"][:2], dtype=dtype)).last_hidden_state
+        pixels = torch.as_tensor(inputs["pixel_values"][:2], dtype=dtype)
+        enc = model.vision_model(pixel_values=pixels).last_hidden_state
         cached = att.cross_kv(enc, 1)
         assert cached.rows8 is None and cached[0].dtype == dtype
         if dtype == torch.float32:
