@@ -31,7 +31,7 @@ decoding step 14.3 -> 12.5 ms. A self-attention's query, key and value share one
 The image's cross-attention keys and values, computed once per input, are stored the same way beside their float32
 copy (``_base.ImageKV``): a key row is one feature of one head over every image position, a value row one position
 of one head, each rounded between its own min and max; a decoding step's query and probabilities are not rounded
-(``_base.one_query_attention``). A BLIP-base step reads 11 MB of them instead of 42 MB: 18.2 -> 15.9 ms a token
+(``_base.one_query_attention``). A BLIP-base step reads 11 MB of them instead of 42 MB: 17.3 -> 15.6 ms a token
 (Intel Xeon host, two threads, interleaved medians), and greedy captions of the bundled captioner equal float32's
 on 200 of 200 held-out images (199 with float32 keys/values). Prompts of several tokens, and every model not in
 int8, attend to the float32 keys/values.
