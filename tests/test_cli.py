@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from blip_apps.cli import main
@@ -167,3 +168,20 @@ def test_parity_on_a_missing_checkpoint_exits_2(tmp_path, capsys, against):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("blip parity: error:") and err.count("\n") == 1 and "nowhere" in err
+
+
+@pytest.mark.parametrize("size", [48, 64])
+def test_convert_image_size_resizes_the_position_table(tmp_path, capsys, size):
+    """``blip convert --image-size N`` of a 32-pixel ViT with 8-pixel patches: config.json says N, and the
+    position table holds the class token's row, unchanged, and one row per patch of the (N / 8)^2 grid."""
+    from safetensors.numpy import load_file
+    src = fixture("BlipVisionModel")[0]
+    before = load_file(os.path.join(src, "model.safetensors"))["embeddings.position_embedding"]
+    assert before.shape == (1, 1 + (32 // 8) ** 2, 32)
+    out = tmp_path / "out"
+    assert main(["convert", src, str(out), "--to", "torch", "--image-size", str(size), "--no-progress"]) == 0
+    with open(out / "config.json") as fh:
+        assert json.load(fh)["image_size"] == size
+    after = load_file(str(out / "model.safetensors"))["embeddings.position_embedding"]
+    assert after.shape == (1, 1 + (size // 8) ** 2, 32)
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])

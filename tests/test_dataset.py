@@ -703,6 +703,24 @@ def test_search_images_only_answers_an_image_with_images(five, tmp_path, capsys,
     assert [g[0] for g in got] == ["a", "b"] and got[0][1] == pytest.approx(got[1][1], abs=1e-4)
 
 
+@pytest.mark.parametrize("bad", [b"this is not an image", b""], ids=["garbage", "empty"])
+def test_index_of_images_with_a_failed_item_exits_1(five, tmp_path, capsys, bad):
+    """``blip index`` over images one of which cannot be read: the index holds the others, the failed item is
+    in the embeddings' errors file, and the exit status is 1, as every data-set command's with failed items."""
+    from blip_apps.dataset.index import Index
+    _, rows, _, paths, _ = five
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in paths[:2]:
+        shutil.copy(p, src)
+    (src / "bad.png").write_bytes(bad)
+    index = str(tmp_path / "index")
+    assert main(["index", str(src), "--out", index, "--no-progress"]) == 1
+    assert sorted(Index(index).ids) == sorted(r["file_name"] for r in rows[:2])
+    errors = [json.loads(line) for line in _text(os.path.join(index, "embeddings.errors.jsonl")).splitlines()]
+    assert [e["id"] for e in errors] == ["bad.png"]
+
+
 def test_search_recall_bundled(tmp_path, capsys):
     """Issue 17: text -> image search with the bundled retrieval model, top-1 right for >= 90% of a held-out set.
 

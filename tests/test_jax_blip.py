@@ -164,6 +164,18 @@ def test_position_interpolation_is_torch_bicubic():
         assert max_abs_diff(other, ref[0, 1:].reshape(h, w, 3).transpose(2, 0, 1)[None]) > 1e-3
 
 
+@pytest.mark.parametrize("size", [(64, 16), (16, 64)], ids=["8x2", "2x8"])
+def test_non_square_grid_of_the_tables_patch_count_is_resized(models, size):
+    """A non-square image with as many patches as the 4x4 table (an 8x2 or 2x8 grid) gets its positions resized
+    to its own grid, as transformers: only the square grid of that count keeps the table."""
+    hf, ours = models["BlipVisionModel"]
+    pv = np.random.default_rng(4).normal(size=(2, 3) + size).astype(np.float32)
+    ref = hf(pixel_values=t(pv), interpolate_pos_encoding=True)
+    out = ours(pixel_values=pv, interpolate_pos_encoding=True)
+    close(out.last_hidden_state, ref.last_hidden_state)
+    close(out.pooler_output, ref.pooler_output)
+
+
 def test_interpolate_pos_encoding_parity(models):
     hf, ours = models["BlipForConditionalGeneration"]
     rng = np.random.default_rng(1)

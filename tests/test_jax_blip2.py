@@ -220,6 +220,31 @@ def test_qformer_with_text_masks_and_maps(tmp_path):
             close(a, b)
 
 
+@pytest.mark.parametrize("frequency", [2, 1], ids=["cross_every_second", "cross_every_layer"])
+def test_qformer_ignores_masked_image_positions(tmp_path, frequency):
+    """encoder_attention_mask takes image positions out of every cross-attention: the queries' outputs are
+    transformers', and replacing the masked image states changes nothing."""
+    qc = blip2_config(**dict(SMALL, qformer=dict(SMALL["qformer"], cross_attention_frequency=frequency)))
+    hf = _scramble(transformers.Blip2QFormerModel(qc.qformer_config), seed=3)
+    hf.save_pretrained(str(tmp_path))
+    ours = J.Blip2QFormerModel.from_pretrained(str(tmp_path))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, Q, 32)).astype(np.float32)
+    image = rng.standard_normal((2, 17, 32)).astype(np.float32)
+    image_mask = np.ones((2, 17), np.int64)
+    image_mask[0, 9:], image_mask[1, 3:] = 0, 0
+    with torch.no_grad():
+        ref = hf(query_embeds=t(x), encoder_hidden_states=t(image), encoder_attention_mask=t(image_mask))
+        unmasked = hf(query_embeds=t(x), encoder_hidden_states=t(image))
+    other = image.copy()
+    other[image_mask == 0] = 3.0 * rng.standard_normal(other[image_mask == 0].shape)
+    close(ours(query_embeds=x, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state,
+          ref.last_hidden_state)
+    close(ours(query_embeds=x, encoder_hidden_states=other, encoder_attention_mask=image_mask).last_hidden_state,
+          ref.last_hidden_state)
+    assert max_abs_diff(unmasked.last_hidden_state, ref.last_hidden_state) > 1e-3     # the mask matters here
+
+
 def test_seeded_init_and_files_transformers_reads(fixed, tmp_path):
     model, inputs, _, d = fixed("Blip2ForConditionalGeneration")
     a, b, c = (J.Blip2ForConditionalGeneration(model.config, seed=s) for s in (3, 3, 4))
@@ -335,6 +360,45 @@ def test_forward_and_loss_match_transformers_and_torch(built, case):
         embeds[0, 0] += 1.0
         with pytest.raises(ValueError, match="placeholder"):
             ours(pixel_values=px, inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("cls_name", ["Blip2ForConditionalGeneration", "Blip2Model"])
+def test_t5_encoder_hidden_states_without_attention_maps(built, cls_name):
+    """output_hidden_states alone returns the T5 encoder's and decoder's hidden states (and no attention maps),
+    as transformers."""
+    ref_model, gen, _, path = built("t5_placeholders")
+    model = gen if cls_name == "Blip2ForConditionalGeneration" else J.Blip2Model.from_pretrained(path)
+    px, ids, mask, full_ids, full_mask, labels = _case_inputs("t5_placeholders")
+    with torch.no_grad():
+        ref = ref_model(pixel_values=t(px), input_ids=t(full_ids), attention_mask=t(full_mask), labels=t(labels),
+                        output_hidden_states=True).language_model_outputs
+    out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels,
+                output_hidden_states=True).language_model_outputs
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert getattr(out, name) is None and getattr(ref, name) is None, name
+    for name, where in (("encoder_hidden_states", full_mask == 1), ("decoder_hidden_states", None)):
+        theirs, mine = getattr(ref, name), getattr(out, name)
+        assert mine is not None and len(mine) == len(theirs) > 0, name
+        for a, b in zip(mine, theirs):
+            close(a, b, where=where)
+
+
+@pytest.mark.parametrize("how", ["built", "cast"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_rule_of_built_and_cast_models(fixed, dtype, how):
+    """A model built in, or cast to, a half dtype follows transformers' rule (its ``_keep_in_fp32_modules``,
+    applied when transformers loads in that dtype): the Q-Former and the query tokens stay float32 in float16
+    only; in bfloat16 every parameter is bfloat16."""
+    model, _, _, d = fixed("Blip2ForConditionalGeneration")
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(d, torch_dtype=getattr(torch, dtype))
+    want = {"qformer": hf.qformer.layernorm.weight.dtype, "query_tokens": hf.query_tokens.dtype,
+            "vision_model": hf.vision_model.post_layernorm.weight.dtype,
+            "language_model": hf.language_model.lm_head.weight.dtype}
+    half = J.Blip2ForConditionalGeneration(model.config, seed=0, dtype=dtype) if how == "built" else \
+        model.astype(dtype)
+    for key, torch_dtype in want.items():
+        name = str(torch_dtype).replace("torch.", "")
+        assert {str(a.dtype) for a in jax.tree_util.tree_leaves(half.params[key])} == {name}, key
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "opt_concat" else c

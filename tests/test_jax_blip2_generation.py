@@ -137,6 +137,29 @@ def test_generate_ids_match_transformers_and_torch(fixed, built, case):
     assert model.trace_count("generate") == traced
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
+def test_concat_opt_generate_matches_transformers_and_torch(built, opts):
+    """OPT concatenating the queries in front of the ids: every decoding step sits after the queries and the
+    prompt, so the new ids and every step's scores are transformers' (its placeholder path on the same weights),
+    and the ids the torch backend's."""
+    ref, model, torch_model, _ = built("opt_concat")
+    px = _pixels(batch=2, seed=8)
+    full_ids, full_mask = _prompt([4, 2], 4, seed=9)
+    ids, mask = full_ids[:, Q:], full_mask[:, Q:]
+    kw = dict(max_new_tokens=4, return_dict_in_generate=True, output_scores=True, **opts)
+    with torch.no_grad():
+        want = ref.generate(pixel_values=t(px), input_ids=t(full_ids), attention_mask=t(full_mask), **kw)
+        tb = torch_model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=4, **opts)
+    got = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    _same(got.sequences, want.sequences[:, Q:])
+    _same(got.sequences, tb)
+    assert len(got.scores) == len(want.scores) == 4
+    for ours, theirs in zip(got.scores, want.scores):
+        finite = torch.isfinite(theirs).numpy()
+        assert (np.isfinite(np.asarray(ours)) == finite).all()
+        close(np.asarray(ours)[finite], theirs.numpy()[finite])
+
+
 def test_generate_right_padded_opt_batch_ids_and_scores(fixed):
     """The prefill's last slot is padding for two rows: its position (1 in transformers' generate) decides the
     first new token. Ids and every step's scores as transformers."""

@@ -48,3 +48,15 @@ def test_freed_blocks_are_reused_without_new_faults():
 def test_switch_and_environment_are_respected():
     assert _run("keep", BLIP_KEEP_FREED_MEMORY="0")["on"] is False
     assert _run("keep", MALLOC_TRIM_THRESHOLD_="1000000")["on"] is True   # the user's own settings, left alone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+@pytest.mark.parametrize("threshold", [1 << 20, 32 << 20])
+def test_a_users_mmap_threshold_alone_is_left_alone(threshold):
+    """``MALLOC_MMAP_THRESHOLD_`` alone in the environment, below the 64 MB block: the user's setting stands
+    (keep_freed_memory reports it in effect and does not replace it), so glibc maps each block afresh and
+    every call takes its pages anew, as without any settings."""
+    kept = _run("keep", MALLOC_MMAP_THRESHOLD_=str(threshold))
+    assert kept["on"] is True
+    first = kept["faults"][0]
+    assert first > 100 and all(n > first // 2 for n in kept["faults"]), kept

@@ -314,3 +314,36 @@ def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):
     assert main(["cache", "clear"]) == 0 and not (tmp_path / "c").exists()
     monkeypatch.setenv(persistent_cache.ENV, "0")
     assert main(["cache", "info"]) == 0 and "off" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size, keys, built", [(2, "abacb", "abcb"), (3, "abcadab", "abcdb")])
+def test_compiled_programs_lru_evicts_the_least_recently_used(size, keys, built):
+    """``blip_core.cache.LRU`` (the in-memory programs of a model): a hit makes its entry the most recent, so the
+    one evicted past ``size`` is the least recently used, hits included, not the first built. The programs
+    built for each sequence of requests are worked out by hand."""
+    from blip_core.cache import LRU
+    made = []
+    lru = LRU(size)
+    for k in keys:
+        assert lru.get(k, lambda: made.append(k) or k.upper()) == k.upper()
+    assert "".join(made) == built
+    assert len(lru) == size and sorted(lru.values()) == sorted(k.upper() for k in keys[-size:])
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_cache_info_before_the_folder_exists(tmp_path, monkeypatch, capsys, as_json):
+    """``blip cache info`` with the cache on but its folder not yet created (nothing compiled yet): exit 0, no
+    parts, 0 MB of the default 2048 MB bound, and the folder still not created."""
+    from blip_apps.cli import main
+    monkeypatch.setattr(persistent_cache, "_setting", None)
+    monkeypatch.setenv(persistent_cache.ENV, str(tmp_path / "never"))
+    monkeypatch.delenv(persistent_cache.MAX_MB_ENV, raising=False)
+    capsys.readouterr()
+    assert main(["cache", "info"] + (["--json"] if as_json else [])) == 0
+    out = capsys.readouterr().out
+    if as_json:
+        assert json.loads(out) == {"folder": str(tmp_path / "never"), "on": True, "max_mb": 2048.0, "mb": 0,
+                                   "parts": {}}
+    else:
+        assert out.splitlines() == [f"persistent compilation cache: {tmp_path / 'never'} (0 MB, at most 2048.0 MB)"]
+    assert not (tmp_path / "never").exists()

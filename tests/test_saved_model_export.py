@@ -134,3 +134,16 @@ def test_options_refused_for_retrieval(tmp_path):
     with pytest.raises(ValueError, match="generation options.*max_new_tokens"):
         export_saved_model(model, tmp_path / "out", max_new_tokens=5)
     assert not os.path.exists(tmp_path / "out" / "saved_model.pb")
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=True), dict(do_sample=True, top_k=5, max_new_tokens=4)],
+                         ids=["sample", "top-k"])
+def test_sampling_vqa_export_needs_a_seed(tmp_path, options):
+    """Sampling bakes its seed into the graph: a VQA export with ``do_sample=True`` and no ``seed`` is refused,
+    nothing written."""
+    import backends.tf as B
+    from backends.tf.saved_model_export import export_saved_model
+    model = B.BlipForQuestionAnswering.from_pretrained(fixture("BlipForQuestionAnswering")[0])
+    with pytest.raises(ValueError, match="seed"):
+        export_saved_model(model, tmp_path / "out", jit_compile=False, **options)
+    assert not os.path.exists(tmp_path / "out" / "saved_model.pb")

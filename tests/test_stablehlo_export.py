@@ -140,6 +140,20 @@ def test_refuses_a_sampling_program_without_a_seed(tmp_path, name):
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
 
 
+@pytest.mark.parametrize("name", ["BlipForImageTextRetrieval", "BlipModel"])
+@pytest.mark.parametrize("options", [dict(max_new_tokens=5), dict(num_beams=3, do_sample=True, seed=0)],
+                         ids=["length", "beams-sampling"])
+def test_refuses_generation_options_for_models_that_do_not_generate(tmp_path, name, options):
+    """Retrieval and embedding programs generate nothing: generation options given to their export are refused,
+    nothing written."""
+    import backends.jax as J
+    from backends.jax.stablehlo_export import export_stablehlo
+    model = getattr(J, name).from_pretrained(fixture(name)[0])
+    with pytest.raises(ValueError, match="generation options"):
+        export_stablehlo(model, tmp_path / "out", **options)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
 def _vqa_inputs():
     _, inp, _ = fixture("BlipForQuestionAnswering")
     mask = inp["attention_mask"].copy()

@@ -90,6 +90,22 @@ def test_vision_model(saved, cfg_key):
 
 
 @pytest.mark.parametrize("cfg_key", ["A", "B"])
+def test_vision_model_resizes_a_non_square_grid_of_the_tables_patch_count(saved, cfg_key):
+    """A non-square image with as many patches as the table (an 8x2 grid from a 4x4 table) gets its positions
+    resized to its own grid, as transformers: only the square grid of that count keeps the table."""
+    ref, d = saved("BlipVisionModel", cfg_key)
+    ours = B.BlipVisionModel.from_pretrained(d)
+    cfg = blip_config(**CONFIGS[cfg_key]).vision_config
+    g, p = cfg.image_size // cfg.patch_size, cfg.patch_size
+    px = np.random.default_rng(4).standard_normal((2, 3, 2 * g * p, g * p // 2)).astype(np.float32)
+    out = ours(pixel_values=px, interpolate_pos_encoding=True)
+    with torch.no_grad():
+        r = ref(pixel_values=T(px), interpolate_pos_encoding=True)
+    close(out.last_hidden_state, r.last_hidden_state, "non-square last_hidden_state")
+    close(out.pooler_output, r.pooler_output, "non-square pooler_output")
+
+
+@pytest.mark.parametrize("cfg_key", ["A", "B"])
 def test_text_model(saved, cfg_key):
     ref, d = saved("BlipTextModel", cfg_key)
     px, ids, mask = inputs(cfg_key)

@@ -320,6 +320,38 @@ def test_qformer_model_with_text_masks_and_recorded_outputs(pair):
     assert len(out.attentions) == 3 and len(out.cross_attentions) == 2
 
 
+def _queries_apart(n):
+    """Queries see queries only, text sees everything (BLIP-2's image-grounded text generation layout)."""
+    m = np.ones((2, n, n), np.int64)
+    m[:, :Q, Q:] = 0
+    return m
+
+
+def _causal_text(n):
+    """Queries see queries; text sees the queries and the text before it; row 1's last two tokens are padding."""
+    m = np.tril(np.ones((n, n), np.int64))
+    m[:Q, :Q] = 1
+    m = np.repeat(m[None], 2, axis=0)
+    m[1, :, -2:] = 0
+    return m
+
+
+@pytest.mark.parametrize("make_mask", [_queries_apart, _causal_text], ids=["queries_apart", "causal_text"])
+def test_qformer_three_dimensional_attention_mask(pair, make_mask):
+    """A (batch, from, to) attention mask is applied per query row, as transformers' Q-Former does."""
+    hf, me, _ = pair("Blip2QFormerModel", **TEXT_INPUT)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, Q + 5, 32)).astype(np.float32)
+    image = rng.standard_normal((2, 17, 32)).astype(np.float32)
+    mask = make_mask(Q + 5)
+    with torch.no_grad():
+        ref = hf(query_embeds=_t(x), query_length=Q, attention_mask=_t(mask), encoder_hidden_states=_t(image))
+        full = hf(query_embeds=_t(x), query_length=Q, encoder_hidden_states=_t(image))
+    out = me(query_embeds=x, query_length=Q, attention_mask=mask, encoder_hidden_states=image)
+    close(out.last_hidden_state, ref.last_hidden_state, "last_hidden_state (3-D mask)")
+    assert max_abs_diff(full.last_hidden_state, ref.last_hidden_state) > 1e-3     # the mask matters here
+
+
 @pytest.mark.parametrize("image_token_index", [IMG, None], ids=["placeholders", "plain"])
 def test_image_text_retrieval(pair, image_token_index):
     hf, me, _ = pair("Blip2ForImageTextRetrieval", image_token_index=image_token_index, **TEXT_INPUT)

@@ -93,3 +93,56 @@ def test_export_refuses_other_models(captioner, tmp_path):
         export_captioner(vqa, str(tmp_path / "x"))
     with pytest.raises(ValueError, match="seed"):
         export_captioner(captioner[1], str(tmp_path / "y"), do_sample=True)
+
+
+@pytest.mark.parametrize("options", [dict(max_new_tokens=8, min_new_tokens=7),
+                                     dict(max_new_tokens=8, repetition_penalty=3.0)],
+                         ids=["min_new_tokens", "repetition_penalty"])
+def test_export_bakes_in_the_other_generation_options(captioner, tmp_path, options):
+    """Options beyond ``max_new_tokens`` / ``num_beams`` are fixed at export too: the SavedModel's ids equal
+    transformers' ``generate`` with the same options (which differ from its ids without them)."""
+    import tensorflow as tf
+    ref, ours = captioner
+    px = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    loaded = tf.saved_model.load(export_captioner(ours, str(tmp_path / "sm"), jit_compile=False, **options))
+    got = loaded.serve(tf.constant(px))["sequences"].numpy()
+    with torch.no_grad():
+        want = ref.generate(pixel_values=torch.tensor(px), **options).numpy()
+        plain = ref.generate(pixel_values=torch.tensor(px), max_new_tokens=options["max_new_tokens"]).numpy()
+    assert not np.array_equal(want, plain)                       # the option matters on these pixels
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("start", [5, 7])
+def test_blip2_t5_export_starts_the_decoder_at_the_option(tmp_path, start):
+    """A BLIP-2 T5 captioner exported with ``decoder_start_token_id``: its decoder ids start at that id (not the
+    config's, 0) and equal the torch backend's ``generate`` with the same option."""
+    import shutil
+
+    import tensorflow as tf
+
+    import backends.torch as bt
+    from backends.tf.blip2_export import export_blip2_captioner
+    from fixture_utils import fixture
+    src, inp, _ = fixture("Blip2Model")          # the T5 fixture: a Blip2Model's weights are the captioner's
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(src, model_dir)
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        config = json.load(fh)
+    assert config["text_config"].get("decoder_start_token_id", 0) not in (5, 7)
+    config["architectures"] = ["Blip2ForConditionalGeneration"]
+    with open(os.path.join(model_dir, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    px, ids, mask = inp["pixel_values"], inp["input_ids"], inp["attention_mask"]
+    model = B.Blip2ForConditionalGeneration.from_pretrained(model_dir)
+    out = export_blip2_captioner(model, str(tmp_path / "sm"), prompt_length=ids.shape[1], max_new_tokens=4,
+                                 decoder_start_token_id=start, jit_compile=False)
+    loaded = tf.saved_model.load(out)
+    got = loaded.serve(pixel_values=tf.constant(px), input_ids=tf.constant(ids.astype(np.int64)),
+                       attention_mask=tf.constant(mask.astype(np.int64)))["sequences"].numpy()
+    assert (got[:, 0] == start).all()
+    with torch.no_grad():
+        want = bt.Blip2ForConditionalGeneration.from_pretrained(model_dir).generate(
+            pixel_values=torch.tensor(px), input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            max_new_tokens=4, decoder_start_token_id=start).numpy()
+    np.testing.assert_array_equal(got, want)

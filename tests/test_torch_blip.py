@@ -124,6 +124,22 @@ def test_vision_model(saved, cfg):
 
 
 @pytest.mark.parametrize("cfg", ["A", "B"])
+def test_vision_model_resizes_a_non_square_grid_of_the_tables_patch_count(saved, cfg):
+    """A non-square image with as many patches as the table (an 8x2 grid from a 4x4 table) still gets its
+    positions resized to its own grid, as transformers: only a square image of that count keeps the table."""
+    hf, path = saved(cfg, "BlipVisionModel")
+    ours = bt.BlipVisionModel.from_pretrained(path)
+    size, p = SIZES[cfg]
+    g = size // p
+    px = torch.randn(2, 3, 2 * g * p, g * p // 2, generator=torch.Generator().manual_seed(3))
+    assert (px.shape[2] // p) * (px.shape[3] // p) == g * g
+    a = hf(px, interpolate_pos_encoding=True)
+    b = ours(px, interpolate_pos_encoding=True)
+    _close(a.last_hidden_state, b.last_hidden_state, "non-square last_hidden_state")
+    _close(a.pooler_output, b.pooler_output, "non-square pooler_output")
+
+
+@pytest.mark.parametrize("cfg", ["A", "B"])
 def test_text_model_encoder_and_cross_attention(saved, cfg):
     hf, path = saved(cfg, "BlipTextModel")
     ours = bt.BlipTextModel.from_pretrained(path)
@@ -153,6 +169,29 @@ def test_blip_model(saved, cfg):
     _close(hf.get_text_features(ids, mask), ours.get_text_features(ids, mask), "text features")
     _close(hf.get_image_features(px), ours.get_image_features(px), "image features")
     _close(hf.get_multimodal_features(ids, px, mask), ours.get_multimodal_features(ids, px, mask), "multimodal")
+
+
+@pytest.mark.parametrize("cfg", ["A", "B"])
+def test_contrastive_scores_of_unequal_image_and_text_batches(saved, cfg):
+    """BlipModel and the ITC head of BlipForImageTextRetrieval score every image against every text: 2 images
+    and 3 texts give (2, 3) logits, as transformers; only the ITM head pairs rows and needs equal batches."""
+    px, _, _ = _inputs(cfg, batch=2)
+    _, ids, mask = _inputs(cfg, batch=3, seed=1, pad_row=2)
+    hf, path = saved(cfg, "BlipModel")
+    ours = bt.BlipModel.from_pretrained(path)
+    a = hf(input_ids=ids, pixel_values=px, attention_mask=mask)
+    b = ours(input_ids=ids, pixel_values=px, attention_mask=mask)
+    assert tuple(b.logits_per_image.shape) == (2, 3) and tuple(b.logits_per_text.shape) == (3, 2)
+    for k in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        _close(a[k], b[k], k)
+    hf, path = saved(cfg, "BlipForImageTextRetrieval")
+    ours = bt.BlipForImageTextRetrieval.from_pretrained(path)
+    a = hf(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False)
+    b = ours(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False)
+    assert tuple(b.itm_score.shape) == (2, 3)
+    _close(a.itm_score, b.itm_score, "itc scores")
+    with pytest.raises(ValueError, match="batch"):
+        ours(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=True)
 
 
 @pytest.mark.parametrize("cfg", ["A", "B"])
@@ -200,6 +239,52 @@ def test_vqa_forward_loss(saved, cfg):
     ref_logits = hf.text_decoder(answers, encoder_hidden_states=hf.text_encoder(
         ids, encoder_hidden_states=a.image_embeds).last_hidden_state).logits
     _close(ours.stages(ids, px, labels=answers)["logits"], ref_logits, "answer logits")
+
+
+@pytest.mark.parametrize("cfg", ["A", "C"])
+def test_vqa_loss_applies_the_decoder_attention_mask(saved, cfg):
+    """With decoder_input_ids, VQA's answer loss attends only the answer tokens decoder_attention_mask keeps, as
+    transformers; masking a token changes the reference's loss, so the mask is not a no-op here."""
+    hf, path = saved(cfg, "BlipForQuestionAnswering")
+    ours = bt.BlipForQuestionAnswering.from_pretrained(path)
+    px, ids, _ = _inputs(cfg)                      # unpadded question: the reference's cross mask bug is moot
+    _, answers, _ = _inputs(cfg, seq=5, seed=3)
+    dec_mask = torch.ones_like(answers)
+    dec_mask[0, 2], dec_mask[1, 1] = 0, 0
+    kw = dict(input_ids=ids, pixel_values=px, decoder_input_ids=answers, labels=answers)
+    a = hf(decoder_attention_mask=dec_mask, **kw)
+    b = ours(decoder_attention_mask=dec_mask, **kw)
+    _close(a.loss, b.loss, "masked answer loss")
+    assert abs(hf(**kw).loss.item() - a.loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("cls_name", CLASSES[2:])
+def test_task_models_interpolate_pos_encoding(saved, cls_name):
+    """Every task class hands interpolate_pos_encoding to its vision tower: 48x40 pixels (a 6x5 grid from the
+    4x4 table) give transformers' outputs; the same pixels without the option are refused."""
+    hf, path = saved("A", cls_name)
+    ours = getattr(bt, cls_name).from_pretrained(path)
+    g = torch.Generator().manual_seed(6)
+    px = torch.randn(2, 3, 48, 40, generator=g)
+    _, ids, mask = _inputs("A", seq=5, seed=6)
+    kw = {"BlipModel": dict(input_ids=ids, attention_mask=mask),
+          "BlipForConditionalGeneration": dict(input_ids=ids, attention_mask=mask),
+          "BlipForImageTextRetrieval": dict(input_ids=ids, attention_mask=mask),
+          "BlipForQuestionAnswering": dict(input_ids=ids, labels=ids)}[cls_name]
+    fields = {"BlipModel": ("logits_per_image", "image_embeds"),
+              "BlipForConditionalGeneration": ("logits", "image_embeds"),
+              "BlipForImageTextRetrieval": ("itm_score", "last_hidden_state"),
+              "BlipForQuestionAnswering": ("loss", "image_embeds")}[cls_name]
+    a = hf(pixel_values=px, interpolate_pos_encoding=True, **kw)
+    b = ours(pixel_values=px, interpolate_pos_encoding=True, **kw)
+    for k in fields:
+        _close(a[k], b[k], f"{k} (interpolated)")
+    if cls_name == "BlipForConditionalGeneration":
+        np.testing.assert_array_equal(ours.generate(px, interpolate_pos_encoding=True, max_new_tokens=5).numpy(),
+                                      hf.generate(pixel_values=px, interpolate_pos_encoding=True,
+                                                  max_new_tokens=5).numpy())
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        ours(pixel_values=px, **kw)
 
 
 STAGES = {"BlipVisionModel": {"vision", "vision_pooled"}, "BlipTextModel": {"text"},

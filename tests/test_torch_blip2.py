@@ -130,6 +130,52 @@ def test_qformer_model_with_text_and_masks(pair):
     assert len(out.attentions) == 3 and len(out.cross_attentions) == 2
 
 
+QFORMER_CONFIGS = {"text_input": TEXT_INPUT, "wide_cross_every_layer": WIDE}
+
+
+def _qformer_inputs(hf, queries, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, queries, hf.config.hidden_size)).astype(np.float32)
+    image = rng.standard_normal((2, 17, hf.config.encoder_hidden_size)).astype(np.float32)
+    return x, image
+
+
+@pytest.mark.parametrize("cfg", sorted(QFORMER_CONFIGS))
+def test_qformer_ignores_masked_image_positions(pair, cfg):
+    """encoder_attention_mask takes image positions out of every cross-attention: the queries' outputs are
+    transformers', and replacing the masked image states changes nothing."""
+    hf, me, _ = pair("Blip2QFormerModel", **QFORMER_CONFIGS[cfg])
+    x, image = _qformer_inputs(hf, Q, seed=4)
+    image_mask = np.ones((2, 17), dtype=np.int64)
+    image_mask[0, 9:], image_mask[1, 3:] = 0, 0
+    with torch.no_grad():
+        ref = hf(query_embeds=_t(x), encoder_hidden_states=_t(image), encoder_attention_mask=_t(image_mask))
+        out = me(query_embeds=x, encoder_hidden_states=image, encoder_attention_mask=image_mask)
+        other = image.copy()
+        other[image_mask == 0] = 3.0 * np.random.default_rng(5).standard_normal(other[image_mask == 0].shape)
+        again = me(query_embeds=x, encoder_hidden_states=other, encoder_attention_mask=image_mask)
+        unmasked = hf(query_embeds=_t(x), encoder_hidden_states=_t(image))
+    _close(out.last_hidden_state, ref.last_hidden_state)
+    _close(again.last_hidden_state, ref.last_hidden_state)
+    assert max_abs_diff(unmasked.last_hidden_state, ref.last_hidden_state) > 1e-3     # the mask matters here
+
+
+@pytest.mark.parametrize("cfg", sorted(QFORMER_CONFIGS))
+def test_qformer_hidden_states_alone(pair, cfg):
+    """output_hidden_states alone: the layer-normed queries then every layer's output, as transformers, and no
+    attention maps."""
+    hf, me, _ = pair("Blip2QFormerModel", **QFORMER_CONFIGS[cfg])
+    x, image = _qformer_inputs(hf, Q, seed=6)
+    with torch.no_grad():
+        ref = hf(query_embeds=_t(x), encoder_hidden_states=_t(image), output_hidden_states=True)
+        out = me(query_embeds=x, encoder_hidden_states=image, output_hidden_states=True)
+    assert out.attentions is None and out.cross_attentions is None
+    assert len(out.hidden_states) == len(ref.hidden_states) == hf.config.num_hidden_layers + 1
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        _close(a, b)
+    _close(out.last_hidden_state, ref.last_hidden_state)
+
+
 # -- conditional generation --------------------------------------------------------------------
 FORWARD_CASES = {
     "opt_placeholders": dict(text=OPT_TEXT, image_token_index=IMG),

@@ -132,6 +132,57 @@ def test_t5_matches_transformers(variant):
         assert max_abs_diff(a, b) <= ATOL
 
 
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+def test_t5_encoder_outputs_follow_their_own_flag(flag):
+    """Each output flag reaches the encoder as well as the decoder, alone: only output_hidden_states gives the
+    encoder's hidden states and no maps, only output_attentions its maps and no states, as transformers."""
+    cfg = transformers.T5Config(**T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    hf, ours = _pair(transformers.T5ForConditionalGeneration, T5ForConditionalGeneration, cfg, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    ids = torch.randint(2, 99, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    dec = torch.randint(2, 99, (2, 4), generator=gen)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, **{flag: True})
+        out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, **{flag: True})
+    if flag == "output_hidden_states":
+        asked, absent = ("encoder_hidden_states", "decoder_hidden_states"), ("encoder_attentions", "decoder_attentions")
+    else:
+        asked, absent = ("encoder_attentions", "decoder_attentions", "cross_attentions"), ("encoder_hidden_states",)
+    for name in absent:
+        assert getattr(ref, name) is None and getattr(out, name) is None, name
+    real = mask.bool()
+    for name in asked:
+        theirs, mine = getattr(ref, name), getattr(out, name)
+        assert mine is not None and len(mine) == len(theirs) > 0, name
+        for a, b in zip(mine, theirs):
+            assert a.shape == b.shape, name
+            if name == "encoder_hidden_states":
+                a, b = a[real], b[real]
+            assert max_abs_diff(a, b) <= ATOL, name
+
+
+@pytest.mark.parametrize("variant", ["flan_gated_gelu_untied", "relu_tied"])
+def test_t5_labels_score_given_decoder_inputs_embeds(variant):
+    """Labels with decoder_inputs_embeds score those embeddings (no decoder ids are built from the labels then):
+    logits and loss as transformers."""
+    cfg = transformers.T5Config(**T5_BASE, **T5_VARIANTS[variant])
+    hf, ours = _pair(transformers.T5ForConditionalGeneration, T5ForConditionalGeneration, cfg, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    ids = torch.randint(2, 99, (2, 8), generator=gen)
+    labels = torch.randint(2, 99, (2, 5), generator=gen)
+    labels[1, 3:] = -100
+    dec_embeds = torch.randn(2, 5, 32, generator=gen)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, decoder_inputs_embeds=dec_embeds, labels=labels)
+        out = ours(input_ids=ids, decoder_inputs_embeds=dec_embeds, labels=labels)
+        shifted = hf(input_ids=ids, labels=labels)
+    assert max_abs_diff(out.logits, ref.logits) <= ATOL
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL
+    assert max_abs_diff(shifted.logits, ref.logits) > 1e-3      # the embeddings are not the labels' shift
+
+
 def test_t5_tie_rules():
     def build(tie):
         cfg = transformers.T5Config(**T5_BASE, tie_word_embeddings=tie)

@@ -167,3 +167,77 @@ def test_cli_synthetic_and_train(tmp_path, capsys):
     assert main(["train", "--task", "caption", "--data", str(tmp_path / "nowhere"), "--out", out,
                  "--steps", "1", "--no-progress"]) == 1
     assert "train/ folder" in capsys.readouterr().err
+
+
+def _adamw_state(checkpoint):
+    import torch
+    return torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)["state"]
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])
+def test_resume_restores_the_optimizer_state(shapes, tmp_path, stop_after):
+    """Stopped after k of 6 steps and resumed for one step: the checkpoint after step k + 1 holds the AdamW
+    state of an uninterrupted run at that step: every parameter's step count is k + 1 (torch.optim counts
+    one per step taken) and its two moments equal the uninterrupted run's bit for bit."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(None, shapes, full, _cfg("torch", save_every=1), progress=False, log=lambda m: None)
+    train(None, shapes, part, _cfg("torch"), progress=False, log=lambda m: None, stop_after=stop_after)
+    train(None, shapes, part, _cfg("torch"), resume=True, progress=False, log=lambda m: None, stop_after=1)
+    name = f"checkpoint-{stop_after + 1}"
+    want, got = _adamw_state(os.path.join(full, name)), _adamw_state(os.path.join(part, name))
+    assert set(got) == set(want) and len(want) > 0
+    for i, state in got.items():
+        assert float(state["step"]) == stop_after + 1, i
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert np.array_equal(state[moment].numpy(), want[i][moment].numpy()), (i, moment)
+
+
+TRAIN_FLAGS = {     # blip train flag and value -> the TrainConfig field and value it sets
+    ("--task", "vqa"): ("task", "vqa"), ("--backend", "jax"): ("backend", "jax"), ("--steps", "5"): ("steps", 5),
+    ("--batch-size", "6"): ("batch_size", 6), ("--grad-accum", "3"): ("grad_accum", 3), ("--lr", "0.01"): ("lr", 0.01),
+    ("--warmup", "4"): ("warmup", 4), ("--weight-decay", "0.5"): ("weight_decay", 0.5), ("--clip", "0"): ("clip", 0.0),
+    ("--freeze-vision",): ("freeze_vision", True), ("--eval-every", "2"): ("eval_every", 2),
+    ("--save-every", "3"): ("save_every", 3), ("--eval-size", "7"): ("eval_size", 7), ("--seed", "9"): ("seed", 9),
+    ("--threads", "2"): ("threads", 2), ("--bf16",): ("mixed_precision", "bf16"),
+}
+
+
+def test_train_command_passes_every_flag_to_the_config(tmp_path, monkeypatch, capsys):
+    """Each ``blip train`` flag reaches its TrainConfig field (a table of flag -> field), and ``--resume``
+    the resume argument; without flags the config is TrainConfig's defaults but for ``--threads``, whose
+    default is 1."""
+    import importlib
+    run_mod = importlib.import_module("blip_apps.train.run")
+    seen = []
+
+    def fake_train(model_dir, data_dir, out, cfg, resume=False, **kw):
+        seen.append((model_dir, data_dir, out, cfg, resume))
+        return {"history": [], "final": None, "seconds": 0.0}
+    monkeypatch.setattr(run_mod, "train", fake_train)
+    argv = ["train", "--data", "d", "--out", str(tmp_path / "o"), "--resume", "--no-progress"]
+    for flag in TRAIN_FLAGS:
+        argv += list(flag)
+    assert main(argv) == 0
+    [(model_dir, data_dir, out, cfg, resume)] = seen
+    assert (model_dir, data_dir, out, resume) == (None, "d", str(tmp_path / "o"), True)
+    assert {field: getattr(cfg, field) for field, _ in TRAIN_FLAGS.values()} == dict(TRAIN_FLAGS.values())
+    seen.clear()
+    assert main(["train", "--task", "caption", "--data", "d", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert seen[0][3] == TrainConfig(task="caption", threads=1) and seen[0][4] is False
+
+
+def test_train_command_with_grad_accum_is_the_api_run(shapes, tmp_path):
+    """``blip train --grad-accum 2`` trains what ``train(...)`` with ``grad_accum=2`` does: the same loss curve and
+    bit-for-bit the same final weights."""
+    args = ["--task", "caption", "--backend", "torch", "--data", shapes, "--steps", "3", "--batch-size", "2",
+            "--grad-accum", "2", "--lr", "3e-3", "--warmup", "2", "--seed", "2", "--eval-size", "4",
+            "--threads", "1", "--no-progress"]
+    cli = str(tmp_path / "cli")
+    assert main(["train", *args, "--out", cli]) == 0
+    api = train(None, shapes, str(tmp_path / "api"), _cfg("torch", steps=3, batch_size=2, grad_accum=2),
+                progress=False, log=lambda m: None)
+    with open(os.path.join(cli, "training_log.json")) as fh:
+        log = json.load(fh)
+    assert log["config"]["grad_accum"] == 2
+    assert [h["loss"] for h in log["history"]] == [h["loss"] for h in api["history"]]
+    _same_weights(str(tmp_path / "api"), cli)

@@ -212,6 +212,50 @@ def test_steps_on_a_stand_in_model_match_torch_adamw(backend, case):
         assert trainer.loss(batch) == pytest.approx(expect, rel=1e-6)
 
 
+def _torch_stand_in():
+    """The stand-in as a torch module: parameters ``vision_model.w`` and ``text_decoder.w``, the closed-form loss."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(value))
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_model = Tower(STAND_IN["vision_model.w"])
+            self.text_decoder = Tower(STAND_IN["text_decoder.w"])
+
+        def forward(self, pixel_values, input_ids, attention_mask, labels):
+            s, t = pixel_values.mean(), labels.float().mean()
+            return types.SimpleNamespace(loss=sum(((w * s - t) ** 2).sum() for w in self.parameters()))
+    return StandIn()
+
+
+@pytest.mark.parametrize("case", sorted(c for c, (_, _, _, mixed) in STEP_CASES.items() if mixed == "no"))
+def test_torch_steps_on_a_stand_in_model_match_adamw(case):
+    """torch_step's Trainer, three steps on the stand-in, gives the hand-written torch.optim.AdamW loop's losses
+    and weights: micro-batch gradients averaged, clipped, each step's learning rate; with freeze_vision the
+    vision weights never move. (float32 cases: torch's bf16 recipe is autocast, which leaves this
+    element-wise loss in float32, unlike the reference's casts.)"""
+    from blip_apps.train import torch_step
+    accum, clip, freeze, mixed = STEP_CASES[case]
+    cfg = TrainConfig(task="caption", backend="torch", grad_accum=accum, clip=clip, freeze_vision=freeze,
+                      mixed_precision=mixed, lr=STEP_LRS[0], eps=0.05, weight_decay=0.1, betas=(0.8, 0.9))
+    model = _torch_stand_in()
+    trainer = torch_step.Trainer(model, cfg)
+    losses = [trainer.step(_stand_in_batches(step, accum), STEP_LRS[step]) for step in range(3)]
+    ref_loss, ref_w = _torch_reference(cfg, 3)
+    got = {k: v.detach().numpy() for k, v in model.named_parameters()}
+    np.testing.assert_allclose(losses, ref_loss, rtol=1e-6, atol=1e-6)
+    assert set(got) == set(ref_w)
+    for k in ref_w:
+        np.testing.assert_allclose(got[k], ref_w[k], rtol=0, atol=1e-6, err_msg=k)
+    moved = {k: not np.array_equal(got[k], STAND_IN[k]) for k in ref_w}
+    assert moved == {"vision_model.w": not freeze, "text_decoder.w": True}
+
+
 # -- the retrieval loss, on a stand-in model, against torch_step's ------------------------------------------
 RET_E = np.random.default_rng(4).standard_normal((8, 3)).astype(np.float32)      # a text's features by its first id
 
@@ -277,3 +321,44 @@ def test_retrieval_loss_matches_torch_step(backend, groups):
         from blip_apps.train import tf_step
         got = tf_step.retrieval_loss(_ret_model("tf"), {k: tf.constant(v) for k, v in batch.items()}, 0.5)
     assert float(got) == pytest.approx(ref, rel=1e-5)
+
+
+def _retrieval_loss_by_hand(batch, temperature):
+    """torch_step's documented retrieval loss in numpy, on the stand-in model of ``_ret_model``: soft-target ITC
+    both ways; ITM cross entropy over the B positives and, for each row whose batch holds another group, the
+    hardest other-group caption of its image and the hardest other-group image of its caption."""
+    a = batch["pixel_values"].reshape(len(batch["pixel_values"]), -1)[:, :3].astype(np.float64)
+    t = RET_E[batch["input_ids"][:, 0]].astype(np.float64)
+    length = batch["attention_mask"].sum(1)
+    sim = a @ t.T / temperature
+    same = np.equal.outer(batch["text_group"], batch["text_group"])
+    targets = same / same.sum(1, keepdims=True)
+
+    def soft_ce(logits):
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        return -(logp * targets).sum(1).mean()
+    itc = (soft_ce(sim) + soft_ce(sim.T)) / 2
+
+    def match(i, j):          # the stand-in ITM head's "match" logit of image i with caption j (the other is 0)
+        return 0.5 * float(a[i] @ t[j]) + 0.1 * float(length[j])
+    terms = [np.log1p(np.exp(-match(i, i))) for i in range(len(a))]               # positives, label 1
+    for i in range(len(a)):
+        others = np.flatnonzero(~same[i])
+        if len(others):                                                            # negatives, label 0
+            terms.append(np.log1p(np.exp(match(i, others[np.argmax(sim[i, others])]))))
+            terms.append(np.log1p(np.exp(match(others[np.argmax(sim[others, i])], i))))
+    return itc + float(np.mean(terms))
+
+
+@pytest.mark.parametrize("rows, groups", [(1, (0,)), (4, (0, 0, 0, 0)), (4, (0, 1, 1, 2))],
+                         ids=["one-row", "one-group", "two-equal"])
+def test_torch_retrieval_loss_by_hand(rows, groups):
+    """torch_step.retrieval_loss is its documented formula, computed by hand in numpy; in a batch of one caption
+    group (a single row, or rows with equal captions) no row has a negative, so ITM is the positives' mean."""
+    import torch
+    from blip_apps.train import torch_step
+    batch = {k: v[:rows] for k, v in _ret_batch(groups + (9,) * (4 - rows)).items()}
+    got = float(torch_step.retrieval_loss(_ret_model("torch"), {k: torch.from_numpy(v) for k, v in batch.items()},
+                                          0.5))
+    assert got == pytest.approx(_retrieval_loss_by_hand(batch, 0.5), rel=1e-5)
