@@ -391,11 +391,12 @@ def one_query_attention(q, k, v, mask=None, *, scale: float, rows8=None):
     q = q * scale
     if g > 1:   # bags ordered (input, head, row): a head's keys read by its rows one after another
         q = q.view(n, g, h, hd).transpose(1, 2)
-    idx, off = bags(n * h, hd, q.device, g)
-    if rows8 is not None:
-        scores = int8_bag_sums(rows8[0], idx, off, q.reshape(-1))
+    if rows8 is None:
+        sums, keys, values = bag_sums, kt.reshape(n * h * hd, s), v.reshape(n * h * s, hd)
     else:
-        scores = bag_sums(kt.reshape(n * h * hd, s), idx, off, q.reshape(-1))
+        sums, (keys, values) = int8_bag_sums, rows8
+    idx, off = bags(n * h, hd, q.device, g)
+    scores = sums(keys, idx, off, q.reshape(-1))
     if mask is not None:
         mask = mask.to(scores.dtype)
         if g > 1:
@@ -403,10 +404,7 @@ def one_query_attention(q, k, v, mask=None, *, scale: float, rows8=None):
         scores = (scores.view(n, h, g, s) + mask).view(n * h * g, s)
     probs = torch.softmax(scores, dim=-1)
     idx, off = bags(n * h, s, q.device, g)
-    if rows8 is not None:
-        ctx = int8_bag_sums(rows8[1], idx, off, probs.reshape(-1))
-    else:
-        ctx = bag_sums(v.reshape(n * h * s, hd), idx, off, probs.reshape(-1))
+    ctx = sums(values, idx, off, probs.reshape(-1))
     if g > 1:
         return ctx.view(n, h, g, hd).transpose(1, 2).reshape(b, h, 1, hd)
     return ctx.view(b, h, 1, hd)
