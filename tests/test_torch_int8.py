@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import backends.torch as bt
-from backends.torch import layout
+from backends.torch import layout, quantize
 from backends.torch.quantize import Int8Linear, quantize_int8
 from blip_core import to_numpy
 from fixture_utils import fixture
@@ -93,6 +93,80 @@ def test_int8_follows_in_place_weight_changes():
         assert torch.allclose(after, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=0.1)
         lin.bias.add_(5.0)            # and the bias
         np.testing.assert_allclose(q(x).numpy(), (after + 5.0).numpy(), rtol=0, atol=1e-5)
+
+
+def _dynamic_product(x, w, b, levels):
+    """numpy model of a dynamically quantised product: ``x`` rounded to ``levels`` steps (255: 8 bits, 127: the 7
+    bits fbgemm's kernel takes) between min(x, 0) and max(x, 0), one scale and zero point for the whole call; ``w``
+    per output row symmetric in int8; integer sums, then the scales and the bias. Independent of the code under test."""
+    x, w = x.double().numpy(), w.detach().double().numpy()
+    w_scale = np.abs(w).max(1) / 127
+    w_q = np.clip(np.round(w / w_scale[:, None]), -128, 127)
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    scale = float(np.float32((hi - lo) / levels))
+    zero = np.clip(np.round(-lo / scale), 0, levels)
+    x_q = np.clip(np.round(x / scale) + zero, 0, levels)
+    y = ((x_q - zero) @ w_q.T) * scale * w_scale
+    return y if b is None else y + b.detach().double().numpy()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_wide_products_take_8bit_inputs_through_onednn(monkeypatch, bias):
+    """From ``ONEDNN_ROWS`` rows (the vision tower, batched decoding; on CPUs with AMX) the product is oneDNN's, whose
+    inputs are rounded to 8 bits; below it fbgemm's, whose inputs are rounded to 7. Each equals its numpy model to
+    float32 rounding and not the other's, at the threshold and one row below, 2-D and 3-D."""
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.fail("this torch build has no oneDNN quantised engine")
+    monkeypatch.setattr(quantize, "ONEDNN_ROWS", 24)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=bias)
+    q = Int8Linear.from_linear(lin)
+    for shape, levels in [((24, 96), 255), ((23, 96), 127), ((2, 20, 96), 255), ((1, 23, 96), 127), ((2, 96), 127)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got = q(x).double().numpy()
+        assert got.shape == (*shape[:-1], 200)
+        want = _dynamic_product(x.reshape(-1, 96), lin.weight, lin.bias, levels).reshape(got.shape)
+        other = _dynamic_product(x.reshape(-1, 96), lin.weight, lin.bias, {255: 127, 127: 255}[levels]).reshape(got.shape)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert np.abs(got - other).max() > 1e-3, shape
+
+
+def test_int8_wide_and_narrow_copies_follow_in_place_weight_changes(monkeypatch):
+    """Both packed copies (fbgemm's, oneDNN's) are made again after the weights change in place."""
+    monkeypatch.setattr(quantize, "ONEDNN_ROWS", 24)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear.from_linear(lin)
+    wide, narrow = torch.randn(30, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        q(wide), q(narrow)
+        lin.weight.mul_(-0.5)
+        lin.bias.add_(1.0)
+        for x, levels in [(wide, 255), (narrow, 127)]:
+            np.testing.assert_allclose(q(x).double().numpy(), _dynamic_product(x, lin.weight, lin.bias, levels),
+                                       rtol=0, atol=1e-5)
+
+
+def test_int8_takes_onednn_only_where_the_cpu_has_amx(monkeypatch):
+    """oneDNN's int8 GEMM beats fbgemm's only with AMX tiles (both use VNNI otherwise): the default threshold is 0
+    (never) without them."""
+    monkeypatch.setattr(quantize, "_amx_int8", lambda: False)
+    assert quantize._onednn_rows() == 0
+    monkeypatch.setattr(quantize, "_amx_int8", lambda: True)
+    assert quantize._onednn_rows() == (24 if "onednn" in torch.backends.quantized.supported_engines else 0)
+
+
+def test_int8_wide_products_stay_fbgemms_without_amx(monkeypatch):
+    """On a CPU without AMX the threshold the rule gives keeps a vision tower's 577 rows on fbgemm's 7-bit inputs."""
+    monkeypatch.setattr(quantize, "_amx_int8", lambda: False)
+    monkeypatch.setattr(quantize, "ONEDNN_ROWS", quantize._onednn_rows())
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    x = torch.randn(577, 96)
+    with torch.no_grad():
+        got = Int8Linear.from_linear(lin)(x).double().numpy()
+    np.testing.assert_allclose(got, _dynamic_product(x, lin.weight, lin.bias, 127), rtol=0, atol=1e-5)
 
 
 def test_int8_refuses_what_it_cannot_do(tmp_path):
@@ -284,16 +358,20 @@ def test_int8_prompt_of_several_tokens_after_a_one_row_decode(monkeypatch, kw):
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
-def test_int8_model_follows_load_state_dict():
+@pytest.mark.parametrize("onednn_rows", [0, 1], ids=["fbgemm", "onednn"])
+def test_int8_model_follows_load_state_dict(monkeypatch, onednn_rows):
     """New weights copied into an int8 model (``load_state_dict`` writes in place) are the ones it multiplies by:
-    its outputs equal those of the new weights quantised afresh, bit for bit."""
+    its outputs equal those of the new weights quantised afresh, bit for bit, through either kernel (the model has
+    run before, so its packed copies exist)."""
+    monkeypatch.setattr(quantize, "ONEDNN_ROWS", onednn_rows)
     path, inputs, _ = fixture("BlipForConditionalGeneration")
     model = bt.BlipForConditionalGeneration.from_pretrained(path, quantize="int8")
     other = randomize(bt.BlipForConditionalGeneration(model.config, seed=None), seed=1, std=0.2)
+    px = torch.as_tensor(inputs["pixel_values"])
     with torch.no_grad():
+        model.vision_model(pixel_values=px)
         model.load_state_dict(other.state_dict())
         fresh = quantize_int8(other)
-        px = torch.as_tensor(inputs["pixel_values"])
         got = model.vision_model(pixel_values=px).last_hidden_state
         want = fresh.vision_model(pixel_values=px).last_hidden_state
     np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -5,8 +5,13 @@
 float32) into an ``Int8Linear``: weights rounded to int8 with one symmetric scale per output
 channel, and each call quantises its input to uint8 with one scale per call (dynamic
 quantisation, ``reduce_range`` as fbgemm wants) and runs fbgemm's int8 GEMM
-(``torch.ops.quantized.linear_dynamic``), whose VNNI kernels on this CPU are 3-4x faster than
-float32 at every row count we decode with and for the 577-row vision tower.
+(``torch.ops.quantized.linear_dynamic``), whose VNNI kernels measured 3-4x
+faster than float32 at every row count we decode with and for the 577-row vision tower.
+
+On CPUs with AMX tiles (Intel Xeon since Sapphire Rapids) products of ``ONEDNN_ROWS`` rows or more
+(the vision tower, batched decoding) run through oneDNN's int8 GEMM instead, which uses them (the
+same ``linear_dynamic`` on weights packed by the ``onednn`` engine; inputs rounded to 8 bits, not
+fbgemm's 7). Each layer makes each packed copy on its first product of that size.
 
 Why fbgemm's dynamic kernel and not a weight-only int8 matmul (int8 weights, float activations):
 measured on one core, ``torch._weight_int8pack_mm`` runs at 2 GFLOP/s with float32 inputs
@@ -57,15 +62,42 @@ def int8_supported() -> bool:
         torch.ops.quantized, "linear_dynamic")
 
 
-def _pack(weight: torch.Tensor, bias):
-    """Per-output-channel symmetric int8 weights, prepacked for fbgemm."""
+def _amx_int8() -> bool:
+    """The CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which oneDNN's int8 GEMM uses and fbgemm's does not."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
+
+
+# Products of this many rows or more (the vision tower's 577 an image, batched decoding) run through oneDNN's int8
+# GEMM instead of fbgemm's where the CPU has AMX and this build has the oneDNN engine; 0 = never. Measured on an Intel
+# Xeon host of this project's 2-core VM (BLIP-base shapes, two threads, best of 25): 577 rows 0.4-1.8 ms against
+# fbgemm's 3-11 ms; 96 rows about 2x; 24 rows 1.2x; at 16 rows and fewer fbgemm is faster (at 2-8 rows oneDNN
+# takes 1.5-2x its time). Without AMX both use the same VNNI instructions: fbgemm stays.
+def _onednn_rows() -> int:
+    return 24 if _amx_int8() and "onednn" in torch.backends.quantized.supported_engines else 0
+
+
+ONEDNN_ROWS = _onednn_rows()
+
+
+def _pack(weight: torch.Tensor, bias, engine: str = "fbgemm"):
+    """Per-output-channel symmetric int8 weights, prepacked for ``engine``'s dynamic product (``fbgemm`` or
+    ``onednn``: ``linear_dynamic`` runs the kernel of the engine that packed the weights)."""
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
     zero = torch.zeros(w.shape[0], dtype=torch.long)
+    before = torch.backends.quantized.engine
     with warnings.catch_warnings():   # torch >= 2.10 marks quantised tensor creation deprecated; still the API
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+        torch.backends.quantized.engine = engine
+        try:
+            return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+        finally:
+            torch.backends.quantized.engine = before
 
 
 class Int8Linear(Linear):
@@ -75,8 +107,9 @@ class Int8Linear(Linear):
 
     int8 = True
 
-    _packed = None
-    _key = None
+    _packed = None      # fbgemm's packed copy (products of fewer than ``ONEDNN_ROWS`` rows), made on first use
+    _wide = None        # oneDNN's (``ONEDNN_ROWS`` rows and more), made on first use
+    _key = None         # the weights' state both copies were made from
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -85,27 +118,36 @@ class Int8Linear(Linear):
         new.in_features, new.out_features = lin.in_features, lin.out_features
         new.weight, new.bias = lin.weight, lin.bias      # the same Parameters: ties stay tied
         new.runs_once = getattr(lin, "runs_once", False)
-        new.repack()
         return new
 
     def _state(self):
         w, b = self.weight, self.bias
         return (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
 
-    def repack(self) -> None:
-        self._packed, self._key = _pack(self.weight, self.bias), self._state()
+    def packed(self, rows: int):
+        """``(copy, reduce_range)`` for a product of ``rows`` rows: oneDNN's from ``ONEDNN_ROWS`` rows (inputs in
+        8 bits), else fbgemm's (inputs in 7 bits, as its kernel wants); both made again after a weight changes."""
+        if self._key != self._state():
+            self._packed = self._wide = None
+            self._key = self._state()
+        if ONEDNN_ROWS and rows >= ONEDNN_ROWS:
+            if self._wide is None:
+                self._wide = _pack(self.weight, self.bias, "onednn")
+            return self._wide, False
+        if self._packed is None:
+            self._packed = _pack(self.weight, self.bias)
+        return self._packed, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise ValueError(f"an int8 model takes float32 activations, got {x.dtype}; quantise a float32 model")
         if x.shape[-1] == 0 or x.numel() == 0:
             return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
         lay = self._layout
-        if lay is not None and x.numel() == x.shape[-1] and _layouts_apply() and lay.fresh(self):
-            return lay.weight(x)      # ``fresh`` has checked the weights: fbgemm's packed copy is not read here
-        if self._key != self._state():
-            self.repack()
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        if lay is not None and rows == 1 and _layouts_apply() and lay.fresh(self):
+            return lay.weight(x)      # ``fresh`` has checked the weights: the packed copies are not read here
+        return torch.ops.quantized.linear_dynamic(x, *self.packed(rows))
 
     def _onednn(self, x, act=None):
         return None      # no float32 product, no oneDNN epilogue: ``linear_act`` calls ``forward``, then ``act``
