@@ -569,3 +569,148 @@ def test_spec_layer_imports_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- round 8: hostile and unusual .bin files
+
+def _rewrite_torch_zip(src, dst, edit):
+    """Copy the torch zip ``src`` to ``dst`` with each record's bytes passed through ``edit(name, data)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, edit(name, zin.read(name)))
+
+
+@pytest.mark.parametrize("geometry", [
+    b"K\x03K\x04\x85q\x08J\xff\xff\xff\xff\x85",                              # offset 3, size (4,), stride (-1,)
+    b"K\x03K\x02K\x02\x86q\x08J\xfe\xff\xff\xffJ\xff\xff\xff\xff\x86",        # offset 3, size (2, 2), stride (-2, -1)
+    b"K\x00J\xfe\xff\xff\xff\x85q\x08K\x01\x85",                              # offset 0, size (-2,), stride (1,)
+])
+def test_bin_tensor_with_negative_strides_or_sizes_is_refused(tmp_path, geometry):
+    """torch never writes a negative stride or size (its tensors cannot have one); a pickle that gives one is
+    refused as an invalid geometry rather than read backwards through (or before) its storage."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.bin")
+
+    def edit(name, data):
+        if name.endswith("data.pkl"):
+            assert data.count(_GEOMETRY) == 1
+            data = data.replace(_GEOMETRY, geometry)
+        return data
+    _rewrite_torch_zip(tmp_path / "ok.bin", tmp_path / "bad.bin", edit)
+    with pytest.raises(CheckpointError, match="bad.bin: invalid tensor geometry"):
+        load_torch_state_dict(tmp_path / "bad.bin")
+
+
+def _big_endian_copy(tmp_path, state: dict):
+    """``state`` saved by torch.save, then rewritten as a big-endian machine writes it: byteorder record "big",
+    each storage record's elements byte-swapped. Returns the path and torch.load's reading of it."""
+    torch.save(state, tmp_path / "little.bin")
+    itemsize = [t.element_size() for t in state.values()]         # storage i belongs to the i-th tensor
+
+    def edit(name, data):
+        if name.endswith("/byteorder"):
+            assert data == b"little"
+            return b"big"
+        if "/data/" in name:
+            n = itemsize[int(name.rsplit("/", 1)[1])]
+            return np.frombuffer(data, f"u{n}").byteswap().tobytes() if n > 1 else data
+        return data
+    _rewrite_torch_zip(tmp_path / "little.bin", tmp_path / "big.bin", edit)
+    ref = {k: to_np(v) for k, v in torch.load(tmp_path / "big.bin", weights_only=True).items()}
+    return tmp_path / "big.bin", ref
+
+
+BIG_ENDIAN_STATE = {"f32": torch.arange(6.0).reshape(2, 3) - 2.5, "i64": torch.tensor([1, -2, 3 << 40]),
+                    "bf16": torch.tensor([1.5, -0.25, 3.0], dtype=torch.bfloat16),
+                    "u8": torch.tensor([1, 200], dtype=torch.uint8), "f16": torch.tensor([0.1, 2.0], dtype=torch.float16)}
+
+
+def test_big_endian_bin_reads_as_torch_load_reads_it(tmp_path):
+    """A ``.bin`` whose byteorder record says "big" has its elements byte-swapped on reading, as torch.load does."""
+    path, ref = _big_endian_copy(tmp_path, BIG_ENDIAN_STATE)
+    assert_same_dict(ref, {k: to_np(v) for k, v in BIG_ENDIAN_STATE.items()})   # torch reads the copy back
+    assert_same_dict(load_torch_state_dict(path), ref)
+    assert_same_dict(load_state_dict(path, allow_pickle_bin=True), ref)
+
+
+@pytest.mark.parametrize("opener", ["load_torch_state_dict", "open_state_dict"])
+def test_big_endian_bin_opened_mapped_reads_as_torch_load_reads_it(tmp_path, opener):
+    """Mapped opening (``mapped=True``, ``open_state_dict``) cannot view a big-endian record in place: it reads it
+    swapped, as torch.load does."""
+    from blip_core.checkpoint import open_state_dict
+    path, ref = _big_endian_copy(tmp_path, BIG_ENDIAN_STATE)
+    if opener == "load_torch_state_dict":
+        got = load_torch_state_dict(path, mapped=True)
+    else:
+        got = {k: r.view() for k, r in open_state_dict(path, allow_pickle_bin=True).items()}
+    assert_same_dict(got, ref)
+
+
+@pytest.mark.parametrize("listed_in", [0, 1])
+def test_tensor_stored_in_two_shards_is_refused(tmp_path, listed_in):
+    """A tensor that two shards of the index both hold is refused by name, whichever shard the index lists it
+    under: which copy is the weight cannot be told."""
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    write_safetensors(tmp_path / shards[0], {"a": np.zeros(3, np.float32), "c": np.ones(2, np.float32)})
+    write_safetensors(tmp_path / shards[1], {"a": np.full(3, 7, np.float32), "b": np.ones(4, np.float32)})
+    index = {"metadata": {"total_size": 36}, "weight_map": {"a": shards[listed_in], "b": shards[1], "c": shards[0]}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"tensor 'a' is stored in both {shards[0]} and {shards[1]}"):
+        load_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["bin_sharded", "bin/pytorch_model.bin", "bin_sharded/pytorch_model.bin.index.json"])
+def test_info_lists_bin_files_without_unpickling_them(caption_dirs, target):
+    """Without ``allow_pickle_bin=True`` ``checkpoint_info`` names a ``.bin`` checkpoint's files and sizes but opens
+    none of them: no tensor count, parameters or bytes."""
+    _, root, _ = caption_dirs
+    info = checkpoint_info(root / target)
+    assert info["format"] == "pytorch_bin" and info["inspected"] is False
+    assert info["num_tensors"] is info["total_parameters"] is info["total_bytes"] is None and info["dtypes"] == {}
+    assert info["files"] and all(f["tensors"] is None and f["bytes"] > 0 for f in info["files"])
+    assert info["sharded"] == ("sharded" in target)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_safetensors_match_safetensors_torch(tmp_path, dtype):
+    """float8 tensors (F8_E4M3 / F8_E5M2) read from safetensors.torch's files hold torch's values, bit for bit,
+    and the files written here load in safetensors.torch as the same dtype."""
+    from safetensors.torch import load_file, save_file
+    t = (torch.linspace(-3, 3, 12) ** 3).to(getattr(torch, dtype))
+    save_file({"x": t}, tmp_path / "ref.safetensors")
+    got = read_safetensors(tmp_path / "ref.safetensors")["x"]
+    want = t.view(torch.uint8).numpy()
+    assert got.dtype == np.dtype(getattr(ml_dtypes, dtype)) and np.array_equal(got.view(np.uint8), want)
+    write_safetensors(tmp_path / "ours.safetensors", {"x": got})
+    back = load_file(tmp_path / "ours.safetensors")["x"]
+    assert back.dtype == getattr(torch, dtype) and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_info_names_float8_dtypes(tmp_path, dtype):
+    """``checkpoint_info`` counts a float8 tensor under its own dtype (the header's F8_E4M3 / F8_E5M2 tag), one byte
+    a parameter."""
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(6, 2).to(getattr(torch, dtype)), "y": torch.zeros(3)}, tmp_path / "model.safetensors")
+    info = checkpoint_info(tmp_path)
+    assert info["dtypes"] == {dtype: {"tensors": 1, "parameters": 12, "bytes": 12},
+                              "float32": {"tensors": 1, "parameters": 3, "bytes": 12}}
+
+
+@pytest.mark.parametrize("first", ["archive", "other"])
+def test_bin_with_two_pickles_is_refused_as_torch_load_refuses_it(tmp_path, first):
+    """A zip holding two ``<prefix>/data.pkl`` records (two state dicts) is refused whichever comes first, as
+    torch.load refuses it: which one is the checkpoint cannot be told."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "a.bin")
+    torch.save({"w": torch.ones(4)}, tmp_path / "b.bin")
+    parts = {"archive": tmp_path / "a.bin", "other": tmp_path / "b.bin"}
+    with zipfile.ZipFile(tmp_path / "two.bin", "w") as dst:
+        for prefix in sorted(parts, key=lambda p: p != first):
+            with zipfile.ZipFile(parts[prefix]) as src:
+                for name in src.namelist():
+                    dst.writestr(prefix + name[name.index("/"):], src.read(name))
+    with pytest.raises(RuntimeError):
+        torch.load(tmp_path / "two.bin", weights_only=True)
+    with pytest.raises(CheckpointError, match=r"two.bin: expected exactly one '<prefix>/data.pkl' record, found "):
+        load_torch_state_dict(tmp_path / "two.bin")
+    with pytest.raises(CheckpointError, match="expected exactly one"):
+        load_state_dict(tmp_path / "two.bin", allow_pickle_bin=True)

@@ -188,6 +188,22 @@ def test_tf_keeps_a_cache_directory_the_caller_chose(monkeypatch):
     assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/elsewhere"
 
 
+@pytest.mark.parametrize("flags", ["--tf_xla_auto_jit=2", "--tf_xla_auto_jit=2 --tf_xla_min_cluster_size=4"])
+def test_tf_adds_its_cache_directory_to_the_callers_other_flags(monkeypatch, tmp_path, flags):
+    """TF_XLA_FLAGS with other flags than the cache directory's: the cache folder is appended, the caller's
+    flags all stay, and a second call changes nothing (once per process)."""
+    from backends.tf import xla_cache
+    monkeypatch.setattr(xla_cache, "_APPLIED", {})
+    monkeypatch.setattr(persistent_cache, "_setting", None)
+    monkeypatch.setenv(persistent_cache.ENV, str(tmp_path))
+    monkeypatch.setenv("TF_XLA_FLAGS", flags)
+    path = xla_cache.apply_persistent_cache()
+    assert path is not None and path.startswith(str(tmp_path)) and os.path.isdir(path)
+    assert os.environ["TF_XLA_FLAGS"].split() == flags.split() + [f"--tf_xla_persistent_cache_directory={path}"]
+    assert xla_cache.apply_persistent_cache() == path
+    assert os.environ["TF_XLA_FLAGS"].split() == flags.split() + [f"--tf_xla_persistent_cache_directory={path}"]
+
+
 CHILD = r"""
 import json, os, sys
 import numpy as np

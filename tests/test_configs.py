@@ -104,3 +104,21 @@ def test_question_answering_needs_equal_tower_widths():
     equal = BlipConfig(text_config=dict(hidden_size=48, num_attention_heads=4), vision_config=narrow["vision_config"])
     equal.validate_for("BlipForQuestionAnswering")
     assert weight_table("BlipForQuestionAnswering", equal)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("BlipForConditionalGeneration", {"projection_dim": 12, "logit_scale_init_value": 1.5}),
+    ("Blip2ForConditionalGeneration", {"num_query_tokens": 8, "image_token_index": 5}),
+])
+def test_auto_config_keyword_overrides_match_transformers(name, overrides):
+    """``AutoConfig.from_pretrained(dir, field=value)`` sets those fields on the config read from the directory,
+    as transformers' ``AutoConfig`` does."""
+    from blip_core.processing import AutoConfig
+    from fixture_utils import fixture
+    d = fixture(name)[0]
+    ours, ref = AutoConfig.from_pretrained(d, **overrides), transformers.AutoConfig.from_pretrained(d, **overrides)
+    assert type(ours).__name__ == type(ref).__name__
+    for key, value in overrides.items():
+        assert getattr(ours, key) == getattr(ref, key) == value, key
+    plain = transformers.AutoConfig.from_pretrained(d)
+    assert all(getattr(plain, key) != value for key, value in overrides.items())   # the overrides change something

@@ -435,3 +435,62 @@ def test_component_bare_eva_file_through_the_command_line(lavis_opt, tmp_path):
                      "--config", src, "--allow-pickle-bin", "--vision-model", str(tmp_path / "eva_vit_g.pth"),
                      "--no-progress"]) == 0
     assert same_bytes(tmp_path / "out", d / "full")
+
+
+# -- options that cannot apply are refused, not ignored ------------------------------------------------------
+def test_overrides_with_a_given_config_are_refused_in_the_api_and_the_cli(lavis_opt, tmp_path, capsys):
+    """``overrides=`` (``--set``) edit a preset or a config read from an original .pth; with ``config=`` (``--config``)
+    the config is the user's own, so they are refused rather than silently dropped, and nothing is written."""
+    d, src, _ = lavis_opt
+    with pytest.raises(ValueError, match="overrides= apply to preset="):
+        convert(d / "full.pth", tmp_path / "x", to="torch", config=src, allow_pickle_bin=True,
+                overrides={"vision_config.num_attention_heads": 2})
+    assert cli_main(["convert", str(d / "full.pth"), str(tmp_path / "x"), "--to", "torch", "--config", src,
+                     "--allow-pickle-bin", "--no-progress", "--set", "vision_config.num_attention_heads=2"]) == 1
+    err = capsys.readouterr().err
+    assert "--set" in err and "overrides=" not in err, err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_overrides_with_the_checkpoints_own_config_json_are_refused(tmp_path):
+    """An original .pth with a config.json beside it converts by that config; ``overrides=`` are refused there too."""
+    import shutil
+    src = os.path.join(MODELS, "BlipForConditionalGeneration")
+    shutil.copy(os.path.join(src, "config.json"), tmp_path / "config.json")
+    torch_save(to_original(state(src)), tmp_path / "model_base_caption.pth")
+    with pytest.raises(ValueError, match="not to config= or config.json"):
+        convert(tmp_path / "model_base_caption.pth", tmp_path / "x", to="torch", allow_pickle_bin=True,
+                overrides={"text_config.num_attention_heads": 2})
+    assert not os.path.exists(tmp_path / "x")
+
+
+class _Terminal:
+    """A text stream that says it is a terminal (``isatty``), keeping what is written."""
+
+    def __init__(self):
+        import io
+        self.buffer = io.StringIO()
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_progress_option_wins_over_the_terminal_test(enabled):
+    """``Progress(enabled=...)`` (``progress=`` / ``--no-progress``) decides whether the bar is drawn, on a terminal
+    and in a pipe alike; only ``enabled=None`` asks the stream whether it is a terminal."""
+    import io
+
+    from converters.progress import Progress
+    for stream in (_Terminal(), io.StringIO()):
+        bar = Progress(2048, "converting", enabled=enabled, stream=stream)
+        bar.update(2048)
+        bar.close()
+        text = stream.buffer.getvalue() if isinstance(stream, _Terminal) else stream.getvalue()
+        assert ("100%" in text and "converting" in text) if enabled else text == "", (type(stream).__name__, text)

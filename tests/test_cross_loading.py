@@ -14,7 +14,7 @@ import transformers
 from blip_core import BACKENDS, to_numpy
 from blip_core.checkpoint import StateDictMismatchError
 from blip_core.numerics import tolerance
-from fixture_utils import fixture
+from fixture_utils import fixture, require
 
 
 def _backend(name):
@@ -145,6 +145,32 @@ def test_device_names_of_the_jax_and_tf_backends():
             assert model(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[0] == inputs["pixel_values"].shape[0]
         with pytest.raises(ValueError, match="use 'cpu', 'gpu' or 'cuda'"):
             cls.from_pretrained(path, device="mps")
+
+
+@pytest.mark.parametrize("spelling", ["cpu:{n}", "/CPU:{n}", "/device:CPU:{n}"])
+def test_jax_refuses_a_device_index_past_its_last_device(spelling):
+    """jax's devices of a kind are numbered 0..n-1: index n (one past the last) is a ``ValueError`` naming the
+    device, before any tensor is read, not an ``IndexError`` from jax's device list."""
+    jax = require("jax")
+    from backends.jax.loading import resolve_device
+    n = len(jax.devices("cpu"))
+    assert resolve_device(spelling.format(n=n - 1)) == jax.devices("cpu")[n - 1]
+    with pytest.raises(ValueError, match=f"has {n} cpu device"):
+        resolve_device(spelling.format(n=n))
+    path, _, _ = fixture("BlipVisionModel")
+    with pytest.raises(ValueError, match=f"has {n} cpu device"):
+        _backend("jax").BlipVisionModel.from_pretrained(path, device=spelling.format(n=n))
+
+
+@pytest.mark.parametrize("device, name", [("cpu", "/CPU:0"), ("cpu:0", "/CPU:0"), ("gpu", "/GPU:0"),
+                                          ("cuda:1", "/GPU:1"), ("rocm:2", "/GPU:2"), ("/device:GPU:3", "/GPU:3"), ("tpu:1", "/TPU:1"),
+                                          ("/job:localhost/replica:0/task:0/device:CPU:0", "/CPU:0"),
+                                          (None, None), ("auto", "auto")])
+def test_tf_device_names_keep_the_kind_and_the_index(device, name):
+    """TensorFlow names a device ``/<KIND>:<index>`` (its device-name spec): every spelling the backends take
+    becomes that name with the index asked for; None / "auto" stay TF's default placement."""
+    from backends.tf.loading import tf_device
+    assert tf_device(device) == name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

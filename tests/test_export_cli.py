@@ -217,3 +217,58 @@ def test_export_refusals(tmp_path, capsys):
     assert main(["export", d, str(tmp_path / "full"), "--format", "onnx"]) == 1
     assert "not an empty directory" in capsys.readouterr().err
     assert not np.any([os.path.exists(tmp_path / n) for n in "abc"])
+
+
+@pytest.mark.parametrize("size, want", [(None, 32), (8, 8), (48, 48), (0, None), (-8, None), (-16, None), (4, None),
+                                        (33, None)])
+def test_export_image_size_is_a_positive_multiple_of_the_patch(size, want):
+    """The fixture's vision tower has 8-pixel patches at 32 pixels: an artifact takes the config's size, or a
+    positive whole number of patches (``interpolate_pos_encoding``'s grid); 0, negative, smaller than a patch
+    or not a multiple is refused."""
+    from blip_core.artifact_files import export_image_size
+    from blip_core.configs import load_config
+    vc = load_config(fixture("BlipModel")[0]).vision_config
+    assert (vc.image_size, vc.patch_size) == (32, 8)
+    if want is None:
+        with pytest.raises(ValueError, match="positive multiple of patch_size 8"):
+            export_image_size(vc, size)
+    else:
+        assert export_image_size(vc, size) == want
+
+
+@pytest.mark.parametrize("exported, want", [(48, 48), (64, 64), (None, 32)])
+def test_a_runner_takes_the_image_size_its_artifact_was_exported_at(tmp_path, exported, want):
+    """``Artifact.image_size``: the size in the artifact's manifest (an export at another size), else the
+    size in its config.json (32 for the fixture)."""
+    import shutil
+
+    from blip_runtime.artifact import Artifact
+
+    class Runner(Artifact):
+        FORMAT, KIND = "test-format", "test artifact"
+
+    shutil.copyfile(os.path.join(fixture("BlipModel")[0], "config.json"), tmp_path / "config.json")
+    manifest = {"format": "test-format"} if exported is None else {"format": "test-format", "image_size": exported}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    runner = Runner()
+    assert runner._open(tmp_path) == str(tmp_path)
+    assert runner.image_size == want
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, format="other")))
+    with pytest.raises(ValueError, match="not a test artifact"):
+        Runner()._open(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parity_inputs_pad_every_text_but_the_vqa_question(seed):
+    """The parity inputs right-pad the second sample's text by two tokens (id 0, mask 0), except the VQA
+    question, which stays whole: transformers 4.57 never applies the question's mask to the answer decoder's
+    cross-attention, so a padded question would move the reference for a reason that is not ours."""
+    from blip_core.configs import load_config
+    from converters.inputs import make_inputs
+    for arch in ("BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipModel"):
+        inp = make_inputs(arch, load_config(fixture(arch)[0]), seed)
+        np.testing.assert_array_equal(inp["attention_mask"], [[1] * 7, [1] * 5 + [0] * 2])
+        assert (inp["input_ids"][1, -2:] == 0).all() and (inp["input_ids"][inp["attention_mask"] == 1] > 0).all()
+    inp = make_inputs("BlipForQuestionAnswering", load_config(fixture("BlipForQuestionAnswering")[0]), seed)
+    assert inp["input_ids"].shape == inp["attention_mask"].shape == (2, 7)
+    assert (inp["attention_mask"] == 1).all() and (inp["input_ids"] > 0).all()

@@ -174,3 +174,14 @@ def test_blip2_over_a_projected_opt_is_refused_by_every_backend(tmp_path, backen
     with pytest.raises(ValueError, match="text_config.word_embed_proj_dim"):
         module.Blip2ForConditionalGeneration.from_pretrained(str(out))
     assert module.Blip2VisionModel.from_pretrained(str(out)) is not None
+
+
+@pytest.mark.parametrize("content, expect", [('{"a": [1, 2], "b": "\u00e9"}', dict), ('[1, {"b": null}]', None)])
+def test_a_file_of_exactly_the_limit_is_read_and_one_byte_more_is_not(tmp_path, content, expect):
+    """``limit`` is the largest size read: a file of exactly ``limit`` bytes parses, one byte over is refused."""
+    path = tmp_path / "f.json"
+    path.write_text(content, encoding="utf-8")
+    size = len(content.encode("utf-8"))
+    assert read_json_file(path, limit=size, expect=expect) == json.loads(content)
+    with pytest.raises(JsonFileError, match=f"is {size} bytes, more than the limit of {size - 1}"):
+        read_json_file(path, limit=size - 1, expect=expect)

@@ -57,3 +57,19 @@ def test_gradients_and_per_layer_outputs_run_in_one_pass(tower):
     loss = tower(pixel_values=px).last_hidden_state.sum()      # gradients recorded: one pass, backward works
     loss.backward()
     assert tower.encoder.layers[0].mlp.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("tokens, widest, itemsize", [(577, 3072, 4), (17, 96, 4), (257, 6144, 2)])
+def test_images_per_chunk_gives_the_fewest_equal_chunks_within_the_budget(tokens, widest, itemsize):
+    """For every batch: chunks of ``images_per_chunk`` images fit the budget, and running the batch in such chunks
+    takes the fewest chunks any split within the budget can (ceil(batch / images that fit)), the last one no
+    larger than the others -- checked against a brute-force search over chunk sizes."""
+    budget = 20_000 if tokens == 17 else batching.CHUNK_BYTES
+    per_image = tokens * widest * itemsize
+    for batch in range(1, 70):
+        got = batching.images_per_chunk(batch, tokens, widest, itemsize, budget=budget)
+        fits = [n for n in range(1, batch + 1) if n * per_image <= budget] or [1]
+        fewest = min(-(-batch // n) for n in fits)
+        assert got * per_image <= budget or got == 1, (batch, got)
+        assert -(-batch // got) == fewest, (batch, got)
+        assert got == min(n for n in fits if -(-batch // n) == fewest), (batch, got)   # as even as possible

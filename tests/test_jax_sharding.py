@@ -181,3 +181,51 @@ def test_half_precision_loading_onto_a_mesh_casts_on_the_host():
                 assert a.dtype == np.dtype(want) == b.dtype, top
                 assert isinstance(a.sharding, jax.sharding.NamedSharding)
                 np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("arch", ["BlipVisionModel", "BlipForConditionalGeneration", "Blip2VisionModel"])
+def test_loading_onto_a_mesh_gives_every_leaf_the_dtype_asked_for(arch):
+    """A float32 file loaded with ``dtype="bfloat16"`` onto a mesh: every leaf is bfloat16, holding the file's values
+    cast once (numpy's cast of the checkpoint, laid out as the one-device load lays it out)."""
+    jax = require("jax")
+    import numpy as np
+    from flax import traverse_util
+    from jax.sharding import Mesh
+
+    import backends.jax as J
+    path = os.path.join(MODELS, arch)
+    dtype = "bfloat16"
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    model = getattr(J, arch).from_pretrained(path, dtype=dtype, mesh=mesh)
+    plain = traverse_util.flatten_dict(getattr(J, arch).from_pretrained(path).params)     # float32, as stored
+    got = traverse_util.flatten_dict(model.params)
+    assert set(got) == set(plain)
+    for k, v in got.items():
+        assert v.dtype == np.dtype(dtype), k
+        assert isinstance(v.sharding, jax.sharding.NamedSharding)
+        np.testing.assert_array_equal(np.asarray(v, np.float32),
+                                      np.asarray(plain[k]).astype(dtype).astype(np.float32), err_msg=str(k))
+
+
+@pytest.mark.parametrize("arch", ["BlipVisionModel", "Blip2ForConditionalGeneration"])
+def test_shard_over_a_mesh_axis_of_another_name(arch):
+    """``shard(mesh, axis="tp")``: the params are split over that axis (the spec layer's specs for that
+    name), and the model's outputs stay those of the unsplit model."""
+    jax = require("jax")
+    import numpy as np
+    from flax import traverse_util
+    from jax.sharding import Mesh
+
+    import backends.jax as J
+    config = load_config(os.path.join(MODELS, arch))
+    model = getattr(J, arch)(config, seed=0)
+    before = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(model.params).items()}
+    model.shard(Mesh(np.array(jax.devices()[:1]), ("tp",)), axis="tp")
+    want, _ = partition_specs(weight_table(arch, config), "jax", 1, "tp")
+    got = traverse_util.flatten_dict(model.params)
+    assert set(got) == set(want) == set(before)
+    assert sum("tp" in s for s in want.values()) >= 4
+    for k, v in got.items():
+        assert v.sharding.mesh.axis_names == ("tp",), k
+        assert tuple(v.sharding.spec) + (None,) * (v.ndim - len(v.sharding.spec)) == want[k], k
+        np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=str(k))

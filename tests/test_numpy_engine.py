@@ -95,3 +95,52 @@ def test_numpy_sampling_without_replacement():
     np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=6) / n, p, atol=5 * np.sqrt(0.25 / n))
     second = np.array([sum(p[i] * p[j] / (1 - p[i]) for i in range(6) if i != j) for j in range(6)])
     np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=6) / n, second, atol=5 * np.sqrt(0.25 / n))
+
+
+@pytest.mark.parametrize("container", [tuple, list, dict])
+@pytest.mark.parametrize("case", ["beam", "beam_nrs_length_penalty"])
+def test_numpy_beam_search_reorders_a_nested_cache(reference, container, case):  # noqa: F811
+    """A step whose cache is a tuple, list or dict of arrays: beam search reorders the rows of every array in
+    it (``reorder_rows``), so the ids are transformers' (whose table model needs no cache)."""
+    from blip_runtime.numpy_engine import generate
+    wrap = {tuple: lambda a: (a,), list: lambda a: [a], dict: lambda a: {"prev": a}}[container]
+    unwrap = (lambda c: c["prev"]) if container is dict else (lambda c: c[0])
+
+    def step(tok, pos, key_mask, cache, index, context):
+        prev = tok[:, -2:-1] if cache is None else unwrap(cache)
+        return A[tok[:, -1]] + B[prev[:, 0]] + C[pos[:, -1]], wrap(tok[:, -1:])
+
+    kw = dict(CASES[case])
+    ids = kw.pop("prompt", PROMPT)
+    mask = (ids != 0).astype(np.int64)
+    settings = resolve_generation(ids.shape[1], defaults={"pad_token_id": 0}, **kw)
+    ref = _transformers(reference, ids, mask, dict(kw, pad_token_id=0))
+    got = generate(step, ids, settings, vocab_size=V, attention_mask=mask)
+    np.testing.assert_array_equal(got, ref["sequences"])
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2, length_penalty=0.5)])
+def test_numpy_context_reaches_each_inputs_beams(options):
+    """``context`` has one row per input; the engine repeats it per beam, so each input's beams see that
+    input's rows. Reference: transformers on each input alone, with a table model whose token table is
+    shifted by that input's bias (the step adds the context row to every logit)."""
+    import torch
+
+    from blip_runtime.numpy_engine import generate
+    from test_decoding import TableConfig, TableLM
+    bias = np.random.default_rng(7).normal(size=(PROMPT.shape[0], V)).astype(np.float32) * 2.0
+
+    def step(tok, pos, key_mask, cache, index, context):
+        prev = tok[:, -2:-1] if cache is None else cache
+        return A[tok[:, -1]] + B[prev[:, 0]] + C[pos[:, -1]] + context[0], tok[:, -1:]
+
+    kw = dict(max_new_tokens=8, **options)
+    mask = np.ones_like(PROMPT)
+    settings = resolve_generation(PROMPT.shape[1], defaults={"pad_token_id": 0}, **kw)
+    got = generate(step, PROMPT, settings, vocab_size=V, attention_mask=mask, context=(bias,))
+    want = []
+    for i in range(PROMPT.shape[0]):
+        shifted = TableLM(TableConfig(vocab_size=V)).eval()
+        shifted.a = torch.nn.Parameter(torch.from_numpy(A + bias[i]))     # a table of its own (A stays as it is)
+        want.append(_transformers(shifted, PROMPT[i:i + 1], mask[i:i + 1], dict(kw, pad_token_id=0))["sequences"])
+    np.testing.assert_array_equal(got, np.concatenate(want))

@@ -184,6 +184,35 @@ def test_another_key_is_another_program(stored, fresh, monkeypatch):
     assert model.trace_count("generate") == traces + 1 and len(_entries(fresh)) == 2
 
 
+
+@pytest.mark.parametrize("change", [("env", "XLA_FLAGS", "--xla_cpu_enable_fast_math=true"),
+                                    ("env", "XLA_FLAGS", "--xla_backend_optimization_level=1"),
+                                    ("jax", "jax_default_matmul_precision", "highest"),
+                                    ("jax", "jax_numpy_rank_promotion", "raise")])
+def test_the_key_names_the_compiler_flags_and_jaxs_numeric_flags(monkeypatch, change):
+    """XLA_FLAGS and jax's numeric flags change the compiled code, so each is part of a program's key (the
+    module's rule): a process with another value gets another key, one with the same values the same key."""
+    import jax
+    key = ("BlipVisionModel", "forward", "config", "float32")
+    args = (np.zeros((1, 3, 8, 8), np.float32),)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    base = program_cache.program_key(key, args, {})
+    kind, name, value = change
+    if kind == "env":
+        monkeypatch.setenv(name, value)
+        changed = program_cache.program_key(key, args, {})
+        monkeypatch.delenv(name)
+    else:
+        old = getattr(jax.config, name)
+        jax.config.update(name, value)
+        try:
+            changed = program_cache.program_key(key, args, {})
+        finally:
+            jax.config.update(name, old)
+    assert changed != base
+    assert program_cache.program_key(key, args, {}) == base
+
+
 @pytest.fixture
 def preloads(monkeypatch):
     """This process's preload bookkeeping, empty (a model preloads once per process and folder)."""

@@ -198,3 +198,43 @@ def test_beam_search_keeps_one_copy_of_the_image_keys(monkeypatch, captioner):
                                                    min_new_tokens=4))
     cross = [s for s in seen if s[0] != s[1]]
     assert cross and all(rows == 3 * inputs for rows, inputs in cross)
+
+
+SAMPLE_LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5], np.float32)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.7, top_k=4)], ids=["plain", "top_k"])
+def test_each_sampling_step_draws_afresh(options):
+    """The compiled engine on a step whose logits never change: every step is a new draw from the warped
+    softmax, so a token repeats the previous one with probability sum(p ** 2) and each token's frequency is
+    p (p from the options' definitions: temperature divides the logits, top-k keeps the k largest), within
+    5 standard errors over 384 rows x 12 steps."""
+    import tensorflow as tf
+
+    from blip_core.generation import resolve_generation
+    from backends.tf import generation
+    rows, steps, v = 384, 12, len(SAMPLE_LOGITS)
+    settings = resolve_generation(1, max_new_tokens=steps, do_sample=True, pad_token_id=0, seed=3, **options)
+    plan, numbers, seed = generation.plan_inputs(settings, v)
+    table = tf.constant(SAMPLE_LOGITS)
+
+    def step(tok, pos, key_mask, cache, index, context):
+        return tf.tile(table[None], [tf.shape(tok)[0], 1]), tok[:, -1:]
+
+    def run(ids, mask, seed, numbers):
+        return generation.decode(step, None, ids, mask, seed, plan, numbers)
+
+    ids = tf.ones((rows, 1), tf.int32)
+    out = tf.function(run, jit_compile=True, autograph=False)(ids, tf.ones_like(ids), seed, numbers)
+    new = generation.result(settings, *out).numpy()[:, 1:]
+    assert new.shape == (rows, steps)
+    p = np.exp((SAMPLE_LOGITS - SAMPLE_LOGITS.max()).astype(np.float64) / options.get("temperature", 1.0))
+    if options.get("top_k"):
+        p[options["top_k"]:] = 0                      # the logits are sorted: the k largest come first
+    p /= p.sum()
+    freq = np.bincount(new.ravel(), minlength=v) / new.size
+    assert (freq[p == 0] == 0).all()
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(0.25 / new.size))
+    repeats = (new[:, 1:] == new[:, :-1]).mean()
+    q = float(np.sum(p ** 2))
+    assert abs(repeats - q) <= 5 * np.sqrt(q * (1 - q) / new[:, 1:].size), (repeats, q)

@@ -167,3 +167,41 @@ def test_a_call_with_another_plan_runs_its_own_program(stored, fresh):
         np.testing.assert_allclose(g.numpy(), w.detach().numpy(), rtol=1e-4, atol=1e-4)
     plain = _lists(_generate(BTF.BlipForConditionalGeneration(_config(), seed=5)))
     assert plain == stored["out"]      # the stored plan's entry still serves its own calls
+
+
+def _payload(head, functions=()) -> bytes:
+    """An entry's payload as ``Entry.to_bytes`` lays it out: head length, JSON head, a FunctionDefLibrary."""
+    import struct
+
+    from tensorflow.core.framework import function_pb2
+    library = function_pb2.FunctionDefLibrary()
+    for name in functions:
+        library.function.add().signature.name = name
+    text = head if isinstance(head, bytes) else json.dumps(head).encode()
+    return struct.pack("<Q", len(text)) + text + library.SerializeToString()
+
+
+NOT_PROGRAMS = {
+    "main function missing": _payload({"name": "f", "params": [], "outputs": "tensor"}, ["g"]),
+    "params not a list": _payload({"name": "f", "params": "w", "outputs": "tensor"}, ["f"]),
+    "outputs not flags": _payload({"name": "f", "params": [], "outputs": [1, 0]}, ["f"]),
+    "head not JSON": _payload(b"\xff{not json", ["f"]),
+}
+
+
+@pytest.mark.parametrize("why", sorted(NOT_PROGRAMS))
+def test_a_whole_entry_that_is_not_a_program_is_refused_and_deleted(monkeypatch, tmp_path, why):
+    """An entry that reads back whole (its digest checks) but whose head does not describe a program of the
+    library it carries is refused and deleted, so the next trace writes it again; a well-formed one loads."""
+    monkeypatch.setattr(persistent_cache, "_setting", str(tmp_path))
+    top = program_cache.folder()
+    assert top is not None and top.startswith(str(tmp_path))
+    name = "ab" * 32
+    path = os.path.join(top, name)
+    persistent_cache.write_atomic(path, program_cache.MAGIC, name, NOT_PROGRAMS[why])
+    assert program_cache.load(name) is None and not os.path.exists(path)
+    persistent_cache.write_atomic(path, program_cache.MAGIC, name,
+                                  _payload({"name": "f", "params": ["w"], "outputs": [False, True]}, ["f"]))
+    entry = program_cache.load(name)
+    assert entry is not None and entry.name == "f" and entry.params == ["w"] and entry.outputs == [False, True]
+    assert os.path.exists(path)

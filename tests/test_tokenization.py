@@ -272,3 +272,82 @@ def test_casing_options_of_the_config_win_over_tokenizer_json(dirs, tmp_path, lo
     _check_against(ours, ref, texts)
     assert (ours("The CAT")["input_ids"] != ours("the cat")["input_ids"]) == (not lower)
     assert (ours("café")["input_ids"] != ours("cafe")["input_ids"]) == (accents is False)
+
+
+def _with_reference(dirs, kind):
+    """(ours, transformers' fast tokenizer) over the same files of ``dirs[kind]``."""
+    ours = load_tokenizer(str(dirs[kind]))
+    ref = (transformers.T5TokenizerFast(tokenizer_file=str(dirs["t5"] / "tokenizer.json")) if kind == "t5"
+           else transformers.AutoTokenizer.from_pretrained(str(dirs[kind])))
+    return ours, ref
+
+
+OVERFLOW_CALLS = [{"truncation": True, "max_length": 6, "stride": 2, "return_overflowing_tokens": True},
+                  {"truncation": True, "max_length": 7, "return_overflowing_tokens": True, "padding": True},
+                  {"truncation": True, "max_length": 5, "stride": 1, "return_overflowing_tokens": True,
+                   "return_length": True, "return_tensors": "np", "padding": True}]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bpe", "t5"])
+def test_overflowing_tokens_match_transformers(dirs, kind):
+    """``return_overflowing_tokens=True``: each window cut off by truncation (overlapping by ``stride``) is a
+    row of its own and ``overflow_to_sample_mapping`` names the text it came from, as in transformers."""
+    ours, ref = _with_reference(dirs, kind)
+    texts = random_texts(6, seed=9)
+    for kwargs in OVERFLOW_CALLS:
+        assert_same_encoding(ours(texts, **kwargs), ref(texts, **kwargs))
+        assert_same_encoding(ours(texts[1], **kwargs), ref(texts[1], **kwargs))
+    rows = ours(texts, **OVERFLOW_CALLS[0])
+    assert len(rows["input_ids"]) > len(texts) and sorted(set(rows["overflow_to_sample_mapping"])) == list(range(len(texts)))
+
+
+@pytest.mark.parametrize("kind", ["bert", "bpe", "t5"])
+def test_split_special_tokens_per_call_matches_transformers(dirs, kind):
+    """``split_special_tokens=True`` in a call encodes special tokens written in the text as plain text (and
+    ``False`` as the special tokens), whatever the tokenizer's own setting, as in transformers."""
+    ours, ref = _with_reference(dirs, kind)
+    texts = ["[CLS] a cat </s> <pad>", "the [SEP] dog [MASK] </s>", "a photo of"]
+    for split in (True, False):
+        assert_same_encoding(ours(texts, split_special_tokens=split), ref(texts, split_special_tokens=split))
+        assert_same_encoding(ours(texts[0], split_special_tokens=split), ref(texts[0], split_special_tokens=split))
+    assert ours(texts[0], split_special_tokens=True)["input_ids"] != ours(texts[0], split_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bpe", "t5"])
+def test_decode_cleanup_argument_matches_transformers(dirs, kind):
+    """``clean_up_tokenization_spaces=True/False`` given to ``decode`` / ``batch_decode`` wins over the tokenizer's
+    own default (None keeps it), as in transformers."""
+    ours, ref = _with_reference(dirs, kind)
+    texts = ["don't . the cat , sat !", "a dog ' s photo ?", "hello world"]
+    batch = ours(texts, padding=True)["input_ids"]
+    for clean in (True, False, None):
+        for skip in (False, True):
+            assert ours.batch_decode(batch, skip_special_tokens=skip, clean_up_tokenization_spaces=clean) == \
+                ref.batch_decode(batch, skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
+        assert ours.decode(batch[0], clean_up_tokenization_spaces=clean) == \
+            ref.decode(batch[0], clean_up_tokenization_spaces=clean)
+    assert ours.decode(batch[0], clean_up_tokenization_spaces=True) != \
+        ours.decode(batch[0], clean_up_tokenization_spaces=False)
+
+
+MODEL_MAX_CALLS = [{"truncation": True}, {"padding": "max_length"}, {"padding": "max_length", "truncation": True},
+                   {"truncation": True, "padding": True, "return_tensors": "np"}]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bpe"])
+def test_model_max_length_of_the_config_bounds_truncation_and_padding(dirs, tmp_path, kind):
+    """``model_max_length`` in tokenizer_config.json is the length that truncation and ``padding="max_length"``
+    use when a call gives no ``max_length``, as in transformers."""
+    import shutil
+    folder = tmp_path / kind
+    shutil.copytree(dirs[kind], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 6
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, ref = load_tokenizer(str(folder)), transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert ours.model_max_length == ref.model_max_length == 6
+    texts = random_texts(8, seed=10)
+    for kwargs in MODEL_MAX_CALLS:
+        assert_same_encoding(ours(texts, **kwargs), ref(texts, **kwargs))
+        assert_same_encoding(ours(texts[0], **kwargs), ref(texts[0], **kwargs))
+    assert max(len(ids) for ids in ours(texts, truncation=True)["input_ids"]) == 6

@@ -145,3 +145,28 @@ def test_opt_without_a_final_layer_norm_matches_transformers(cls, variant):
     assert "language_model.model.decoder.final_layer_norm.weight" not in sd
     assert list(table) == list(sd)
     assert {k: s.shape for k, s in table.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+OPT_OPTION_VARIANTS = {"untied": dict(OPT_TEXT, tie_word_embeddings=False),
+                       "no_bias": dict(OPT_TEXT, enable_bias=False)}
+
+
+@pytest.mark.parametrize("variant", sorted(OPT_OPTION_VARIANTS))
+@pytest.mark.parametrize("cls", LM_CLASSES)
+def test_opt_tying_and_bias_options_match_transformers(cls, variant):
+    """``tie_word_embeddings=False`` gives OPT's ``lm_head`` a weight of its own and ``enable_bias=False`` leaves out
+    the attention and FFN biases: the table's names, shapes and ties are those of transformers' state dict."""
+    hf_cfg = blip2_config(text=OPT_OPTION_VARIANTS[variant])
+    sd = getattr(transformers, cls)(hf_cfg).state_dict()
+    table = weight_table(cls, config_from_dict(hf_cfg.to_dict()))
+    assert list(table) == list(sd)
+    assert {k: s.shape for k, s in table.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    groups = {}
+    for k, v in sd.items():
+        groups.setdefault(v.data_ptr(), []).append(k)
+    shared = {k for keys in groups.values() if len(keys) > 1 for k in keys}     # names sharing storage in transformers
+    declared = {k for k, s in table.items() if s.tied_to} | {s.tied_to for s in table.values() if s.tied_to}
+    assert declared == shared
+    head = "language_model.lm_head.weight"
+    assert (table[head].tied_to is None) == (variant == "untied")
+    assert any(k.endswith("self_attn.q_proj.bias") for k in table) == (variant != "no_bias")
