@@ -71,15 +71,16 @@ def _amx_int8() -> bool:
         return False
 
 
-# Products of this many rows or more (the vision tower's 577 an image, batched decoding) run through oneDNN's int8
-# GEMM instead of fbgemm's where the CPU has AMX and this build has the oneDNN engine; 0 = never. Measured on an Intel
-# Xeon host of this project's 2-core VM (BLIP-base shapes, two threads, best of 25): 577 rows 0.4-1.8 ms against
-# fbgemm's 3-11 ms; 96 rows about 2x; 24 rows 1.2x; at 16 rows and fewer fbgemm is faster (at 2-8 rows oneDNN
-# takes 1.5-2x its time). Without AMX both use the same VNNI instructions: fbgemm stays.
 def _onednn_rows() -> int:
+    """``ONEDNN_ROWS``: 24 where the CPU has AMX and this build has the oneDNN engine, else 0 (never)."""
     return 24 if _amx_int8() and "onednn" in torch.backends.quantized.supported_engines else 0
 
 
+# Products of ONEDNN_ROWS rows or more (the vision tower's 577 an image, batched decoding) run through oneDNN's int8
+# GEMM instead of fbgemm's. Measured on an Intel Xeon host (AMX) of this project's 2-core VM, the same int8 weights
+# packed by each engine (BLIP-base shapes, two threads, best of 25): 577 rows 1.7-2.6x faster through oneDNN, 96
+# rows 1.4-2.0x, 24-48 rows 0.9-1.7x (768 x 768 about even), 16 rows 0.65-0.95x, 2-8 rows 0.4-0.7x. Without AMX
+# both use the same VNNI instructions: fbgemm stays.
 ONEDNN_ROWS = _onednn_rows()
 
 
