@@ -621,7 +621,8 @@ def _big_endian_copy(tmp_path, state: dict):
 
 BIG_ENDIAN_STATE = {"f32": torch.arange(6.0).reshape(2, 3) - 2.5, "i64": torch.tensor([1, -2, 3 << 40]),
                     "bf16": torch.tensor([1.5, -0.25, 3.0], dtype=torch.bfloat16),
-                    "u8": torch.tensor([1, 200], dtype=torch.uint8), "f16": torch.tensor([0.1, 2.0], dtype=torch.float16)}
+                    "u8": torch.tensor([1, 200], dtype=torch.uint8),
+                    "f16": torch.tensor([0.1, 2.0], dtype=torch.float16)}
 
 
 def test_big_endian_bin_reads_as_torch_load_reads_it(tmp_path):

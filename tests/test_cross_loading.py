@@ -163,7 +163,8 @@ def test_jax_refuses_a_device_index_past_its_last_device(spelling):
 
 
 @pytest.mark.parametrize("device, name", [("cpu", "/CPU:0"), ("cpu:0", "/CPU:0"), ("gpu", "/GPU:0"),
-                                          ("cuda:1", "/GPU:1"), ("rocm:2", "/GPU:2"), ("/device:GPU:3", "/GPU:3"), ("tpu:1", "/TPU:1"),
+                                          ("cuda:1", "/GPU:1"), ("rocm:2", "/GPU:2"), ("/device:GPU:3", "/GPU:3"),
+                                          ("tpu:1", "/TPU:1"),
                                           ("/job:localhost/replica:0/task:0/device:CPU:0", "/CPU:0"),
                                           (None, None), ("auto", "auto")])
 def test_tf_device_names_keep_the_kind_and_the_index(device, name):

@@ -184,7 +184,6 @@ def test_another_key_is_another_program(stored, fresh, monkeypatch):
     assert model.trace_count("generate") == traces + 1 and len(_entries(fresh)) == 2
 
 
-
 @pytest.mark.parametrize("change", [("env", "XLA_FLAGS", "--xla_cpu_enable_fast_math=true"),
                                     ("env", "XLA_FLAGS", "--xla_backend_optimization_level=1"),
                                     ("jax", "jax_default_matmul_precision", "highest"),
