@@ -5,8 +5,9 @@
   20 new tokens forced) and its second one;
   once with an empty persistent compilation cache ("cold") and once more with the cache the first
   process wrote ("warm"), see ``blip_core.persistent_cache``.
-* ``decode per token``: one process holds every requested backend and times 4- and 20-token greedy
-  calls interleaved; (t20 - t4) / 16 is the cost of one decode step, compared across backends.
+* ``decode per token``: one process holds every requested backend and times a 4- and a 20-token greedy
+  call back to back, per backend, the backends in a rotated order each round; the median over rounds of
+  (t20 - t4) / 16 is the cost of one decode step, compared across backends.
 * ``beam memory``: peak resident memory added by batch-8 beam-3 captioning (20 tokens), one process
   per backend (first call, compile included, and a second call).
 
@@ -74,16 +75,20 @@ def child_decode(backends, quick: bool, reps: int) -> dict:
     size = next(iter(models.values()))[1]
     px = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     times = {b: {4: [], NEW_TOKENS: []} for b in backends}
+    order = list(models)
     for rep in range(reps + 1):                  # the first round compiles, untimed
-        for n in (4, NEW_TOKENS):
-            for b, (model, _) in models.items():
-                t = _timed(model, px, max_new_tokens=n, min_new_tokens=n)
+        # each backend's two calls back to back, the backends in a rotated order: one backend does not always run
+        # right after another's call (stop 43: with tf always first, jax's figure moved 18-25 ms between runs)
+        for b in order[rep % len(order):] + order[:rep % len(order)]:
+            for n in (4, NEW_TOKENS):
+                t = _timed(models[b][0], px, max_new_tokens=n, min_new_tokens=n)
                 if rep:
                     times[b][n].append(t)
     out = {}
     for b, t in times.items():
-        short, full = float(np.median(t[4])), float(np.median(t[NEW_TOKENS]))
-        out[b] = {"per_token_s": (full - short) / (NEW_TOKENS - 4), "call_4_s": short, "call_20_s": full}
+        steps = [(full - short) / (NEW_TOKENS - 4) for short, full in zip(t[4], t[NEW_TOKENS])]
+        out[b] = {"per_token_s": float(np.median(steps)), "call_4_s": float(np.median(t[4])),
+                  "call_20_s": float(np.median(t[NEW_TOKENS]))}
     return out
 
 
@@ -118,7 +123,7 @@ def _spawn(args: list, cache_dir=None, timeout=1800) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(backends, quick: bool, reps: int = 3, log=print) -> dict:
+def measure(backends, quick: bool, reps: int = 6, log=print) -> dict:
     """Every figure of this module, with the load average before and after each."""
     q = ["--quick"] if quick else []
     res = {"first": {}, "decode": None, "memory": {}}
@@ -169,7 +174,7 @@ def run(ctx) -> None:
     """``run_all.py --only coldstart``: the figures above as cases of the shared table (ours only)."""
     backends = [b for b in ctx.impls if b in BACKENDS]
     ctx.log(f"\n== coldstart | BLIP {'tiny' if ctx.quick else 'base'} | fresh processes | {', '.join(backends)}")
-    res = measure(backends, ctx.quick, reps=1 if ctx.quick else 3, log=ctx.log)
+    res = measure(backends, ctx.quick, reps=1 if ctx.quick else 6, log=ctx.log)
     params = {"new_tokens": NEW_TOKENS, "batch": 1, "details": res}
     for which in ("cold", "warm"):
         _record(ctx, f"first caption, {which} compile cache", which,
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=["first", "decode", "memory"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--quick", action="store_true", help="tiny config (smoke run)")
-    p.add_argument("--reps", type=int, default=3, help="timed rounds of the decode measurement")
+    p.add_argument("--reps", type=int, default=6, help="timed rounds of the decode measurement")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
