@@ -47,13 +47,14 @@ call. A quantised model is for inference: gradients do not flow through the int8
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Linear, _layouts_apply, release_layouts
+from .layout import Linear, _layouts_apply, _state, release_layouts
 
 
 def int8_supported() -> bool:
@@ -84,21 +85,25 @@ def _onednn_rows() -> int:
 ONEDNN_ROWS = _onednn_rows()
 
 
+_ENGINE_LOCK = threading.Lock()
+
+
 def _pack(weight: torch.Tensor, bias, engine: str = "fbgemm"):
     """Per-output-channel symmetric int8 weights, prepacked for ``engine``'s dynamic product (``fbgemm`` or
     ``onednn``: ``linear_dynamic`` runs the kernel of the engine that packed the weights)."""
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
     zero = torch.zeros(w.shape[0], dtype=torch.long)
-    before = torch.backends.quantized.engine
     with warnings.catch_warnings():   # torch >= 2.10 marks quantised tensor creation deprecated; still the API
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        torch.backends.quantized.engine = engine
-        try:
-            return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-        finally:
-            torch.backends.quantized.engine = before
+        with _ENGINE_LOCK:    # the engine is process-wide: two threads packing at once must not swap each other's
+            before = torch.backends.quantized.engine
+            torch.backends.quantized.engine = engine
+            try:
+                return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+            finally:
+                torch.backends.quantized.engine = before
 
 
 class Int8Linear(Linear):
@@ -121,16 +126,14 @@ class Int8Linear(Linear):
         new.runs_once = getattr(lin, "runs_once", False)
         return new
 
-    def _state(self):
-        w, b = self.weight, self.bias
-        return (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
-
     def packed(self, rows: int):
         """``(copy, reduce_range)`` for a product of ``rows`` rows: oneDNN's from ``ONEDNN_ROWS`` rows (inputs in
-        8 bits), else fbgemm's (inputs in 7 bits, as its kernel wants); both made again after a weight changes."""
-        if self._key != self._state():
+        8 bits), else fbgemm's (inputs in 7 bits, as its kernel wants); both made again after a weight changes
+        (``layout._state``: version, storage and dtype, the rule the decoding layouts follow)."""
+        key = (_state(self.weight), _state(self.bias))
+        if self._key != key:
             self._packed = self._wide = None
-            self._key = self._state()
+            self._key = key
         if ONEDNN_ROWS and rows >= ONEDNN_ROWS:
             if self._wide is None:
                 self._wide = _pack(self.weight, self.bias, "onednn")

@@ -595,7 +595,7 @@ MUTANTS = [
            '    return out',
            ('tests/test_interpolate.py',)),
     Mutant('int8: weights changed in place not quantised again', 'backends/torch/quantize.py',
-           '        if self._key != self._state():\n            self._packed = self._wide = None',
+           '        if self._key != key:\n            self._packed = self._wide = None',
            '        if False:\n            self._packed = self._wide = None',
            ('tests/test_torch_int8.py',), 'in_place or load_state'),
     Mutant('int8: quantised parameters still require gradients', 'backends/torch/quantize.py',
