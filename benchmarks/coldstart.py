@@ -42,7 +42,12 @@ def _model(backend: str, quick: bool):
     from .caption import config
     mod = importlib.import_module(f"backends.{backend}")
     cfg = config(quick)
-    return mod.BlipForConditionalGeneration(cfg, seed=0), cfg.vision_config.image_size
+    model = mod.BlipForConditionalGeneration(cfg, seed=0)
+    if backend == "torch":
+        # inference mode, as ``from_pretrained`` leaves a model: a torch module built from a config starts in training
+        # mode, where decoding makes no weight layouts (``backends/torch/layout.py``), i.e. not the model users run
+        model.eval()
+    return model, cfg.vision_config.image_size
 
 
 def _timed(model, px, **kw):

@@ -151,3 +151,20 @@ def test_gpu_workload_runs_its_code_on_the_cpu(tmp_path):
     table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--markdown", str(out)],
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert "| float32 | 2 |" in table and "| bfloat16 | 1 |" in table
+
+
+def test_coldstart_times_the_torch_model_users_run():
+    """The cold-start, per-token and memory children build their models from a config; torch's is put in eval mode
+    (what ``from_pretrained`` returns), since in training mode decoding runs without its weight layouts and the
+    figures would not be those of the model users run."""
+    from backends.torch import layout
+    from benchmarks import coldstart
+    model, size = coldstart._model("torch", quick=True)
+    assert not any(m.training for m in model.modules())
+    import numpy as np
+    import torch
+    px = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        model.generate(pixel_values=px, max_new_tokens=3, min_new_tokens=3)
+    lins = [m for m in model.text_decoder.modules() if isinstance(m, layout.Linear)]
+    assert any(m._layout is not None for m in lins), f"no decoding layout among {len(lins)} layers"

@@ -159,6 +159,24 @@ def test_export_refuses_other_dtypes_and_classes(tmp_path):
         export_onnx(vision, tmp_path / "b")
 
 
+def test_export_leaves_the_callers_modes_as_they_were(tmp_path):
+    """The graphs are exported in eval mode, but the model handed in keeps each module's mode: a model exported
+    between training steps goes on training (with one frozen part still in eval mode)."""
+    import backends.torch as bt
+    from backends.torch.onnx_export import export_onnx
+    from blip_runtime import OnnxBlip
+    model = bt.BlipModel.from_pretrained(fixture("BlipModel")[0])
+    model.train()
+    model.vision_model.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    runner = OnnxBlip(export_onnx(model, tmp_path / "embed"), threads=1)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert model.training and not model.vision_model.training
+    px = fixture("BlipModel")[1]["pixel_values"]
+    with torch.no_grad():
+        _close(runner.get_image_features(px), model.eval().get_image_features(px))
+
+
 def _pixels_of_size(size, batch=2, seed=2):
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
 

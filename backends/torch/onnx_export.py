@@ -243,7 +243,18 @@ def export_onnx(model, out_dir, processor_dir=None, opset: int = OPSET, image_si
                          f"{', '.join(sorted(str(d) for d in dtypes))}: onnxruntime's CPU provider has no "
                          f"bfloat16 kernels for MatMul, Add, Softmax, LayerNorm (NOT_IMPLEMENTED)")
     dtype = dtypes.pop()
-    model = model.eval()
+    # the graphs are inference graphs (dropout off); the caller's model keeps its own modes afterwards, module by
+    # module (a model exported between training steps goes on training)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return _write(model.eval(), arch, dtype, out_dir, processor_dir, opset, image_size)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _write(model, arch: str, dtype, out_dir, processor_dir, opset: int, image_size) -> str:
+    """``export_onnx``'s files, for a checked model in eval mode."""
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
     size = export_image_size(vc, image_size)
