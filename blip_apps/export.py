@@ -26,6 +26,7 @@ import sys
 from blip_core import architecture_of
 from blip_core.artifact_files import PROCESSOR_FILES, export_image_size, write_image_size
 from blip_core.configs import load_config
+from converters.safety import make_partial, remove_stale_partials
 
 FORMATS = {"onnx": "torch", "savedmodel": "tf", "stablehlo": "jax"}
 TASK_OF = {"BlipForConditionalGeneration": "caption", "BlipForQuestionAnswering": "vqa",
@@ -73,8 +74,30 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
         raise ValueError(f"{out} exists and is not an empty directory")
     vision = load_config(model_dir).vision_config
     size = export_image_size(vision, image_size)
-    sized = {} if image_size is None else {"image_size": size}
     model = blip_apps.load(model_dir, backend=FORMATS[fmt], **({"dtype": dtype} if dtype else {}))
+    # Written into a partial directory beside OUT (``converters.safety``'s, as conversions do) and renamed to OUT
+    # once complete: an export that fails or is interrupted leaves nothing at OUT, nor a half-written directory a
+    # runner could pick up; a killed export's leftovers are removed by the next export to OUT.
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    remove_stale_partials(out)
+    work = make_partial(out)
+    try:
+        meta = _write(model, model_dir, arch, work, fmt, dtype, num_beams, max_new_tokens, prompt_length,
+                      image_size, size, vision.image_size)
+        if os.path.isdir(out):
+            os.rmdir(out)             # empty (checked above); one that has filled since fails here
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write(model, model_dir, arch, out, fmt, dtype, num_beams, max_new_tokens, prompt_length, image_size, size,
+           config_size) -> dict:
+    """``export``'s files, written into the directory ``out``."""
+    sized = {} if image_size is None else {"image_size": size}
     options = _generation_options(arch, num_beams, max_new_tokens)
     if fmt == "onnx":
         from backends.torch.onnx_export import export_onnx
@@ -102,7 +125,7 @@ def export(model_dir: str, out: str, fmt: str, task: str | None = None, dtype: s
         src = os.path.join(model_dir, name)
         if os.path.isfile(src) and not os.path.exists(os.path.join(out, name)):
             shutil.copyfile(src, os.path.join(out, name))
-    if size != vision.image_size:
+    if size != config_size:
         write_image_size(out, size)
     meta = {"format": fmt, "architecture": arch, "task": TASK_OF[arch], "dtype": dtype or "float32",
             "image_size": size, "generation": options}

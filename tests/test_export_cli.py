@@ -9,6 +9,8 @@ BLIP-2 run with ``-m slow``.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,3 +274,42 @@ def test_parity_inputs_pad_every_text_but_the_vqa_question(seed):
     inp = make_inputs("BlipForQuestionAnswering", load_config(fixture("BlipForQuestionAnswering")[0]), seed)
     assert inp["input_ids"].shape == inp["attention_mask"].shape == (2, 7)
     assert (inp["attention_mask"] == 1).all() and (inp["input_ids"] > 0).all()
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The artifact is written beside OUT and renamed into place when complete: an exporter failing half-way
+    (here after writing its first graph: a full disk, an interrupt) leaves neither OUT nor a work directory; an
+    empty OUT given by the caller stays as it was. A dead export's work directory is removed by the next export to
+    the same OUT. A finished export is a plain directory (the process's umask, not a private one)."""
+    from backends.torch import onnx_export
+    from blip_apps.export import export
+
+    def broken(exc):
+        def export_onnx(model, out, **kw):
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "vision.onnx"), "wb") as fh:
+                fh.write(b"half")
+            raise exc
+        return export_onnx
+
+    d = fixture("BlipModel")[0]
+    (tmp_path / "empty").mkdir()
+    for exc in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        monkeypatch.setattr(onnx_export, "export_onnx", broken(exc))
+        for out in (tmp_path / "new", tmp_path / "empty"):
+            with pytest.raises(type(exc)):
+                export(d, str(out), "onnx")
+            assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])      # a killed export's leftovers: removed by the next
+    dead.wait()
+    (tmp_path / f".ok.partial-{dead.pid}-abc").mkdir()
+    (tmp_path / f".ok.partial-{dead.pid}-abc" / "vision.onnx").write_bytes(b"half")
+    umask = os.umask(0o022)
+    try:
+        assert main(["export", d, str(tmp_path / "ok"), "--format", "onnx"]) == 0
+    finally:
+        os.umask(umask)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "ok"]
+    assert os.stat(tmp_path / "ok").st_mode & 0o777 == 0o755
+    assert {"blip_export.json", "manifest.json", "config.json"} <= set(os.listdir(tmp_path / "ok"))

@@ -1359,4 +1359,9 @@ MUTANTS = [
            '        model.eval()\n',
            '        pass\n',
            ('tests/test_benchmarks_smoke.py',), 'coldstart', min_failures=1),
+    Mutant('export: a failed export leaves its half-written directory',
+           'blip_apps/export.py',
+           'shutil.rmtree(work, ignore_errors=True)',
+           'pass',
+           ('tests/test_export_cli.py',), 'nothing_behind', min_failures=1),
 ]
