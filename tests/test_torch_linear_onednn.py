@@ -184,3 +184,129 @@ def test_activation_without_an_epilogue_composes(monkeypatch):
     finally:
         handle.remove()
     assert everywhere == [layout.Linear]          # a global hook sees the layer's call too
+
+
+# -- prepare_wide: products of many rows on a weight packed once ---------------------------------------------------
+def _weights_seen(monkeypatch):
+    """The weight argument of every call that reaches oneDNN's inner product (a packed copy is an mkldnn tensor)."""
+    seen = []
+    product, reorder = layout._ONEDNN
+
+    def counted(x, w, *args):
+        seen.append(("packed" if w.is_mkldnn else "plain", x.shape[0]))
+        return product(x, w, *args)
+    monkeypatch.setattr(layout, "_ONEDNN", (counted, reorder))
+    return seen
+
+
+class _Tower(torch.nn.Module):
+    """Two layers as a vision MLP has them (GELU in the first product's epilogue)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1, self.fc2 = layout.Linear(96, 160), layout.Linear(160, 96)
+        self.to(dtype).eval()
+
+    def forward(self, x):
+        return self.fc2(layout.linear_act(self.fc1, x, "gelu"))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [25, 130, 577, 1154])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_copy_gives_the_plain_weights_numbers(monkeypatch, rows, dtype):
+    """More than PACK_MAX_ROWS rows run on the packed copy, whose products are oneDNN's on the plain weights bit for
+    bit (padded rows and the GELU epilogue included) and F.linear's to rounding; fewer rows keep the plain weights."""
+    seen = _weights_seen(monkeypatch)
+    tower = _Tower(dtype)
+    x = torch.randn(1, rows, 96).to(dtype)
+    with torch.no_grad():
+        plain = tower(x)
+        layout.prepare_wide(tower)
+        seen.clear()
+        wide = tower(x)
+        small = tower(x[:, :layout.PACK_MAX_ROWS])
+    assert [kind for kind, _ in seen] == ["packed", "packed", "plain", "plain"]
+    assert torch.equal(wide, plain) and torch.equal(small, plain[:, :layout.PACK_MAX_ROWS])
+    h = F.gelu(F.linear(x.float(), tower.fc1.weight.float(), tower.fc1.bias.float()))
+    want = F.linear(h, tower.fc2.weight.float(), tower.fc2.bias.float())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(wide.float(), want, rtol=tol, atol=tol)
+
+
+@needs_onednn
+def test_wide_copy_follows_the_weights_and_is_released(monkeypatch):
+    """An in-place change of the weights (an optimizer step, ``load_state_dict``) makes the copy stale: the products
+    follow the new weights at once, and the next ``prepare_wide`` packs them again; ``release_layouts`` drops it."""
+    seen = _weights_seen(monkeypatch)
+    tower = _Tower()
+    x = torch.randn(200, 96)
+    with torch.no_grad():
+        layout.prepare_wide(tower)
+        first = tower.fc1._wide_layout
+        tower.fc1.weight.mul_(2)
+        seen.clear()
+        got = tower.fc1(x)
+        assert seen == [("plain", 200)]
+        torch.testing.assert_close(got, F.linear(x, tower.fc1.weight, tower.fc1.bias), rtol=1e-5, atol=1e-5)
+        tower.load_state_dict({k: v + 1 for k, v in tower.state_dict().items()})
+        layout.prepare_wide(tower)
+        assert tower.fc1._wide_layout is not first and tower.fc1._wide_layout.fresh(tower.fc1)
+        seen.clear()
+        got = tower.fc1(x)
+        assert seen == [("packed", 200)]
+        torch.testing.assert_close(got, F.linear(x, tower.fc1.weight, tower.fc1.bias), rtol=1e-5, atol=1e-5)
+    layout.release_layouts(tower)
+    assert tower.fc1._wide_layout is None and tower.fc2._wide_layout is None
+
+
+@needs_onednn
+def test_no_wide_copy_in_training_with_gradients_under_the_switches_or_over_the_size(monkeypatch):
+    """No copy while training (mode or gradients), under ``BLIP_TORCH_DECODE_LAYOUT=0`` / ``unpacked`` (no copies),
+    for int8 layers (their own oneDNN products), or where the module's weights exceed ``WIDE_MAX_BYTES``."""
+    from backends.torch.quantize import quantize_int8
+    tower = _Tower()
+    layout.prepare_wide(tower)                       # gradients enabled
+    with torch.no_grad():
+        layout.prepare_wide(tower.train())
+        tower.eval()
+        for name, value in (("ENABLED", False), ("COPIES", False), ("WIDE_MAX_BYTES", 160 * 96 * 4 * 2 - 1)):
+            with monkeypatch.context() as m:
+                m.setattr(layout, name, value)
+                layout.prepare_wide(tower)
+        assert tower.fc1._wide_layout is None and tower.fc2._wide_layout is None
+        monkeypatch.setattr(layout, "WIDE_MAX_BYTES", 160 * 96 * 4 * 2)
+        layout.prepare_wide(tower)
+        assert tower.fc1._wide_layout is not None and tower.fc2._wide_layout is not None
+        q = quantize_int8(_Tower())
+        assert q.fc1.int8 and q.fc2.int8
+        layout.prepare_wide(q)
+        assert all(getattr(m, "_wide_layout", None) is None for m in q.modules())
+
+
+@needs_onednn
+def test_the_vision_tower_runs_on_wide_copies_at_inference():
+    """A vision model's inference call packs every linear of its tower once (the next call reuses the copies); its
+    states are those of the tower without copies bit for bit. Training calls make none."""
+    import numpy as np
+    import backends.torch as bt
+    from fixture_utils import fixture
+    model = bt.BlipVisionModel.from_pretrained(fixture("BlipVisionModel")[0])
+    px = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    lins = [m for m in model.modules() if isinstance(m, layout.Linear)]
+    model.train()
+    model(pixel_values=px)
+    assert lins and all(lin._wide_layout is None for lin in lins)
+    model.eval()
+    with torch.no_grad():
+        got = model(pixel_values=px).last_hidden_state
+        copies = [lin._wide_layout for lin in lins]
+        assert all(c is not None for c in copies)
+        again = model(pixel_values=px).last_hidden_state
+        assert [lin._wide_layout for lin in lins] == copies
+        layout.release_layouts(model)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(layout, "COPIES", False)
+            plain = model(pixel_values=px).last_hidden_state
+    assert torch.equal(got, plain) and torch.equal(again, plain)

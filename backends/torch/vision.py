@@ -24,7 +24,7 @@ from blip_core.generation import check_pixel_values
 from blip_core.outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from ._base import PreTrainedModel, as_tensor, attention
-from .layout import Linear, linear_act
+from .layout import Linear, linear_act, prepare_wide
 
 
 class BlipVisionEmbeddings(nn.Module):
@@ -169,6 +169,7 @@ class BlipVisionTransformer(nn.Module):
     def forward(self, pixel_values, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
                 output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        prepare_wide(self)    # inference: the products run on weights packed once for oneDNN (``layout.prepare_wide``)
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         enc = self.encoder(x, output_attentions=bool(output_attentions),
                            output_hidden_states=bool(output_hidden_states))
