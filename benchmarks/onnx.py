@@ -37,6 +37,13 @@ def _result(st, flops, framework, version, threads):
             "first_call_peak_rss_delta_mb": st["first_peak"], "achieved_gflops_per_s": flops / med / 1e9}
 
 
+def torch_model(cls, cfg):
+    """The torch column's model, in eval mode as ``from_pretrained`` leaves it: a module built from a config starts in
+    training mode, where decoding makes no weight layouts (``export_onnx`` exports in eval mode but leaves the
+    caller's modes as they were)."""
+    return cls(cfg, seed=0).eval()
+
+
 def run(ctx) -> None:
     import onnxruntime
 
@@ -46,7 +53,7 @@ def run(ctx) -> None:
         raise ValueError("the ONNX export is float32 only")
     cfg = config(ctx.quick)
     ctx.framework("torch")
-    model = ctx.ours_class("torch", "BlipForConditionalGeneration")(cfg, seed=0)
+    model = torch_model(ctx.ours_class("torch", "BlipForConditionalGeneration"), cfg)
     path = os.path.join(ctx.tmp, "caption-onnx")
     export_onnx(model, path)
     runner = OnnxBlip(path, threads=ctx.threads)

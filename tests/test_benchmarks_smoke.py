@@ -168,3 +168,13 @@ def test_coldstart_times_the_torch_model_users_run():
         model.generate(pixel_values=px, max_new_tokens=3, min_new_tokens=3)
     lins = [m for m in model.text_decoder.modules() if isinstance(m, layout.Linear)]
     assert any(m._layout is not None for m in lins), f"no decoding layout among {len(lins)} layers"
+
+
+def test_onnx_benchmark_times_the_torch_model_users_run():
+    """The ONNX workload's torch column is built from a config and exported; it is timed in eval mode (the export
+    leaves the caller's modes as they were, so the benchmark sets it itself)."""
+    import backends.torch as bt
+    from benchmarks import onnx
+    from benchmarks.caption import config
+    model = onnx.torch_model(bt.BlipForConditionalGeneration, config(True))
+    assert not any(m.training for m in model.modules())

@@ -1389,4 +1389,9 @@ MUTANTS = [
            'mod._layout = mod._wide_layout = None',
            'mod._layout = None',
            ('tests/test_torch_linear_onednn.py',), min_failures=1),
+    Mutant('onnx benchmark: the torch column timed in training mode',
+           'benchmarks/onnx.py',
+           'return cls(cfg, seed=0).eval()',
+           'return cls(cfg, seed=0)',
+           ('tests/test_benchmarks_smoke.py',), 'onnx_benchmark', min_failures=1),
 ]
