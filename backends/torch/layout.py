@@ -446,18 +446,18 @@ def prepare_decoding(module: nn.Module, rows: int) -> None:
         lin._layout = _Layout(lin, rows, weight, how)
 
 
-def prepare_wide(module: nn.Module, lins=None) -> None:
-    """Give every ``Linear`` under ``module`` (or the layers ``lins``) a copy of its weight packed in oneDNN's layout
-    (``WIDE_ROWS``), which its products of more than ``PACK_MAX_ROWS`` rows run on: the same numbers, without
-    oneDNN's reorder of a plain weight on every call. The vision towers call it on each inference call; fresh copies
-    are kept. A no-op with gradients enabled, in
-    training mode, where oneDNN is unavailable, under ``BLIP_TORCH_DECODE_LAYOUT=0`` and ``unpacked`` (no copies),
-    and for int8 layers (oneDNN's int8 products: ``quantize.py``). No copy where the module's would exceed
-    ``WIDE_MAX_BYTES`` or ``COPY_FRACTION`` of the available memory; ``release_layouts`` drops them."""
+def prepare_wide(module: nn.Module) -> None:
+    """Give every ``Linear`` under ``module`` a copy of its weight packed in oneDNN's layout (``WIDE_ROWS``), which its
+    products of more than ``PACK_MAX_ROWS`` rows run on: the same numbers, without oneDNN's reorder of a plain weight
+    on every call. The vision towers call it on each inference call; fresh copies are kept. A no-op with gradients
+    enabled, in training mode, where oneDNN is unavailable, under ``BLIP_TORCH_DECODE_LAYOUT=0`` and ``unpacked`` (no
+    copies), and for int8 layers (oneDNN's int8 products: ``quantize.py``). No copy where the module's copies would
+    exceed ``WIDE_MAX_BYTES`` or ``COPY_FRACTION`` of the available memory; ``release_layouts`` drops them. Two threads
+    preparing one module at once may both pack a layer: the later copy is kept, and either gives the same numbers."""
     if (torch.is_grad_enabled() or module.training or ENABLED is False or not COPIES or _traced()
             or not layout_supported(module)):
         return
-    lins = [lin for lin in (module.modules() if lins is None else lins) if isinstance(lin, Linear) and not lin.int8
+    lins = [lin for lin in module.modules() if isinstance(lin, Linear) and not lin.int8
             and lin.weight.dtype in _ONEDNN_DTYPES and lin.weight.device.type == "cpu" and lin.weight.is_contiguous()]
     stale = [lin for lin in lins if lin._wide_layout is None or not lin._wide_layout.fresh(lin)]
     if not stale:
