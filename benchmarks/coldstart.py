@@ -40,14 +40,10 @@ BACKENDS = ("torch", "tf", "jax")
 def _model(backend: str, quick: bool):
     import importlib
     from .caption import config
+    from .common import random_model
     mod = importlib.import_module(f"backends.{backend}")
     cfg = config(quick)
-    model = mod.BlipForConditionalGeneration(cfg, seed=0)
-    if backend == "torch":
-        # inference mode, as ``from_pretrained`` leaves a model: a torch module built from a config starts in training
-        # mode, where decoding makes no weight layouts (``backends/torch/layout.py``), i.e. not the model users run
-        model.eval()
-    return model, cfg.vision_config.image_size
+    return random_model(mod.BlipForConditionalGeneration, cfg), cfg.vision_config.image_size
 
 
 def _timed(model, px, **kw):

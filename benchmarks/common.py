@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -101,6 +102,17 @@ def framework_info(name: str) -> dict:
     one = "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "")
     return {"available": True, "version": mod.__version__, "device": f"{dev.platform}:{dev.device_kind}",
             "threads": 1 if one else cpus}
+
+
+def random_model(cls, config):
+    """``cls(config, seed=0)`` (seeded random weights) as ``from_pretrained`` leaves a model: a torch module is put in
+    eval mode. One built from a config starts in training mode, where decoding makes no weight layouts
+    (``backends/torch/layout.py``): not the model users run. tf and jax models have no modes."""
+    model = cls(config, seed=0)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        model.eval()
+    return model
 
 
 def _package_version(name: str):

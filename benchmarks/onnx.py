@@ -38,10 +38,9 @@ def _result(st, flops, framework, version, threads):
 
 
 def torch_model(cls, cfg):
-    """The torch column's model, in eval mode as ``from_pretrained`` leaves it: a module built from a config starts in
-    training mode, where decoding makes no weight layouts (``export_onnx`` exports in eval mode but leaves the
-    caller's modes as they were)."""
-    return cls(cfg, seed=0).eval()
+    """The torch column's model, in eval mode (``common.random_model``): ``export_onnx`` exports in eval mode but
+    leaves the caller's modes as they were."""
+    return common.random_model(cls, cfg)
 
 
 def run(ctx) -> None:

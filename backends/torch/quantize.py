@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Linear, _layouts_apply, _state, release_layouts
+from .layout import Linear, _Layout, _layouts_apply, release_layouts
 
 
 def int8_supported() -> bool:
@@ -115,7 +115,7 @@ class Int8Linear(Linear):
 
     _packed = None      # fbgemm's packed copy (products of fewer than ``ONEDNN_ROWS`` rows), made on first use
     _wide = None        # oneDNN's (``ONEDNN_ROWS`` rows and more), made on first use
-    _key = None         # the weights' state both copies were made from
+    _key = None         # a ``layout._Layout`` of the weights both copies were made from (its ``fresh`` is the rule)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -129,11 +129,10 @@ class Int8Linear(Linear):
     def packed(self, rows: int):
         """``(copy, reduce_range)`` for a product of ``rows`` rows: oneDNN's from ``ONEDNN_ROWS`` rows (inputs in
         8 bits), else fbgemm's (inputs in 7 bits, as its kernel wants); both made again after a weight changes
-        (``layout._state``: version, storage and dtype, the rule the decoding layouts follow)."""
-        key = (_state(self.weight), _state(self.bias))
-        if self._key != key:
+        (``layout._Layout.fresh``: the same tensors, unchanged, the rule every layout follows)."""
+        if self._key is None or not self._key.fresh(self):
             self._packed = self._wide = None
-            self._key = key
+            self._key = _Layout(self, rows, None, "int8")
         if ONEDNN_ROWS and rows >= ONEDNN_ROWS:
             if self._wide is None:
                 self._wide = _pack(self.weight, self.bias, "onednn")
