@@ -14,14 +14,21 @@ import os
 import sys
 import time
 
-# TensorFlow's C++ start-up lines (CUDA probes, oneDNN notes) are not for the user; the level must
-# be set before tensorflow is first imported, which happens inside a subcommand.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ logging is not for the user of the command. What it logs as a caption runs is all ERROR level
+# and harmless here: a CUDA probe failing on a machine without a GPU, its compilation cache trying an entry as text
+# before reading it as the binary it is, compiler tuning flags (+prefer-no-scatter) named as CPU features the host
+# lacks. Level 3 keeps those out; its errors that matter reach us as Python exceptions, which the command reports.
+# The notes it writes while it is imported ignore the level (``blip_apps.quiet``). A user who sets
+# TF_CPP_MIN_LOG_LEVEL gets TensorFlow's logging as it is. The level must be set before tensorflow is first
+# imported, which happens inside a subcommand.
+_TF_LOGGING_CHOSEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from blip_core import BACKENDS, __version__
 
 from . import load
 from .dataset.cli import add_dataset_args, add_dataset_parsers
+from .quiet import quiet_import
 
 
 class CliError(Exception):
@@ -344,6 +351,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not _TF_LOGGING_CHOSEN:
+        quiet_import("tensorflow")
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
