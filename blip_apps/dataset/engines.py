@@ -195,6 +195,8 @@ def run_ray(spec, units, parts, total, *, part_size=512, num_workers=1, address=
     # the model actors' CPUs plus room for the read and prepare stages, or those could never start
     ray_init(address, num_cpus=max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 1))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # our own bar (``_progress``) replaces Ray's, which would otherwise warn that they are off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
