@@ -202,7 +202,7 @@ def test_tar_shard_through_a_command(tmp_path, capsys):
     assert [(e["id"], e["error"]) for e in errors] == [("shard.tar/b", "no image member for this key")]
 
 
-def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path, capsys):
+def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tmp_path, capfd):
     require("ray")
     import ray
     root, good = data200
@@ -214,15 +214,16 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
     assert all("cannot decode image" in e["error"] for e in errors)
     # The captions are those of the single-image command (an independent path through the model).
     some = good[:3]
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["caption", *[os.path.join(root, g) for g in some], "--json"]) == 0
-    assert [json.loads(x)["caption"] for x in capsys.readouterr().out.splitlines()] == [r["caption"] for r in rows[:3]]
+    assert [json.loads(x)["caption"] for x in capfd.readouterr().out.splitlines()] == [r["caption"] for r in rows[:3]]
 
     ray_out = str(tmp_path / "ray.parquet")
     try:
         assert main(["caption", root, "--out", ray_out, "--engine", "ray", "--num-workers", "1", *SETTINGS]) == 1
     finally:
         ray.shutdown()
+    assert "Progress bars disabled" not in capfd.readouterr().err     # ours replaces Ray's, without its warning
     assert pq.read_table(ray_out).equals(pq.read_table(local_caption))
     errors_file = local_caption.replace(".parquet", ".errors.jsonl")
     assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(errors_file)
