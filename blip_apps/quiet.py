@@ -35,22 +35,32 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        sys.stderr.flush()
-        saved = os.dup(2)
+        _flush()
+        try:
+            saved = os.dup(2)
+        except OSError:           # no descriptor 2 (``2>&-``): nothing to keep clean
+            self._loader.exec_module(module)
+            return
         with tempfile.TemporaryFile() as sink:
             os.dup2(sink.fileno(), 2)
             try:
                 self._loader.exec_module(module)
             except BaseException:
-                sys.stderr.flush()
+                _flush()
                 os.dup2(saved, 2)
                 sink.seek(0)
                 os.write(2, sink.read())      # what the framework said may explain its failure
                 raise
             finally:
-                sys.stderr.flush()
+                _flush()
                 os.dup2(saved, 2)
                 os.close(saved)
+
+
+def _flush():
+    """Python's own buffered stderr out first (there is none when the process started without descriptor 2)."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):

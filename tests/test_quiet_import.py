@@ -69,3 +69,16 @@ def test_blip_caption_with_tensorflow_prints_only_its_own_lines(tmp_path):
     assert _caption_stderr({}, tmp_path) == []           # cold cache: compiles and stores
     assert _caption_stderr({}, tmp_path) == []           # warm cache
     assert _caption_stderr({"TF_CPP_MIN_LOG_LEVEL": "0"}, tmp_path) != []
+
+
+def test_blip_caption_with_tensorflow_runs_without_a_stderr(tmp_path):
+    """Started with descriptor 2 closed (``2>&-``; Python's ``sys.stderr`` is then None), the command still captions:
+    there is nothing to set aside."""
+    from blip_apps.demo import DEMO_IMAGE
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(BLIP_COMPILE_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "blip_apps.cli", "caption", DEMO_IMAGE, "--backend", "tf",
+                          "--max-new-tokens", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                         timeout=300, preexec_fn=lambda: os.close(2))
+    assert out.returncode == 0
+    assert DEMO_IMAGE + "\t" in out.stdout
