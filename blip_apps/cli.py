@@ -44,6 +44,8 @@ def _progress(paths: list):
 
 def _open_image(path: str):
     from PIL import Image, UnidentifiedImageError
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory; give --out FILE to run over every image in it (see 'Data sets')")
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file")
     try:

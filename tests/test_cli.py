@@ -77,6 +77,15 @@ def test_caption_json_lines_and_a_bad_image_in_the_batch(demo_models, tmp_path, 
     assert "broken.png" in out.err and "cannot read image" in out.err
 
 
+def test_a_folder_given_as_an_image_says_how_to_run_over_it(tmp_path, capsys):
+    """A folder is not an image, and not a missing file either: the error names --out, which runs over one."""
+    (tmp_path / "a.png").write_bytes(b"")
+    for argv in (["caption", str(tmp_path)], ["vqa", str(tmp_path), "what is it?"], ["match", str(tmp_path), "x"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 1 and f"{tmp_path}: is a directory; give --out FILE" in err and "no such file" not in err
+
+
 # Each single-image command's arguments after the image, and the bundled model it uses without --model.
 _COMMANDS = {"caption": ([], "caption"), "vqa": (["what is it?"], "vqa"), "match": (["a shape"], "retrieval")}
 

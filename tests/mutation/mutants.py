@@ -1399,4 +1399,9 @@ MUTANTS = [
            'os.write(2, sink.read())',
            'sink.read()',
            ('tests/test_quiet_import.py',), 'failed', min_failures=1),
+    Mutant('cli: a folder given as an image reported as a missing file',
+           'blip_apps/cli.py',
+           '    if os.path.isdir(path):',
+           '    if False:',
+           ('tests/test_cli.py',), 'folder', min_failures=1),
 ]
