@@ -655,6 +655,23 @@ def test_search_breaks_exact_ties_by_id(tmp_path, k):
     assert [(h[0], h[1]) for h in index.search_texts(query, k)] == [(i, f"text of {i}") for i in sorted(ids)[:k]]
 
 
+def test_search_asks_for_at_least_one_result(tmp_path, capsys):
+    """k below 1 is a clear error, in the library and on the command line (it was numpy's 'zero-size array'),
+    and k above the index's size returns every row."""
+    from blip_apps.dataset import index as ix
+    index = ix.Index(_tied_index(tmp_path, ["b", "a"]))
+    query = np.array([0.6, 0.8, 0.0, 0.0], np.float32)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            index.search_images(query, k)
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            index.search_texts(query, k)
+    assert [h[0] for h in index.search_images(query, 9)] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        main(["search", index.path, "a circle", "-k", "0"])
+    assert "-k/--top-k: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def _bundled_dim_index(tmp_path, with_texts=True) -> str:
     """An index in the bundled retrieval model's embedding size over ids c, b, a: every image row holds the
     same unit vector (so a search ranks them by id), the texts other unit vectors."""

@@ -160,6 +160,7 @@ def cmd_search(args) -> int:
 def add_dataset_parsers(sub) -> None:
     """Register ``embed``, ``index`` and ``search``."""
     from blip_core import BACKENDS
+    from ..cli import _positive_int
     from .index import KINDS
 
     def model_args(p, backend_default="torch"):
@@ -186,7 +187,7 @@ def add_dataset_parsers(sub) -> None:
     p.add_argument("index", metavar="INDEX")
     p.add_argument("query", nargs="?", default=None, metavar="TEXT")
     p.add_argument("--image", default=None, metavar="IMG")
-    p.add_argument("-k", "--top-k", dest="k", type=int, default=5)
+    p.add_argument("-k", "--top-k", dest="k", type=_positive_int, default=5)
     p.add_argument("--images-only", action="store_true", help="an image query searches images even if texts exist")
     p.add_argument("--json", action="store_true")
     model_args(p, backend_default=None)

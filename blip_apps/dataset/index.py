@@ -109,8 +109,12 @@ class Index:
 
     @staticmethod
     def _top(vecs, keys, query, k):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         scores = vecs @ np.asarray(query, np.float32)
         k = min(k, len(scores))
+        if k == 0:
+            return []
         cand = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         # exact ties at the cut would make argpartition's pick arbitrary: take every row that ties
         cut = scores[cand].min()
@@ -121,6 +125,8 @@ class Index:
     def search_images(self, query, k=5):
         """``[(id, score)]``, best first."""
         if self.faiss is not None:
+            if k < 1:
+                raise ValueError(f"k must be >= 1, got {k}")
             scores, idx = self.faiss.search(np.asarray(query, np.float32)[None], min(k, len(self.ids)))
             return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0]) if i >= 0]
         return [(self.ids[i], s) for i, s in self._top(self.images, self.ids, query, k)]

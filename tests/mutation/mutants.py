@@ -1404,4 +1404,11 @@ MUTANTS = [
            '    if os.path.isdir(path):',
            '    if False:',
            ('tests/test_cli.py',), 'folder', min_failures=1),
+    Mutant('dataset: search with k below 1 reaches numpy',
+           'blip_apps/dataset/index.py',
+           """        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores = vecs @ np.asarray(query, np.float32)""",
+           """        scores = vecs @ np.asarray(query, np.float32)""",
+           ('tests/test_dataset.py',), 'at_least_one', min_failures=1),
 ]
