@@ -169,6 +169,38 @@ def test_cli_synthetic_and_train(tmp_path, capsys):
     assert "train/ folder" in capsys.readouterr().err
 
 
+# Settings outside their range, each of which trained nothing (a batch of 0 rows), never finished (0 micro-batches
+# per step), or failed deep in a framework (a negative learning rate, -1 held-out rows, -2 threads).
+_BAD_SETTINGS = [("steps", 0), ("batch_size", 0), ("grad_accum", 0), ("warmup", -3), ("eval_every", -1),
+                 ("save_every", -1), ("eval_size", -1), ("threads", -2), ("lr", -1.0), ("lr", 0.0),
+                 ("lr", float("nan")), ("weight_decay", -0.5), ("clip", -1.0), ("eps", 0.0),
+                 ("itc_temperature", 0.0), ("betas", (0.9, 1.0)), ("steps", 2.5), ("task", "detect"),
+                 ("backend", "mxnet")]
+
+
+@pytest.mark.parametrize("field,value", _BAD_SETTINGS)
+def test_a_setting_out_of_range_is_refused_before_training(field, value):
+    kw = {"backend": "torch", field: value}
+    with pytest.raises(ValueError, match=field):
+        _cfg(**kw)
+
+
+def test_train_and_synthetic_commands_refuse_bad_numbers_in_one_line(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    assert main(["synthetic", data, "--train", "-5"]) == 1
+    assert "error: n_train must be an integer >= 0, got -5" in capsys.readouterr().err
+    assert not os.path.exists(data)
+    assert main(["synthetic", data, "--train", "4", "--test", "2"]) == 0
+    for flag, value in (("--grad-accum", "0"), ("--batch-size", "0"), ("--lr", "-1"), ("--threads", "-2")):
+        out = str(tmp_path / "out")
+        argv = ["train", "--task", "caption", "--data", data, "--out", out, "--steps", "2", "--no-progress", flag,
+                value]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"error: {flag[2:].replace('-', '_')} must be" in err and "Traceback" not in err
+        assert not os.path.exists(out)
+
+
 def _adamw_state(checkpoint):
     import torch
     return torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)["state"]

@@ -17,13 +17,13 @@ def cmd_train(args) -> int:
     elif not os.path.isdir(args.model):
         from blip_apps.cli import CliError
         raise CliError(f"{args.model}: not a model directory")
-    cfg = TrainConfig(task=args.task, backend=args.backend, steps=args.steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                      clip=args.clip, freeze_vision=args.freeze_vision, eval_every=args.eval_every,
-                      save_every=args.save_every, eval_size=args.eval_size, seed=args.seed, threads=args.threads,
-                      mixed_precision="bf16" if args.bf16 else "no")
     from blip_apps.cli import CliError
     try:
+        cfg = TrainConfig(task=args.task, backend=args.backend, steps=args.steps, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                          clip=args.clip, freeze_vision=args.freeze_vision, eval_every=args.eval_every,
+                          save_every=args.save_every, eval_size=args.eval_size, seed=args.seed, threads=args.threads,
+                          mixed_precision="bf16" if args.bf16 else "no")
         result = train(args.model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress,
                        log=lambda msg: print(msg, file=sys.stderr))
     except (FileNotFoundError, ValueError) as exc:
@@ -34,8 +34,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_synthetic(args) -> int:
+    from blip_apps.cli import CliError
     from blip_apps.synthetic import write_dataset
-    write_dataset(args.out, args.train, args.test, args.seed)
+    try:
+        write_dataset(args.out, args.train, args.test, args.seed)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(f"{args.out}: {args.train} train and {args.test} test images (seed {args.seed})")
     return 0
 

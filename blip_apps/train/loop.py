@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blip_core import to_numpy
+from blip_core import BACKENDS, to_numpy
 
 from . import data as data_mod
 from . import metrics
@@ -56,6 +56,25 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.task not in data_mod.TASKS:
+            raise ValueError(f"task={self.task!r}; choose one of {', '.join(data_mod.TASKS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        # each count and rate where a value outside its range would train nothing, loop for ever or fail deep
+        # inside a framework (a batch of 0 rows, accumulating 0 micro-batches, a negative learning rate)
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("eval_every", 0),
+                          ("save_every", 0), ("eval_size", 0), ("threads", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, positive in (("lr", True), ("eps", True), ("itc_temperature", True), ("weight_decay", False),
+                               ("clip", False)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float, np.number)) and math.isfinite(value)
+                    and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
