@@ -169,8 +169,8 @@ def test_cli_synthetic_and_train(tmp_path, capsys):
     assert "train/ folder" in capsys.readouterr().err
 
 
-# Settings outside their range, each of which trained nothing (a batch of 0 rows), never finished (0 micro-batches
-# per step), or failed deep in a framework (a negative learning rate, -1 held-out rows, -2 threads).
+# Settings outside their range, each of which was taken (a negative warm-up or clip), trained nothing (a batch of 0
+# rows) or failed deep in the loop or a framework (0 micro-batches a step, a negative learning rate, -2 threads).
 _BAD_SETTINGS = [("steps", 0), ("batch_size", 0), ("grad_accum", 0), ("warmup", -3), ("eval_every", -1),
                  ("save_every", -1), ("eval_size", -1), ("threads", -2), ("lr", -1.0), ("lr", 0.0),
                  ("lr", float("nan")), ("weight_decay", -0.5), ("clip", -1.0), ("eps", 0.0),
