@@ -181,9 +181,11 @@ def resolve_config(shapes: dict, architecture: str | None = None, preset: str | 
     of the checkpoints that supply towers (``converters.components``); their sizes are used for a
     tower the state dict does not hold.
     """
+    if preset is not None and preset not in PRESETS:
+        preset_dict(preset)       # an unknown name is the error, not what inferring without it then says
     notes: list = []
     explicit = dict(overrides or {})
-    arch = architecture or (PRESETS[preset][0] if preset in PRESETS else None) or infer_architecture(shapes)
+    arch = architecture or (PRESETS[preset][0] if preset is not None else None) or infer_architecture(shapes)
     if arch is None:
         raise ValueError("cannot tell the architecture from the checkpoint's names; give architecture=")
     if not architecture and not preset:

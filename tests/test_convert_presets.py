@@ -174,6 +174,17 @@ def test_architecture_and_sizes_inferred_without_preset(tmp_path):
     assert got.qformer_config.use_qformer_text_input and got.image_token_index is None
 
 
+def test_an_unknown_preset_is_named_as_the_error(tmp_path, capsys):
+    """A misspelt preset is the error, listing the known ones, for a Hugging Face checkpoint (whose names tell no
+    architecture) and an original one alike; it used to be ignored, then inference failed or went on without it."""
+    _, _, sd = small("blip2-itm-vit-g", dict(SMALL_QFORMER, **{"qformer_config.vocab_size": 99}))
+    torch_save(to_original(zero_k_bias(sd)), tmp_path / "blip2_retrieval.pth")
+    for src in (tmp_path / "blip2_retrieval.pth", os.path.join(MODELS, "BlipForConditionalGeneration")):
+        with pytest.raises(ValueError, match="unknown preset 'blip2-itm-vit-gg'; known: blip-base-captioning"):
+            convert(src, tmp_path / "x", to="torch", allow_pickle_bin=True, preset="blip2-itm-vit-gg")
+        assert not os.path.exists(tmp_path / "x")
+
+
 # -- towers from other checkpoints -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lavis_opt(tmp_path_factory):

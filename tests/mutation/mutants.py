@@ -1426,4 +1426,11 @@ MUTANTS = [
            'if isinstance(n, bool) or not isinstance(n, int) or n < 0:',
            'if isinstance(n, bool) or not isinstance(n, int):',
            ('tests/test_train_loop.py',), 'bad_numbers', min_failures=1),
+    Mutant('convert: an unknown preset name silently ignored',
+           'converters/presets.py',
+           """    if preset is not None and preset not in PRESETS:
+        preset_dict(preset)""",
+           """    if False:
+        preset_dict(preset)""",
+           ('tests/test_convert_presets.py',), 'unknown_preset', min_failures=1),
 ]
