@@ -176,7 +176,8 @@ def test_architecture_and_sizes_inferred_without_preset(tmp_path):
 
 def test_an_unknown_preset_is_named_as_the_error(tmp_path, capsys):
     """A misspelt preset is the error, listing the known ones, for a Hugging Face checkpoint (whose names tell no
-    architecture) and an original one alike; it used to be ignored, then inference failed or went on without it."""
+    architecture) and an original one alike; it used to be looked up only after inferring the architecture, so a
+    Hugging Face checkpoint failed with "cannot tell the architecture" instead."""
     _, _, sd = small("blip2-itm-vit-g", dict(SMALL_QFORMER, **{"qformer_config.vocab_size": 99}))
     torch_save(to_original(zero_k_bias(sd)), tmp_path / "blip2_retrieval.pth")
     for src in (tmp_path / "blip2_retrieval.pth", os.path.join(MODELS, "BlipForConditionalGeneration")):
