@@ -5,6 +5,7 @@ float arrays in [0, 1]) go through both; the outputs must have the same dtype an
 maximum absolute difference of exactly 0.0.
 """
 import json
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -159,3 +160,17 @@ def test_bad_inputs_raise_value_error():
         ours(PIL.Image.new("RGB", (8, 8)), image_mean=[0.5, 0.5])
     with pytest.raises(ValueError, match="shapes"):
         ours([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)], do_resize=False, return_tensors="np")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_image_holding_nan_or_infinity_is_named_without_a_cast_warning(bad):
+    """transformers rejects such an image too; here the message names the problem, and numpy's 'invalid value
+    encountered in cast' warning (from testing whole numbers) no longer comes first."""
+    img = np.full((16, 16, 3), 0.5, np.float32)
+    img[3, 4, 1] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="finite"):
+            BlipImageProcessor()(img)
+    with pytest.raises(Exception):
+        transformers.BlipImageProcessor()(img)

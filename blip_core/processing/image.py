@@ -217,6 +217,8 @@ def _needs_rescale_for_pil(arr: np.ndarray) -> bool:
     """Whether an array must be multiplied by 255 before it can become a uint8 PIL image."""
     if arr.dtype == np.uint8:
         return False
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError("Image values must be finite to be resized; this image holds NaN or infinity")
     if np.allclose(arr, arr.astype(int)):
         if np.all(arr >= 0) and np.all(arr <= 255):
             return False

@@ -1433,4 +1433,9 @@ MUTANTS = [
            """    if False:
         preset_dict(preset)""",
            ('tests/test_convert_presets.py',), 'unknown_preset', min_failures=1),
+    Mutant('spec: an image holding NaN reaches the whole-number test',
+           'blip_core/processing/image.py',
+           'if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():',
+           'if False:',
+           ('tests/test_image_processor.py',), 'nan_or_infinity'),
 ]
