@@ -353,6 +353,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if sys.stderr is None:      # started without descriptor 2 (``2>&-``): print(file=None) would write to stdout
+        sys.stderr = open(os.devnull, "w")
     if not _TF_LOGGING_CHOSEN:
         quiet_import("tensorflow")
     try:
