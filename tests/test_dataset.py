@@ -223,10 +223,24 @@ def test_200_images_3_corrupt_local_and_ray_identical(data200, local_caption, tm
         assert main(["caption", root, "--out", ray_out, "--engine", "ray", "--num-workers", "1", *SETTINGS]) == 1
     finally:
         ray.shutdown()
-    assert "Progress bars disabled" not in capfd.readouterr().err     # ours replaces Ray's, without its warning
+    err = capfd.readouterr().err
+    assert "Progress bars disabled" not in err     # ours replaces Ray's, without its warning
+    assert "Token authentication is enabled" not in err     # Ray's default, said on every run (_TokenAuthNotice)
     assert pq.read_table(ray_out).equals(pq.read_table(local_caption))
     errors_file = local_caption.replace(".parquet", ".errors.jsonl")
     assert _text(ray_out.replace(".parquet", ".errors.jsonl")) == _text(errors_file)
+
+
+def test_only_rays_notice_that_authentication_is_on_is_dropped():
+    import logging
+    from blip_apps.dataset.engines import _TokenAuthNotice
+
+    def record(msg):
+        return logging.LogRecord("ray", logging.WARNING, __file__, 1, msg, None, None)
+    notice = _TokenAuthNotice()
+    assert not notice.filter(record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
+    assert notice.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network access"))
+    assert notice.filter(record("Object store is full"))
 
 
 def _planned_ids(monkeypatch) -> list:

@@ -171,6 +171,14 @@ class _ModelActor:
         return _table(self.worker.run(records), schema(self.worker.spec.task, self.dim))
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that the local instance it starts has token authentication on (its default, printed on
+    every run); its warning that authentication is off, and everything else, pass."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def ray_init(address=None, num_cpus=None):
     """Join ``address`` or start a local Ray instance of ``num_cpus`` logical CPUs (default: the
     machine's), with this checkout on the workers' path."""
@@ -185,6 +193,7 @@ def ray_init(address=None, num_cpus=None):
         return
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
     ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
 
 

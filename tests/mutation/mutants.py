@@ -1438,4 +1438,9 @@ MUTANTS = [
            'if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():',
            'if False:',
            ('tests/test_image_processor.py',), 'nan_or_infinity'),
+    Mutant("dataset: Ray's notice that authentication is on printed on every run",
+           'blip_apps/dataset/engines.py',
+           '        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")',
+           '        return True',
+           ('tests/test_dataset.py',), 'only_rays', min_failures=1),
 ]
