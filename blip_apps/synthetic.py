@@ -123,7 +123,7 @@ def write_split(directory: str, n: int, seed: int, split: str) -> str:
 def write_dataset(out: str, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> str:
     """Write ``out/train`` and ``out/test`` in the ``imagefolder`` layout; returns ``out``."""
     for name, n in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
     write_split(os.path.join(out, "train"), n_train, seed, "train")
     write_split(os.path.join(out, "test"), n_test, seed, "test")

@@ -109,8 +109,6 @@ class Index:
 
     @staticmethod
     def _top(vecs, keys, query, k):
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
         scores = vecs @ np.asarray(query, np.float32)
         k = min(k, len(scores))
         if k == 0:
@@ -124,16 +122,22 @@ class Index:
 
     def search_images(self, query, k=5):
         """``[(id, score)]``, best first."""
+        _check_k(k)
         if self.faiss is not None:
-            if k < 1:
-                raise ValueError(f"k must be >= 1, got {k}")
             scores, idx = self.faiss.search(np.asarray(query, np.float32)[None], min(k, len(self.ids)))
             return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0]) if i >= 0]
         return [(self.ids[i], s) for i, s in self._top(self.images, self.ids, query, k)]
 
     def search_texts(self, query, k=5):
         """``[(id, text, score)]``, best first (needs an index built with texts)."""
+        _check_k(k)
         if self.text_vecs is None:
             raise ValueError(f"{self.path}: this index has no texts (build it from items with a --text-column)")
         keys = [t[0] for t in self.texts]
         return [(self.texts[i][0], self.texts[i][1], s) for i, s in self._top(self.text_vecs, keys, query, k)]
+
+
+def _check_k(k) -> None:
+    """A search returns at least one result (k above the index's size returns every row)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")

@@ -60,8 +60,8 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r}; choose one of {', '.join(data_mod.TASKS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        # each count and rate where a value outside its range would train nothing, loop for ever or fail deep
-        # inside a framework (a batch of 0 rows, accumulating 0 micro-batches, a negative learning rate)
+        # each count and rate: outside its range a value was taken silently (a negative warm-up), trained nothing (a
+        # batch of 0 rows) or failed deep in the loop or a framework (0 micro-batches a step, a negative learning rate)
         for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("eval_every", 0),
                           ("save_every", 0), ("eval_size", 0), ("threads", 0)):
             value = getattr(self, name)
