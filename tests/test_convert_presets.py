@@ -174,7 +174,7 @@ def test_architecture_and_sizes_inferred_without_preset(tmp_path):
     assert got.qformer_config.use_qformer_text_input and got.image_token_index is None
 
 
-def test_an_unknown_preset_is_named_as_the_error(tmp_path, capsys):
+def test_an_unknown_preset_is_named_as_the_error(tmp_path):
     """A misspelt preset is the error, listing the known ones, for a Hugging Face checkpoint (whose names tell no
     architecture) and an original one alike; it used to be looked up only after inferring the architecture, so a
     Hugging Face checkpoint failed with "cannot tell the architecture" instead."""
