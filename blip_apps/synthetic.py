@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from blip_core.generation import integer_option
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
 SIZES = {"small": (6, 8), "large": (12, 14)}              # half-width in pixels on a 64x64 canvas
@@ -122,8 +124,9 @@ def write_split(directory: str, n: int, seed: int, split: str) -> str:
 
 def write_dataset(out: str, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> str:
     """Write ``out/train`` and ``out/test`` in the ``imagefolder`` layout; returns ``out``."""
+    n_train, n_test = integer_option(n_train, "n_train"), integer_option(n_test, "n_test")
     for name, n in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        if n < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
     write_split(os.path.join(out, "train"), n_train, seed, "train")
     write_split(os.path.join(out, "test"), n_test, seed, "test")

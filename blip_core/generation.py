@@ -63,8 +63,9 @@ class GenerationSettings:
         return "beam" if self.num_beams > 1 else "greedy"
 
 
-def _integer(value, name: str) -> int:
-    """An integral option: ints (numpy's too) and integral floats; strings, bools, 3.7 are refused."""
+def integer_option(value, name: str) -> int:
+    """An integral option: ints (numpy's too) and integral floats; strings, bools, 3.7 are refused. The rule for every
+    count a caller gives: generation's settings here, training's (``blip_apps.train.TrainConfig``)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
@@ -72,7 +73,7 @@ def _integer(value, name: str) -> int:
     return int(value)
 
 
-def _real(value, name: str) -> float:
+def real_option(value, name: str) -> float:
     """A finite real option (NaN and infinities would silently turn every score into garbage)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -91,8 +92,8 @@ def _as_eos_tuple(eos) -> tuple:
     if eos is None:
         return ()
     if isinstance(eos, (int, np.integer, float, np.floating, str, bytes)):
-        return (_integer(eos, "eos_token_id"),)
-    return tuple(_integer(e, "eos_token_id") for e in eos)
+        return (integer_option(eos, "eos_token_id"),)
+    return tuple(integer_option(e, "eos_token_id") for e in eos)
 
 
 def fed_positions(length: int) -> int:
@@ -129,12 +130,12 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
     opts.update({k: v for k, v in kwargs.items() if v is not None})
 
     if opts.get("max_new_tokens") is not None:
-        max_new = _integer(opts["max_new_tokens"], "max_new_tokens")
+        max_new = integer_option(opts["max_new_tokens"], "max_new_tokens")
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     else:
         if opts.get("max_length") is not None:
-            max_length = _integer(opts["max_length"], "max_length")
+            max_length = integer_option(opts["max_length"], "max_length")
         else:   # transformers' default: 20 new tokens, within the position table
             max_length = DEFAULT_MAX_LENGTH + prompt_length
             if max_positions is not None:
@@ -145,26 +146,26 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
                              f"{prompt_length} tokens; pass max_new_tokens instead")
     check_position_limit(int(prompt_length), max_new, max_positions)
     if opts.get("min_new_tokens") is not None:
-        min_new = _integer(opts["min_new_tokens"], "min_new_tokens")
+        min_new = integer_option(opts["min_new_tokens"], "min_new_tokens")
     else:
-        min_new = max(0, _integer(opts.get("min_length", 0), "min_length") - prompt_length)
+        min_new = max(0, integer_option(opts.get("min_length", 0), "min_length") - prompt_length)
     if min_new < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {min_new}")
 
-    num_beams = _integer(opts.get("num_beams", 1), "num_beams")
+    num_beams = integer_option(opts.get("num_beams", 1), "num_beams")
     do_sample = _flag(opts.get("do_sample", False), "do_sample")
-    nrs = _integer(opts.get("num_return_sequences", 1), "num_return_sequences")
-    temperature = _real(opts.get("temperature", 1.0), "temperature")
-    top_k = _integer(opts.get("top_k", 50), "top_k")
-    top_p = _real(opts.get("top_p", 1.0), "top_p")
-    rep = _real(opts.get("repetition_penalty", 1.0), "repetition_penalty")
-    length_penalty = _real(opts.get("length_penalty", 1.0), "length_penalty")
+    nrs = integer_option(opts.get("num_return_sequences", 1), "num_return_sequences")
+    temperature = real_option(opts.get("temperature", 1.0), "temperature")
+    top_k = integer_option(opts.get("top_k", 50), "top_k")
+    top_p = real_option(opts.get("top_p", 1.0), "top_p")
+    rep = real_option(opts.get("repetition_penalty", 1.0), "repetition_penalty")
+    length_penalty = real_option(opts.get("length_penalty", 1.0), "length_penalty")
     seed = opts.get("seed")
     if seed is not None:
-        seed = _integer(seed, "seed")
+        seed = integer_option(seed, "seed")
     pad = opts.get("pad_token_id")
     if pad is not None:
-        pad = _integer(pad, "pad_token_id")
+        pad = integer_option(pad, "pad_token_id")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if nrs < 1:
@@ -179,13 +180,13 @@ def resolve_generation(prompt_length: int, *, defaults: Optional[dict] = None, m
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if rep <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {rep}")
-    ngram = _integer(opts.get("no_repeat_ngram_size", 0), "no_repeat_ngram_size")
+    ngram = integer_option(opts.get("no_repeat_ngram_size", 0), "no_repeat_ngram_size")
     if ngram < 0:
         raise ValueError(f"no_repeat_ngram_size must be >= 0, got {ngram}")
     bad = opts.get("bad_words_ids") or ()
     if isinstance(bad, (str, bytes)) or not all(isinstance(w, (list, tuple)) and w for w in bad):
         raise ValueError("bad_words_ids must be a list of non-empty lists of token ids, e.g. [[12], [7, 9]]")
-    bad = tuple(tuple(_integer(t, "bad_words_ids") for t in w) for w in bad)
+    bad = tuple(tuple(integer_option(t, "bad_words_ids") for t in w) for w in bad)
     early = opts.get("early_stopping", False)
     if early not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")

@@ -193,7 +193,9 @@ def ray_init(address=None, num_cpus=None):
         return
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthNotice) for f in auth_log.filters):    # once per process, not per run
+        auth_log.addFilter(_TokenAuthNotice())
     ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
 
 

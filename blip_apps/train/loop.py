@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from blip_core import BACKENDS, to_numpy
+from blip_core.generation import integer_option, real_option
 
 from . import data as data_mod
 from . import metrics
@@ -62,16 +63,17 @@ class TrainConfig:
             raise ValueError(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
         # each count and rate: outside its range a value was taken silently (a negative warm-up), trained nothing (a
         # batch of 0 rows) or failed deep in the loop or a framework (0 micro-batches a step, a negative learning rate)
+        # (types and finiteness by the spec layer's option rules, as generate's settings)
         for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("eval_every", 0),
                           ("save_every", 0), ("eval_size", 0), ("threads", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            value = integer_option(getattr(self, name), name)
+            if value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            setattr(self, name, value)
         for name, positive in (("lr", True), ("eps", True), ("itc_temperature", True), ("weight_decay", False),
                                ("clip", False)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float, np.number)) and math.isfinite(value)
-                    and (value > 0 if positive else value >= 0)):
+            value = real_option(getattr(self, name), name)
+            if not (value > 0 if positive else value >= 0):
                 raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
